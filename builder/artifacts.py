@@ -1,0 +1,105 @@
+"""The artifact layout shared by builder and server: versions, CURRENT, manifest and checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+MODEL_DIR = "model"
+INDEX_FILE = "index.ann"
+ITEMS_FILE = "items.parquet"
+DATASET_FILE = "dataset.parquet"
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact version is missing, incomplete or does not match its manifest."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checksums(version_dir: Path) -> dict[str, str]:
+    """sha256 of every file below a version folder except the manifest, by relative path."""
+    out = {}
+    for path in sorted(p for p in version_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(version_dir).as_posix()
+        if rel != MANIFEST:
+            out[rel] = sha256_file(path)
+    return out
+
+
+def check_version_name(version: str) -> str:
+    """A version names a folder directly under ARTIFACTS/: no separators, no '..'."""
+    if not _VERSION_RE.match(version) or version in (".", ".."):
+        raise ArtifactError(f"invalid version name {version!r}")
+    return version
+
+
+def read_current(artifacts: Path) -> str:
+    try:
+        version = (artifacts / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        raise ArtifactError(f"{artifacts / CURRENT} does not exist: build an index first "
+                            f"(lookalike-build build --images DIR --out {artifacts})") from None
+    return check_version_name(version)
+
+
+def write_current(artifacts: Path, version: str) -> None:
+    """Points CURRENT at a version atomically: readers see the old name or the new, never half."""
+    check_version_name(version)
+    fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=artifacts)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(version + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, artifacts / CURRENT)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def load_manifest(version_dir: Path, verify: bool = True) -> dict:
+    """Reads a version's manifest and, with `verify`, checks every file's sha256 against it."""
+    manifest_path = version_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{manifest_path} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {error}") from None
+    expected = manifest.get("files")
+    if not isinstance(expected, dict) or not expected:
+        raise ArtifactError(f"{manifest_path} lists no files")
+    for required in (f"{MODEL_DIR}/saved_model.pb", INDEX_FILE, ITEMS_FILE):
+        if required not in expected:
+            raise ArtifactError(f"{manifest_path} does not list {required}")
+    if verify:
+        root = version_dir.resolve()
+        for rel, digest in expected.items():
+            path = (version_dir / rel).resolve()
+            if root not in path.parents:
+                raise ArtifactError(f"manifest entry {rel!r} points outside {version_dir}")
+            if not path.is_file():
+                raise ArtifactError(f"{rel} is listed in the manifest but missing from {version_dir}")
+            actual = sha256_file(path)
+            if actual != digest:
+                raise ArtifactError(f"{rel} does not match the manifest's sha256 "
+                                    f"(expected {digest[:12]}..., found {actual[:12]}...)")
+    return manifest

@@ -1,0 +1,345 @@
+"""The build: scan and filter on Spark, embed in executors, fit the head, index, publish a version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from builder import __version__, artifacts
+from builder.backbones import SPECS
+from builder.index import METRIC, build_with_recall
+from builder.model import HEADS, Projection, build_trunk, export, l2_normalise
+from builder.preprocess import INPUT_SIZE, PREPROCESSINGS
+from builder.sample import LABELS_FILE
+
+log = logging.getLogger(__name__)
+IMAGE_GLOB = "*.{jpg,jpeg,png,webp,gif,bmp,tif,tiff,JPG,JPEG,PNG,WEBP,GIF,BMP,TIF,TIFF}"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build depends on; each field is a command-line flag of `lookalike-build build`."""
+
+    images: Path
+    out: Path
+    # Any Spark master URL; local[*] uses every core of this machine.
+    spark_master: str = "local[*]"
+    # The seed's filter: |width - height| >= this drops an image (banners, text labels).
+    max_aspect_difference: int = 200
+    backbone: str = "mobilenet_v2"
+    # "clahe-grey" is the seed's preprocessing; "plain" only resizes.
+    preprocessing: str = "clahe-grey"
+    # "pca" fits 128 axes on the catalogue's own features; "random-conv" is the seed's untrained head.
+    head: str = "pca"
+    dimension: int = 128
+    # Trees: more = better recall at a given search_k, larger index file, slower build.
+    n_trees: int = 10
+    # The builder picks the smallest search_k whose recall@10 against exact search reaches this.
+    target_recall: float = 0.95
+    # Images per resumable unit of embedding work: smaller = less lost on interruption, more jobs.
+    chunk_size: int = 1024
+    # Images per model call inside an executor.
+    batch_size: int = 32
+    # TensorFlow threads per Spark task; local[*] runs one task per core, so 1 avoids oversubscription.
+    threads_per_task: int = 1
+    weights_file: str | None = None
+    version: str | None = None
+    extra_spark_conf: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backbone not in SPECS:
+            raise ValueError(f"backbone must be one of {sorted(SPECS)}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}")
+        if self.preprocessing not in PREPROCESSINGS:
+            raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError("target_recall must be in (0, 1]")
+        for name in ("n_trees", "chunk_size", "batch_size", "dimension", "max_aspect_difference"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    version: str
+    version_dir: Path
+    manifest: dict
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        log.info("stage %s ...", name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        log.info("stage %s done in %.1f s", name, self.seconds[name])
+
+
+def _spark(config: BuildConfig):
+    from pyspark.sql import SparkSession
+
+    builder = (SparkSession.builder.master(config.spark_master).appName("lookalike-build")
+               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size * 4))
+               .config("spark.python.worker.reuse", "true")
+               .config("spark.ui.enabled", "false")
+               .config("spark.driver.host", os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"))
+               .config("spark.executorEnv.TF_CPP_MIN_LOG_LEVEL", "2")
+               .config("spark.sql.shuffle.partitions", "8"))
+    for key, value in config.extra_spark_conf.items():
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+def _metadata_file(images: Path) -> Path | None:
+    for candidate in (images / "images.csv.gz", images / "metadata" / "images.csv.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def scan_and_filter(spark, config: BuildConfig):
+    """Returns the dataset table (kept and dropped rows with reasons) as a Spark DataFrame."""
+    from pyspark.sql import functions as F
+
+    from builder.spark_jobs import SCAN_SCHEMA, scan_batches
+
+    small = (config.images / "small").resolve()
+    if not small.is_dir():
+        raise FileNotFoundError(f"{small} does not exist: --images must hold small/<2 hex>/<file> "
+                                f"(the ABO layout)")
+    root_uri = small.as_uri().replace("file:///", "file:/") + "/"
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+             .option("pathGlobFilter", IMAGE_GLOB).load(str(small)))
+    scanned = (files.mapInPandas(scan_batches, SCAN_SCHEMA)
+               .withColumn("path", F.expr(f"substring(uri, {len(root_uri) + 1})")))
+    metadata_path = _metadata_file(config.images)
+    if metadata_path is not None:
+        meta = (spark.read.option("header", "true").csv(str(metadata_path))
+                .select("image_id", F.col("height").cast("int").alias("meta_height"),
+                        F.col("width").cast("int").alias("meta_width"), "path"))
+        table = meta.join(scanned, on="path", how="full_outer")
+        table = table.withColumn("image_id", F.coalesce(
+            "image_id", F.regexp_extract("path", r"([^/]+)\.[^./]+$", 1)))
+    else:
+        table = scanned.withColumn("image_id", F.regexp_extract("path", r"([^/]+)\.[^./]+$", 1))
+        table = table.withColumn("meta_width", F.lit(None).cast("int")).withColumn(
+            "meta_height", F.lit(None).cast("int"))
+    table = (table.withColumn("width", F.coalesce("meta_width", "file_width"))
+             .withColumn("height", F.coalesce("meta_height", "file_height"))
+             .withColumn("size_from", F.when(F.col("meta_width").isNotNull(), "metadata")
+                         .when(F.col("file_width").isNotNull(), "file")))
+    threshold = config.max_aspect_difference
+    reason = (F.when(F.col("uri").isNull(), F.lit("missing: listed in images.csv.gz, no file"))
+              .when(F.col("error").isNotNull(), F.concat(F.lit("undecodable: "), F.col("error")))
+              .when(F.abs(F.col("width") - F.col("height")) >= threshold,
+                    F.format_string(f"aspect: |width - height| = %d >= {threshold}",
+                                    F.abs(F.col("width") - F.col("height")))))
+    labels_path = config.images / LABELS_FILE
+    table = table.withColumn("drop_reason", reason).withColumn("kept", F.col("drop_reason").isNull())
+    columns = ["image_id", "path", "uri", "width", "height", "size_from", "bytes", "kept", "drop_reason"]
+    table = table.select(*columns)
+    if labels_path.is_file():
+        labels = spark.read.option("header", "true").csv(str(labels_path)).select(
+            "image_id", F.col("label").cast("int"), "label_name")
+        table = table.join(labels, on="image_id", how="left")
+    else:
+        table = table.withColumn("label", F.lit(None).cast("int")).withColumn(
+            "label_name", F.lit(None).cast("string"))
+    return table.orderBy("path")
+
+
+def _work_dir(config: BuildConfig, kept_ids: list[str]) -> Path:
+    """Resumable work lives under a key of everything that changes the features."""
+    key = json.dumps({"images": str(config.images.resolve()), "backbone": config.backbone,
+                      "preprocessing": config.preprocessing, "head": config.head,
+                      "weights": config.weights_file, "chunk": config.chunk_size,
+                      "ids": hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()}, sort_keys=True)
+    return config.out / ".work" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _trunk_model(config: BuildConfig, work: Path):
+    """Exports (once per work dir) the trunk the executors run: pixels -> raw features."""
+    trunk_dir = work / "trunk"
+    trunk = build_trunk(config.backbone, config.head, config.weights_file)
+    if not trunk_dir.exists():
+        # Export beside, then rename: an interrupted export never looks finished.
+        partial = work / f".trunk-{os.getpid()}-{os.urandom(3).hex()}"
+        export(trunk, partial, projection=None, normalise=False)
+        os.rename(partial, trunk_dir)
+    return trunk, trunk_dir
+
+
+def embed_on_spark(spark, config: BuildConfig, kept: list[dict], work: Path, trunk_dir: Path) -> dict:
+    """Embeds kept images in Spark executors, a group of chunks per job; finished groups are skipped."""
+    from builder.spark_jobs import EMBED_SCHEMA, make_embedder
+
+    parts = work / "features"
+    parts.mkdir(parents=True, exist_ok=True)
+    chunks = [kept[i:i + config.chunk_size] for i in range(0, len(kept), config.chunk_size)]
+    per_job = max(1, spark.sparkContext.defaultParallelism)
+    embed = make_embedder(str(trunk_dir), config.preprocessing, config.threads_per_task, config.batch_size)
+    resumed = computed = 0
+    with tqdm(total=len(kept), desc="embedding", unit="img") as progress:
+        for first in range(0, len(chunks), per_job):
+            group = chunks[first:first + per_job]
+            target = parts / f"chunks-{first:05d}-{first + len(group) - 1:05d}"
+            images_in_group = sum(len(c) for c in group)
+            if (target / "_SUCCESS").exists():
+                resumed += images_in_group
+                progress.update(images_in_group)
+                continue
+            uris = [row["uri"] for chunk in group for row in chunk]
+            ids = spark.createDataFrame([(row["uri"], row["image_id"]) for chunk in group for row in chunk],
+                                        "path string, image_id string")
+            files = spark.read.format("binaryFile").load(uris).select("path", "content")
+            job = (files.join(ids, on="path").repartition(len(group) * 2)
+                   .select("image_id", "content").mapInPandas(embed, EMBED_SCHEMA))
+            job.write.mode("overwrite").parquet(str(target))
+            computed += images_in_group
+            progress.update(images_in_group)
+    return {"resumed_images": resumed, "computed_images": computed, "parts": str(parts)}
+
+
+def _read_features(parts: Path, kept_ids: list[str]) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    table = pq.read_table(parts, columns=["image_id", "features", "error"]).to_pandas()
+    failed = table[table["error"].notna()]
+    good = table[table["error"].isna()].drop_duplicates("image_id").set_index("image_id")
+    ordered = [i for i in kept_ids if i in good.index]
+    features = np.stack(good.loc[ordered, "features"].to_numpy()).astype(np.float32)
+    return features, ordered, dict(zip(failed["image_id"], failed["error"], strict=True))
+
+
+def _new_version() -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{os.urandom(3).hex()}"
+
+
+def _library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("tensorflow-cpu", "keras", "pyspark", "annoy", "albumentations", "numpy", "pyarrow"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def run_build(config: BuildConfig) -> BuildResult:
+    """Builds a new version; CURRENT moves to it only when every stage succeeded."""
+    clock = Stopwatch()
+    config.out.mkdir(parents=True, exist_ok=True)
+    version = artifacts.check_version_name(config.version or _new_version())
+    staging = config.out / f".staging-{version}"
+    final = config.out / version
+    if final.exists():
+        raise FileExistsError(f"{final} exists already: versions are never overwritten")
+    staging.mkdir()
+    spark = _spark(config)
+    try:
+        with clock.stage("scan_filter"):
+            dataset = scan_and_filter(spark, config).toPandas()
+        dataset.drop(columns=["uri"]).to_parquet(staging / artifacts.DATASET_FILE, index=False)
+        kept_rows = dataset[dataset["kept"]].to_dict("records")
+        kept_ids = [row["image_id"] for row in kept_rows]
+        if len(kept_rows) < 2:
+            raise ValueError(f"only {len(kept_rows)} image(s) passed the filter: nothing to index")
+        work = _work_dir(config, kept_ids)
+        work.mkdir(parents=True, exist_ok=True)
+        with clock.stage("trunk_export"):
+            trunk, trunk_dir = _trunk_model(config, work)
+        with clock.stage("embed"):
+            embed_report = embed_on_spark(spark, config, kept_rows, work, trunk_dir)
+    finally:
+        spark.stop()
+    features, ids, embed_errors = _read_features(Path(embed_report["parts"]), kept_ids)
+    with clock.stage("head_export"):
+        projection = None
+        if config.head == "pca":
+            projection = Projection.fit_pca(features, config.dimension)
+        vectors = l2_normalise(projection.apply(features) if projection is not None else features)
+        dimension = export(trunk, staging / artifacts.MODEL_DIR, projection)
+    with clock.stage("index"):
+        report = build_with_recall(vectors, str(staging / artifacts.INDEX_FILE), config.n_trees,
+                                   config.target_recall)
+    by_id = {row["image_id"]: row for row in kept_rows}
+    items = pa.table({
+        "annoy_id": pa.array(range(len(ids)), pa.int32()),
+        "image_id": ids,
+        "path": [by_id[i]["path"] for i in ids],
+        "label": pa.array([_int_or_none(by_id[i].get("label")) for i in ids], pa.int32()),
+        "label_name": [_str_or_none(by_id[i].get("label_name")) for i in ids],
+        "vector": pa.array(list(vectors), pa.list_(pa.float32(), dimension)),
+    })
+    pq.write_table(items, staging / artifacts.ITEMS_FILE)
+    dropped = dataset[~dataset["kept"]]
+    manifest = {
+        "version": version,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "code_version": __version__,
+        "libraries": _library_versions(),
+        "images": str(config.images.resolve()),
+        "spark_master": config.spark_master,
+        "backbone": config.backbone,
+        "backbone_weights": SPECS[config.backbone].source,
+        "preprocessing": config.preprocessing,
+        "input_size": INPUT_SIZE,
+        "head": config.head,
+        "dimension": dimension,
+        "metric": METRIC,
+        "filter": {"max_aspect_difference": config.max_aspect_difference},
+        "counts": {"scanned": int(len(dataset)), "kept": int(len(kept_rows)), "dropped": int(len(dropped)),
+                   "embedding_failed": len(embed_errors), "indexed": len(ids),
+                   "dropped_by_reason": _reason_counts(dropped["drop_reason"])},
+        "embedding_failures": embed_errors,
+        "embedding": {k: v for k, v in embed_report.items() if k != "parts"},
+        "index": {"n_trees": report.n_trees, "search_k": report.search_k,
+                  "recall_at_10": round(report.recall_at_10, 4), "recall_queries": report.queries,
+                  "recall_by_search_k": {str(k): round(v, 4) for k, v in report.recall_by_search_k.items()}},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "timings_seconds": clock.seconds,
+    }
+    manifest["files"] = artifacts.checksums(staging)
+    artifacts.write_json_atomic(staging / artifacts.MANIFEST, manifest)
+    os.rename(staging, final)
+    artifacts.write_current(config.out, version)
+    log.info("published %s: %d items, recall@10 %.3f", version, len(ids), report.recall_at_10)
+    return BuildResult(version, final, manifest)
+
+
+def _reason_counts(reasons) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        kind = str(reason).split(":", 1)[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else int(value)
+
+
+def _str_or_none(value) -> str | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)

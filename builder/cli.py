@@ -1,0 +1,103 @@
+"""`lookalike-build`: write the sample catalogue, or build and publish an artifact version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _env(name: str, default):
+    """A flag's default: LOOKALIKE_<NAME> from the environment, else the built-in value."""
+    value = os.environ.get(f"LOOKALIKE_{name.upper()}")
+    if value is None:
+        return default
+    return type(default)(value) if default is not None else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from builder.build import BuildConfig
+
+    defaults = BuildConfig(images=Path("."), out=Path("."))
+    parser = argparse.ArgumentParser(prog="lookalike-build", description=__doc__)
+    parser.add_argument("--log-level", default=_env("log_level", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sample = commands.add_parser("sample", help="write a sample catalogue in the ABO layout")
+    sample.add_argument("dataset", choices=["fashion-mnist"])
+    sample.add_argument("--out", type=Path, required=True, help="folder to write small/ and images.csv.gz to")
+    sample.add_argument("--limit", type=int, default=None,
+                        help="at most this many images, balanced over the classes (default: all)")
+    sample.add_argument("--split", choices=["train", "test"], default="train",
+                        help="Fashion-MNIST split; the test split needs Debian's dataset-fashion-mnist")
+
+    build = commands.add_parser("build", help="scan, filter, embed, index and publish a version")
+    build.add_argument("--images", type=Path, required=True, default=_env("images", None),
+                       help="catalogue root: small/<2 hex>/<file> and images.csv.gz (or metadata/)")
+    build.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder: versions and CURRENT")
+    build.add_argument("--spark-master", default=_env("spark_master", defaults.spark_master),
+                       help="any Spark master URL, e.g. spark://host:7077 (default local[*])")
+    build.add_argument("--max-aspect-difference", type=int,
+                       default=_env("max_aspect_difference", defaults.max_aspect_difference),
+                       help="drop images whose |width - height| is at least this (the seed's 200)")
+    build.add_argument("--backbone", default=_env("backbone", defaults.backbone),
+                       choices=["mobilenet_v2", "efficientnet_lite0", "vgg16"])
+    build.add_argument("--weights-file", default=_env("weights_file", None),
+                       help="a local weights file instead of the packaged one (needed for vgg16 offline)")
+    build.add_argument("--preprocessing", default=_env("preprocessing", defaults.preprocessing),
+                       choices=["clahe-grey", "plain"])
+    build.add_argument("--head", default=_env("head", defaults.head), choices=["pca", "random-conv", "none"])
+    build.add_argument("--dimension", type=int, default=_env("dimension", defaults.dimension),
+                       help="PCA output dimension")
+    build.add_argument("--n-trees", type=int, default=_env("n_trees", defaults.n_trees),
+                       help="Annoy trees: more = better recall per search_k, bigger index")
+    build.add_argument("--target-recall", type=float, default=_env("target_recall", defaults.target_recall),
+                       help="recall@10 the chosen search_k must reach against exact search")
+    build.add_argument("--chunk-size", type=int, default=_env("chunk_size", defaults.chunk_size),
+                       help="images per resumable unit: less is lost on interruption, more Spark jobs")
+    build.add_argument("--batch-size", type=int, default=_env("batch_size", defaults.batch_size),
+                       help="images per model call in an executor")
+    build.add_argument("--threads-per-task", type=int,
+                       default=_env("threads_per_task", defaults.threads_per_task),
+                       help="TensorFlow threads per Spark task (one task runs per core)")
+    build.add_argument("--version", default=None, help="version name (default: UTC time + random suffix)")
+    build.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "sample":
+        from builder.sample import write_sample
+
+        count = write_sample(args.out, args.limit, args.split)
+        print(f"wrote {count} images to {args.out}")
+        return 0
+    from builder.build import BuildConfig, run_build
+
+    config = BuildConfig(images=args.images, out=args.out, spark_master=args.spark_master,
+                         max_aspect_difference=args.max_aspect_difference, backbone=args.backbone,
+                         preprocessing=args.preprocessing, head=args.head, dimension=args.dimension,
+                         n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
+                         batch_size=args.batch_size, threads_per_task=args.threads_per_task,
+                         weights_file=args.weights_file, version=args.version)
+    result = run_build(config)
+    if args.json:
+        print(json.dumps(result.manifest, indent=2))
+    else:
+        counts, index = result.manifest["counts"], result.manifest["index"]
+        print(f"published {result.version}: kept {counts['kept']}, dropped {counts['dropped']}, "
+              f"indexed {counts['indexed']}; n_trees {index['n_trees']}, search_k {index['search_k']}, "
+              f"recall@10 {index['recall_at_10']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""What runs inside Spark: the image scan and the batch embedding, one pandas batch at a time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+
+SCAN_SCHEMA = "uri string, bytes long, file_width int, file_height int, error string"
+EMBED_SCHEMA = "image_id string, features array<float>, error string"
+
+# One model and one preprocessor per Python worker: Spark reuses workers across tasks.
+_WORKER_STATE: dict[tuple, object] = {}
+
+
+def scan_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Width and height from each file, decoding it fully so a corrupt file is caught here."""
+    from builder.preprocess import ImageError, decode
+
+    for batch in batches:
+        widths, heights, errors = [], [], []
+        for content in batch["content"]:
+            try:
+                height, width = decode(bytes(content)).shape[:2]
+                widths.append(width)
+                heights.append(height)
+                errors.append(None)
+            except ImageError as error:
+                widths.append(None)
+                heights.append(None)
+                errors.append(str(error))
+        yield pd.DataFrame({
+            "uri": batch["path"], "bytes": batch["length"],
+            "file_width": pd.array(widths, dtype="Int32"), "file_height": pd.array(heights, dtype="Int32"),
+            "error": errors,
+        })
+
+
+def _worker_model(model_dir: str, preprocessing: str, threads: int):
+    key = (model_dir, preprocessing, threads)
+    if key not in _WORKER_STATE:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from builder.model import SavedModelEmbedder
+        from builder.preprocess import PreprocessConfig, Preprocessor
+
+        _WORKER_STATE.clear()
+        _WORKER_STATE[key] = (SavedModelEmbedder(model_dir, intra_op_threads=threads),
+                              Preprocessor(PreprocessConfig(preprocessing=preprocessing)))
+    return _WORKER_STATE[key]
+
+
+def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: int):
+    """Returns the mapInPandas function that embeds (image_id, content) rows on an executor."""
+
+    def embed_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from builder.preprocess import ImageError
+
+        model, preprocess = _worker_model(model_dir, preprocessing, threads)
+        for batch in batches:
+            ids = list(batch["image_id"])
+            contents = list(batch["content"])
+            for start in range(0, len(ids), batch_size):
+                arrays, good, errors = [], [], {}
+                for image_id, content in zip(ids[start:start + batch_size],
+                                             contents[start:start + batch_size], strict=True):
+                    try:
+                        arrays.append(preprocess(bytes(content)))
+                        good.append(image_id)
+                    except ImageError as error:
+                        errors[image_id] = str(error)
+                features = model(np.stack(arrays)) if arrays else np.zeros((0, 0), np.float32)
+                yield pd.DataFrame({
+                    "image_id": good + list(errors),
+                    "features": [row.astype(np.float32) for row in features] + [None] * len(errors),
+                    "error": [None] * len(good) + list(errors.values()),
+                })
+
+    return embed_batches

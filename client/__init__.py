@@ -1,0 +1,17 @@
+"""lookalike client: a Python library, CLI and load generator for the ImageSimilarity service."""
+
+from client.library import (
+    AsyncImageSimilarityClient,
+    DeadlineError,
+    ImageSimilarityClient,
+    InvalidArgumentError,
+    LookalikeError,
+    Match,
+    Matches,
+    NotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+
+__all__ = ["AsyncImageSimilarityClient", "DeadlineError", "ImageSimilarityClient", "InvalidArgumentError",
+           "LookalikeError", "Match", "Matches", "NotFoundError", "OverloadedError", "UnavailableError"]

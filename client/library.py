@@ -1,0 +1,263 @@
+"""ImageSimilarityClient and its async twin: plain Python calls over the lookalike gRPC contract."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default
+SERVICE = "lookalike.v1.ImageSimilarity"
+# gRPC's own retry: UNAVAILABLE (a replica restarting or draining) is retried with backoff.
+_RETRY_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": SERVICE}],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+
+
+class LookalikeError(Exception):
+    """A call failed; `code` is the gRPC status code and the message is the server's."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.details = message
+
+
+class InvalidArgumentError(LookalikeError):
+    """The request was malformed: an undecodable image, k out of range, a bad vector."""
+
+
+class NotFoundError(LookalikeError):
+    """The item id is not in the served index."""
+
+
+class OverloadedError(LookalikeError):
+    """The server's queue is full (RESOURCE_EXHAUSTED): back off and retry."""
+
+
+class DeadlineError(LookalikeError):
+    """The call's deadline passed."""
+
+
+class UnavailableError(LookalikeError):
+    """No server answered, or it is shutting down (after gRPC's retries)."""
+
+
+_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError, grpc.StatusCode.NOT_FOUND: NotFoundError,
+           grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+           grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineError, grpc.StatusCode.UNAVAILABLE: UnavailableError}
+
+
+def _translate(error: grpc.RpcError) -> LookalikeError:
+    code = error.code()
+    return _ERRORS.get(code, LookalikeError)(code, error.details() or "")
+
+
+@dataclass(frozen=True)
+class Match:
+    item_id: str
+    distance: float
+    score: float
+    path: str
+    label: str
+
+
+class Matches(list):
+    """Matches from the most to the least alike, with the index version that answered."""
+
+    def __init__(self, matches: Iterable[Match], version: str) -> None:
+        super().__init__(matches)
+        self.version = version
+
+
+def image_bytes(image) -> bytes:
+    """Accepts a path, encoded bytes or a PIL image; anything else is a mistake said at once."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+        if not data:
+            raise ValueError("image bytes are empty")
+        return data
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"no image file at {path}")
+        return path.read_bytes()
+    if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image, without importing PIL here
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"an image must be a path, bytes or a PIL image, not {type(image).__name__}")
+
+
+def _images_list(images) -> list[bytes]:
+    if isinstance(images, (bytes, bytearray, str, os.PathLike)) or hasattr(images, "mode"):
+        images = [images]
+    return [image_bytes(image) for image in images]
+
+
+def _similar_request(image, item_id, vector, k: int, exclude_query: bool, search_k: int) -> pb.FindSimilarRequest:
+    given = [name for name, value in (("image", image), ("item_id", item_id), ("vector", vector))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"find_similar takes exactly one of image=, item_id= or vector= (got {given or 'none'})")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, not {k!r}")
+    request = pb.FindSimilarRequest(k=k, exclude_query=exclude_query, search_k=search_k)
+    if image is not None:
+        request.image = image_bytes(image)
+    elif item_id is not None:
+        if not isinstance(item_id, str) or not item_id:
+            raise ValueError("item_id must be a non-empty string")
+        request.item_id = item_id
+    else:
+        values = np.asarray(vector, dtype=np.float32).ravel()
+        request.vector.values.extend(values.tolist())
+    return request
+
+
+def _matches(response: pb.FindSimilarResponse) -> Matches:
+    return Matches((Match(m.item_id, m.distance, m.score, m.path, m.label) for m in response.matches),
+                   response.index_version)
+
+
+def _vectors(response: pb.EmbedResponse) -> np.ndarray:
+    return np.asarray([list(v.values) for v in response.vectors], dtype=np.float32)
+
+
+def _info(response: pb.GetInfoResponse) -> dict:
+    return {field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields}
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_CONFIG)]
+
+
+def _credentials(root_ca, client_cert, client_key):
+    if root_ca is None and client_cert is None:
+        return None
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together (mTLS)")
+    read = lambda p: None if p is None else Path(p).read_bytes()  # noqa: E731
+    return grpc.ssl_channel_credentials(read(root_ca), read(client_key), read(client_cert))
+
+
+def _check_address(address: str) -> str:
+    if not isinstance(address, str) or ":" not in address:
+        raise ValueError(f"address must look like 'host:port', not {address!r}")
+    return address
+
+
+class _Base:
+    def __init__(self, address: str, timeout_s: float, root_ca, client_cert, client_key,
+                 max_message_bytes: int) -> None:
+        self.address = _check_address(address)
+        self.timeout_s = timeout_s
+        self._options = _channel_options(max_message_bytes)
+        self._credentials = _credentials(root_ca, client_cert, client_key)
+
+
+class ImageSimilarityClient(_Base):
+    """Blocking client: `ImageSimilarityClient("127.0.0.1:50051").find_similar(image="shoe.jpg")`."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, root_ca=None, client_cert=None,
+                 client_key=None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(address, timeout_s, root_ca, client_cert, client_key, max_message_bytes)
+        self._channel = (grpc.secure_channel(address, self._credentials, self._options) if self._credentials
+                         else grpc.insecure_channel(address, self._options))
+        self._stub = pb_grpc.ImageSimilarityStub(self._channel)
+
+    def _call(self, method, request, timeout_s: float | None):
+        try:
+            return method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+
+    def embed(self, images: Sequence | object, timeout_s: float | None = None) -> np.ndarray:
+        """Unit vectors [N, D] for one image or a list of paths, bytes or PIL images."""
+        return _vectors(self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)), timeout_s))
+
+    def find_similar(self, image=None, *, item_id: str | None = None, vector=None, k: int = 10,
+                     exclude_query: bool = True, search_k: int = 0, timeout_s: float | None = None) -> Matches:
+        """The k catalogue items most like an image, an item id or a vector."""
+        request = _similar_request(image, item_id, vector, k, exclude_query, search_k)
+        return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
+
+    def info(self, timeout_s: float | None = None) -> dict:
+        return _info(self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout_s))
+
+    def health(self, timeout_s: float | None = None) -> str:
+        """SERVING, NOT_SERVING or UNKNOWN, from grpc.health.v1."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        response = self._call(stub.Check, health_pb2.HealthCheckRequest(service=SERVICE), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ImageSimilarityClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncImageSimilarityClient(_Base):
+    """The asyncio twin: the same methods, awaited."""
+
+    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, root_ca=None, client_cert=None,
+                 client_key=None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        super().__init__(address, timeout_s, root_ca, client_cert, client_key, max_message_bytes)
+        self._channel = (grpc.aio.secure_channel(address, self._credentials, self._options) if self._credentials
+                         else grpc.aio.insecure_channel(address, self._options))
+        self._stub = pb_grpc.ImageSimilarityStub(self._channel)
+
+    async def _call(self, method, request, timeout_s: float | None):
+        try:
+            return await method(request, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+
+    async def embed(self, images, timeout_s: float | None = None) -> np.ndarray:
+        return _vectors(await self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)),
+                                         timeout_s))
+
+    async def find_similar(self, image=None, *, item_id: str | None = None, vector=None, k: int = 10,
+                           exclude_query: bool = True, search_k: int = 0,
+                           timeout_s: float | None = None) -> Matches:
+        request = _similar_request(image, item_id, vector, k, exclude_query, search_k)
+        return _matches(await self._call(self._stub.FindSimilar, request, timeout_s))
+
+    async def info(self, timeout_s: float | None = None) -> dict:
+        return _info(await self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout_s))
+
+    async def health(self, timeout_s: float | None = None) -> str:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        response = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=SERVICE), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncImageSimilarityClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

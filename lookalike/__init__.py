@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the lookalike contract (make protos)."""

@@ -1,0 +1,1 @@
+"""lookalike.v1 generated stubs: do not edit, run make protos."""

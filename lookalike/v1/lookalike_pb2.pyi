@@ -1,0 +1,101 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("images",)
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class Vector(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EmbedResponse(_message.Message):
+    __slots__ = ("vectors", "model_version")
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.RepeatedCompositeFieldContainer[Vector]
+    model_version: str
+    def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class FindSimilarRequest(_message.Message):
+    __slots__ = ("image", "item_id", "vector", "k", "exclude_query", "search_k")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_QUERY_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    item_id: str
+    vector: Vector
+    k: int
+    exclude_query: bool
+    search_k: int
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ...) -> None: ...
+
+class Match(_message.Message):
+    __slots__ = ("item_id", "distance", "score", "path", "label")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    distance: float
+    score: float
+    path: str
+    label: str
+    def __init__(self, item_id: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., path: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class FindSimilarResponse(_message.Message):
+    __slots__ = ("matches", "index_version")
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    matches: _containers.RepeatedCompositeFieldContainer[Match]
+    index_version: str
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetInfoResponse(_message.Message):
+    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    N_TREES_FIELD_NUMBER: _ClassVar[int]
+    RECALL_AT_10_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backbone: str
+    preprocessing: str
+    head: str
+    dimension: int
+    metric: str
+    item_count: int
+    search_k: int
+    n_trees: int
+    recall_at_10: float
+    input_size: int
+    max_k: int
+    max_images_per_request: int
+    server_version: str
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,184 @@
+"""The lookalike server process: gRPC, health, reflection, metrics, reload on change, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from builder import artifacts
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.core import CoreConfig, SimilarityCore
+from server.metrics import ServerMetrics
+from server.servicer import ImageSimilarityServicer
+from server.version import ServedVersion, load_version
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageSimilarity"].full_name
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM files; with client_ca set, clients must present a certificate it signed (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    artifacts: Path
+    # 127.0.0.1 by default; use 0.0.0.0 or [::] to serve other hosts.
+    host: str = "127.0.0.1"
+    # 0 picks a free port (tests); the chosen one is logged and kept in LookalikeServer.port.
+    port: int = 50051
+    # Prometheus metrics over HTTP; 0 picks a free port, -1 turns them off.
+    metrics_port: int = 9095
+    core: CoreConfig = field(default_factory=CoreConfig)
+    # Largest request or response in bytes: 64 MiB holds a 64-image batch of large catalogue JPEGs.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # SIGTERM: how long requests in flight may take to finish before the process exits anyway.
+    grace_s: float = 20.0
+    # How often CURRENT is checked for a new version (SIGHUP checks at once); 0 turns watching off.
+    watch_interval_s: float = 2.0
+    tls: TlsConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes < 1024 * 1024:
+            raise ValueError("max_message_bytes must be at least 1 MiB")
+        if self.grace_s < 0 or self.watch_interval_s < 0:
+            raise ValueError("grace_s and watch_interval_s must not be negative")
+
+
+class LookalikeServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.health = health.aio.HealthServicer()
+        self.core: SimilarityCore | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._reload_lock = asyncio.Lock()
+        self._refused_version: str | None = None
+        self._stopped = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def _load(self, version: str) -> ServedVersion:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, load_version, self.config.artifacts, version,
+                                          self.config.core.max_pixels)
+
+    async def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
+    def _credentials(self):
+        tls = self.config.tls
+        if tls is None:
+            return None
+        pair = [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())]
+        if tls.client_ca_file is None:
+            return grpc.ssl_server_credentials(pair)
+        return grpc.ssl_server_credentials(pair, root_certificates=tls.client_ca_file.read_bytes(),
+                                           require_client_auth=True)
+
+    async def start(self) -> None:
+        """Loads and warms CURRENT, then listens; health turns SERVING only after warm-up."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        version = await self._load(artifacts.read_current(self.config.artifacts))
+        self.core = SimilarityCore(version, self.config.core, self.metrics)
+        self.metrics.version.info({"version": version.name})
+        limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
+                  ("grpc.max_send_message_length", self.config.max_message_bytes)]
+        self._server = grpc.aio.server(options=limits)
+        pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(self.core, self.metrics),
+                                                      self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self._server)
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = self._credentials()
+        self.port = (self._server.add_secure_port(address, credentials) if credentials
+                     else self._server.add_insecure_port(address))
+        if self.config.metrics_port >= 0:
+            http_server, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
+                                               registry=self.metrics.registry)
+            self.metrics_port = http_server.server_port
+        await self._server.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.watch_interval_s > 0:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
+        log.info("serving version %s on %s:%s (metrics port %s)", version.name, self.config.host, self.port,
+                 self.metrics_port)
+
+    async def reload(self, force: bool = False) -> bool:
+        """Loads the version CURRENT names beside the served one and swaps; False when refused."""
+        async with self._reload_lock:
+            try:
+                wanted = artifacts.read_current(self.config.artifacts)
+            except artifacts.ArtifactError as error:
+                log.error("reload: %s", error)
+                return False
+            if wanted == self.core.version.name or (wanted == self._refused_version and not force):
+                return wanted == self.core.version.name
+            try:
+                version = await self._load(wanted)
+            except Exception as error:
+                self._refused_version = wanted
+                self.metrics.reloads.labels("refused").inc()
+                log.error("refused version %s, still serving %s: %s", wanted, self.core.version.name, error)
+                return False
+            await self.core.swap(version)
+            self._refused_version = None
+            self.metrics.reloads.labels("swapped").inc()
+            self.metrics.version.info({"version": version.name})
+            return True
+
+    async def _watch(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                await asyncio.wait_for(self._stopped.wait(), self.config.watch_interval_s)
+            except TimeoutError:
+                await self.reload()
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING, refuse new work, let requests in flight finish within grace_s."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("draining: health NOT_SERVING, grace %.1f s", self.config.grace_s)
+        await self.health.enter_graceful_shutdown()
+        await self.core.drain(self.config.grace_s)
+        await self._server.stop(self.config.grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await self.core.close()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+        await self._server.wait_for_termination()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT; SIGHUP reloads."""
+    server = LookalikeServer(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: stopping.append(loop.create_task(server.stop())))
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload(force=True)))
+    await server.wait()
+    for task in stopping:
+        await task

@@ -1,0 +1,115 @@
+"""`lookalike-serve`: serve the artifact version named by ARTIFACTS/CURRENT over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from server.batcher import BatcherConfig
+from server.core import CoreConfig
+
+
+def _env(name: str, default):
+    value = os.environ.get(f"LOOKALIKE_{name.upper()}")
+    if value is None or default is None:
+        return value if value is not None else default
+    return type(default)(value)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors parse without rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    b, c = BatcherConfig(), CoreConfig()
+    p = argparse.ArgumentParser(prog="lookalike-serve", description=__doc__)
+    p.add_argument("--artifacts", type=Path, default=_env("artifacts", None),
+                   help="ARTIFACTS folder holding versions and CURRENT (env LOOKALIKE_ARTIFACTS)")
+    p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind; 0.0.0.0 for all")
+    p.add_argument("--port", type=int, default=_env("port", 50051), help="gRPC port; 0 picks a free one")
+    p.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9095),
+                   help="Prometheus /metrics port; 0 picks a free one, -1 disables")
+    p.add_argument("--max-batch-size", type=int, default=_env("max_batch_size", b.max_batch_size),
+                   help="images per model call: larger = more throughput, longer waits to fill")
+    p.add_argument("--max-wait-ms", type=float, default=_env("max_wait_ms", b.max_wait_ms),
+                   help="how long a batch waits for more images: latency traded for throughput")
+    p.add_argument("--max-queue", type=int, default=_env("max_queue", b.max_queue),
+                   help="images admitted at once; beyond it requests get RESOURCE_EXHAUSTED at once")
+    p.add_argument("--preprocess-threads", type=int, default=_env("preprocess_threads", c.preprocess_threads),
+                   help="decode/preprocess threads working while the model runs")
+    p.add_argument("--max-images-per-request", type=int,
+                   default=_env("max_images_per_request", c.max_images_per_request))
+    p.add_argument("--max-pixels", type=int, default=_env("max_pixels", c.max_pixels),
+                   help="decoded pixels allowed per image (decompression-bomb guard)")
+    p.add_argument("--max-message-mb", type=int, default=_env("max_message_mb", 64),
+                   help="largest gRPC message in MiB; a batch of catalogue photos fits in the default")
+    p.add_argument("--grace-s", type=float, default=_env("grace_s", 20.0),
+                   help="SIGTERM: time requests in flight get to finish")
+    p.add_argument("--watch-interval-s", type=float, default=_env("watch_interval_s", 2.0),
+                   help="how often CURRENT is checked for a new version; 0 = only on SIGHUP")
+    p.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None), help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=_env("tls_client_ca", None),
+                   help="CA for client certificates: set it to require mTLS")
+    p.add_argument("--log-format", choices=["json", "text"], default=_env("log_format", "json"))
+    p.add_argument("--log-level", default=_env("log_level", "INFO"))
+    args = p.parse_args(argv)
+    if args.artifacts is None:
+        p.error("--artifacts is required (or set LOOKALIKE_ARTIFACTS)")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    return args
+
+
+def config_from_args(args: argparse.Namespace):
+    from server.app import ServerConfig, TlsConfig
+
+    batcher = BatcherConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
+    core = CoreConfig(batcher=batcher, preprocess_threads=args.preprocess_threads,
+                      max_images_per_request=args.max_images_per_request, max_pixels=args.max_pixels)
+    tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
+                        core=core, max_message_bytes=args.max_message_mb * 1024 * 1024, grace_s=args.grace_s,
+                        watch_interval_s=args.watch_interval_s, tls=tls)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        logging.getLogger("lookalike-serve").error("bad configuration: %s", error)
+        return 2
+    from builder.artifacts import ArtifactError
+    from server.app import serve
+
+    try:
+        asyncio.run(serve(config))
+    except ArtifactError as error:
+        logging.getLogger("lookalike-serve").error("cannot serve: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Prometheus metrics of one server, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from server.batcher import BatchObserver
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServerMetrics(BatchObserver):
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lookalike_requests", "RPCs by method and status code", ["method", "code"],
+                                registry=r)
+        self.latency = Histogram("lookalike_request_latency_seconds", "RPC latency by method", ["method"],
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("lookalike_batch_size", "images per model call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.model_seconds = Histogram("lookalike_model_seconds", "model time per batch",
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth_gauge = Gauge("lookalike_queue_depth", "images waiting for the model", registry=r)
+        self.dropped_expired = Counter("lookalike_dropped_expired", "queued images dropped because their "
+                                       "deadline passed or their caller cancelled", registry=r)
+        self.reloads = Counter("lookalike_reloads", "version reload attempts by result", ["result"], registry=r)
+        self.version = Info("lookalike_served", "the artifact version being served", registry=r)
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.model_seconds.observe(seconds)
+
+    def expired(self, count: int) -> None:
+        self.dropped_expired.inc(count)
+
+    def queue_depth(self, depth: int) -> None:
+        self.queue_depth_gauge.set(depth)

@@ -1,0 +1,91 @@
+"""The gRPC servicer: protobuf in, a call on the core, protobuf out, errors mapped in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.core import Query, SimilarityCore
+from server.errors import ServingError, status_of
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+SERVER_VERSION = "0.1.0"
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _rpc(method):
+    """Times the call, counts it by status code and turns domain errors into gRPC statuses."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: ImageSimilarityServicer, request, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(self, request, context)
+        except ServingError as error:
+            code = status_of(error)
+            await context.abort(code, str(error))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            if context.code() is None:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("%s failed", name)
+                await context.abort(code, "internal error; see the server log")
+            raise
+        finally:
+            self.metrics.requests.labels(name, code.name).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+    return wrapper
+
+
+class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
+    def __init__(self, core: SimilarityCore, metrics: ServerMetrics) -> None:
+        self.core = core
+        self.metrics = metrics
+
+    @_rpc
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:  # noqa: N802
+        vectors, version = await self.core.embed(list(request.images), _deadline(context))
+        return pb.EmbedResponse(vectors=[pb.Vector(values=v) for v in vectors], model_version=version)
+
+    @_rpc
+    async def FindSimilar(self, request: pb.FindSimilarRequest, context) -> pb.FindSimilarResponse:  # noqa: N802
+        which = request.WhichOneof("query")
+        query = Query(image=request.image if which == "image" else None,
+                      item_id=request.item_id if which == "item_id" else None,
+                      vector=np.asarray(request.vector.values, np.float32) if which == "vector" else None)
+        matches, version = await self.core.find_similar(query, request.k, request.exclude_query,
+                                                        request.search_k, _deadline(context))
+        return pb.FindSimilarResponse(
+            matches=[pb.Match(item_id=m.item_id, distance=m.distance, score=1.0 - m.distance * m.distance / 2,
+                              path=m.path, label=m.label) for m in matches],
+            index_version=version)
+
+    @_rpc
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:  # noqa: N802
+        version = self.core.version
+        manifest = version.manifest
+        config = self.core.config
+        return pb.GetInfoResponse(
+            version=version.name, backbone=manifest["backbone"], preprocessing=manifest["preprocessing"],
+            head=manifest["head"], dimension=int(manifest["dimension"]), metric=manifest["metric"],
+            item_count=len(version.index), search_k=version.search_k,
+            n_trees=int(manifest["index"]["n_trees"]), recall_at_10=float(manifest["index"]["recall_at_10"]),
+            input_size=int(manifest.get("input_size", 256)), max_k=config.max_k,
+            max_images_per_request=config.max_images_per_request, server_version=SERVER_VERSION)

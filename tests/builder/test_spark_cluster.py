@@ -1,0 +1,72 @@
+"""The same build against a real Spark standalone master and worker on 127.0.0.1."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyspark
+import pytest
+
+from builder import artifacts
+from tests import helpers
+from tests.conftest import CATALOGUE_SIZE
+
+pytestmark = pytest.mark.spark_cluster
+SPARK_HOME = Path(pyspark.__file__).parent
+
+
+def _spark_class(*args: str, log: Path) -> subprocess.Popen:
+    env = helpers.env()
+    env.update(SPARK_HOME=str(SPARK_HOME), SPARK_LOG_DIR=str(log.parent), SPARK_WORKER_DIR=str(log.parent / "work"))
+    with open(log, "w") as handle:
+        return subprocess.Popen([SPARK_HOME / "bin" / "spark-class", *args], env=env, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(path: Path, text: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in path.read_text():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{text!r} not in {path}: {path.read_text()[-2000:]}")
+
+
+@pytest.fixture
+def standalone_cluster(tmp_path):
+    port = helpers.free_port()
+    master_log, worker_log = tmp_path / "master.log", tmp_path / "worker.log"
+    master = _spark_class("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+                          "--webui-port", str(helpers.free_port()), log=master_log)
+    worker = None
+    try:
+        _wait_for(master_log, "I have been elected leader")
+        url = f"spark://127.0.0.1:{port}"
+        worker = _spark_class("org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2",
+                              "--memory", "4g", "--webui-port", str(helpers.free_port()), url, log=worker_log)
+        _wait_for(worker_log, "Successfully registered with master")
+        yield url
+    finally:
+        for process in (worker, master):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, 15)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, 9)
+
+
+def test_build_on_a_standalone_cluster_matches_local(tmp_path, catalogue, built, standalone_cluster):
+    out = tmp_path / "ARTIFACTS"
+    result = helpers.build(catalogue, out, "--spark-master", standalone_cluster)
+    assert "published" in result.stdout
+    version_dir = out / artifacts.read_current(out)
+    manifest = artifacts.load_manifest(version_dir)
+    assert manifest["spark_master"] == standalone_cluster
+    assert manifest["counts"]["indexed"] == CATALOGUE_SIZE and manifest["index"]["recall_at_10"] >= 0.95
+    cluster = pd.read_parquet(version_dir / "items.parquet").set_index("image_id")
+    local = pd.read_parquet(built / artifacts.read_current(built) / "items.parquet").set_index("image_id")
+    first = local.index[0]
+    assert abs(abs(float((cluster.loc[first, "vector"] * local.loc[first, "vector"]).sum())) - 1) < 1e-3
