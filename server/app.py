@@ -159,7 +159,8 @@ class LookalikeServer:
         log.info("draining: health NOT_SERVING, grace %.1f s", self.config.grace_s)
         await self.health.enter_graceful_shutdown()
         await self.core.drain(self.config.grace_s)
-        await self._server.stop(self.config.grace_s)
+        # Model work is done; what is left are health Watch streams, which never end on their own.
+        await self._server.stop(1.0)
         for task in self._tasks:
             task.cancel()
         await self.core.close()

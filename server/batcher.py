@@ -59,7 +59,8 @@ class BatchObserver:
 
     def batch_done(self, size: int, seconds: float) -> None: ...
 
-    def expired(self, count: int) -> None: ...
+    def expired(self, count: int) -> None:
+        """`count` queued items were dropped unseen by the model: deadline passed or caller gone."""
 
     def queue_depth(self, depth: int) -> None: ...
 
@@ -115,7 +116,8 @@ class MicroBatcher(Generic[T, R]):
         now = time.monotonic()
         while self._queue and len(batch) < limit:
             pending = self._queue.popleft()
-            if pending.future.done():  # cancelled by its caller
+            if pending.future.done():  # cancelled by its caller (gRPC cancels on deadline or disconnect)
+                expired += 1
                 continue
             if pending.deadline is not None and pending.deadline <= now:
                 pending.future.set_exception(Expired("deadline passed while queued"))

@@ -1,0 +1,165 @@
+"""The servicer in-process over real gRPC on 127.0.0.1 with a deterministic fake model: every status code."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.batcher import BatcherConfig
+from server.core import CoreConfig, SimilarityCore
+from server.metrics import ServerMetrics
+from server.servicer import ImageSimilarityServicer
+from tests.helpers import png_bytes
+from tests.server.fakes import DIMENSION, fake_version
+
+
+class Harness:
+    def __init__(self, core, metrics, server, stub):
+        self.core, self.metrics, self.server, self.stub = core, metrics, server, stub
+
+
+async def _start(tmp_path, delay_s=0.0, config=None):
+    version, images = fake_version(tmp_path, delay_s=delay_s)
+    metrics = ServerMetrics()
+    core = SimilarityCore(version, config or CoreConfig(max_pixels=1_000_000), metrics)
+    server = grpc.aio.server()
+    pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return Harness(core, metrics, server, pb_grpc.ImageSimilarityStub(channel)), images, channel
+
+
+@pytest.fixture
+async def harness(tmp_path):
+    h, images, channel = await _start(tmp_path)
+    yield h, images
+    await channel.close()
+    await h.server.stop(0)
+    await h.core.close()
+
+
+async def _code(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value.code()
+
+
+async def test_embed_returns_unit_vectors_in_order_and_the_version(harness):
+    h, images = harness
+    response = await h.stub.Embed(pb.EmbedRequest(images=images[:3]))
+    vectors = np.array([v.values for v in response.vectors])
+    assert vectors.shape == (3, DIMENSION) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
+    assert response.model_version == "fake-v1"
+    single = await h.stub.Embed(pb.EmbedRequest(images=[images[2]]))
+    assert np.allclose(single.vectors[0].values, vectors[2], atol=1e-6)
+
+
+async def test_find_similar_by_image_item_and_vector(harness):
+    h, images = harness
+    by_image = await h.stub.FindSimilar(pb.FindSimilarRequest(image=images[5], k=3))
+    assert by_image.matches[0].item_id == "item-005" and by_image.matches[0].distance < 1e-3
+    assert by_image.matches[0].score == pytest.approx(1.0, abs=1e-4)
+    assert by_image.index_version == "fake-v1"
+    excluded = await h.stub.FindSimilar(pb.FindSimilarRequest(image=images[5], k=3, exclude_query=True))
+    assert [m.item_id for m in excluded.matches] == [m.item_id for m in by_image.matches][1:] + [
+        excluded.matches[-1].item_id]
+    by_item = await h.stub.FindSimilar(pb.FindSimilarRequest(item_id="item-005", k=4, exclude_query=True))
+    assert "item-005" not in [m.item_id for m in by_item.matches] and len(by_item.matches) == 4
+    vector = np.array((await h.stub.Embed(pb.EmbedRequest(images=[images[7]]))).vectors[0].values) * 3
+    by_vector = await h.stub.FindSimilar(pb.FindSimilarRequest(vector=pb.Vector(values=vector), k=2))
+    assert by_vector.matches[0].item_id == "item-007"
+    default_k = await h.stub.FindSimilar(pb.FindSimilarRequest(item_id="item-001"))
+    assert len(default_k.matches) == 10
+
+
+@pytest.mark.parametrize("request_", [
+    pb.EmbedRequest(images=[b"not an image"]),
+    pb.EmbedRequest(images=[]),
+    pb.EmbedRequest(images=[png_bytes(np.zeros((1100, 1000, 3), np.uint8))]),  # over max_pixels
+])
+async def test_embed_invalid_argument(harness, request_):
+    h, _ = harness
+    assert await _code(h.stub.Embed(request_)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("request_", [
+    pb.FindSimilarRequest(item_id="item-001", k=1001),
+    pb.FindSimilarRequest(vector=pb.Vector(values=[1.0, 2.0])),
+    pb.FindSimilarRequest(vector=pb.Vector(values=[float("nan")] * DIMENSION)),
+    pb.FindSimilarRequest(vector=pb.Vector(values=[float("inf")] + [0.0] * (DIMENSION - 1))),
+    pb.FindSimilarRequest(vector=pb.Vector(values=[0.0] * DIMENSION)),
+    pb.FindSimilarRequest(image=b"\x89PNG\r\n\x1a\ntruncated"),
+    pb.FindSimilarRequest(k=3),
+])
+async def test_find_similar_invalid_argument(harness, request_):
+    h, _ = harness
+    assert await _code(h.stub.FindSimilar(request_)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_unknown_item_is_not_found(harness):
+    h, _ = harness
+    assert await _code(h.stub.FindSimilar(pb.FindSimilarRequest(item_id="nope"))) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_draining_is_unavailable(harness):
+    h, images = harness
+    await h.core.drain(0.1)
+    assert await _code(h.stub.Embed(pb.EmbedRequest(images=images[:1]))) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_full_queue_is_resource_exhausted_and_admitted_requests_succeed(tmp_path):
+    config = CoreConfig(batcher=BatcherConfig(max_batch_size=4, max_wait_ms=0, max_queue=8),
+                        max_images_per_request=8)
+    h, images, channel = await _start(tmp_path, delay_s=0.3, config=config)
+    try:
+        calls = [h.stub.Embed(pb.EmbedRequest(images=images[i:i + 4])) for i in range(0, 24, 4)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else grpc.StatusCode.OK for r in results]
+        assert codes.count(grpc.StatusCode.OK) == 2
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
+        counted = h.metrics.requests.labels("Embed", "RESOURCE_EXHAUSTED")._value.get()
+        assert counted == 4
+    finally:
+        await channel.close()
+        await h.server.stop(0)
+        await h.core.close()
+
+
+async def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(tmp_path):
+    config = CoreConfig(batcher=BatcherConfig(max_batch_size=1, max_wait_ms=0, max_queue=16),
+                        max_images_per_request=16)
+    h, images, channel = await _start(tmp_path, delay_s=0.5, config=config)
+    try:
+        slow = h.stub.Embed(pb.EmbedRequest(images=[images[0]]), timeout=10)
+        await asyncio.sleep(0.1)
+        late = h.stub.Embed(pb.EmbedRequest(images=[images[1]]), timeout=0.2)
+        assert await _code(late) == grpc.StatusCode.DEADLINE_EXCEEDED
+        await slow
+        await asyncio.sleep(0.6)
+        embedder = h.core.version.embedder
+        assert sum(embedder.batches) == 1  # only the slow request reached the model
+        assert h.metrics.dropped_expired._value.get() == 1
+    finally:
+        await channel.close()
+        await h.server.stop(0)
+        await h.core.close()
+
+
+async def test_swap_finishes_in_flight_requests_on_the_old_version(tmp_path):
+    h, images, channel = await _start(tmp_path, delay_s=0.3)
+    try:
+        in_flight = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(images=[images[0]])))
+        await asyncio.sleep(0.1)
+        new_version, _ = fake_version(tmp_path, name="fake-v2")
+        await h.core.swap(new_version)
+        assert (await in_flight).model_version == "fake-v1"
+        after = await h.stub.FindSimilar(pb.FindSimilarRequest(item_id="item-001"))
+        assert after.index_version == "fake-v2"
+    finally:
+        await channel.close()
+        await h.server.stop(0)
+        await h.core.close()
