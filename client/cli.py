@@ -1,0 +1,147 @@
+"""`lookalike`: talk to a lookalike server: info, health, embed, similar (with a contact sheet), bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+from client.library import ImageSimilarityClient, LookalikeError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lookalike", description=__doc__)
+    p.add_argument("--address", default=os.environ.get("LOOKALIKE_ADDRESS", "127.0.0.1:50051"),
+                   help="server host:port (env LOOKALIKE_ADDRESS)")
+    p.add_argument("--timeout-s", type=float, default=float(os.environ.get("LOOKALIKE_TIMEOUT_S", 10)),
+                   help="deadline of each call")
+    p.add_argument("--root-ca", type=Path, default=os.environ.get("LOOKALIKE_ROOT_CA"),
+                   help="CA certificate (PEM) to verify a TLS server")
+    p.add_argument("--client-cert", type=Path, default=os.environ.get("LOOKALIKE_CLIENT_CERT"),
+                   help="client certificate for mTLS")
+    p.add_argument("--client-key", type=Path, default=os.environ.get("LOOKALIKE_CLIENT_KEY"),
+                   help="client key for mTLS")
+    commands = p.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="what is served: model, index, versions")
+    info.add_argument("--json", action="store_true")
+    commands.add_parser("health", help="grpc.health.v1 status; exit 0 only when SERVING")
+    embed = commands.add_parser("embed", help="print the vectors of image files")
+    embed.add_argument("images", nargs="+", type=Path)
+    embed.add_argument("--json", action="store_true", help="full vectors as JSON")
+    similar = commands.add_parser("similar", help="nearest catalogue items to an image, item id or vector")
+    query = similar.add_mutually_exclusive_group(required=True)
+    query.add_argument("image", nargs="?", type=Path, help="a query image file")
+    query.add_argument("--item", help="a catalogue item id")
+    query.add_argument("--vector", help="a JSON list of floats")
+    similar.add_argument("-k", type=int, default=10)
+    similar.add_argument("--include-query", action="store_true", help="keep the query item in the results")
+    similar.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
+                         help="catalogue root (small/ ...), to show neighbour pictures on a sheet")
+    similar.add_argument("--sheet", type=Path, help="write a contact sheet PNG: the query beside its neighbours")
+    similar.add_argument("--json", action="store_true")
+    bench = commands.add_parser("bench", help="load generator (closed or open loop) against --address")
+    bench.add_argument("--catalogue", type=Path, required=True, help="catalogue root to draw queries from")
+    bench.add_argument("--mode", choices=["closed", "open"], default="closed")
+    bench.add_argument("--concurrency", type=int, default=8, help="closed loop: concurrent callers")
+    bench.add_argument("--rate", type=float, default=50.0, help="open loop: mean arrivals per second (Poisson)")
+    bench.add_argument("--duration-s", type=float, default=None, help="run for this long (default 10 s)")
+    bench.add_argument("--requests", type=int, default=None, help="or stop after this many requests")
+    bench.add_argument("--mix", default="embed=1,image=1,id=1", help="weights of embed, image, id")
+    bench.add_argument("--images-per-embed", type=int, default=1)
+    bench.add_argument("-k", type=int, default=10)
+    bench.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    bench.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _labels(catalogue: Path | None) -> dict[str, str]:
+    if catalogue is None or not (catalogue / "labels.csv").is_file():
+        return {}
+    with open(catalogue / "labels.csv") as handle:
+        return {row["image_id"]: row["label_name"] for row in csv.DictReader(handle)}
+
+
+def _similar(client: ImageSimilarityClient, args) -> int:
+    vector = json.loads(args.vector) if args.vector else None
+    matches = client.find_similar(args.image, item_id=args.item, vector=vector, k=args.k,
+                                  exclude_query=not args.include_query)
+    if args.json:
+        print(json.dumps({"index_version": matches.version, "matches": [m.__dict__ for m in matches]}, indent=2))
+    else:
+        query = args.item or (str(args.image) if args.image else "vector")
+        labels = _labels(args.catalogue)
+        query_label = labels.get(args.item or "", "")
+        print(f"neighbours of {query}{f' ({query_label})' if query_label else ''} "
+              f"from index {matches.version}:")
+        print(f"{'#':>3}  {'item':<22}{'class':<14}{'score':>8}{'distance':>10}  path")
+        for rank, match in enumerate(matches, 1):
+            print(f"{rank:>3}  {match.item_id:<22}{match.label or '-':<14}{match.score:>8.3f}{match.distance:>10.4f}"
+                  f"  {match.path}")
+    if args.sheet:
+        from PIL import Image
+
+        from client.sheet import contact_sheet
+
+        small = args.catalogue / "small" if args.catalogue else None
+        if args.image:
+            query_image, caption = Image.open(args.image), ["query", args.image.name]
+        else:
+            row = client.find_similar(item_id=args.item, k=1, exclude_query=False)[0] if args.item else None
+            path = small / row.path if row is not None and small is not None else None
+            query_image = Image.open(path) if path is not None and path.is_file() else None
+            caption = ["query", args.item or "vector", row.label if row else ""]
+        neighbours = [(small / m.path if small else None, [m.item_id, m.label, f"score {m.score:.3f}"])
+                      for m in matches]
+        out = contact_sheet(query_image, caption, neighbours, args.sheet)
+        print(f"contact sheet: {out.resolve()}")
+    return 0
+
+
+def _bench(args) -> int:
+    from client.loadgen import LoadConfig, format_report, parse_mix, run_load
+
+    duration = args.duration_s if args.duration_s is not None else (None if args.requests else 10.0)
+    config = LoadConfig(address=args.address, catalogue=args.catalogue, mode=args.mode,
+                        concurrency=args.concurrency, rate=args.rate, duration_s=duration, requests=args.requests,
+                        mix=parse_mix(args.mix), images_per_embed=args.images_per_embed, k=args.k,
+                        timeout_s=args.timeout_s, progress=not args.no_progress)
+    report = asyncio.run(run_load(config))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            return _bench(args)
+        client = ImageSimilarityClient(args.address, timeout_s=args.timeout_s, root_ca=args.root_ca,
+                                       client_cert=args.client_cert, client_key=args.client_key)
+        with client:
+            if args.command == "info":
+                info = client.info()
+                print(json.dumps(info, indent=2) if args.json else
+                      "\n".join(f"{key:<24}{value}" for key, value in info.items()))
+            elif args.command == "health":
+                status = client.health()
+                print(status)
+                return 0 if status == "SERVING" else 1
+            elif args.command == "embed":
+                vectors = client.embed(args.images)
+                for path, vector in zip(args.images, vectors, strict=True):
+                    print(json.dumps({"image": str(path), "vector": vector.tolist()}) if args.json else
+                          f"{path}: {len(vector)}-d [{', '.join(f'{v:.4f}' for v in vector[:4])}, ...]")
+            else:
+                return _similar(client, args)
+        return 0
+    except (LookalikeError, ValueError, TypeError, FileNotFoundError) as error:
+        print(f"lookalike: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`make demo`: sample catalogue -> build -> serve -> real queries with classes and a contact sheet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(os.environ.get("LOOKALIKE_DEMO_DIR", "demo-out"))
+QUERIES = ("fm-train-00001", "fm-train-00003", "fm-train-00008", "fm-train-00016")
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def _step(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_serving(address: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
+    from client import ImageSimilarityClient, LookalikeError
+
+    with ImageSimilarityClient(address, timeout_s=2) as client:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with {server.returncode}; see {OUT / 'server.log'}")
+            try:
+                if client.health() == "SERVING":
+                    return
+            except LookalikeError:
+                pass
+            time.sleep(0.5)
+    raise SystemExit(f"the server was not SERVING after {timeout_s} s; see {OUT / 'server.log'}")
+
+
+def main() -> int:
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
+    catalogue, artifacts = OUT / "catalogue", OUT / "ARTIFACTS"
+    started = time.monotonic()
+    _step(f"writing the sample catalogue (Fashion-MNIST, ABO layout) to {catalogue}")
+    subprocess.run([_bin("lookalike-build"), "sample", "fashion-mnist", "--out", catalogue, "--limit", "2000"],
+                   check=True, env=env)
+    _step(f"building an index with Spark into {artifacts} (a rerun reuses finished embedding work)")
+    subprocess.run([_bin("lookalike-build"), "--log-level", "WARNING", "build", "--images", catalogue,
+                    "--out", artifacts], check=True, env=env)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    _step(f"starting lookalike-serve on {address}")
+    with open(OUT / "server.log", "w") as log:
+        server = subprocess.Popen([_bin("lookalike-serve"), "--artifacts", artifacts, "--port", str(port),
+                                   "--metrics-port", "-1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_serving(address, server)
+        lookalike = [_bin("lookalike"), "--address", address]
+        subprocess.run([*lookalike, "info"], check=True)
+        for item in QUERIES:
+            _step(f"lookalike similar --item {item} -k 5")
+            subprocess.run([*lookalike, "similar", "--item", item, "-k", "5", "--catalogue", catalogue], check=True)
+        sheet = OUT / "contact-sheet.png"
+        query_image = next((catalogue / "small").rglob("*.png"))
+        _step(f"lookalike similar {query_image} (an image query) -k 11 --sheet {sheet}")
+        subprocess.run([*lookalike, "similar", query_image, "-k", "11", "--include-query", "--catalogue",
+                        catalogue, "--sheet", sheet], check=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    _step(f"done in {time.monotonic() - started:.0f} s. Contact sheet: {sheet.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The library, async twin, CLI, load generator and Node.js client against one real server."""
+
+import asyncio
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from builder import artifacts
+from client import (
+    AsyncImageSimilarityClient,
+    DeadlineError,
+    ImageSimilarityClient,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from tests import helpers
+
+pytestmark = pytest.mark.e2e
+NODE_DIR = helpers.REPO / "client" / "node"
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    with helpers.serving(built) as (_, address, metrics_port):
+        yield address, metrics_port
+
+
+@pytest.fixture(scope="module")
+def items(built):
+    return pd.read_parquet(built / artifacts.read_current(built) / "items.parquet")
+
+
+def _cli(*args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([helpers.BIN / "lookalike", *map(str, args)], capture_output=True, text=True,
+                          env=helpers.env(), timeout=120, check=check)
+
+
+def test_every_call_of_the_sync_client(server, items, catalogue):
+    address, _ = server
+    with ImageSimilarityClient(address) as client:
+        assert client.health() == "SERVING"
+        assert client.info()["item_count"] == len(items)
+        path = catalogue / "small" / items["path"][3]
+        from_path, from_bytes, from_pil = (client.embed(path), client.embed(path.read_bytes()),
+                                           client.embed(Image.open(path)))
+        assert from_path.shape == (1, 128)
+        assert np.allclose(from_path, from_bytes) and np.allclose(from_path, from_pil, atol=1e-5)
+        matches = client.find_similar(path, k=3)  # exclude_query defaults to True
+        assert items["image_id"][3] not in [m.item_id for m in matches] and len(matches) == 3
+        with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT"):
+            client.find_similar(item_id=items["image_id"][0], k=5000)
+        with pytest.raises(NotFoundError):
+            client.find_similar(item_id="missing")
+        with pytest.raises(DeadlineError):
+            client.embed([path] * 32, timeout_s=0.001)
+
+
+def test_async_twin_matches_sync(server, items):
+    address, _ = server
+
+    async def run():
+        async with AsyncImageSimilarityClient(address) as client:
+            results = await asyncio.gather(*(client.find_similar(item_id=i, k=4) for i in items["image_id"][:5]))
+            return [[m.item_id for m in r] for r in results], await client.health()
+
+    async_ids, status = asyncio.run(run())
+    with ImageSimilarityClient(address) as client:
+        assert async_ids == [[m.item_id for m in client.find_similar(item_id=i, k=4)] for i in items["image_id"][:5]]
+    assert status == "SERVING"
+
+
+def test_unreachable_server_is_unavailable_after_retries():
+    with ImageSimilarityClient(f"127.0.0.1:{helpers.free_port()}", timeout_s=5) as client:
+        with pytest.raises(UnavailableError):
+            client.info()
+
+
+def test_cli_similar_prints_classes_and_writes_a_contact_sheet(server, items, catalogue, tmp_path):
+    address, _ = server
+    item = items.iloc[10]
+    sheet = tmp_path / "sheet.png"
+    result = _cli("--address", address, "similar", "--item", item["image_id"], "-k", "5", "--catalogue", catalogue,
+                  "--sheet", sheet)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"neighbours of {item['image_id']} ({item['label_name']})")
+    rows = [line for line in lines if line.strip()[:1].isdigit()]
+    assert len(rows) == 5
+    assert sum(item["label_name"] in row for row in rows) >= 2
+    with Image.open(sheet) as image:
+        assert image.size == (6 * 160, 206)
+    as_json = json.loads(_cli("--address", address, "similar", "--item", item["image_id"], "--json").stdout)
+    assert len(as_json["matches"]) == 10
+    assert _cli("--address", address, "health").stdout.strip() == "SERVING"
+    assert json.loads(_cli("--address", address, "info", "--json").stdout)["dimension"] == 128
+    bad = _cli("--address", address, "similar", "--item", "nope", check=False)
+    assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
+
+
+def _requests_by_code(metrics_port):
+    out = {}
+    for key, value in helpers.scrape(metrics_port).items():
+        if key.startswith("lookalike_requests_total{"):
+            code = key.split("code=")[1].split(",")[0].rstrip("}")
+            out[code] = out.get(code, 0) + value
+    return out
+
+
+def test_bench_counts_agree_with_server_metrics(server, catalogue):
+    address, metrics_port = server
+    before = _requests_by_code(metrics_port)
+    closed = json.loads(_cli("--address", address, "bench", "--catalogue", catalogue, "--requests", "60",
+                             "--concurrency", "4", "--json", "--no-progress").stdout)
+    opened = json.loads(_cli("--address", address, "bench", "--catalogue", catalogue, "--mode", "open", "--rate",
+                             "40", "--duration-s", "1.5", "--mix", "id=3,embed=1", "--json", "--no-progress").stdout)
+    after = _requests_by_code(metrics_port)
+    assert closed["requests"] == 60 and closed["codes"] == {"OK": 60}
+    assert set(closed["latency"]) >= {"all", "embed", "image", "id"}
+    sent = {code: closed["codes"].get(code, 0) + opened["codes"].get(code, 0)
+            for code in set(closed["codes"]) | set(opened["codes"])}
+    assert {code: after.get(code, 0) - before.get(code, 0) for code in sent} == sent
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_node_client_results_equal_python_client(server, items, catalogue):
+    address, _ = server
+    queries = list(items["image_id"][:4]) + [str(catalogue / "small" / items["path"][7])]
+    result = subprocess.run(["node", NODE_DIR / "example.js", address, *queries], capture_output=True, text=True,
+                            timeout=120, check=True)
+    node = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(node) == len(queries)
+    with ImageSimilarityClient(address) as client:
+        for query, answer in zip(queries, node, strict=True):
+            python = (client.find_similar(catalogue / "small" / items["path"][7], k=5) if query.endswith(".png")
+                      else client.find_similar(item_id=query, k=5))
+            assert [m["itemId"] for m in answer["matches"]] == [m.item_id for m in python]
+            assert np.allclose([m["distance"] for m in answer["matches"]], [m.distance for m in python], atol=1e-5)
+            assert answer["indexVersion"] == python.version
