@@ -79,6 +79,7 @@ def load_queries(catalogue: Path, limit: int = 256, seed: int = 0) -> tuple[list
 class Recorder:
     def __init__(self) -> None:
         self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.latencies_by_code: dict[str, list[float]] = defaultdict(list)
         self.codes: Counter = Counter()
         self.codes_by_op: dict[str, Counter] = defaultdict(Counter)
         self.skipped = 0
@@ -86,6 +87,7 @@ class Recorder:
     def add(self, operation: str, seconds: float, code: str) -> None:
         self.codes[code] += 1
         self.codes_by_op[operation][code] += 1
+        self.latencies_by_code[code].append(seconds)
         if code == "OK":
             self.latencies[operation].append(seconds)
             self.latencies["all"].append(seconds)
@@ -172,6 +174,7 @@ async def run_load(config: LoadConfig) -> dict:
         "skipped_over_outstanding_cap": recorder.skipped,
         "latency": {op: _percentiles(values) for op, values in sorted(recorder.latencies.items())},
         "codes_by_operation": {op: dict(c) for op, c in recorder.codes_by_op.items()},
+        "latency_by_code": {code: _percentiles(v) for code, v in sorted(recorder.latencies_by_code.items())},
     }
 
 

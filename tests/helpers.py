@@ -72,7 +72,8 @@ def build(images: Path, out: Path, *extra: str, check: bool = True) -> subproces
 
 
 @contextlib.contextmanager
-def serving(artifacts: Path, *extra: str, ready_timeout_s: float = 120):
+def serving(artifacts: Path, *extra: str, ready_timeout_s: float = 120, tls_ca: Path | None = None,
+            tls_client: tuple[Path, Path] | None = None):
     """Runs `lookalike-serve` on 127.0.0.1 and yields (process, address, metrics_port) once healthy."""
     port, metrics_port = free_port(), free_port()
     log_path = artifacts.parent / f"server-{port}.log"
@@ -83,7 +84,7 @@ def serving(artifacts: Path, *extra: str, ready_timeout_s: float = 120):
                                    stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
     try:
-        wait_healthy(address, process, ready_timeout_s, log_path)
+        wait_healthy(address, process, ready_timeout_s, log_path, tls_ca, tls_client)
         yield process, address, metrics_port
     finally:
         if process.poll() is None:
@@ -91,10 +92,12 @@ def serving(artifacts: Path, *extra: str, ready_timeout_s: float = 120):
             process.wait(30)
 
 
-def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_path: Path) -> None:
+def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_path: Path,
+                 tls_ca: Path | None = None, tls_client: tuple[Path, Path] | None = None) -> None:
     from client import ImageSimilarityClient, LookalikeError
 
-    client = ImageSimilarityClient(address, timeout_s=2)
+    cert, key = tls_client or (None, None)
+    client = ImageSimilarityClient(address, timeout_s=2, root_ca=tls_ca, client_cert=cert, client_key=key)
     deadline = time.monotonic() + timeout_s
     try:
         while time.monotonic() < deadline:

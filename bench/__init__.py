@@ -1,0 +1,1 @@
+"""lookalike benchmarks and reliability scenarios: `make bench`, `make bench-quick`, `make soak`."""
