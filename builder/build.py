@@ -39,9 +39,10 @@ class BuildConfig:
     spark_master: str = "local[*]"
     # The seed's filter: |width - height| >= this drops an image (banners, text labels).
     max_aspect_difference: int = 200
-    backbone: str = "mobilenet_v2"
-    # "clahe-grey" is the seed's preprocessing; "plain" only resizes.
-    preprocessing: str = "clahe-grey"
+    # efficientnet_lite0 + plain + pca measured best of the 128-d configurations (BENCHMARKS.md).
+    backbone: str = "efficientnet_lite0"
+    # "plain" only resizes (keeps colour); "clahe-grey" is the seed's, measured worse on every backbone.
+    preprocessing: str = "plain"
     # "pca" fits 128 axes on the catalogue's own features; "random-conv" is the seed's untrained head.
     head: str = "pca"
     dimension: int = 128
@@ -51,8 +52,8 @@ class BuildConfig:
     target_recall: float = 0.95
     # Images per resumable unit of embedding work: smaller = less lost on interruption, more jobs.
     chunk_size: int = 1024
-    # Images per model call inside an executor.
-    batch_size: int = 32
+    # Images per model call inside an executor; 8 was the fastest on a 2-core CPU (BENCHMARKS.md).
+    batch_size: int = 8
     # TensorFlow threads per Spark task; local[*] runs one task per core, so 1 avoids oversubscription.
     threads_per_task: int = 1
     weights_file: str | None = None
@@ -103,7 +104,9 @@ def _spark(config: BuildConfig):
                .config("spark.ui.enabled", "false")
                .config("spark.driver.host", os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"))
                .config("spark.executorEnv.TF_CPP_MIN_LOG_LEVEL", "2")
-               .config("spark.sql.shuffle.partitions", "8"))
+               .config("spark.sql.shuffle.partitions", "8")
+               # Product photos are small files: count each as 1 MiB so a job spreads over many tasks.
+               .config("spark.sql.files.openCostInBytes", str(1 << 20)))
     for key, value in config.extra_spark_conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
@@ -198,7 +201,6 @@ def embed_on_spark(spark, config: BuildConfig, kept: list[dict], work: Path, tru
     parts.mkdir(parents=True, exist_ok=True)
     chunks = [kept[i:i + config.chunk_size] for i in range(0, len(kept), config.chunk_size)]
     per_job = max(1, spark.sparkContext.defaultParallelism)
-    embed = make_embedder(str(trunk_dir), config.preprocessing, config.threads_per_task, config.batch_size)
     resumed = computed = 0
     with tqdm(total=len(kept), desc="embedding", unit="img") as progress:
         for first in range(0, len(chunks), per_job):
@@ -209,12 +211,12 @@ def embed_on_spark(spark, config: BuildConfig, kept: list[dict], work: Path, tru
                 resumed += images_in_group
                 progress.update(images_in_group)
                 continue
-            uris = [row["uri"] for chunk in group for row in chunk]
-            ids = spark.createDataFrame([(row["uri"], row["image_id"]) for chunk in group for row in chunk],
-                                        "path string, image_id string")
-            files = spark.read.format("binaryFile").load(uris).select("path", "content")
-            job = (files.join(ids, on="path").repartition(len(group) * 2)
-                   .select("image_id", "content").mapInPandas(embed, EMBED_SCHEMA))
+            ids = {row["uri"]: row["image_id"] for chunk in group for row in chunk}
+            embed = make_embedder(str(trunk_dir), config.preprocessing, config.threads_per_task,
+                                  config.batch_size, ids)
+            # Spark's own binaryFile source reads the group's files; no join, no shuffle.
+            files = spark.read.format("binaryFile").load(list(ids)).select("path", "content")
+            job = files.mapInPandas(embed, EMBED_SCHEMA)
             job.write.mode("overwrite").parquet(str(target))
             computed += images_in_group
             progress.update(images_in_group)

@@ -9,13 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def _env(name: str, default):
-    """A flag's default: LOOKALIKE_<NAME> from the environment, else the built-in value."""
-    value = os.environ.get(f"LOOKALIKE_{name.upper()}")
-    if value is None:
-        return default
-    return type(default)(value) if default is not None else value
+from builder.settings import env_default
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,7 +17,7 @@ def _parser() -> argparse.ArgumentParser:
 
     defaults = BuildConfig(images=Path("."), out=Path("."))
     parser = argparse.ArgumentParser(prog="lookalike-build", description=__doc__)
-    parser.add_argument("--log-level", default=_env("log_level", "INFO"))
+    parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="write a sample catalogue in the ABO layout")
@@ -35,33 +29,33 @@ def _parser() -> argparse.ArgumentParser:
                         help="Fashion-MNIST split; the test split needs Debian's dataset-fashion-mnist")
 
     build = commands.add_parser("build", help="scan, filter, embed, index and publish a version")
-    build.add_argument("--images", type=Path, required=True, default=_env("images", None),
+    build.add_argument("--images", type=Path, required=True, default=env_default("images", None),
                        help="catalogue root: small/<2 hex>/<file> and images.csv.gz (or metadata/)")
     build.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder: versions and CURRENT")
-    build.add_argument("--spark-master", default=_env("spark_master", defaults.spark_master),
+    build.add_argument("--spark-master", default=env_default("spark_master", defaults.spark_master),
                        help="any Spark master URL, e.g. spark://host:7077 (default local[*])")
     build.add_argument("--max-aspect-difference", type=int,
-                       default=_env("max_aspect_difference", defaults.max_aspect_difference),
+                       default=env_default("max_aspect_difference", defaults.max_aspect_difference),
                        help="drop images whose |width - height| is at least this (the seed's 200)")
-    build.add_argument("--backbone", default=_env("backbone", defaults.backbone),
+    build.add_argument("--backbone", default=env_default("backbone", defaults.backbone),
                        choices=["mobilenet_v2", "efficientnet_lite0", "vgg16"])
-    build.add_argument("--weights-file", default=_env("weights_file", None),
+    build.add_argument("--weights-file", default=env_default("weights_file", None),
                        help="a local weights file instead of the packaged one (needed for vgg16 offline)")
-    build.add_argument("--preprocessing", default=_env("preprocessing", defaults.preprocessing),
+    build.add_argument("--preprocessing", default=env_default("preprocessing", defaults.preprocessing),
                        choices=["clahe-grey", "plain"])
-    build.add_argument("--head", default=_env("head", defaults.head), choices=["pca", "random-conv", "none"])
-    build.add_argument("--dimension", type=int, default=_env("dimension", defaults.dimension),
+    build.add_argument("--head", default=env_default("head", defaults.head), choices=["pca", "random-conv", "none"])
+    build.add_argument("--dimension", type=int, default=env_default("dimension", defaults.dimension),
                        help="PCA output dimension")
-    build.add_argument("--n-trees", type=int, default=_env("n_trees", defaults.n_trees),
+    build.add_argument("--n-trees", type=int, default=env_default("n_trees", defaults.n_trees),
                        help="Annoy trees: more = better recall per search_k, bigger index")
-    build.add_argument("--target-recall", type=float, default=_env("target_recall", defaults.target_recall),
+    build.add_argument("--target-recall", type=float, default=env_default("target_recall", defaults.target_recall),
                        help="recall@10 the chosen search_k must reach against exact search")
-    build.add_argument("--chunk-size", type=int, default=_env("chunk_size", defaults.chunk_size),
+    build.add_argument("--chunk-size", type=int, default=env_default("chunk_size", defaults.chunk_size),
                        help="images per resumable unit: less is lost on interruption, more Spark jobs")
-    build.add_argument("--batch-size", type=int, default=_env("batch_size", defaults.batch_size),
+    build.add_argument("--batch-size", type=int, default=env_default("batch_size", defaults.batch_size),
                        help="images per model call in an executor")
     build.add_argument("--threads-per-task", type=int,
-                       default=_env("threads_per_task", defaults.threads_per_task),
+                       default=env_default("threads_per_task", defaults.threads_per_task),
                        help="TensorFlow threads per Spark task (one task runs per core)")
     build.add_argument("--version", default=None, help="version name (default: UTC time + random suffix)")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")

@@ -49,24 +49,39 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(norms, 1e-12)
 
 
-def build_trunk(backbone: str, head: str, weights_file: str | None = None):
-    """Returns a Keras model: uint8 pixels -> un-normalised features (the part the executors run)."""
+def build_feature_map_model(backbone: str, weights_file: str | None = None):
+    """uint8 pixels -> the backbone's last feature map, with the backbone's own normalisation inside."""
     import keras
 
-    if head not in HEADS:
-        raise ValueError(f"head must be one of {HEADS}, not {head!r}")
     spec = SPECS[backbone]
     pixels = keras.Input((INPUT_SIZE, INPUT_SIZE, 3), dtype="uint8", name=INPUT_NAME)
     x = keras.layers.Rescaling(1.0, name="to_float")(pixels)
     x = keras.layers.Normalization(mean=list(spec.mean), variance=[s * s for s in spec.std],
                                    name="backbone_normalisation")(x)
     x = build_backbone(backbone, INPUT_SIZE, weights_file=weights_file)(x)
+    return keras.Model(pixels, x, name=f"{backbone}_feature_map")
+
+
+def seed_head():
+    """The seed's head: an untrained Conv2D(128, 5, relu); its initialiser is seeded so builds repeat."""
+    import keras
+
+    init = keras.initializers.GlorotUniform(seed=_RANDOM_HEAD_SEED)
+    return keras.layers.Conv2D(128, 5, activation="relu", kernel_initializer=init, name="seed_head")
+
+
+def build_trunk(backbone: str, head: str, weights_file: str | None = None):
+    """Returns a Keras model: uint8 pixels -> un-normalised features (the part the executors run)."""
+    import keras
+
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+    feature_map = build_feature_map_model(backbone, weights_file)
+    x = feature_map.output
     if head == "random-conv":
-        # The seed's head: an untrained Conv2D(128, 5, relu); the seed is fixed so builds repeat.
-        init = keras.initializers.GlorotUniform(seed=_RANDOM_HEAD_SEED)
-        x = keras.layers.Conv2D(128, 5, activation="relu", kernel_initializer=init, name="seed_head")(x)
+        x = seed_head()(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(pixels, x, name=f"{backbone}_{head}_trunk")
+    return keras.Model(feature_map.input, x, name=f"{backbone}_{head}_trunk")
 
 
 def export(trunk, path: str | Path, projection: Projection | None, normalise: bool = True) -> int:

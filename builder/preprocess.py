@@ -24,8 +24,8 @@ class ImageError(ValueError):
 class PreprocessConfig:
     """How a decoded image becomes model input."""
 
-    # "clahe-grey" (the seed: CLAHE on lightness, then grey in 3 channels) or "plain" (resize only).
-    preprocessing: str = "clahe-grey"
+    # "plain" (resize only, keeps colour) or "clahe-grey" (the seed: CLAHE on lightness, then grey).
+    preprocessing: str = "plain"
     # Pixel budget per decoded image; larger images are refused before their pixels are decoded.
     max_pixels: int = DEFAULT_MAX_PIXELS
     # CLAHE's contrast limit; fixed (the seed drew it at random from [1, 4] per image).

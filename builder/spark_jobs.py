@@ -51,19 +51,22 @@ def _worker_model(model_dir: str, preprocessing: str, threads: int):
     return _WORKER_STATE[key]
 
 
-def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: int):
-    """Returns the mapInPandas function that embeds (image_id, content) rows on an executor."""
+def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: int, ids: dict[str, str]):
+    """Returns the mapInPandas function that embeds binaryFile (path, content) rows on an executor.
+
+    `ids` maps each file's URI to its item id; it travels with the task (a group's worth of ids).
+    """
 
     def embed_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         from builder.preprocess import ImageError
 
         model, preprocess = _worker_model(model_dir, preprocessing, threads)
         for batch in batches:
-            ids = list(batch["image_id"])
+            item_ids = [ids[uri] for uri in batch["path"]]
             contents = list(batch["content"])
-            for start in range(0, len(ids), batch_size):
+            for start in range(0, len(item_ids), batch_size):
                 arrays, good, errors = [], [], {}
-                for image_id, content in zip(ids[start:start + batch_size],
+                for image_id, content in zip(item_ids[start:start + batch_size],
                                              contents[start:start + batch_size], strict=True):
                     try:
                         arrays.append(preprocess(bytes(content)))

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, default=50.0, help="open loop: mean arrivals per second (Poisson)")
     bench.add_argument("--duration-s", type=float, default=None, help="run for this long (default 10 s)")
     bench.add_argument("--requests", type=int, default=None, help="or stop after this many requests")
-    bench.add_argument("--mix", default="embed=1,image=1,id=1", help="weights of embed, image, id")
+    bench.add_argument("--mix", default="embed=1,image=1,id=1",
+                       help="weights of embed, image (FindSimilar by image), id (by item id), info (GetInfo)")
     bench.add_argument("--images-per-embed", type=int, default=1)
     bench.add_argument("-k", type=int, default=10)
     bench.add_argument("--json", action="store_true", help="the report as JSON on stdout")

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from client.library import AsyncImageSimilarityClient, LookalikeError
 
-OPERATIONS = ("embed", "image", "id")
+OPERATIONS = ("embed", "image", "id", "info")
 MAX_OUTSTANDING = 5000  # open loop: arrivals beyond this many unfinished calls are counted, not sent
 
 
@@ -130,6 +130,8 @@ async def run_load(config: LoadConfig) -> dict:
                 await client.embed([rng.choice(images) for _ in range(config.images_per_embed)])
             elif operation == "image":
                 await client.find_similar(rng.choice(images), k=config.k)
+            elif operation == "info":  # no model, no index: the RPC round trip alone
+                await client.info()
             else:
                 await client.find_similar(item_id=rng.choice(ids), k=config.k)
             code = "OK"

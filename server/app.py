@@ -93,16 +93,14 @@ class LookalikeServer:
                                            require_client_auth=True)
 
     async def start(self) -> None:
-        """Loads and warms CURRENT, then listens; health turns SERVING only after warm-up."""
+        """Listens at once with health NOT_SERVING, loads and warms CURRENT, then turns SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        version = await self._load(artifacts.read_current(self.config.artifacts))
-        self.core = SimilarityCore(version, self.config.core, self.metrics)
-        self.metrics.version.info({"version": version.name})
+        current = artifacts.read_current(self.config.artifacts)
         limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                   ("grpc.max_send_message_length", self.config.max_message_bytes)]
         self._server = grpc.aio.server(options=limits)
-        pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(self.core, self.metrics),
-                                                      self._server)
+        servicer = ImageSimilarityServicer(None, self.metrics)
+        pb_grpc.add_ImageSimilarityServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
@@ -115,11 +113,20 @@ class LookalikeServer:
                                                registry=self.metrics.registry)
             self.metrics_port = http_server.server_port
         await self._server.start()
+        log.info("listening on %s:%s (metrics port %s); loading version %s", self.config.host, self.port,
+                 self.metrics_port, current)
+        try:
+            version = await self._load(current)
+        except BaseException:
+            await self._server.stop(0)
+            raise
+        self.core = SimilarityCore(version, self.config.core, self.metrics)
+        servicer.core = self.core
+        self.metrics.version.info({"version": version.name})
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.config.watch_interval_s > 0:
             self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
-        log.info("serving version %s on %s:%s (metrics port %s)", version.name, self.config.host, self.port,
-                 self.metrics_port)
+        log.info("serving version %s", version.name)
 
     async def reload(self, force: bool = False) -> bool:
         """Loads the version CURRENT names beside the served one and swaps; False when refused."""

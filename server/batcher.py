@@ -31,10 +31,12 @@ class BatcherClosed(Exception):
 class BatcherConfig:
     """The batching knobs, checked when the server starts."""
 
-    # Items per model call: bigger batches use the accelerator better but wait longer to fill.
-    max_batch_size: int = 32
+    # Items per model call: bigger batches use an accelerator better but wait longer to fill.
+    # 8 is the fastest batch on a 2-core CPU (BENCHMARKS.md); raise it on a GPU.
+    max_batch_size: int = 8
     # How long the first item of a batch waits for company: latency paid for throughput at low load.
-    max_wait_ms: float = 2.0
+    # 0: a batch is whatever queued while the model was busy, which is all the batching a CPU gains from.
+    max_wait_ms: float = 0.0
     # Items waiting beyond this are refused with RESOURCE_EXHAUSTED instead of queueing forever.
     max_queue: int = 256
 

@@ -11,15 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from builder.settings import env_default
 from server.batcher import BatcherConfig
 from server.core import CoreConfig
-
-
-def _env(name: str, default):
-    value = os.environ.get(f"LOOKALIKE_{name.upper()}")
-    if value is None or default is None:
-        return value if value is not None else default
-    return type(default)(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -36,36 +30,36 @@ class JsonFormatter(logging.Formatter):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b, c = BatcherConfig(), CoreConfig()
     p = argparse.ArgumentParser(prog="lookalike-serve", description=__doc__)
-    p.add_argument("--artifacts", type=Path, default=_env("artifacts", None),
+    p.add_argument("--artifacts", type=Path, default=env_default("artifacts", None),
                    help="ARTIFACTS folder holding versions and CURRENT (env LOOKALIKE_ARTIFACTS)")
-    p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to bind; 0.0.0.0 for all")
-    p.add_argument("--port", type=int, default=_env("port", 50051), help="gRPC port; 0 picks a free one")
-    p.add_argument("--metrics-port", type=int, default=_env("metrics_port", 9095),
+    p.add_argument("--host", default=env_default("host", "127.0.0.1"), help="address to bind; 0.0.0.0 for all")
+    p.add_argument("--port", type=int, default=env_default("port", 50051), help="gRPC port; 0 picks a free one")
+    p.add_argument("--metrics-port", type=int, default=env_default("metrics_port", 9095),
                    help="Prometheus /metrics port; 0 picks a free one, -1 disables")
-    p.add_argument("--max-batch-size", type=int, default=_env("max_batch_size", b.max_batch_size),
+    p.add_argument("--max-batch-size", type=int, default=env_default("max_batch_size", b.max_batch_size),
                    help="images per model call: larger = more throughput, longer waits to fill")
-    p.add_argument("--max-wait-ms", type=float, default=_env("max_wait_ms", b.max_wait_ms),
+    p.add_argument("--max-wait-ms", type=float, default=env_default("max_wait_ms", b.max_wait_ms),
                    help="how long a batch waits for more images: latency traded for throughput")
-    p.add_argument("--max-queue", type=int, default=_env("max_queue", b.max_queue),
+    p.add_argument("--max-queue", type=int, default=env_default("max_queue", b.max_queue),
                    help="images admitted at once; beyond it requests get RESOURCE_EXHAUSTED at once")
-    p.add_argument("--preprocess-threads", type=int, default=_env("preprocess_threads", c.preprocess_threads),
+    p.add_argument("--preprocess-threads", type=int, default=env_default("preprocess_threads", c.preprocess_threads),
                    help="decode/preprocess threads working while the model runs")
     p.add_argument("--max-images-per-request", type=int,
-                   default=_env("max_images_per_request", c.max_images_per_request))
-    p.add_argument("--max-pixels", type=int, default=_env("max_pixels", c.max_pixels),
+                   default=env_default("max_images_per_request", c.max_images_per_request))
+    p.add_argument("--max-pixels", type=int, default=env_default("max_pixels", c.max_pixels),
                    help="decoded pixels allowed per image (decompression-bomb guard)")
-    p.add_argument("--max-message-mb", type=int, default=_env("max_message_mb", 64),
+    p.add_argument("--max-message-mb", type=int, default=env_default("max_message_mb", 64),
                    help="largest gRPC message in MiB; a batch of catalogue photos fits in the default")
-    p.add_argument("--grace-s", type=float, default=_env("grace_s", 20.0),
+    p.add_argument("--grace-s", type=float, default=env_default("grace_s", 20.0),
                    help="SIGTERM: time requests in flight get to finish")
-    p.add_argument("--watch-interval-s", type=float, default=_env("watch_interval_s", 2.0),
+    p.add_argument("--watch-interval-s", type=float, default=env_default("watch_interval_s", 2.0),
                    help="how often CURRENT is checked for a new version; 0 = only on SIGHUP")
-    p.add_argument("--tls-cert", type=Path, default=_env("tls_cert", None), help="server certificate (PEM)")
-    p.add_argument("--tls-key", type=Path, default=_env("tls_key", None), help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", type=Path, default=_env("tls_client_ca", None),
+    p.add_argument("--tls-cert", type=Path, default=env_default("tls_cert", None), help="server certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, default=env_default("tls_key", None), help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=env_default("tls_client_ca", None),
                    help="CA for client certificates: set it to require mTLS")
-    p.add_argument("--log-format", choices=["json", "text"], default=_env("log_format", "json"))
-    p.add_argument("--log-level", default=_env("log_level", "INFO"))
+    p.add_argument("--log-format", choices=["json", "text"], default=env_default("log_format", "json"))
+    p.add_argument("--log-level", default=env_default("log_level", "INFO"))
     args = p.parse_args(argv)
     if args.artifacts is None:
         p.error("--artifacts is required (or set LOOKALIKE_ARTIFACTS)")

@@ -13,7 +13,7 @@ import numpy as np
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import Query, SimilarityCore
-from server.errors import ServingError, status_of
+from server.errors import ServingError, Unavailable, status_of
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,21 @@ def _rpc(method):
 
 
 class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
-    def __init__(self, core: SimilarityCore, metrics: ServerMetrics) -> None:
-        self.core = core
+    """`core` is None while the first version loads: calls are then UNAVAILABLE, health NOT_SERVING."""
+
+    def __init__(self, core: SimilarityCore | None, metrics: ServerMetrics) -> None:
+        self._core = core
         self.metrics = metrics
+
+    @property
+    def core(self) -> SimilarityCore:
+        if self._core is None:
+            raise Unavailable("the server is loading its model; retry shortly")
+        return self._core
+
+    @core.setter
+    def core(self, core: SimilarityCore) -> None:
+        self._core = core
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:  # noqa: N802

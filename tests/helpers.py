@@ -21,6 +21,7 @@ BIN = Path(sys.executable).parent
 BANNER_IDS = ("banner-wide-1", "banner-wide-2", "banner-tall-1")
 CORRUPT_ID = "corrupt-1"
 UNLISTED_BANNER_ID = "banner-unlisted"
+SEEN_HEALTH: list[str] = []  # health statuses seen while waiting for servers, in order
 
 
 def free_port() -> int:
@@ -104,7 +105,9 @@ def wait_healthy(address: str, process: subprocess.Popen, timeout_s: float, log_
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-3000:]}")
             try:
-                if client.health() == "SERVING":
+                status = client.health()
+                SEEN_HEALTH.append(status)
+                if status == "SERVING":
                     return
             except LookalikeError:
                 pass

@@ -12,11 +12,15 @@ import pytest
 
 from builder import artifacts
 from builder.model import SavedModelEmbedder
-from builder.preprocess import Preprocessor
+from builder.preprocess import PreprocessConfig, Preprocessor
 from tests import helpers
 from tests.conftest import CATALOGUE_SIZE
 
 pytestmark = pytest.mark.e2e
+
+
+def manifest_preprocessing(version_dir) -> str:
+    return json.loads((version_dir / "manifest.json").read_text())["preprocessing"]
 
 
 def _current(out):
@@ -45,8 +49,9 @@ def test_manifest_records_counts_recall_checksums_and_timings(built):
     assert manifest["counts"]["dropped_by_reason"] == {"aspect": 4, "undecodable": 1}
     assert manifest["index"]["recall_at_10"] >= 0.95
     assert manifest["dimension"] == 128 and manifest["metric"] == "euclidean"
-    assert manifest["backbone"] == "mobilenet_v2" and manifest["preprocessing"] == "clahe-grey"
-    assert set(manifest["timings_seconds"]) >= {"scan_filter", "embed", "index"}
+    assert manifest["backbone"] == "efficientnet_lite0" and manifest["preprocessing"] == "plain"
+    stages = manifest["timings_seconds"]  # recorded, never asserted on: the machine is shared
+    assert {"scan_filter", "embed", "index"}.issubset(stages)
     assert "tensorflow-cpu" in manifest["libraries"] and "pyspark" in manifest["libraries"]
     assert artifacts.checksums(version_dir) == manifest["files"]
     artifacts.load_manifest(version_dir, verify=True)
@@ -57,7 +62,7 @@ def test_items_vectors_are_what_the_exported_model_computes(built, catalogue):
     items = pd.read_parquet(version_dir / "items.parquet")
     assert items["annoy_id"].tolist() == list(range(CATALOGUE_SIZE))
     model = SavedModelEmbedder(version_dir / "model")
-    preprocess = Preprocessor()
+    preprocess = Preprocessor(PreprocessConfig(preprocessing=manifest_preprocessing(version_dir)))
     rows = items.iloc[:8]
     batch = np.stack([preprocess((catalogue / "small" / p).read_bytes()) for p in rows["path"]])
     vectors = model(batch)

@@ -26,7 +26,7 @@ def test_common_formats_decode_to_rgb(fmt):
 def test_clahe_grey_output_is_grey_uint8_of_input_size_and_deterministic():
     rng = np.random.default_rng(0)
     data = png_bytes(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8))
-    preprocess = Preprocessor()
+    preprocess = Preprocessor(PreprocessConfig(preprocessing="clahe-grey"))
     first, second = preprocess(data), preprocess(data)
     assert first.shape == (INPUT_SIZE, INPUT_SIZE, 3) and first.dtype == np.uint8
     assert np.array_equal(first[..., 0], first[..., 1]) and np.array_equal(first[..., 1], first[..., 2])

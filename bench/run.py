@@ -1,0 +1,140 @@
+"""`make bench` / `make bench-quick`: measure quality, index, serving and builder side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from bench import index_bench, quality, serving
+from builder import artifacts
+
+log = logging.getLogger("bench")
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+WORK = HERE / "work"
+
+PROFILES = {
+    "quick": {"catalogue": 400, "queries": 100, "backbones": ["mobilenet_v2"], "preprocessings": ["clahe-grey"],
+              "build_images": 300, "concurrencies": [1, 8], "duration_s": 3.0},
+    "full": {"catalogue": 3000, "queries": 600, "backbones": ["mobilenet_v2", "efficientnet_lite0"],
+             "preprocessings": ["clahe-grey", "plain"], "build_images": 2000, "concurrencies": [1, 8, 32],
+             "duration_s": 8.0},
+}
+
+
+def _build(images: int, work: Path) -> tuple[Path, Path, dict, float]:
+    """The real builder CLI end to end on the sample; returns (catalogue, artifacts, manifest, seconds)."""
+    catalogue, out = work / f"catalogue-{images}", work / f"artifacts-{images}"
+    env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
+    binary = Path(sys.executable).parent / "lookalike-build"
+    if not (catalogue / "images.csv.gz").exists():
+        subprocess.run([binary, "sample", "fashion-mnist", "--out", catalogue, "--limit", str(images)], check=True,
+                       env=env, capture_output=True)
+    # A fresh work folder each run: the builder figure must not be a resumed build.
+    out.mkdir(parents=True, exist_ok=True)
+    version = f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+    begin = time.perf_counter()
+    subprocess.run([binary, "--log-level", "WARNING", "build", "--images", catalogue, "--out", out, "--version",
+                    version, ], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - begin
+    manifest = artifacts.load_manifest(out / version, verify=False)
+    return catalogue, out, manifest, seconds
+
+
+def targets(results: dict) -> list[dict]:
+    limit = results["in_process"]["limit_images_per_s"]
+    embed = results["server"]["embed"]
+    top = max(results["config"]["concurrencies"])
+    rows = []
+
+    def add(name, value, goal, passed):
+        rows.append({"target": name, "measured": value, "goal": goal, "met": bool(passed)})
+
+    ratio = embed[f"batching@{top}"]["qps"] / limit
+    add(f"server Embed throughput at concurrency {top} / in-process limit", round(ratio, 3), ">= 0.85", ratio >= 0.85)
+    ratio = embed[f"batching@{top}"]["qps"] / max(embed[f"no_batching@{top}"]["qps"], 1e-9)
+    add(f"batching / no batching throughput at concurrency {top}", round(ratio, 3), ">= 1.8", ratio >= 1.8)
+    ratio = embed["batching@1"]["p50_ms"] / results["in_process"]["single_image_latency_ms"]
+    add("Embed p50 at concurrency 1 / in-process single-image latency", round(ratio, 3), "<= 1.25", ratio <= 1.25)
+    for concurrency, by_id in results["server"]["find_by_id"].items():
+        both = by_id["p99_ms"] <= 3 and by_id["qps"] >= 1500
+        add(f"FindSimilar by id at concurrency {concurrency}: p99 ms / QPS", f"{by_id['p99_ms']} / {by_id['qps']}",
+            "<= 3 and >= 1500", both)
+    add("index recall@10 at the served search_k", results["build"]["recall_at_10"], ">= 0.95",
+        results["build"]["recall_at_10"] >= 0.95)
+    ratio = results["build"]["embed_images_per_s"] / limit
+    add("builder embedding stage (Spark) / in-process limit", round(ratio, 3), ">= 0.7", ratio >= 0.7)
+    best, floor = results["quality"]["best"], results["quality"]["raw_pixel_floor"]
+    margin = best["precision_at_10"] - floor["precision_at_10"]
+    add("precision@10: best configuration - raw pixels", round(margin, 4), "> 0", margin > 0)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run for CI (under 3 minutes)")
+    parser.add_argument("--full", action="store_true", help="the full run that regenerates BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    profile = "quick" if args.quick or not args.full else "full"
+    config = PROFILES[profile]
+    WORK.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    results: dict = {"profile": profile, "config": config, "started_at": started_at,
+                     "machine": {"cores": os.cpu_count(), "python": platform.python_version(),
+                                 "processor": platform.machine()}}
+    log.info("builder: a real Spark build of %d images", config["build_images"])
+    catalogue, out, manifest, build_seconds = _build(config["build_images"], WORK)
+    embed_seconds = manifest["timings_seconds"]["embed"]
+    results["build"] = {"images": manifest["counts"]["indexed"], "total_seconds": round(build_seconds, 1),
+                        "stage_seconds": manifest["timings_seconds"],
+                        "embed_images_per_s": round(manifest["counts"]["indexed"] / embed_seconds, 2),
+                        "end_to_end_images_per_s": round(manifest["counts"]["indexed"] / build_seconds, 2),
+                        "recall_at_10": manifest["index"]["recall_at_10"], "n_trees": manifest["index"]["n_trees"],
+                        "search_k": manifest["index"]["search_k"]}
+    log.info("in-process pipeline: this machine's limit")
+    results["in_process"] = serving.in_process(out, catalogue)
+    log.info("server under closed-loop load, batching on and off")
+    results["server"] = serving.server_runs(out, catalogue, config["concurrencies"], config["duration_s"])
+    log.info("index against exact search and HNSW peers")
+    items = pd.read_parquet(out / artifacts.read_current(out) / "items.parquet")
+    import numpy as np
+
+    vectors = np.stack(items["vector"].to_numpy()).astype(np.float32)
+    results["index"] = index_bench.compare(vectors, manifest["index"]["n_trees"], manifest["index"]["search_k"])
+    log.info("retrieval quality")
+    results["quality"] = quality.evaluate(config["catalogue"], config["queries"], config["backbones"],
+                                          config["preprocessings"])
+    results["targets"] = targets(results)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    (RESULTS / f"{profile}.json").write_text(json.dumps(results, indent=2))
+    for row in results["targets"]:
+        log.info("%s %s: %s (goal %s)", "MET " if row["met"] else "MISS", row["target"], row["measured"], row["goal"])
+    if profile == "full":
+        from bench.report import write_report
+        from bench.soak import run as soak
+
+        log.info("reliability figures (short; make soak runs longer)")
+        soak(out, catalogue, overload_s=6, cycles=2, command="make bench (short reliability runs)")
+
+        write_report(results)
+    log.info("bench %s done in %.0f s -> %s", profile, results["seconds"], RESULTS / f"{profile}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Serving speed: the in-process pipeline (this machine's limit) and the server under closed-loop load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from builder import artifacts
+from client.loadgen import LoadConfig, load_queries, run_load
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def in_process(artifacts_dir: Path, catalogue: Path, batch_sizes=(1, 8, 16, 32, 64), images_per_size: int = 256,
+               threads: int = os.cpu_count() or 2) -> dict:
+    """Decode + preprocess on a thread pool overlapping the model, as the server does, with no RPC."""
+    from server.version import SavedModelBackend
+
+    version_dir = artifacts_dir / artifacts.read_current(artifacts_dir)
+    manifest = artifacts.load_manifest(version_dir, verify=False)
+    backend = SavedModelBackend(version_dir / artifacts.MODEL_DIR, manifest["preprocessing"], 40_000_000)
+    backend.warmup()
+    images, _ = load_queries(catalogue, limit=images_per_size)
+    pool = ThreadPoolExecutor(threads)
+    single = []
+    for data in images[:40]:
+        begin = time.perf_counter()
+        backend.embed(backend.preprocess(data)[None])
+        single.append(time.perf_counter() - begin)
+    throughput = {}
+    for size in batch_sizes:
+        backend.embed(np.zeros((size, 256, 256, 3), np.uint8))  # trace this batch shape first
+        chunks = [images[i:i + size] for i in range(0, len(images) - size + 1, size)] or [images[:size]]
+        begin = time.perf_counter()
+        pending = pool.map(backend.preprocess, chunks[0])
+        done = 0
+        for position in range(len(chunks)):
+            batch = np.stack(list(pending))
+            if position + 1 < len(chunks):
+                pending = pool.map(backend.preprocess, chunks[position + 1])
+            backend.embed(batch)
+            done += len(batch)
+        throughput[size] = round(done / (time.perf_counter() - begin), 2)
+    pool.shutdown()
+    best = max(throughput, key=throughput.get)
+    return {"single_image_latency_ms": round(statistics.median(single) * 1000, 2),
+            "images_per_s_by_batch_size": throughput, "best_batch_size": best, "limit_images_per_s": throughput[best]}
+
+
+@contextlib.contextmanager
+def server(artifacts_dir: Path, *flags: str):
+    port, metrics_port = _free_port(), _free_port()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    log = open(artifacts_dir.parent / f"bench-server-{port}.log", "w")
+    process = subprocess.Popen([str(Path(sys.executable).parent / "lookalike-serve"), "--artifacts", artifacts_dir,
+                                "--port", str(port), "--metrics-port", str(metrics_port), "--log-format", "text",
+                                "--watch-interval-s", "0", *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    from client import ImageSimilarityClient, LookalikeError
+
+    try:
+        with ImageSimilarityClient(address, timeout_s=2) as client:
+            deadline = time.monotonic() + 180
+            while True:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"bench server did not start; see {log.name}")
+                try:
+                    if client.health() == "SERVING":
+                        break
+                except LookalikeError:
+                    time.sleep(0.3)
+        yield address, metrics_port, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def mean_batch_size(metrics_port: int) -> float | None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name in ("lookalike_batch_size_sum", "lookalike_batch_size_count")}
+    count = values.get("lookalike_batch_size_count", 0)
+    return round(values["lookalike_batch_size_sum"] / count, 2) if count else None
+
+
+def load(address: str, catalogue: Path, **kwargs) -> dict:
+    return asyncio.run(run_load(LoadConfig(address=address, catalogue=catalogue, progress=False, **kwargs)))
+
+
+def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s: float) -> dict:
+    """Embed at each concurrency with batching on (max_batch_size 8, the default) and off (1); FindSimilar by id."""
+    out = {"embed": {}, "find_by_id": None}
+    for label, batch in (("batching", "8"), ("no_batching", "1")):
+        with server(artifacts_dir, "--max-batch-size", batch, "--max-queue", "1024") as (
+                address, metrics_port, _):
+            load(address, catalogue, mode="closed", concurrency=4, duration_s=2, mix={"embed": 1})  # warm
+            for concurrency in concurrencies:
+                report = load(address, catalogue, mode="closed", concurrency=concurrency, duration_s=duration_s,
+                              mix={"embed": 1})
+                out["embed"][f"{label}@{concurrency}"] = {
+                    "qps": report["qps"], "codes": report["codes"], **report["latency"]["embed"]}
+            out["embed"][f"{label}_mean_batch_size"] = mean_batch_size(metrics_port)
+            if label == "batching":
+                load(address, catalogue, mode="closed", concurrency=8, duration_s=1, mix={"id": 1})
+                out["find_by_id"] = {}
+                for concurrency in (2, 4, 8):
+                    report = load(address, catalogue, mode="closed", concurrency=concurrency, duration_s=duration_s,
+                                  mix={"id": 1})
+                    out["find_by_id"][concurrency] = {"qps": report["qps"], "codes": report["codes"],
+                                                      **report["latency"]["id"]}
+                # The same load on GetInfo: what the RPC stack alone allows on this machine.
+                report = load(address, catalogue, mode="closed", concurrency=4, duration_s=duration_s,
+                              mix={"info": 1})
+                out["rpc_ceiling"] = {"qps": report["qps"], "concurrency": 4, **report["latency"]["info"]}
+    return out
