@@ -24,8 +24,8 @@ RESULTS = HERE / "results"
 WORK = HERE / "work"
 
 PROFILES = {
-    "quick": {"catalogue": 400, "queries": 100, "backbones": ["mobilenet_v2"], "preprocessings": ["clahe-grey"],
-              "build_images": 300, "concurrencies": [1, 8], "duration_s": 3.0},
+    "quick": {"catalogue": 400, "queries": 100, "backbones": ["efficientnet_lite0"], "preprocessings": ["plain"],
+              "build_images": 300, "concurrencies": [1, 8], "duration_s": 2.0},
     "full": {"catalogue": 3000, "queries": 600, "backbones": ["mobilenet_v2", "efficientnet_lite0"],
              "preprocessings": ["clahe-grey", "plain"], "build_images": 2000, "concurrencies": [1, 8, 32],
              "duration_s": 8.0},
