@@ -38,12 +38,6 @@ class PreprocessConfig:
             raise ValueError("max_pixels must be positive")
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """Returns (width, height) from an image's header without decoding its pixels."""
-    with _open(data) as image:
-        return image.size
-
-
 def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageError("empty image bytes")

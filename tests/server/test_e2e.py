@@ -62,7 +62,8 @@ def test_embed_and_find_similar_match_the_builder(served_copy, catalogue):
         assert by_image[0].label == query["label_name"]
         by_id = client.find_similar(item_id=query["image_id"], k=5)
         assert query["image_id"] not in [m.item_id for m in by_id]
-        assert [m.item_id for m in by_id] == [m.item_id for m in by_image[1:]] or len(by_id) == 5
+        # The item's stored vector and its re-embedded image find the same neighbours (approximately).
+        assert len(by_id) == 5 and len({m.item_id for m in by_id} & {m.item_id for m in by_image[1:]}) >= 3
         by_vector = client.find_similar(vector=query["vector"], k=3, exclude_query=False)
         assert by_vector[0].item_id == query["image_id"]
         same_class = sum(m.label == query["label_name"] for m in by_id)
