@@ -28,11 +28,11 @@ def _plots(results: dict) -> dict[str, str]:
     fig, ax = plt.subplots(figsize=(9, 4))
     labels = [f"{r['backbone']}\n{r['preprocessing']}/{r['head']}" for r in rows]
     ax.bar(range(len(rows)), [r["precision_at_10"] for r in rows],
-           color=["grey"] + ["tab:blue" if r is not results["quality"]["best"] else "tab:green" for r in rows[1:]])
+           color=["grey"] + ["tab:green" if r == results["quality"]["best"] else "tab:blue" for r in rows[1:]])
     ax.axhline(rows[0]["precision_at_10"], color="grey", linestyle="--", label="raw-pixel floor")
     ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("precision@10")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0.5, 0.85)
     ax.legend()
     fig.tight_layout()
     fig.savefig(PLOTS / "quality.png", dpi=110)

@@ -66,6 +66,16 @@ def make_catalogue(out: Path, limit: int) -> Path:
     return out
 
 
+def load_catalogue(catalogue: Path, out: Path) -> Path:
+    """The catalogue without its deliberately corrupt file, for load tests that expect only OK codes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "small").symlink_to(catalogue / "small")
+    with gzip.open(catalogue / "images.csv.gz", "rt") as source, gzip.open(out / "images.csv.gz", "wt") as target:
+        rows = [line for line in source if not line.startswith(CORRUPT_ID + ",")]
+        target.writelines(rows)
+    return out
+
+
 def build(images: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "lookalike-build", "build", "--images", images, "--out", out,
                            "--chunk-size", "64", *extra], check=check, env=env(), capture_output=True,

@@ -111,8 +111,9 @@ def _requests_by_code(metrics_port):
     return out
 
 
-def test_bench_counts_agree_with_server_metrics(server, catalogue):
+def test_bench_counts_agree_with_server_metrics(server, catalogue, tmp_path):
     address, metrics_port = server
+    catalogue = helpers.load_catalogue(catalogue, tmp_path / "clean")
     before = _requests_by_code(metrics_port)
     closed = json.loads(_cli("--address", address, "bench", "--catalogue", catalogue, "--requests", "60",
                              "--concurrency", "4", "--json", "--no-progress").stdout)
