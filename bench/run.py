@@ -25,10 +25,11 @@ WORK = HERE / "work"
 
 PROFILES = {
     "quick": {"catalogue": 400, "queries": 100, "backbones": ["efficientnet_lite0"], "preprocessings": ["plain"],
-              "build_images": 300, "concurrencies": [1, 8], "duration_s": 2.0},
+              "build_images": 300, "concurrencies": [1, 8], "duration_s": 2.0,
+              "in_process_batch_sizes": [1, 8, 16], "in_process_images": 96},
     "full": {"catalogue": 3000, "queries": 600, "backbones": ["mobilenet_v2", "efficientnet_lite0"],
              "preprocessings": ["clahe-grey", "plain"], "build_images": 2000, "concurrencies": [1, 8, 32],
-             "duration_s": 8.0},
+             "duration_s": 8.0, "in_process_batch_sizes": [1, 8, 16, 32, 64], "in_process_images": 256},
 }
 
 
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                         "recall_at_10": manifest["index"]["recall_at_10"], "n_trees": manifest["index"]["n_trees"],
                         "search_k": manifest["index"]["search_k"]}
     log.info("in-process pipeline: this machine's limit")
-    results["in_process"] = serving.in_process(out, catalogue)
+    results["in_process"] = serving.in_process(out, catalogue, config["in_process_batch_sizes"],
+                                               config["in_process_images"])
     log.info("server under closed-loop load, batching on and off")
     results["server"] = serving.server_runs(out, catalogue, config["concurrencies"], config["duration_s"])
     log.info("index against exact search and HNSW peers")
