@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.run import WORK, _build
 
     catalogue, artifacts, _manifest, _seconds = _build(300, WORK)
-    print(json.dumps(run(artifacts, catalogue, args.overload_s, args.cycles, "make soak"), indent=2))
+    command = f"python -m bench.soak --overload-s {args.overload_s:g} --cycles {args.cycles}"
+    print(json.dumps(run(artifacts, catalogue, args.overload_s, args.cycles, command), indent=2))
     return 0
 
 
