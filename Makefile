@@ -51,7 +51,7 @@ protos-check: protos
 	git diff --exit-code -- lookalike/v1 || { echo "generated stubs drifted from protos/: run 'make protos' and commit"; exit 1; }
 
 lint: $(STAMP) $(NODE_STAMP)
-	$(VENV)/bin/ruff check builder server client tests bench
+	$(VENV)/bin/ruff check lookalike builder server client tests bench
 	cd protos && ../client/node/node_modules/.bin/buf lint
 
 test: $(STAMP) $(NODE_STAMP) protos-check lint

@@ -8,8 +8,8 @@ import time
 import numpy as np
 
 from builder.model import Projection, build_feature_map_model, l2_normalise, seed_head
-from builder.preprocess import PreprocessConfig, Preprocessor
 from builder.sample import balanced_subset, load_split
+from lookalike.preprocess import PreprocessConfig, Preprocessor
 
 log = logging.getLogger(__name__)
 HEAD_NAMES = ("random-conv", "pca", "none")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import index_bench, quality, serving
-from builder import artifacts
+from lookalike import artifacts
 
 log = logging.getLogger("bench")
 HERE = Path(__file__).parent

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from builder import artifacts
 from client.loadgen import LoadConfig, load_queries, run_load
+from lookalike import artifacts
 
 
 def _free_port() -> int:

@@ -22,8 +22,8 @@ from builder import __version__, artifacts
 from builder.backbones import SPECS
 from builder.index import METRIC, build_with_recall
 from builder.model import HEADS, Projection, build_trunk, export, l2_normalise
-from builder.preprocess import INPUT_SIZE, PREPROCESSINGS
 from builder.sample import LABELS_FILE
+from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS
 
 log = logging.getLogger(__name__)
 IMAGE_GLOB = "*.{jpg,jpeg,png,webp,gif,bmp,tif,tiff,JPG,JPEG,PNG,WEBP,GIF,BMP,TIF,TIFF}"

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from builder.settings import env_default
+from lookalike.settings import env_default
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -9,14 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from builder.backbones import SPECS, build_backbone
-from builder.preprocess import INPUT_SIZE
+from lookalike.preprocess import INPUT_SIZE
+from lookalike.runner import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 
 log = logging.getLogger(__name__)
 
 HEADS = ("pca", "random-conv", "none")
-SIGNATURE = "serving_default"
-INPUT_NAME = "images"
-OUTPUT_NAME = "embeddings"
 _RANDOM_HEAD_SEED = 1234
 
 
@@ -109,29 +107,3 @@ def export(trunk, path: str | Path, projection: Projection | None, normalise: bo
     tf.saved_model.save(module, str(path), signatures={SIGNATURE: module.serve})
     dimension = projection.matrix.shape[1] if projection is not None else int(trunk.output.shape[-1])
     return dimension
-
-
-class SavedModelEmbedder:
-    """Loads an exported extractor and runs it: the one place TensorFlow executes the model."""
-
-    def __init__(self, path: str | Path, intra_op_threads: int = 0) -> None:
-        import tensorflow as tf
-
-        if intra_op_threads:
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-                tf.config.threading.set_inter_op_parallelism_threads(1)
-            except RuntimeError:
-                pass  # TensorFlow was initialised already in this process; keep its setting.
-        self._tf = tf
-        self._loaded = tf.saved_model.load(str(path))
-        self._signature = self._loaded.signatures[SIGNATURE]
-        spec = self._signature.structured_outputs[OUTPUT_NAME]
-        self.dimension = int(spec.shape[-1])
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        if batch.dtype != np.uint8 or batch.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
-            raise ValueError(f"model input must be uint8 [N, {INPUT_SIZE}, {INPUT_SIZE}, 3], not "
-                             f"{batch.dtype} {batch.shape}")
-        out = self._signature(**{INPUT_NAME: self._tf.constant(batch)})[OUTPUT_NAME]
-        return out.numpy()

@@ -17,7 +17,7 @@ _WORKER_STATE: dict[tuple, object] = {}
 
 def scan_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     """Width and height from each file, decoding it fully so a corrupt file is caught here."""
-    from builder.preprocess import ImageError, decode
+    from lookalike.preprocess import ImageError, decode
 
     for batch in batches:
         widths, heights, errors = [], [], []
@@ -42,8 +42,8 @@ def _worker_model(model_dir: str, preprocessing: str, threads: int):
     key = (model_dir, preprocessing, threads)
     if key not in _WORKER_STATE:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from builder.model import SavedModelEmbedder
-        from builder.preprocess import PreprocessConfig, Preprocessor
+        from lookalike.preprocess import PreprocessConfig, Preprocessor
+        from lookalike.runner import SavedModelEmbedder
 
         _WORKER_STATE.clear()
         _WORKER_STATE[key] = (SavedModelEmbedder(model_dir, intra_op_threads=threads),
@@ -58,7 +58,7 @@ def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: 
     """
 
     def embed_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from builder.preprocess import ImageError
+        from lookalike.preprocess import ImageError
 
         model, preprocess = _worker_model(model_dir, preprocessing, threads)
         for batch in batches:

@@ -1,1 +1,1 @@
-"""Generated gRPC stubs for the lookalike contract (make protos)."""
+"""The shared contract of builder and server: artifact layout, table schemas, preprocessing, model runner."""

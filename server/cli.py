@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from builder.settings import env_default
+from lookalike.settings import env_default
 from server.batcher import BatcherConfig
 from server.core import CoreConfig
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         logging.getLogger("lookalike-serve").error("bad configuration: %s", error)
         return 2
-    from builder.artifacts import ArtifactError
+    from lookalike.artifacts import ArtifactError
     from server.app import serve
 
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from builder.preprocess import ImageError
+from lookalike.preprocess import ImageError
 from server.batcher import BatcherClosed, BatcherConfig, BatchObserver, Expired, MicroBatcher, QueueFull
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
 from server.version import Match, ServedVersion

@@ -9,8 +9,8 @@ from typing import Protocol
 
 import numpy as np
 
-from builder import artifacts
-from builder.preprocess import INPUT_SIZE, PreprocessConfig, Preprocessor
+from lookalike import artifacts
+from lookalike.preprocess import INPUT_SIZE, PreprocessConfig, Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class SavedModelBackend:
     """The builder's SavedModel with the builder's preprocessing: the two can never disagree."""
 
     def __init__(self, model_dir: Path, preprocessing: str, max_pixels: int) -> None:
-        from builder.model import SavedModelEmbedder
+        from lookalike.runner import SavedModelEmbedder
 
         self._model = SavedModelEmbedder(model_dir)
         self._preprocess = Preprocessor(PreprocessConfig(preprocessing=preprocessing, max_pixels=max_pixels))

@@ -1,1 +1,1 @@
-"""lookalike.v1 generated stubs: do not edit, run make protos."""
+"""Generated gRPC stubs for the lookalike contract (make protos)."""

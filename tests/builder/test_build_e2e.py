@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from builder import artifacts
-from builder.model import SavedModelEmbedder
-from builder.preprocess import PreprocessConfig, Preprocessor
+from lookalike import artifacts
+from lookalike.preprocess import PreprocessConfig, Preprocessor
+from lookalike.runner import SavedModelEmbedder
 from tests import helpers
 from tests.conftest import CATALOGUE_SIZE
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from builder.preprocess import INPUT_SIZE, ImageError, PreprocessConfig, Preprocessor, decode
+from lookalike.preprocess import INPUT_SIZE, ImageError, PreprocessConfig, Preprocessor, decode
 from tests.helpers import png_bytes
 
 

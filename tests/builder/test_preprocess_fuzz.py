@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from builder.preprocess import ImageError, decode
+from lookalike.preprocess import ImageError, decode
 
 
 def _seed_images() -> list[bytes]:

@@ -9,7 +9,7 @@ import pandas as pd
 import pyspark
 import pytest
 
-from builder import artifacts
+from lookalike import artifacts
 from tests import helpers
 from tests.conftest import CATALOGUE_SIZE
 

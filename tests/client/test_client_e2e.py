@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from builder import artifacts
 from client import (
     AsyncImageSimilarityClient,
     DeadlineError,
@@ -19,6 +18,7 @@ from client import (
     NotFoundError,
     UnavailableError,
 )
+from lookalike import artifacts
 from tests import helpers
 
 pytestmark = pytest.mark.e2e

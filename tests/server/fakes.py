@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from builder.index import build_annoy
-from builder.preprocess import decode
+from lookalike.preprocess import decode
 from server.version import ItemIndex, ServedVersion
 from tests.helpers import png_bytes
 

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from builder import artifacts
 from client import ImageSimilarityClient, InvalidArgumentError, NotFoundError
+from lookalike import artifacts
 from tests import helpers
 
 pytestmark = pytest.mark.e2e

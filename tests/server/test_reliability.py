@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from bench import reliability
-from builder import artifacts
 from client import ImageSimilarityClient
+from lookalike import artifacts
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from tests import corpus, helpers

@@ -1,0 +1,48 @@
+"""The import graph is the architecture diagram: the layers DESIGN.md draws, checked on every module."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# What each layer may import from this repository's own packages.
+ALLOWED = {
+    "lookalike": {"lookalike"},
+    "builder": {"builder", "lookalike"},
+    "server": {"server", "lookalike"},
+    "client": {"client", "lookalike.v1"},
+}
+OWN = ("lookalike", "builder", "server", "client", "bench", "tests")
+
+
+def own_imports(path: Path) -> list[str]:
+    """Every module of this repository that a file imports, at any depth (lazy imports count too)."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return [name for name in names if name.split(".")[0] in OWN]
+
+
+def allowed(name: str, layer: str) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in ALLOWED[layer])
+
+
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_what_the_design_allows(layer):
+    files = [p for p in (REPO / layer).rglob("*.py") if "node_modules" not in p.parts]
+    assert files, f"no Python files under {layer}/"
+    wrong = {f"{path.relative_to(REPO)}: {name}" for path in files for name in own_imports(path)
+             if not allowed(name, layer)}
+    assert not wrong, f"{layer}/ imports outside its layer:\n" + "\n".join(sorted(wrong))
+
+
+def test_the_checker_sees_lazy_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from builder.model import export\n    import server.core\n")
+    assert own_imports(sample) == ["builder.model", "builder.model.export", "server.core"]
+    assert not allowed("builder.model", "server") and allowed("lookalike.v1.lookalike_pb2", "client")
+    assert not allowed("lookalike.preprocess", "client")
