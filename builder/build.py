@@ -18,11 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from builder import __version__, artifacts
+from builder import __version__
 from builder.backbones import SPECS
 from builder.index import METRIC, build_with_recall
 from builder.model import HEADS, Projection, build_trunk, export, l2_normalise
 from builder.sample import LABELS_FILE
+from lookalike import artifacts
 from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS
 
 log = logging.getLogger(__name__)
