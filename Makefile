@@ -53,6 +53,8 @@ protos-check: protos
 lint: $(STAMP) $(NODE_STAMP)
 	$(VENV)/bin/ruff check lookalike builder server client tests bench
 	cd protos && ../client/node/node_modules/.bin/buf lint
+	# The wire and the generated code stay compatible with the 0.1 contract that clients were built on.
+	cd protos && ../client/node/node_modules/.bin/buf breaking --against baselines/lookalike-v1-0.1.0.binpb
 
 test: $(STAMP) $(NODE_STAMP) protos-check lint
 	$(PY) -m pytest -q --durations=15

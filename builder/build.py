@@ -20,11 +20,22 @@ from tqdm import tqdm
 
 from builder import __version__
 from builder.backbones import SPECS
+from builder.catalogue import (
+    PRODUCTS_CSV,
+    Catalogue,
+    assemble,
+    check_language,
+    listings_files,
+    no_membership,
+    read_listings,
+    read_products_csv,
+)
 from builder.index import METRIC, build_with_recall
 from builder.model import HEADS, Projection, build_trunk, export, l2_normalise
 from builder.sample import LABELS_FILE
 from lookalike import artifacts
 from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS
+from lookalike.tables import DATASET_COLUMNS
 
 log = logging.getLogger(__name__)
 IMAGE_GLOB = "*.{jpg,jpeg,png,webp,gif,bmp,tif,tiff,JPG,JPEG,PNG,WEBP,GIF,BMP,TIF,TIFF}"
@@ -36,6 +47,12 @@ class BuildConfig:
 
     images: Path
     out: Path
+    # ABO listings folder; by default <images>/listings/metadata or <images>/../listings/metadata.
+    listings: Path | None = None
+    # A non-ABO catalogue's product_id,image_id[,role],attributes... file; by default <images>/products.csv.
+    products_csv: Path | None = None
+    # Attributes are kept in this language, else the same language elsewhere (en_GB), else any.
+    language: str = "en_US"
     # Any Spark master URL; local[*] uses every core of this machine.
     spark_master: str = "local[*]"
     # The seed's filter: |width - height| >= this drops an image (banners, text labels).
@@ -73,6 +90,7 @@ class BuildConfig:
         for name in ("n_trees", "chunk_size", "batch_size", "dimension", "max_aspect_difference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        check_language(self.language)
 
 
 @dataclass(frozen=True)
@@ -161,7 +179,7 @@ def scan_and_filter(spark, config: BuildConfig):
                                     F.abs(F.col("width") - F.col("height")))))
     labels_path = config.images / LABELS_FILE
     table = table.withColumn("drop_reason", reason).withColumn("kept", F.col("drop_reason").isNull())
-    columns = ["image_id", "path", "uri", "width", "height", "size_from", "bytes", "kept", "drop_reason"]
+    columns = ["image_id", "path", "uri", "width", "height", "size_from", "bytes", "sha256", "kept", "drop_reason"]
     table = table.select(*columns)
     if labels_path.is_file():
         labels = spark.read.option("header", "true").csv(str(labels_path)).select(
@@ -171,6 +189,17 @@ def scan_and_filter(spark, config: BuildConfig):
         table = table.withColumn("label", F.lit(None).cast("int")).withColumn(
             "label_name", F.lit(None).cast("string"))
     return table.orderBy("path")
+
+
+def read_membership(spark, config: BuildConfig):
+    """Which images make which product: ABO listings, else a products.csv, else every image alone."""
+    files = listings_files(config.images, config.listings)
+    if files:
+        return read_listings(spark, files, config.language)
+    products_csv = config.products_csv or config.images / PRODUCTS_CSV
+    if config.products_csv is not None or products_csv.is_file():
+        return read_products_csv(spark, products_csv)
+    return no_membership()
 
 
 def _work_dir(config: BuildConfig, kept_ids: list[str]) -> Path:
@@ -263,9 +292,10 @@ def run_build(config: BuildConfig) -> BuildResult:
     spark = _spark(config)
     try:
         with clock.stage("scan_filter"):
-            dataset = scan_and_filter(spark, config).toPandas()
-        dataset.drop(columns=["uri"]).to_parquet(staging / artifacts.DATASET_FILE, index=False)
-        kept_rows = dataset[dataset["kept"]].to_dict("records")
+            scanned = scan_and_filter(spark, config).toPandas()
+        with clock.stage("catalogue"):
+            membership = read_membership(spark, config)
+        kept_rows = scanned[scanned["kept"]].drop_duplicates("image_id").to_dict("records")
         kept_ids = [row["image_id"] for row in kept_rows]
         if len(kept_rows) < 2:
             raise ValueError(f"only {len(kept_rows)} image(s) passed the filter: nothing to index")
@@ -278,26 +308,27 @@ def run_build(config: BuildConfig) -> BuildResult:
     finally:
         spark.stop()
     features, ids, embed_errors = _read_features(Path(embed_report["parts"]), kept_ids)
+    # An image the model could not take is dropped like any other, so its product may lose it.
+    failed = scanned["image_id"].isin(embed_errors)
+    if failed.any():
+        scanned.loc[failed, "kept"] = False
+        scanned.loc[failed, "drop_reason"] = [f"embedding: {embed_errors[i]}" for i in scanned.loc[failed, "image_id"]]
+    catalogue = assemble(membership, scanned.drop(columns=["uri"]))
+    if len(catalogue.rows) < 2:
+        raise ValueError(f"only {len(catalogue.rows)} image(s) are left to index")
     with clock.stage("head_export"):
         projection = None
         if config.head == "pca":
             projection = Projection.fit_pca(features, config.dimension)
-        vectors = l2_normalise(projection.apply(features) if projection is not None else features)
+        image_vectors = l2_normalise(projection.apply(features) if projection is not None else features)
         dimension = export(trunk, staging / artifacts.MODEL_DIR, projection)
+    position = {image_id: n for n, image_id in enumerate(ids)}
+    vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
     with clock.stage("index"):
         report = build_with_recall(vectors, str(staging / artifacts.INDEX_FILE), config.n_trees,
                                    config.target_recall)
-    by_id = {row["image_id"]: row for row in kept_rows}
-    items = pa.table({
-        "annoy_id": pa.array(range(len(ids)), pa.int32()),
-        "image_id": ids,
-        "path": [by_id[i]["path"] for i in ids],
-        "label": pa.array([_int_or_none(by_id[i].get("label")) for i in ids], pa.int32()),
-        "label_name": [_str_or_none(by_id[i].get("label_name")) for i in ids],
-        "vector": pa.array(list(vectors), pa.list_(pa.float32(), dimension)),
-    })
-    pq.write_table(items, staging / artifacts.ITEMS_FILE)
-    dropped = dataset[~dataset["kept"]]
+    write_tables(staging, catalogue, vectors)
+    dropped = scanned[~scanned["kept"]]
     manifest = {
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -313,9 +344,12 @@ def run_build(config: BuildConfig) -> BuildResult:
         "dimension": dimension,
         "metric": METRIC,
         "filter": {"max_aspect_difference": config.max_aspect_difference},
-        "counts": {"scanned": int(len(dataset)), "kept": int(len(kept_rows)), "dropped": int(len(dropped)),
-                   "embedding_failed": len(embed_errors), "indexed": len(ids),
+        "counts": {"scanned": int(len(scanned)), "kept": int(len(kept_rows)), "dropped": int(len(dropped)),
+                   "embedding_failed": len(embed_errors), "indexed": len(catalogue.rows),
+                   "images_indexed": len(catalogue.rows), "products": len(catalogue.products),
                    "dropped_by_reason": _reason_counts(dropped["drop_reason"])},
+        "catalogue": catalogue.report,
+        "attribute_keys": sorted(catalogue.attribute_keys),
         "embedding_failures": embed_errors,
         "embedding": {k: v for k, v in embed_report.items() if k != "parts"},
         "index": {"n_trees": report.n_trees, "search_k": report.search_k,
@@ -328,8 +362,42 @@ def run_build(config: BuildConfig) -> BuildResult:
     artifacts.write_json_atomic(staging / artifacts.MANIFEST, manifest)
     os.rename(staging, final)
     artifacts.write_current(config.out, version)
-    log.info("published %s: %d items, recall@10 %.3f", version, len(ids), report.recall_at_10)
+    log.info("published %s: %d products, %d images, recall@10 %.3f", version, len(catalogue.products),
+             len(catalogue.rows), report.recall_at_10)
     return BuildResult(version, final, manifest)
+
+
+def write_tables(staging: Path, catalogue: Catalogue, vectors: np.ndarray) -> None:
+    """images.parquet and vectors.npy in index row order, products.parquet, and the dataset table."""
+    rows = catalogue.rows
+    images = pa.table({
+        "row": pa.array(rows["row"], pa.int32()),
+        "image_id": pa.array(rows["image_id"], pa.string()),
+        "product_row": pa.array(rows["product_row"], pa.int32()),
+        "product_id": pa.array(rows["product_id"], pa.string()),
+        "role": pa.array(rows["role"], pa.string()),
+        "path": pa.array(rows["path"], pa.string()),
+        "label": pa.array([_int_or_none(v) for v in rows["label"]], pa.int32()),
+        "label_name": pa.array([_str_or_none(v) for v in rows["label_name"]], pa.string()),
+        "sha256": pa.array(rows["sha256"], pa.string()),
+    })
+    pq.write_table(images, staging / artifacts.IMAGES_FILE)
+    products = catalogue.products
+    columns = {
+        "product_row": pa.array(products["product_row"], pa.int32()),
+        "product_id": pa.array(products["product_id"], pa.string()),
+        "main_image_id": pa.array(products["main_image_id"], pa.string()),
+        "first_row": pa.array(products["first_row"], pa.int32()),
+        "image_count": pa.array(products["image_count"], pa.int32()),
+    }
+    for key in catalogue.attribute_keys:
+        columns[key] = pa.array([_str_or_none(v) for v in products[key]], pa.string())
+    pq.write_table(pa.table(columns), staging / artifacts.PRODUCTS_FILE)
+    np.save(staging / artifacts.VECTORS_FILE, np.ascontiguousarray(vectors, np.float32), allow_pickle=False)
+    dataset = catalogue.dataset.copy()
+    for column in ("width", "height", "bytes", "label"):
+        dataset[column] = dataset[column].astype("Int64")
+    dataset[[c for c in DATASET_COLUMNS if c in dataset]].to_parquet(staging / artifacts.DATASET_FILE, index=False)
 
 
 def _reason_counts(reasons) -> dict[str, int]:

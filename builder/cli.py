@@ -9,14 +9,14 @@ import os
 import sys
 from pathlib import Path
 
-from lookalike.settings import env_default
+from lookalike.settings import OneLineArgumentParser, env_default
 
 
 def _parser() -> argparse.ArgumentParser:
     from builder.build import BuildConfig
 
     defaults = BuildConfig(images=Path("."), out=Path("."))
-    parser = argparse.ArgumentParser(prog="lookalike-build", description=__doc__)
+    parser = OneLineArgumentParser(prog="lookalike-build", description=__doc__)
     parser.add_argument("--log-level", default=env_default("log_level", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("dataset", choices=["fashion-mnist"])
     sample.add_argument("--out", type=Path, required=True, help="folder to write small/ and images.csv.gz to")
     sample.add_argument("--limit", type=int, default=None,
-                        help="at most this many images, balanced over the classes (default: all)")
+                        help="at most this many products, balanced over the classes (default: all)")
+    sample.add_argument("--max-images-per-product", type=int, default=4, choices=range(1, 5), metavar="1..4",
+                        help="each product has a main image and up to this many minus one derived views")
     sample.add_argument("--split", choices=["train", "test"], default="train",
                         help="Fashion-MNIST split; the test split needs Debian's dataset-fashion-mnist")
 
@@ -32,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--images", type=Path, required=True, default=env_default("images", None),
                        help="catalogue root: small/<2 hex>/<file> and images.csv.gz (or metadata/)")
     build.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder: versions and CURRENT")
+    build.add_argument("--listings", type=Path, default=env_default("listings", None),
+                       help="ABO listings folder (listings_*.json.gz); default: <images>/listings/metadata or "
+                            "<images>/../listings/metadata")
+    build.add_argument("--products-csv", type=Path, default=env_default("products_csv", None),
+                       help="product_id,image_id[,role],attributes... for a catalogue without ABO listings "
+                            "(default: <images>/products.csv when present)")
+    build.add_argument("--language", default=env_default("language", defaults.language),
+                       help="language of product attributes; falls back to the same language elsewhere, then any")
     build.add_argument("--spark-master", default=env_default("spark_master", defaults.spark_master),
                        help="any Spark master URL, e.g. spark://host:7077 (default local[*])")
     build.add_argument("--max-aspect-difference", type=int,
@@ -62,21 +72,46 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _check_build_inputs(args: argparse.Namespace) -> None:
+    """Mistakes a user can make on the command line, found before Spark or TensorFlow start."""
+    from builder.catalogue import check_language
+
+    check_language(args.language)
+    small = args.images / "small"
+    if not args.images.is_dir():
+        raise UsageError(f"--images {args.images} is not a folder")
+    if not small.is_dir():
+        raise UsageError(f"--images {args.images} has no small/ folder (the ABO layout: small/<2 hex>/<file>)")
+    if not any(path.is_file() for path in small.rglob("*")):
+        raise UsageError(f"--images {args.images} has no image files under small/")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    if args.listings is not None and not args.listings.is_dir():
+        raise UsageError(f"--listings {args.listings} is not a folder")
+    if args.products_csv is not None and not args.products_csv.is_file():
+        raise UsageError(f"--products-csv {args.products_csv} is not a file")
+    if args.weights_file is not None and not Path(args.weights_file).is_file():
+        raise UsageError(f"--weights-file {args.weights_file} is not a file")
+
+
+class UsageError(ValueError):
+    """A command-line mistake: reported in one line, exit status 2."""
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "sample":
         from builder.sample import write_sample
 
-        count = write_sample(args.out, args.limit, args.split)
-        print(f"wrote {count} images to {args.out}")
+        if args.limit is not None and args.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        products, images = write_sample(args.out, args.limit, args.split, args.max_images_per_product)
+        print(f"wrote {products} products with {images} images to {args.out}")
         return 0
+    _check_build_inputs(args)
     from builder.build import BuildConfig, run_build
 
-    config = BuildConfig(images=args.images, out=args.out, spark_master=args.spark_master,
+    config = BuildConfig(images=args.images, out=args.out, listings=args.listings, products_csv=args.products_csv,
+                         language=args.language, spark_master=args.spark_master,
                          max_aspect_difference=args.max_aspect_difference, backbone=args.backbone,
                          preprocessing=args.preprocessing, head=args.head, dimension=args.dimension,
                          n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
@@ -87,10 +122,26 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result.manifest, indent=2))
     else:
         counts, index = result.manifest["counts"], result.manifest["index"]
-        print(f"published {result.version}: kept {counts['kept']}, dropped {counts['dropped']}, "
-              f"indexed {counts['indexed']}; n_trees {index['n_trees']}, search_k {index['search_k']}, "
-              f"recall@10 {index['recall_at_10']}")
+        print(f"published {result.version}: {counts['products']} products with {counts['images_indexed']} images "
+              f"indexed (kept {counts['kept']}, dropped {counts['dropped']}); n_trees {index['n_trees']}, "
+              f"search_k {index['search_k']}, recall@10 {index['recall_at_10']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from lookalike.artifacts import ArtifactError
+
+    try:
+        return _run(args)
+    # ValueError covers UsageError, CatalogueError, BuildConfig's checks and a catalogue with nothing to index.
+    except (ValueError, ArtifactError, FileExistsError, FileNotFoundError) as error:
+        print(f"lookalike-build: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Writes Fashion-MNIST as an Amazon Berkeley Objects image folder: the catalogue the demo and CI use."""
+"""Writes Fashion-MNIST as an Amazon Berkeley Objects catalogue (images and listings): the demo's and CI's."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import gzip
 import hashlib
 import io
+import json
 import logging
 import struct
 from dataclasses import dataclass
@@ -78,27 +79,111 @@ def balanced_subset(split: Split, limit: int) -> Split:
     return Split(split.name, split.images[order], split.labels[order], split.indices[order])
 
 
-def item_path(split: str, index: int) -> tuple[str, str]:
-    """ABO-style (image_id, path): a stable id and `<2 hex>/<8 hex>.png` under small/."""
-    image_id = f"fm-{split}-{index:05d}"
+def image_path(image_id: str) -> str:
+    """ABO-style path under small/ for an image id: `<2 hex>/<8 hex>.png`, stable across runs."""
     digest = hashlib.sha1(image_id.encode()).hexdigest()[:8]
-    return image_id, f"{digest[:2]}/{digest}.png"
+    return f"{digest[:2]}/{digest}.png"
 
 
-def write_catalogue(split: Split, out: Path) -> int:
-    """Writes small/<2 hex>/<id>.png, images.csv.gz and labels.csv; returns the image count."""
+def main_image_id(split: str, index: int) -> str:
+    return f"fm-{split}-{index:05d}"
+
+
+def product_id(split: str, index: int) -> str:
+    return f"prod-{split}-{index:05d}"
+
+
+# Each class as an ABO product_type.
+PRODUCT_TYPES = ("T_SHIRT", "PANTS", "SWEATER", "DRESS", "COAT", "SANDAL", "SHIRT", "SNEAKER", "HANDBAG", "BOOT")
+# Attributes with uneven frequencies, as a real catalogue has them: filters in the benchmark pick
+# values near 50%, 5%, 0.5% and 0.05% of the products.
+COLOURS = (("Black", 0.50), ("White", 0.15), ("Blue", 0.10), ("Grey", 0.08), ("Red", 0.06), ("Beige", 0.05),
+           ("Green", 0.04), ("Pink", 0.02))
+COUNTRIES = (("US", "en_US", "amazon.com", 0.50), ("GB", "en_GB", "amazon.co.uk", 0.21),
+             ("DE", "de_DE", "amazon.de", 0.13), ("IN", "en_IN", "amazon.in", 0.08),
+             ("JP", "ja_JP", "amazon.co.jp", 0.05), ("FR", "fr_FR", "amazon.fr", 0.025),
+             ("ES", "es_ES", "amazon.es", 0.005))
+BRAND_COUNT = 300
+BRAND_ZIPF_EXPONENT = 1.1
+# Products have 1 to 4 images with these shares; the other images are views of the main one.
+IMAGES_PER_PRODUCT = (0.45, 0.30, 0.15, 0.10)
+LISTING_PARTS = 4
+_VIEWS = ("mirror", "shift", "zoom", "crop", "brightness")
+
+
+def _brand_weights() -> np.ndarray:
+    weights = np.arange(1, BRAND_COUNT + 1, dtype=np.float64) ** -BRAND_ZIPF_EXPONENT
+    return weights / weights.sum()
+
+
+def derived_view(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Another photo of the same product: mirrored, shifted, zoomed, cropped or lit differently."""
+    height, width = image.shape
+    if kind == "mirror":
+        return image[:, ::-1].copy()
+    if kind == "shift":
+        dy, dx = (int(v) for v in rng.integers(-3, 4, size=2))
+        out = np.zeros_like(image)
+        out[max(dy, 0):height + min(dy, 0), max(dx, 0):width + min(dx, 0)] = \
+            image[max(-dy, 0):height + min(-dy, 0), max(-dx, 0):width + min(-dx, 0)]
+        return out
+    if kind == "zoom":
+        size = int(round(width * rng.uniform(1.15, 1.35)))
+        large = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+        top = (size - height) // 2
+        return large[top:top + height, top:top + width].copy()
+    if kind == "crop":
+        side = int(rng.integers(20, 25))
+        top, left = (int(v) for v in rng.integers(0, width - side + 1, size=2))
+        window = Image.fromarray(image[top:top + side, left:left + side])
+        return np.asarray(window.resize((width, height), Image.BILINEAR))
+    if kind == "brightness":
+        return np.clip(image.astype(np.float32) * rng.uniform(0.6, 1.4), 0, 255).astype(np.uint8)
+    raise ValueError(f"unknown view {kind!r}")
+
+
+def _listing(split: Split, position: int, image_ids: list[str], rng: np.random.Generator) -> dict:
+    label = int(split.labels[position])
+    country, language, domain, _ = COUNTRIES[rng.choice(len(COUNTRIES), p=[c[3] for c in COUNTRIES])]
+    colour = COLOURS[rng.choice(len(COLOURS), p=[c[1] for c in COLOURS])][0]
+    brand = f"Brand{int(rng.choice(BRAND_COUNT, p=_brand_weights())) + 1:03d}"
+    tagged = lambda value: [{"language_tag": language, "value": value}]  # noqa: E731
+    listing = {"item_id": product_id(split.name, int(split.indices[position])), "main_image_id": image_ids[0],
+               "product_type": [{"value": PRODUCT_TYPES[label]}], "country": country, "marketplace": "Amazon",
+               "domain_name": domain, "item_name": tagged(f"{brand} {CLASS_NAMES[label]}"),
+               "brand": tagged(brand), "color": tagged(colour)}
+    if len(image_ids) > 1:  # like ABO, a listing without other images has no other_image_id at all
+        listing["other_image_id"] = image_ids[1:]
+    return listing
+
+
+def write_catalogue(split: Split, out: Path, max_images_per_product: int = 4) -> tuple[int, int]:
+    """Writes small/<2 hex>/<8 hex>.png, images.csv.gz, labels.csv and ABO listings (one product per
+    Fashion-MNIST image, with 0 to 3 derived views); returns (products, images)."""
     (out / "small").mkdir(parents=True, exist_ok=True)
-    rows, label_rows = [], []
-    for image, label, index in tqdm(zip(split.images, split.labels, split.indices, strict=True),
-                                    total=len(split.images), desc="writing images", unit="img"):
-        image_id, rel = item_path(split.name, int(index))
-        target = out / "small" / rel
-        target.parent.mkdir(exist_ok=True)
-        buffer = io.BytesIO()
-        Image.fromarray(image, mode="L").save(buffer, format="PNG")
-        target.write_bytes(buffer.getvalue())
-        rows.append((image_id, image.shape[0], image.shape[1], rel))
-        label_rows.append((image_id, int(label), CLASS_NAMES[int(label)]))
+    shares = np.asarray(IMAGES_PER_PRODUCT[:max_images_per_product])
+    shares = shares / shares.sum()
+    rows, label_rows, listings = [], [], []
+    for position in tqdm(range(len(split.images)), desc="writing products", unit="product"):
+        index = int(split.indices[position])
+        # Seeded by the image's index in its split, so a product is the same whatever --limit is.
+        rng = np.random.default_rng([index, 0 if split.name == "train" else 1])
+        main = split.images[position]
+        views = [main] + [derived_view(main, kind, rng) for kind in
+                          rng.choice(_VIEWS, size=int(rng.choice(len(shares), p=shares)), replace=False)]
+        image_ids = [main_image_id(split.name, index)] + [
+            f"{main_image_id(split.name, index)}-v{n}" for n in range(1, len(views))]
+        for image_id, pixels in zip(image_ids, views, strict=True):
+            rel = image_path(image_id)
+            target = out / "small" / rel
+            target.parent.mkdir(exist_ok=True)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+            target.write_bytes(buffer.getvalue())
+            rows.append((image_id, pixels.shape[0], pixels.shape[1], rel))
+            label = int(split.labels[position])
+            label_rows.append((image_id, label, CLASS_NAMES[label]))
+        listings.append(_listing(split, position, image_ids, rng))
     with gzip.open(out / "images.csv.gz", "wt", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(("image_id", "height", "width", "path"))
@@ -107,14 +192,22 @@ def write_catalogue(split: Split, out: Path) -> int:
         writer = csv.writer(handle)
         writer.writerow(("image_id", "label", "label_name"))
         writer.writerows(label_rows)
-    return len(rows)
+    folder = out / "listings" / "metadata"
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in range(LISTING_PARTS):
+        with gzip.open(folder / f"listings_{part}.json.gz", "wt", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(listing, ensure_ascii=False) + "\n"
+                              for listing in listings[part::LISTING_PARTS])
+    return len(listings), len(rows)
 
 
-def write_sample(out: Path, limit: int | None = None, split: str = "train") -> int:
+def write_sample(out: Path, limit: int | None = None, split: str = "train",
+                 max_images_per_product: int = 4) -> tuple[int, int]:
+    """`limit` products (balanced over the classes); returns (products, images)."""
     data = load_split(split)
     if limit is not None and limit < len(data.images):
         data = balanced_subset(data, limit)
-    return write_catalogue(data, out)
+    return write_catalogue(data, out, max_images_per_product)
 
 
 def refresh_packaged_sample(size: int = 2000) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
 
-SCAN_SCHEMA = "uri string, bytes long, file_width int, file_height int, error string"
+SCAN_SCHEMA = "uri string, bytes long, sha256 string, file_width int, file_height int, error string"
 EMBED_SCHEMA = "image_id string, features array<float>, error string"
 
 # One model and one preprocessor per Python worker: Spark reuses workers across tasks.
@@ -20,8 +21,9 @@ def scan_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     from lookalike.preprocess import ImageError, decode
 
     for batch in batches:
-        widths, heights, errors = [], [], []
+        widths, heights, errors, digests = [], [], [], []
         for content in batch["content"]:
+            digests.append(hashlib.sha256(content).hexdigest())
             try:
                 height, width = decode(bytes(content)).shape[:2]
                 widths.append(width)
@@ -32,7 +34,7 @@ def scan_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
                 heights.append(None)
                 errors.append(str(error))
         yield pd.DataFrame({
-            "uri": batch["path"], "bytes": batch["length"],
+            "uri": batch["path"], "bytes": batch["length"], "sha256": digests,
             "file_width": pd.array(widths, dtype="Int32"), "file_height": pd.array(heights, dtype="Int32"),
             "error": errors,
         })

@@ -3,6 +3,7 @@
 from client.library import (
     AsyncImageSimilarityClient,
     DeadlineError,
+    ImageMatch,
     ImageSimilarityClient,
     InvalidArgumentError,
     LookalikeError,
@@ -13,5 +14,5 @@ from client.library import (
     UnavailableError,
 )
 
-__all__ = ["AsyncImageSimilarityClient", "DeadlineError", "ImageSimilarityClient", "InvalidArgumentError",
+__all__ = ["AsyncImageSimilarityClient", "DeadlineError", "ImageMatch", "ImageSimilarityClient", "InvalidArgumentError",
            "LookalikeError", "Match", "Matches", "NotFoundError", "OverloadedError", "UnavailableError"]

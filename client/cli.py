@@ -13,8 +13,15 @@ from pathlib import Path
 from client.library import ImageSimilarityClient, LookalikeError
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A command-line mistake is one line on stderr and exit status 2 (argparse adds the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lookalike", description=__doc__)
+    p = _OneLineParser(prog="lookalike", description=__doc__)
     p.add_argument("--address", default=os.environ.get("LOOKALIKE_ADDRESS", "127.0.0.1:50051"),
                    help="server host:port (env LOOKALIKE_ADDRESS)")
     p.add_argument("--timeout-s", type=float, default=float(os.environ.get("LOOKALIKE_TIMEOUT_S", 10)),
@@ -32,17 +39,22 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="print the vectors of image files")
     embed.add_argument("images", nargs="+", type=Path)
     embed.add_argument("--json", action="store_true", help="full vectors as JSON")
-    similar = commands.add_parser("similar", help="nearest catalogue items to an image, item id or vector")
+    similar = commands.add_parser("similar", help="the catalogue products nearest to an image, a catalogue "
+                                                  "image, a product or a vector")
     query = similar.add_mutually_exclusive_group(required=True)
     query.add_argument("image", nargs="?", type=Path, help="a query image file")
-    query.add_argument("--item", help="a catalogue item id")
+    query.add_argument("--image-id", help="a catalogue image id (ABO image_id)")
+    query.add_argument("--product", help="a catalogue product id (ABO item_id): all its images form the query")
+    query.add_argument("--item", dest="image_id", help=argparse.SUPPRESS)  # the 0.1 name of --image-id
     query.add_argument("--vector", help="a JSON list of floats")
-    similar.add_argument("-k", type=int, default=10)
-    similar.add_argument("--include-query", action="store_true", help="keep the query item in the results")
+    similar.add_argument("-k", type=int, default=10, help="how many products")
+    similar.add_argument("--include-query", action="store_true", help="keep the query's own product in the results")
+    similar.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
+    similar.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
     similar.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
-                         help="catalogue root (small/ ...), to show neighbour pictures on a sheet")
-    similar.add_argument("--sheet", type=Path, help="write a contact sheet PNG: the query beside its neighbours")
-    similar.add_argument("--json", action="store_true")
+                         help="catalogue root (small/ ...), to show product pictures on a sheet")
+    similar.add_argument("--sheet", type=Path, help="write a contact sheet PNG: the query beside one tile per product")
+    similar.add_argument("--json", action="store_true", help="one JSON object: index_version and matches")
     bench = commands.add_parser("bench", help="load generator (closed or open loop) against --address")
     bench.add_argument("--catalogue", type=Path, required=True, help="catalogue root to draw queries from")
     bench.add_argument("--mode", choices=["closed", "open"], default="closed")
@@ -51,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration-s", type=float, default=None, help="run for this long (default 10 s)")
     bench.add_argument("--requests", type=int, default=None, help="or stop after this many requests")
     bench.add_argument("--mix", default="embed=1,image=1,id=1",
-                       help="weights of embed, image (FindSimilar by image), id (by item id), info (GetInfo)")
+                       help="weights of embed, image (FindSimilar by image), id (by image id), product (by product "
+                            "id), info (GetInfo)")
     bench.add_argument("--images-per-embed", type=int, default=1)
     bench.add_argument("-k", type=int, default=10)
     bench.add_argument("--json", action="store_true", help="the report as JSON on stdout")
@@ -68,38 +81,60 @@ def _labels(catalogue: Path | None) -> dict[str, str]:
 
 def _similar(client: ImageSimilarityClient, args) -> int:
     vector = json.loads(args.vector) if args.vector else None
-    matches = client.find_similar(args.image, item_id=args.item, vector=vector, k=args.k,
-                                  exclude_query=not args.include_query)
+    matches = client.find_similar(args.image, image_id=args.image_id, product_id=args.product, vector=vector,
+                                  k=args.k, exclude_query=not args.include_query, group_size=args.group_size,
+                                  with_attributes=args.with_attributes)
     if args.json:
-        print(json.dumps({"index_version": matches.version, "matches": [m.__dict__ for m in matches]}, indent=2))
+        print(json.dumps({"index_version": matches.version, "matches": [m.to_dict() for m in matches]}, indent=2))
     else:
-        query = args.item or (str(args.image) if args.image else "vector")
-        labels = _labels(args.catalogue)
-        query_label = labels.get(args.item or "", "")
-        print(f"neighbours of {query}{f' ({query_label})' if query_label else ''} "
-              f"from index {matches.version}:")
-        print(f"{'#':>3}  {'item':<22}{'class':<14}{'score':>8}{'distance':>10}  path")
-        for rank, match in enumerate(matches, 1):
-            print(f"{rank:>3}  {match.item_id:<22}{match.label or '-':<14}{match.score:>8.3f}{match.distance:>10.4f}"
-                  f"  {match.path}")
+        _print_table(args, matches)
     if args.sheet:
-        from PIL import Image
-
-        from client.sheet import contact_sheet
-
-        small = args.catalogue / "small" if args.catalogue else None
-        if args.image:
-            query_image, caption = Image.open(args.image), ["query", args.image.name]
-        else:
-            row = client.find_similar(item_id=args.item, k=1, exclude_query=False)[0] if args.item else None
-            path = small / row.path if row is not None and small is not None else None
-            query_image = Image.open(path) if path is not None and path.is_file() else None
-            caption = ["query", args.item or "vector", row.label if row else ""]
-        neighbours = [(small / m.path if small else None, [m.item_id, m.label, f"score {m.score:.3f}"])
-                      for m in matches]
-        out = contact_sheet(query_image, caption, neighbours, args.sheet)
-        print(f"contact sheet: {out.resolve()}")
+        _sheet(client, args, matches)
     return 0
+
+
+def _query_name(args) -> str:
+    if args.product:
+        return f"product {args.product}"
+    if args.image_id:
+        return f"image {args.image_id}"
+    return str(args.image) if args.image else "vector"
+
+
+def _print_table(args, matches) -> None:
+    query_label = _labels(args.catalogue).get(args.image_id or "", "")
+    print(f"products like {_query_name(args)}{f' ({query_label})' if query_label else ''} "
+          f"from index {matches.version}:")
+    print(f"{'#':>3}  {'product':<20}{'image':<22}{'class':<14}{'score':>8}{'distance':>10}  path")
+    for rank, match in enumerate(matches, 1):
+        print(f"{rank:>3}  {match.product_id or '-':<20}{match.image_id:<22}{match.label or '-':<14}"
+              f"{match.score:>8.3f}{match.distance:>10.4f}  {match.path}")
+        for image in match.images[1:]:
+            print(f"{'':>25}{image.image_id:<22}{image.role:<14}{image.score:>8.3f}{image.distance:>10.4f}  "
+                  f"{image.path}")
+        if match.attributes:
+            print(f"{'':>5}" + ", ".join(f"{key}={value}" for key, value in sorted(match.attributes.items())))
+
+
+def _sheet(client: ImageSimilarityClient, args, matches) -> None:
+    """One tile for the query, then one per product: its best-matching image."""
+    from PIL import Image
+
+    from client.sheet import contact_sheet
+
+    small = args.catalogue / "small" if args.catalogue else None
+    if args.image:
+        query_image, caption = Image.open(args.image), ["query", args.image.name]
+    else:
+        own = (client.find_similar(image_id=args.image_id, product_id=args.product, k=1, exclude_query=False)
+               if args.image_id or args.product else [])
+        path = small / own[0].path if own and small is not None else None
+        query_image = Image.open(path) if path is not None and path.is_file() else None
+        caption = ["query", _query_name(args), own[0].label if own else ""]
+    neighbours = [(small / m.path if small else None, [m.product_id or m.image_id, m.label, f"score {m.score:.3f}"])
+                  for m in matches]
+    out = contact_sheet(query_image, caption, neighbours, args.sheet)
+    print(f"contact sheet: {out.resolve()}")
 
 
 def _bench(args) -> int:

@@ -1,7 +1,9 @@
-"""`make demo`: sample catalogue -> build -> serve -> real queries with classes and a contact sheet."""
+"""`make demo`: sample catalogue -> build -> serve -> product queries and a contact sheet of products."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import socket
@@ -11,7 +13,8 @@ import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("LOOKALIKE_DEMO_DIR", "demo-out"))
-QUERIES = ("fm-train-00001", "fm-train-00003", "fm-train-00008", "fm-train-00016")
+# Products in the demo catalogue: about 2,100 images (each product has 1 to 4 photos).
+PRODUCTS = 1000
 
 
 def _bin(name: str) -> str:
@@ -45,13 +48,27 @@ def _wait_serving(address: str, server: subprocess.Popen, timeout_s: float = 180
     raise SystemExit(f"the server was not SERVING after {timeout_s} s; see {OUT / 'server.log'}")
 
 
+def demo_products(catalogue: Path, count: int = 3) -> list[str]:
+    """The first product of `count` different product types, from the catalogue's ABO listings."""
+    chosen: dict[str, str] = {}
+    with gzip.open(catalogue / "listings" / "metadata" / "listings_0.json.gz", "rt", encoding="utf-8") as handle:
+        for line in handle:
+            listing = json.loads(line)
+            product_type = listing["product_type"][0]["value"]
+            if len(listing.get("other_image_id", [])) >= 1 and product_type not in chosen:
+                chosen[product_type] = listing["item_id"]
+            if len(chosen) == count:
+                break
+    return list(chosen.values())
+
+
 def main() -> int:
     env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL="2")
     catalogue, artifacts = OUT / "catalogue", OUT / "ARTIFACTS"
     started = time.monotonic()
-    _step(f"writing the sample catalogue (Fashion-MNIST, ABO layout) to {catalogue}")
-    subprocess.run([_bin("lookalike-build"), "sample", "fashion-mnist", "--out", catalogue, "--limit", "2000"],
-                   check=True, env=env)
+    _step(f"writing the sample catalogue (Fashion-MNIST products with ABO listings) to {catalogue}")
+    subprocess.run([_bin("lookalike-build"), "sample", "fashion-mnist", "--out", catalogue, "--limit",
+                    str(PRODUCTS)], check=True, env=env)
     _step(f"building an index with Spark into {artifacts} (a rerun reuses finished embedding work)")
     subprocess.run([_bin("lookalike-build"), "--log-level", "WARNING", "build", "--images", catalogue,
                     "--out", artifacts], check=True, env=env)
@@ -65,12 +82,13 @@ def main() -> int:
         _wait_serving(address, server)
         lookalike = [_bin("lookalike"), "--address", address]
         subprocess.run([*lookalike, "info"], check=True)
-        for item in QUERIES:
-            _step(f"lookalike similar --item {item} -k 5")
-            subprocess.run([*lookalike, "similar", "--item", item, "-k", "5", "--catalogue", catalogue], check=True)
+        for product in demo_products(catalogue):
+            _step(f"lookalike similar --product {product} -k 5 --group-size 2 --with-attributes")
+            subprocess.run([*lookalike, "similar", "--product", product, "-k", "5", "--group-size", "2",
+                            "--with-attributes", "--catalogue", catalogue], check=True)
         sheet = OUT / "contact-sheet.png"
         query_image = next((catalogue / "small").rglob("*.png"))
-        _step(f"lookalike similar {query_image} (an image query) -k 11 --sheet {sheet}")
+        _step(f"lookalike similar {query_image} (a photo as the query) -k 11 --sheet {sheet}")
         subprocess.run([*lookalike, "similar", query_image, "-k", "11", "--include-query", "--catalogue",
                         catalogue, "--sheet", sheet], check=True)
     finally:

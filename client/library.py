@@ -6,7 +6,7 @@ import io
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -66,12 +66,42 @@ def _translate(error: grpc.RpcError) -> LookalikeError:
 
 
 @dataclass(frozen=True)
+class ImageMatch:
+    """One image of a matched product."""
+
+    image_id: str
+    distance: float
+    score: float
+    path: str
+    role: str
+
+
+@dataclass(frozen=True)
 class Match:
-    item_id: str
+    """A matched product (or, from a version built before products, an image) and its best image."""
+
+    product_id: str
+    image_id: str
     distance: float
     score: float
     path: str
     label: str
+    images: tuple[ImageMatch, ...] = ()
+    attributes: dict = field(default_factory=dict)
+
+    @property
+    def item_id(self) -> str:
+        """The 0.1 name of image_id."""
+        return self.image_id
+
+    def to_dict(self) -> dict:
+        out = {"product_id": self.product_id, "image_id": self.image_id, "score": self.score,
+               "distance": self.distance, "path": self.path, "label": self.label}
+        if self.images:
+            out["images"] = [image.__dict__ for image in self.images]
+        if self.attributes:
+            out["attributes"] = dict(self.attributes)
+        return out
 
 
 class Matches(list):
@@ -107,29 +137,44 @@ def _images_list(images) -> list[bytes]:
     return [image_bytes(image) for image in images]
 
 
-def _similar_request(image, item_id, vector, k: int, exclude_query: bool, search_k: int) -> pb.FindSimilarRequest:
-    given = [name for name, value in (("image", image), ("item_id", item_id), ("vector", vector))
+_QUERIES = ("image", "image_id", "product_id", "vector")
+
+
+def _similar_request(image=None, image_id: str | None = None, product_id: str | None = None, vector=None,
+                     item_id: str | None = None, k: int = 10, exclude_query: bool = True, search_k: int = 0,
+                     group_size: int = 0, with_attributes: bool = False) -> pb.FindSimilarRequest:
+    if item_id is not None:  # the 0.1 name of image_id
+        if image_id is not None:
+            raise ValueError("item_id is the old name of image_id: give one of them")
+        image_id = item_id
+    given = [name for name, value in zip(_QUERIES, (image, image_id, product_id, vector), strict=True)
              if value is not None]
     if len(given) != 1:
-        raise ValueError(f"find_similar takes exactly one of image=, item_id= or vector= (got {given or 'none'})")
+        raise ValueError(f"find_similar takes exactly one of image, image_id=, product_id= or vector= "
+                         f"(got {', '.join(given) or 'none'})")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, not {k!r}")
-    request = pb.FindSimilarRequest(k=k, exclude_query=exclude_query, search_k=search_k)
+    if not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"group_size must be a non-negative integer, not {group_size!r}")
+    request = pb.FindSimilarRequest(k=k, exclude_query=exclude_query, search_k=search_k, group_size=group_size,
+                                    with_attributes=with_attributes)
     if image is not None:
         request.image = image_bytes(image)
-    elif item_id is not None:
-        if not isinstance(item_id, str) or not item_id:
-            raise ValueError("item_id must be a non-empty string")
-        request.item_id = item_id
+    elif vector is not None:
+        request.vector.values.extend(np.asarray(vector, dtype=np.float32).ravel().tolist())
     else:
-        values = np.asarray(vector, dtype=np.float32).ravel()
-        request.vector.values.extend(values.tolist())
+        name, value = ("image_id", image_id) if image_id is not None else ("product_id", product_id)
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must be a non-empty string")
+        setattr(request, name, value)
     return request
 
 
 def _matches(response: pb.FindSimilarResponse) -> Matches:
-    return Matches((Match(m.item_id, m.distance, m.score, m.path, m.label) for m in response.matches),
-                   response.index_version)
+    return Matches((Match(m.product_id, m.image_id or m.item_id, m.distance, m.score, m.path, m.label,
+                          tuple(ImageMatch(i.image_id, i.distance, i.score, i.path, i.role) for i in m.images),
+                          dict(m.attributes))
+                    for m in response.matches), response.index_version)
 
 
 def _vectors(response: pb.EmbedResponse) -> np.ndarray:
@@ -137,7 +182,9 @@ def _vectors(response: pb.EmbedResponse) -> np.ndarray:
 
 
 def _info(response: pb.GetInfoResponse) -> dict:
-    return {field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields}
+    """Every field as a plain Python value (repeated fields as lists)."""
+    return {field.name: (list(value) if field.is_repeated else value)
+            for field in response.DESCRIPTOR.fields for value in [getattr(response, field.name)]}
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
@@ -190,10 +237,13 @@ class ImageSimilarityClient(_Base):
         """Unit vectors [N, D] for one image or a list of paths, bytes or PIL images."""
         return _vectors(self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)), timeout_s))
 
-    def find_similar(self, image=None, *, item_id: str | None = None, vector=None, k: int = 10,
-                     exclude_query: bool = True, search_k: int = 0, timeout_s: float | None = None) -> Matches:
-        """The k catalogue items most like an image, an item id or a vector."""
-        request = _similar_request(image, item_id, vector, k, exclude_query, search_k)
+    def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None, vector=None,
+                     k: int = 10, exclude_query: bool = True, group_size: int = 0, with_attributes: bool = False,
+                     search_k: int = 0, item_id: str | None = None, timeout_s: float | None = None) -> Matches:
+        """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
+        vector; `exclude_query` leaves out the query's own product. `item_id` is the 0.1 name of image_id."""
+        request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
+                                   group_size, with_attributes)
         return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
 
     def info(self, timeout_s: float | None = None) -> dict:
@@ -237,10 +287,12 @@ class AsyncImageSimilarityClient(_Base):
         return _vectors(await self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)),
                                          timeout_s))
 
-    async def find_similar(self, image=None, *, item_id: str | None = None, vector=None, k: int = 10,
-                           exclude_query: bool = True, search_k: int = 0,
+    async def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None,
+                           vector=None, k: int = 10, exclude_query: bool = True, group_size: int = 0,
+                           with_attributes: bool = False, search_k: int = 0, item_id: str | None = None,
                            timeout_s: float | None = None) -> Matches:
-        request = _similar_request(image, item_id, vector, k, exclude_query, search_k)
+        request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
+                                   group_size, with_attributes)
         return _matches(await self._call(self._stub.FindSimilar, request, timeout_s))
 
     async def info(self, timeout_s: float | None = None) -> dict:

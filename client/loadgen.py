@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import gzip
+import json
 import random
 import sys
 import time
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from client.library import AsyncImageSimilarityClient, LookalikeError
 
-OPERATIONS = ("embed", "image", "id", "info")
+OPERATIONS = ("embed", "image", "id", "product", "info")
 MAX_OUTSTANDING = 5000  # open loop: arrivals beyond this many unfinished calls are counted, not sent
 
 
@@ -58,7 +59,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def load_queries(catalogue: Path, limit: int = 256, seed: int = 0) -> tuple[list[bytes], list[str]]:
-    """Image bytes and item ids from a catalogue in ABO layout."""
+    """Image bytes and image ids from a catalogue in ABO layout."""
     with gzip.open(catalogue / "images.csv.gz", "rt") as handle:
         rows = list(csv.DictReader(handle))
     rng = random.Random(seed)
@@ -74,6 +75,20 @@ def load_queries(catalogue: Path, limit: int = 256, seed: int = 0) -> tuple[list
     if not images:
         raise FileNotFoundError(f"no images found under {catalogue / 'small'}")
     return images, ids
+
+
+def load_product_ids(catalogue: Path, limit: int = 256, seed: int = 0) -> list[str]:
+    """Product ids from the catalogue's ABO listings or products.csv (empty when it has neither)."""
+    ids: list[str] = []
+    for part in sorted((catalogue / "listings" / "metadata").glob("listings_*.json.gz")):
+        with gzip.open(part, "rt", encoding="utf-8") as handle:
+            ids += [json.loads(line).get("item_id") for line in handle if line.strip()]
+    if not ids and (catalogue / "products.csv").is_file():
+        with open(catalogue / "products.csv", newline="") as handle:
+            ids = list(dict.fromkeys(row["product_id"] for row in csv.DictReader(handle)))
+    ids = [i for i in ids if i]
+    random.Random(seed).shuffle(ids)
+    return ids[:limit]
 
 
 class Recorder:
@@ -107,6 +122,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 async def run_load(config: LoadConfig) -> dict:
     images, ids = load_queries(config.catalogue, seed=config.seed)
+    products = load_product_ids(config.catalogue, seed=config.seed)
+    if config.mix.get("product") and not products:
+        raise ValueError(f"{config.catalogue} has no listings or products.csv to draw product ids from")
     rng = random.Random(config.seed)
     operations = list(config.mix)
     weights = [config.mix[o] for o in operations]
@@ -132,8 +150,10 @@ async def run_load(config: LoadConfig) -> dict:
                 await client.find_similar(rng.choice(images), k=config.k)
             elif operation == "info":  # no model, no index: the RPC round trip alone
                 await client.info()
+            elif operation == "product":
+                await client.find_similar(product_id=rng.choice(products), k=config.k)
             else:
-                await client.find_similar(item_id=rng.choice(ids), k=config.k)
+                await client.find_similar(image_id=rng.choice(ids), k=config.k)
             code = "OK"
         except LookalikeError as error:
             code = error.code.name

@@ -13,8 +13,12 @@ CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 INDEX_FILE = "index.ann"
-ITEMS_FILE = "items.parquet"
 DATASET_FILE = "dataset.parquet"
+IMAGES_FILE = "images.parquet"
+PRODUCTS_FILE = "products.parquet"
+VECTORS_FILE = "vectors.npy"
+# Versions built by 0.1 have items.parquet (image rows with their vectors) and no products.
+LEGACY_ITEMS_FILE = "items.parquet"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -87,9 +91,12 @@ def load_manifest(version_dir: Path, verify: bool = True) -> dict:
     expected = manifest.get("files")
     if not isinstance(expected, dict) or not expected:
         raise ArtifactError(f"{manifest_path} lists no files")
-    for required in (f"{MODEL_DIR}/saved_model.pb", INDEX_FILE, ITEMS_FILE):
+    for required in (f"{MODEL_DIR}/saved_model.pb", INDEX_FILE):
         if required not in expected:
             raise ArtifactError(f"{manifest_path} does not list {required}")
+    if LEGACY_ITEMS_FILE not in expected and not {IMAGES_FILE, PRODUCTS_FILE, VECTORS_FILE} <= set(expected):
+        raise ArtifactError(f"{manifest_path} lists neither {IMAGES_FILE}, {PRODUCTS_FILE} and {VECTORS_FILE} "
+                            f"nor a 0.1 {LEGACY_ITEMS_FILE}")
     if verify:
         root = version_dir.resolve()
         for rel, digest in expected.items():

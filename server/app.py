@@ -18,6 +18,7 @@ from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import CoreConfig, SimilarityCore
 from server.metrics import ServerMetrics
+from server.search import SearchConfig
 from server.servicer import ImageSimilarityServicer
 from server.version import ServedVersion, load_version
 
@@ -51,6 +52,7 @@ class ServerConfig:
     # How often CURRENT is checked for a new version (SIGHUP checks at once); 0 turns watching off.
     watch_interval_s: float = 2.0
     tls: TlsConfig | None = None
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024 * 1024:
@@ -76,7 +78,7 @@ class LookalikeServer:
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, load_version, self.config.artifacts, version,
-                                          self.config.core.max_pixels)
+                                          self.config.core.max_pixels, self.config.search)
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):

@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from lookalike.settings import env_default
+from lookalike.settings import OneLineArgumentParser, env_default
 from server.batcher import BatcherConfig
-from server.core import CoreConfig
+from server.core import PRODUCT_QUERIES, CoreConfig
+from server.search import SearchConfig
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,7 +30,7 @@ class JsonFormatter(logging.Formatter):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     b, c = BatcherConfig(), CoreConfig()
-    p = argparse.ArgumentParser(prog="lookalike-serve", description=__doc__)
+    p = OneLineArgumentParser(prog="lookalike-serve", description=__doc__)
     p.add_argument("--artifacts", type=Path, default=env_default("artifacts", None),
                    help="ARTIFACTS folder holding versions and CURRENT (env LOOKALIKE_ARTIFACTS)")
     p.add_argument("--host", default=env_default("host", "127.0.0.1"), help="address to bind; 0.0.0.0 for all")
@@ -48,6 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=env_default("max_images_per_request", c.max_images_per_request))
     p.add_argument("--max-pixels", type=int, default=env_default("max_pixels", c.max_pixels),
                    help="decoded pixels allowed per image (decompression-bomb guard)")
+    p.add_argument("--exact-max-rows", type=int, default=env_default("exact_max_rows", SearchConfig().exact_max_rows),
+                   help="plan exact search when a query may return this many images or fewer (never misses; "
+                        "slower than Annoy above the measured crossover)")
+    p.add_argument("--product-query", choices=PRODUCT_QUERIES, default=env_default("product_query", c.product_query),
+                   help="a query by product id: the mean of its images' vectors, or each image as a probe (max)")
     p.add_argument("--max-message-mb", type=int, default=env_default("max_message_mb", 64),
                    help="largest gRPC message in MiB; a batch of catalogue photos fits in the default")
     p.add_argument("--grace-s", type=float, default=env_default("grace_s", 20.0),
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if not args.artifacts.is_dir():
+        p.error(f"--artifacts {args.artifacts} is not a folder")
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(args, flag)
+        if path is not None and not path.is_file():
+            p.error(f"--{flag.replace('_', '-')} {path} is not a file")
     return args
 
 
@@ -75,11 +87,13 @@ def config_from_args(args: argparse.Namespace):
 
     batcher = BatcherConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
     core = CoreConfig(batcher=batcher, preprocess_threads=args.preprocess_threads,
-                      max_images_per_request=args.max_images_per_request, max_pixels=args.max_pixels)
+                      max_images_per_request=args.max_images_per_request, max_pixels=args.max_pixels,
+                      product_query=args.product_query)
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         core=core, max_message_bytes=args.max_message_mb * 1024 * 1024, grace_s=args.grace_s,
-                        watch_interval_s=args.watch_interval_s, tls=tls)
+                        watch_interval_s=args.watch_interval_s, tls=tls,
+                        search=SearchConfig(exact_max_rows=args.exact_max_rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,10 +15,20 @@ import numpy as np
 from lookalike.preprocess import ImageError
 from server.batcher import BatcherClosed, BatcherConfig, BatchObserver, Expired, MicroBatcher, QueueFull
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
-from server.version import Match, ServedVersion
+from server.search import NearestScorer, ProductHit, Scorer
+from server.version import ServedVersion
 
 log = logging.getLogger(__name__)
-EXCLUDE_DISTANCE = 1e-4  # an image or vector this close to an item is that item
+EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue image is that image
+# How a product's images form one query: "mean" (their normalised mean vector) or "max" (each image
+# a probe; a candidate's score is its best match with any of them). Chosen by measurement (BENCHMARKS.md).
+PRODUCT_QUERIES = ("mean", "max")
+
+
+class CoreObserver(BatchObserver):
+    """The batcher's hooks plus the query plans; the default does nothing."""
+
+    def plan_chosen(self, plan: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,14 @@ class CoreConfig:
     default_k: int = 10
     # Decoded pixels per image; larger images are refused before decoding.
     max_pixels: int = 40_000_000
+    # Most images listed per product (group_size) in one match.
+    max_group_size: int = 100
+    # How a query by product id uses the product's images (PRODUCT_QUERIES).
+    product_query: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.product_query not in PRODUCT_QUERIES:
+            raise ValueError(f"product_query must be one of {PRODUCT_QUERIES}")
         if self.preprocess_threads < 1 or self.index_threads < 1:
             raise ValueError("thread counts must be at least 1")
         if self.max_images_per_request > self.batcher.max_queue:
@@ -49,11 +65,59 @@ class CoreConfig:
 
 @dataclass(frozen=True)
 class Query:
-    """Exactly one of image, item_id or vector."""
+    """Exactly one of image, image_id, product_id or vector."""
 
     image: bytes | None = None
-    item_id: str | None = None
+    image_id: str | None = None
+    product_id: str | None = None
     vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a FindSimilar request asks for besides its query."""
+
+    k: int = 0
+    exclude_query: bool = False
+    search_k: int = 0
+    group_size: int = 0
+    with_attributes: bool = False
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image_id: str
+    distance: float
+    score: float
+    path: str
+    label: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ProductResult:
+    """A matched product: its best image, optionally its group of images, and its attributes."""
+
+    product_id: str  # "" for a version built before products
+    image: ImageResult
+    images: list[ImageResult]
+    attributes: dict[str, str]
+
+    @property
+    def score(self) -> float:
+        return self.image.score
+
+    @property
+    def distance(self) -> float:
+        return self.image.distance
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A query made ready for search: how to score, and which products are the query's own."""
+
+    scorer: Scorer
+    own_products: list[int]
 
 
 class _Runtime:
@@ -81,9 +145,9 @@ class SimilarityCore:
     """What the servicer, the CLI and the tests call: no protobuf here."""
 
     def __init__(self, version: ServedVersion, config: CoreConfig = CoreConfig(),
-                 observer: BatchObserver | None = None) -> None:
+                 observer: CoreObserver | None = None) -> None:
         self.config = config
-        self._observer = observer
+        self._observer = observer or CoreObserver()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._preprocess_pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
         self._index_pool = ThreadPoolExecutor(config.index_threads, thread_name_prefix="index")
@@ -181,41 +245,70 @@ class SimilarityCore:
             raise InvalidArgument("vector has zero length")
         return vector / norm
 
-    async def find_similar(self, query: Query, k: int = 0, exclude_query: bool = False, search_k: int = 0,
-                           deadline: float | None = None) -> tuple[list[Match], str]:
-        """The k nearest catalogue items to an image, an item or a vector, and the answering version."""
-        given = [query.image is not None, query.item_id is not None, query.vector is not None]
+    async def find_similar(self, query: Query, options: SearchOptions = SearchOptions(),
+                           deadline: float | None = None) -> tuple[list[ProductResult], str]:
+        """The k catalogue products nearest to an image, image id, product id or vector, and the version."""
+        given = [query.image is not None, query.image_id is not None, query.product_id is not None,
+                 query.vector is not None]
         if sum(given) != 1:
-            raise InvalidArgument("set exactly one of image, item_id or vector")
-        k = self._check_k(k)
-        if search_k < 0:
-            raise InvalidArgument("search_k must not be negative")
+            raise InvalidArgument("set exactly one of image, image_id, product_id or vector")
+        k = self._check_k(options.k)
+        if not 0 <= options.group_size <= self.config.max_group_size:
+            raise InvalidArgument(f"group_size must be in 0..{self.config.max_group_size}, not {options.group_size}")
         images = 1 if query.image is not None else 0
         runtime = self._acquire(images)
         try:
             version = runtime.version
-            index = version.index
-            search_k = search_k or version.search_k
-            wanted = min(k + (1 if exclude_query else 0), len(index))
+            if query.image is not None:
+                vector = (await self._embed_on(runtime, [query.image], deadline))[0]
+                query = Query(vector=vector)
             loop = asyncio.get_running_loop()
-            if query.item_id is not None:
-                row = index.row_of.get(query.item_id)
-                if row is None:
-                    raise NotFound(f"item {query.item_id!r} is not in index version {version.name}")
-                matches = await loop.run_in_executor(self._index_pool, index.by_row, row, wanted, search_k)
-                if exclude_query:
-                    matches = [m for m in matches if m.item_id != query.item_id]
-            else:
-                if query.image is not None:
-                    vector = (await self._embed_on(runtime, [query.image], deadline))[0]
-                else:
-                    vector = self._check_vector(query.vector, index.dimension)
-                matches = await loop.run_in_executor(self._index_pool, index.by_vector, vector, wanted, search_k)
-                if exclude_query and matches and matches[0].distance <= EXCLUDE_DISTANCE:
-                    matches = matches[1:]
-            return matches[:k], version.name
+            return await loop.run_in_executor(self._index_pool, self._search, version, query, options, k), version.name
         finally:
             self._release(runtime, images)
+
+    def _search(self, version: ServedVersion, query: Query, options: SearchOptions, k: int) -> list[ProductResult]:
+        resolved = self._resolve(version, query, options.exclude_query)
+        excluded = np.asarray(resolved.own_products, np.int64)
+        result = version.index.search(resolved.scorer, k, excluded=excluded, search_k=options.search_k,
+                                      group_size=options.group_size)
+        self._observer.plan_chosen(result.plan)
+        return [self._product_result(version, hit, options) for hit in result.hits]
+
+    def _resolve(self, version: ServedVersion, query: Query, own: bool) -> _Resolved:
+        """The scorer for a query and, when `own` is asked for, the products that are the query's own."""
+        catalogue, index = version.catalogue, version.index
+        if query.image_id is not None:
+            rows = catalogue.rows_of_image.get(query.image_id)
+            if not rows:
+                raise NotFound(f"image {query.image_id!r} is not in index version {version.name}")
+            return _Resolved(NearestScorer(index.vectors[rows[0]]),
+                             catalogue.products_of_image(query.image_id) if own else [])
+        if query.product_id is not None:
+            if not catalogue.has_products:
+                raise InvalidArgument(f"index version {version.name} was built before products existed: query by "
+                                      f"image_id instead")
+            product = catalogue.product_row_of.get(query.product_id)
+            if product is None:
+                raise NotFound(f"product {query.product_id!r} is not in index version {version.name}")
+            vectors = np.asarray(index.vectors[catalogue.rows_of_product(product)], np.float32)
+            if self.config.product_query == "mean":
+                vectors = vectors.mean(axis=0, keepdims=True)
+                vectors /= max(float(np.linalg.norm(vectors)), 1e-12)
+            return _Resolved(NearestScorer(vectors), [product] if own else [])
+        vector = self._check_vector(query.vector, index.dimension)
+        return _Resolved(NearestScorer(vector), index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
+
+    @staticmethod
+    def _product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:
+        catalogue = version.catalogue
+        images = [ImageResult(catalogue.image_ids[row], float(distance), float(score), catalogue.paths[row],
+                              catalogue.labels[row], catalogue.roles[row])
+                  for row, score, distance in zip(hit.rows, hit.scores, hit.distances, strict=True)]
+        return ProductResult(
+            product_id=catalogue.product_ids[hit.product_row] if catalogue.has_products else "",
+            image=images[0], images=images[:options.group_size],
+            attributes=catalogue.attributes_of(hit.product_row) if options.with_attributes else {})
 
     async def swap(self, version: ServedVersion) -> ServedVersion:
         """Serves `version` from now on; the old one finishes its requests, then is unloaded."""

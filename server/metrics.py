@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from server.batcher import BatchObserver
+from server.core import CoreObserver
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class ServerMetrics(BatchObserver):
+class ServerMetrics(CoreObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -26,6 +26,8 @@ class ServerMetrics(BatchObserver):
                                        "deadline passed or their caller cancelled", registry=r)
         self.reloads = Counter("lookalike_reloads", "version reload attempts by result", ["result"], registry=r)
         self.version = Info("lookalike_served", "the artifact version being served", registry=r)
+        self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (exact, annoy, "
+                             "annoy_then_exact)", ["plan"], registry=r)
 
     def batch_done(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -36,3 +38,6 @@ class ServerMetrics(BatchObserver):
 
     def queue_depth(self, depth: int) -> None:
         self.queue_depth_gauge.set(depth)
+
+    def plan_chosen(self, plan: str) -> None:
+        self.plans.labels(plan).inc()

@@ -12,7 +12,7 @@ import numpy as np
 
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
-from server.core import Query, SimilarityCore
+from server.core import ImageResult, ProductResult, Query, SearchOptions, SimilarityCore
 from server.errors import ServingError, Unavailable, status_of
 from server.metrics import ServerMetrics
 
@@ -54,6 +54,36 @@ def _rpc(method):
     return wrapper
 
 
+def _query(request: pb.FindSimilarRequest) -> Query:
+    which = request.WhichOneof("query")
+    if which == "image":
+        return Query(image=request.image)
+    if which in ("image_id", "item_id"):  # item_id is the 0.1 name of an image id
+        return Query(image_id=getattr(request, which))
+    if which == "product_id":
+        return Query(product_id=request.product_id)
+    if which == "vector":
+        return Query(vector=np.asarray(request.vector.values, np.float32))
+    return Query()
+
+
+def _options(request: pb.FindSimilarRequest) -> SearchOptions:
+    return SearchOptions(k=request.k, exclude_query=request.exclude_query, search_k=request.search_k,
+                         group_size=request.group_size, with_attributes=request.with_attributes)
+
+
+def _image_match(image: ImageResult) -> pb.ImageMatch:
+    return pb.ImageMatch(image_id=image.image_id, distance=image.distance, score=image.score, path=image.path,
+                         role=image.role)
+
+
+def _match(result: ProductResult) -> pb.Match:
+    best = result.image
+    return pb.Match(item_id=best.image_id, image_id=best.image_id, product_id=result.product_id,
+                    distance=best.distance, score=best.score, path=best.path, label=best.label,
+                    images=[_image_match(image) for image in result.images], attributes=result.attributes)
+
+
 class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
     """`core` is None while the first version loads: calls are then UNAVAILABLE, health NOT_SERVING."""
 
@@ -78,16 +108,8 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
 
     @_rpc
     async def FindSimilar(self, request: pb.FindSimilarRequest, context) -> pb.FindSimilarResponse:  # noqa: N802
-        which = request.WhichOneof("query")
-        query = Query(image=request.image if which == "image" else None,
-                      item_id=request.item_id if which == "item_id" else None,
-                      vector=np.asarray(request.vector.values, np.float32) if which == "vector" else None)
-        matches, version = await self.core.find_similar(query, request.k, request.exclude_query,
-                                                        request.search_k, _deadline(context))
-        return pb.FindSimilarResponse(
-            matches=[pb.Match(item_id=m.item_id, distance=m.distance, score=1.0 - m.distance * m.distance / 2,
-                              path=m.path, label=m.label) for m in matches],
-            index_version=version)
+        matches, version = await self.core.find_similar(_query(request), _options(request), _deadline(context))
+        return pb.FindSimilarResponse(matches=[_match(m) for m in matches], index_version=version)
 
     @_rpc
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:  # noqa: N802
@@ -97,7 +119,9 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
         return pb.GetInfoResponse(
             version=version.name, backbone=manifest["backbone"], preprocessing=manifest["preprocessing"],
             head=manifest["head"], dimension=int(manifest["dimension"]), metric=manifest["metric"],
-            item_count=len(version.index), search_k=version.search_k,
+            item_count=len(version.index), image_count=len(version.index),
+            product_count=version.catalogue.product_count if version.catalogue.has_products else 0,
+            attribute_keys=sorted(version.catalogue.attributes), search_k=version.search_k,
             n_trees=int(manifest["index"]["n_trees"]), recall_at_10=float(manifest["index"]["recall_at_10"]),
             input_size=int(manifest.get("input_size", 256)), max_k=config.max_k,
             max_images_per_request=config.max_images_per_request, server_version=SERVER_VERSION)

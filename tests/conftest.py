@@ -11,12 +11,13 @@ from tests import helpers
 
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-CATALOGUE_SIZE = 300
+# Products in the test catalogue (about 2.1 images each), plus the test listings of helpers.make_catalogue.
+CATALOGUE_PRODUCTS = 200
 
 
 @pytest.fixture(scope="session")
 def catalogue(tmp_path_factory) -> Path:
-    return helpers.make_catalogue(tmp_path_factory.mktemp("catalogue"), CATALOGUE_SIZE)
+    return helpers.make_catalogue(tmp_path_factory.mktemp("catalogue"), CATALOGUE_PRODUCTS)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import gzip
 import io
+import json
 import os
 import socket
 import subprocess
@@ -43,9 +44,18 @@ def env() -> dict[str, str]:
     return out
 
 
-def make_catalogue(out: Path, limit: int) -> Path:
-    """The committed sample (balanced subset) plus banners the filter must drop and a corrupt file."""
-    subprocess.run([BIN / "lookalike-build", "sample", "fashion-mnist", "--out", out, "--limit", str(limit)],
+MISSING_IMAGE_ID = "img-missing"
+GERMAN_IMAGE_ID = "german-1"
+BROKEN_PRODUCT = "prod-test-broken"    # names a dropped banner, the corrupt file and a missing image
+SHARED_PRODUCT = "prod-test-shared"    # names the first sample product's main image too
+GERMAN_PRODUCT = "prod-test-german"    # attributes in de_DE only
+EMPTY_PRODUCT = "prod-test-empty"      # names no image
+
+
+def make_catalogue(out: Path, products: int) -> Path:
+    """The committed sample (balanced subset, with listings) plus banners the filter must drop, a corrupt
+    file, and a listings part with every problem a real catalogue has."""
+    subprocess.run([BIN / "lookalike-build", "sample", "fashion-mnist", "--out", out, "--limit", str(products)],
                    check=True, env=env(), capture_output=True)
     rng = np.random.default_rng(7)
     rows = []
@@ -58,21 +68,51 @@ def make_catalogue(out: Path, limit: int) -> Path:
     (out / "small" / "cc").mkdir(exist_ok=True)
     (out / "small" / f"cc/{CORRUPT_ID}.png").write_bytes(good[: len(good) // 2])  # truncated PNG
     rows.append((CORRUPT_ID, 64, 64, f"cc/{CORRUPT_ID}.png"))
+    (out / "small" / f"cc/{GERMAN_IMAGE_ID}.png").write_bytes(good)
+    rows.append((GERMAN_IMAGE_ID, 64, 64, f"cc/{GERMAN_IMAGE_ID}.png"))
     # On disk but not in images.csv.gz: its size must come from the file.
     (out / "small" / f"ba/{UNLISTED_BANNER_ID}.png").write_bytes(
         png_bytes(rng.integers(0, 255, (30, 300, 3), dtype=np.uint8)))
     with gzip.open(out / "images.csv.gz", "at", newline="") as handle:
         csv.writer(handle).writerows(rows)
+    german = [{"language_tag": "de_DE", "value": "Schuh"}]
+    listings = [
+        {"item_id": BROKEN_PRODUCT, "main_image_id": BANNER_IDS[1], "other_image_id": [CORRUPT_ID, MISSING_IMAGE_ID],
+         "product_type": [{"value": "BANNER"}]},
+        {"item_id": SHARED_PRODUCT, "main_image_id": first_listing(out)["main_image_id"],
+         "product_type": [{"value": "SHARED"}], "brand": [{"language_tag": "en_US", "value": "Twice"}]},
+        {"item_id": GERMAN_PRODUCT, "main_image_id": GERMAN_IMAGE_ID, "item_name": german,
+         "product_type": [{"value": "SHOES"}], "country": "DE"},
+        {"item_id": EMPTY_PRODUCT, "product_type": [{"value": "NOTHING"}]},
+    ]
+    with gzip.open(out / "listings" / "metadata" / "listings_9.json.gz", "wt") as handle:
+        handle.writelines(json.dumps(listing) + "\n" for listing in listings)
     return out
 
 
+def first_listing(catalogue: Path) -> dict:
+    with gzip.open(catalogue / "listings" / "metadata" / "listings_0.json.gz", "rt") as handle:
+        return json.loads(handle.readline())
+
+
+def catalogue_images(catalogue: Path) -> list[dict]:
+    """images.csv.gz rows."""
+    with gzip.open(catalogue / "images.csv.gz", "rt") as handle:
+        return list(csv.DictReader(handle))
+
+
 def load_catalogue(catalogue: Path, out: Path) -> Path:
-    """The catalogue without its deliberately corrupt file, for load tests that expect only OK codes."""
+    """The catalogue without what the build drops on purpose (corrupt file, banners) and without the test
+    listings, for load tests that expect only OK codes."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "small").symlink_to(catalogue / "small")
     with gzip.open(catalogue / "images.csv.gz", "rt") as source, gzip.open(out / "images.csv.gz", "wt") as target:
-        rows = [line for line in source if not line.startswith(CORRUPT_ID + ",")]
+        dropped = (CORRUPT_ID, *BANNER_IDS)
+        rows = [line for line in source if line.split(",", 1)[0] not in dropped]
         target.writelines(rows)
+    (out / "listings" / "metadata").mkdir(parents=True)
+    for part in (catalogue / "listings" / "metadata").glob("listings_[0-3].json.gz"):
+        (out / "listings" / "metadata" / part.name).symlink_to(part)
     return out
 
 

@@ -46,3 +46,15 @@ def test_the_checker_sees_lazy_imports(tmp_path):
     assert own_imports(sample) == ["builder.model", "builder.model.export", "server.core"]
     assert not allowed("builder.model", "server") and allowed("lookalike.v1.lookalike_pb2", "client")
     assert not allowed("lookalike.preprocess", "client")
+
+
+def test_every_module_imports():
+    """A module that fails to import (a moved name, a typo) fails here, not in a subprocess far away."""
+    import importlib
+
+    for layer in ("lookalike", "builder", "server", "client", "bench"):
+        for path in sorted((REPO / layer).rglob("*.py")):
+            if "node_modules" in path.parts:
+                continue
+            module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+            importlib.import_module(module)

@@ -43,13 +43,16 @@ class ImageSimilarityClient {
     return { vectors: response.vectors.map((v) => v.values), modelVersion: response.modelVersion };
   }
 
-  /** @param {{image?: Buffer, itemId?: string, vector?: number[]}} query */
-  async findSimilar(query, { k = 10, excludeQuery = true, searchK = 0 } = {}) {
-    const request = { k, excludeQuery, searchK };
-    if (query.image) request.image = query.image;
-    else if (query.itemId) request.itemId = query.itemId;
-    else if (query.vector) request.vector = { values: query.vector };
-    else throw new Error('findSimilar needs one of image, itemId or vector');
+  /**
+   * The k products most like one query: an encoded image, a catalogue image id, a product id or a vector.
+   * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
+   */
+  async findSimilar(query, { k = 10, excludeQuery = true, searchK = 0, groupSize = 0, withAttributes = false } = {}) {
+    const given = ['image', 'imageId', 'productId', 'vector'].filter((name) => query[name] !== undefined);
+    if (given.length !== 1) throw new Error('findSimilar needs exactly one of image, imageId, productId or vector');
+    const request = { k, excludeQuery, searchK, groupSize, withAttributes };
+    if (query.vector) request.vector = { values: query.vector };
+    else request[given[0]] = query[given[0]];
     return this._call('FindSimilar', request);
   }
 

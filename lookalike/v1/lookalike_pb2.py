@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clookalike/v1/lookalike.proto\x12\x0clookalike.v1\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"M\n\rEmbedResponse\x12%\n\x07vectors\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x9d\x01\n\x12\x46indSimilarRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x02 \x01(\tH\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.lookalike.v1.VectorH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x15\n\rexclude_query\x18\x05 \x01(\x08\x12\x10\n\x08search_k\x18\x06 \x01(\rB\x07\n\x05query\"V\n\x05Match\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05label\x18\x05 \x01(\t\"R\n\x13\x46indSimilarResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xa4\x02\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x15\n\rpreprocessing\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x12\n\nitem_count\x18\x07 \x01(\x04\x12\x10\n\x08search_k\x18\x08 \x01(\r\x12\x0f\n\x07n_trees\x18\t \x01(\r\x12\x14\n\x0crecall_at_10\x18\n \x01(\x02\x12\x12\n\ninput_size\x18\x0b \x01(\r\x12\r\n\x05max_k\x18\x0c \x01(\r\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r\x12\x16\n\x0eserver_version\x18\x0e \x01(\t2\xef\x01\n\x0fImageSimilarity\x12@\n\x05\x45mbed\x12\x1a.lookalike.v1.EmbedRequest\x1a\x1b.lookalike.v1.EmbedResponse\x12R\n\x0b\x46indSimilar\x12 .lookalike.v1.FindSimilarRequest\x1a!.lookalike.v1.FindSimilarResponse\x12\x46\n\x07GetInfo\x12\x1c.lookalike.v1.GetInfoRequest\x1a\x1d.lookalike.v1.GetInfoResponseB.\n\x10\x63om.lookalike.v1P\x01Z\x18lookalike/v1;lookalikev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clookalike/v1/lookalike.proto\x12\x0clookalike.v1\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"M\n\rEmbedResponse\x12%\n\x07vectors\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xf8\x01\n\x12\x46indSimilarRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x15\n\x07item_id\x18\x02 \x01(\tB\x02\x18\x01H\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.lookalike.v1.VectorH\x00\x12\x12\n\x08image_id\x18\x07 \x01(\tH\x00\x12\x14\n\nproduct_id\x18\x08 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x15\n\rexclude_query\x18\x05 \x01(\x08\x12\x10\n\x08search_k\x18\x06 \x01(\r\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x17\n\x0fwith_attributes\x18\n \x01(\x08\x42\x07\n\x05query\"\x96\x02\n\x05Match\x12\x13\n\x07item_id\x18\x01 \x01(\tB\x02\x18\x01\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05label\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12\x12\n\nproduct_id\x18\x07 \x01(\t\x12(\n\x06images\x18\x08 \x03(\x0b\x32\x18.lookalike.v1.ImageMatch\x12\x37\n\nattributes\x18\t \x03(\x0b\x32#.lookalike.v1.Match.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\nImageMatch\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\"R\n\x13\x46indSimilarResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xec\x02\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x15\n\rpreprocessing\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x16\n\nitem_count\x18\x07 \x01(\x04\x42\x02\x18\x01\x12\x10\n\x08search_k\x18\x08 \x01(\r\x12\x0f\n\x07n_trees\x18\t \x01(\r\x12\x14\n\x0crecall_at_10\x18\n \x01(\x02\x12\x12\n\ninput_size\x18\x0b \x01(\r\x12\r\n\x05max_k\x18\x0c \x01(\r\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r\x12\x16\n\x0eserver_version\x18\x0e \x01(\t\x12\x13\n\x0bimage_count\x18\x0f \x01(\x04\x12\x15\n\rproduct_count\x18\x10 \x01(\x04\x12\x16\n\x0e\x61ttribute_keys\x18\x11 \x03(\t2\xef\x01\n\x0fImageSimilarity\x12@\n\x05\x45mbed\x12\x1a.lookalike.v1.EmbedRequest\x1a\x1b.lookalike.v1.EmbedResponse\x12R\n\x0b\x46indSimilar\x12 .lookalike.v1.FindSimilarRequest\x1a!.lookalike.v1.FindSimilarResponse\x12\x46\n\x07GetInfo\x12\x1c.lookalike.v1.GetInfoRequest\x1a\x1d.lookalike.v1.GetInfoResponseB.\n\x10\x63om.lookalike.v1P\x01Z\x18lookalike/v1;lookalikev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,6 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\020com.lookalike.v1P\001Z\030lookalike/v1;lookalikev1'
   _globals['_VECTOR'].fields_by_name['values']._loaded_options = None
   _globals['_VECTOR'].fields_by_name['values']._serialized_options = b'\020\001'
+  _globals['_FINDSIMILARREQUEST'].fields_by_name['item_id']._loaded_options = None
+  _globals['_FINDSIMILARREQUEST'].fields_by_name['item_id']._serialized_options = b'\030\001'
+  _globals['_MATCH_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_options = b'8\001'
+  _globals['_MATCH'].fields_by_name['item_id']._loaded_options = None
+  _globals['_MATCH'].fields_by_name['item_id']._serialized_options = b'\030\001'
+  _globals['_GETINFORESPONSE'].fields_by_name['item_count']._loaded_options = None
+  _globals['_GETINFORESPONSE'].fields_by_name['item_count']._serialized_options = b'\030\001'
   _globals['_EMBEDREQUEST']._serialized_start=46
   _globals['_EMBEDREQUEST']._serialized_end=76
   _globals['_VECTOR']._serialized_start=78
@@ -41,15 +49,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_start=108
   _globals['_EMBEDRESPONSE']._serialized_end=185
   _globals['_FINDSIMILARREQUEST']._serialized_start=188
-  _globals['_FINDSIMILARREQUEST']._serialized_end=345
-  _globals['_MATCH']._serialized_start=347
-  _globals['_MATCH']._serialized_end=433
-  _globals['_FINDSIMILARRESPONSE']._serialized_start=435
-  _globals['_FINDSIMILARRESPONSE']._serialized_end=517
-  _globals['_GETINFOREQUEST']._serialized_start=519
-  _globals['_GETINFOREQUEST']._serialized_end=535
-  _globals['_GETINFORESPONSE']._serialized_start=538
-  _globals['_GETINFORESPONSE']._serialized_end=830
-  _globals['_IMAGESIMILARITY']._serialized_start=833
-  _globals['_IMAGESIMILARITY']._serialized_end=1072
+  _globals['_FINDSIMILARREQUEST']._serialized_end=436
+  _globals['_MATCH']._serialized_start=439
+  _globals['_MATCH']._serialized_end=717
+  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_start=668
+  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_end=717
+  _globals['_IMAGEMATCH']._serialized_start=719
+  _globals['_IMAGEMATCH']._serialized_end=810
+  _globals['_FINDSIMILARRESPONSE']._serialized_start=812
+  _globals['_FINDSIMILARRESPONSE']._serialized_end=894
+  _globals['_GETINFOREQUEST']._serialized_start=896
+  _globals['_GETINFOREQUEST']._serialized_end=912
+  _globals['_GETINFORESPONSE']._serialized_start=915
+  _globals['_GETINFORESPONSE']._serialized_end=1279
+  _globals['_IMAGESIMILARITY']._serialized_start=1282
+  _globals['_IMAGESIMILARITY']._serialized_end=1521
 # @@protoc_insertion_point(module_scope)

@@ -27,34 +27,71 @@ class EmbedResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class FindSimilarRequest(_message.Message):
-    __slots__ = ("image", "item_id", "vector", "k", "exclude_query", "search_k")
+    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_QUERY_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     vector: Vector
+    image_id: str
+    product_id: str
     k: int
     exclude_query: bool
     search_k: int
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ...) -> None: ...
+    group_size: int
+    with_attributes: bool
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
 
 class Match(_message.Message):
-    __slots__ = ("item_id", "distance", "score", "path", "label")
+    __slots__ = ("item_id", "distance", "score", "path", "label", "image_id", "product_id", "images", "attributes")
+    class AttributesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     distance: float
     score: float
     path: str
     label: str
-    def __init__(self, item_id: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., path: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    image_id: str
+    product_id: str
+    images: _containers.RepeatedCompositeFieldContainer[ImageMatch]
+    attributes: _containers.ScalarMap[str, str]
+    def __init__(self, item_id: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., path: _Optional[str] = ..., label: _Optional[str] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., images: _Optional[_Iterable[_Union[ImageMatch, _Mapping]]] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ImageMatch(_message.Message):
+    __slots__ = ("image_id", "distance", "score", "path", "role")
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    distance: float
+    score: float
+    path: str
+    role: str
+    def __init__(self, image_id: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., path: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class FindSimilarResponse(_message.Message):
     __slots__ = ("matches", "index_version")
@@ -69,7 +106,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version")
+    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version", "image_count", "product_count", "attribute_keys")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +121,9 @@ class GetInfoResponse(_message.Message):
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTE_KEYS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     preprocessing: str
@@ -98,4 +138,7 @@ class GetInfoResponse(_message.Message):
     max_k: int
     max_images_per_request: int
     server_version: str
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ...) -> None: ...
+    image_count: int
+    product_count: int
+    attribute_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ..., image_count: _Optional[int] = ..., product_count: _Optional[int] = ..., attribute_keys: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ImageSimilarityStub:
-    """ImageSimilarity turns product photos into unit vectors and finds the catalogue items that
+    """ImageSimilarity turns product photos into unit vectors and finds the catalogue products that
     look most alike. Every response names the artifact version that answered it.
     """
 
@@ -54,7 +54,7 @@ class ImageSimilarityStub:
 
 
 class ImageSimilarityServicer:
-    """ImageSimilarity turns product photos into unit vectors and finds the catalogue items that
+    """ImageSimilarity turns product photos into unit vectors and finds the catalogue products that
     look most alike. Every response names the artifact version that answered it.
     """
 
@@ -66,7 +66,9 @@ class ImageSimilarityServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FindSimilar(self, request, context):
-        """FindSimilar returns the k catalogue items nearest to an image, an item or a vector.
+        """FindSimilar returns the k catalogue products nearest to an image, a catalogue image, a product
+        or a vector: k distinct products, each with its best-matching image. A version built before
+        products existed answers with images, as in version 0.1.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,7 +108,7 @@ def add_ImageSimilarityServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ImageSimilarity:
-    """ImageSimilarity turns product photos into unit vectors and finds the catalogue items that
+    """ImageSimilarity turns product photos into unit vectors and finds the catalogue products that
     look most alike. Every response names the artifact version that answered it.
     """
 

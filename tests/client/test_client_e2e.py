@@ -33,7 +33,7 @@ def server(built):
 
 @pytest.fixture(scope="module")
 def items(built):
-    return pd.read_parquet(built / artifacts.read_current(built) / "items.parquet")
+    return pd.read_parquet(built / artifacts.read_current(built) / "images.parquet")
 
 
 def _cli(*args, check=True) -> subprocess.CompletedProcess:
@@ -52,11 +52,14 @@ def test_every_call_of_the_sync_client(server, items, catalogue):
         assert from_path.shape == (1, 128)
         assert np.allclose(from_path, from_bytes) and np.allclose(from_path, from_pil, atol=1e-5)
         matches = client.find_similar(path, k=3)  # exclude_query defaults to True
-        assert items["image_id"][3] not in [m.item_id for m in matches] and len(matches) == 3
+        assert items["product_id"][3] not in [m.product_id for m in matches] and len(matches) == 3
         with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT"):
-            client.find_similar(item_id=items["image_id"][0], k=5000)
+            client.find_similar(image_id=items["image_id"][0], k=5000)
         with pytest.raises(NotFoundError):
-            client.find_similar(item_id="missing")
+            client.find_similar(image_id="missing")
+        by_old_name = client.find_similar(item_id=items["image_id"][3], k=3)  # the 0.1 keyword still works
+        assert [m.product_id for m in by_old_name] == [m.product_id for m in client.find_similar(
+            image_id=items["image_id"][3], k=3)]
         with pytest.raises(DeadlineError):
             client.embed([path] * 32, timeout_s=0.001)
 
@@ -66,12 +69,13 @@ def test_async_twin_matches_sync(server, items):
 
     async def run():
         async with AsyncImageSimilarityClient(address) as client:
-            results = await asyncio.gather(*(client.find_similar(item_id=i, k=4) for i in items["image_id"][:5]))
-            return [[m.item_id for m in r] for r in results], await client.health()
+            results = await asyncio.gather(*(client.find_similar(product_id=p, k=4) for p in products))
+            return [[m.product_id for m in r] for r in results], await client.health()
 
+    products = list(items["product_id"].unique()[:5])
     async_ids, status = asyncio.run(run())
     with ImageSimilarityClient(address) as client:
-        assert async_ids == [[m.item_id for m in client.find_similar(item_id=i, k=4)] for i in items["image_id"][:5]]
+        assert async_ids == [[m.product_id for m in client.find_similar(product_id=p, k=4)] for p in products]
     assert status == "SERVING"
 
 
@@ -81,25 +85,32 @@ def test_unreachable_server_is_unavailable_after_retries():
             client.info()
 
 
-def test_cli_similar_prints_classes_and_writes_a_contact_sheet(server, items, catalogue, tmp_path):
+def test_cli_similar_prints_products_and_writes_a_contact_sheet(server, items, catalogue, tmp_path):
     address, _ = server
     item = items.iloc[10]
     sheet = tmp_path / "sheet.png"
-    result = _cli("--address", address, "similar", "--item", item["image_id"], "-k", "5", "--catalogue", catalogue,
-                  "--sheet", sheet)
+    result = _cli("--address", address, "similar", "--image-id", item["image_id"], "-k", "5", "--catalogue",
+                  catalogue, "--sheet", sheet)
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"neighbours of {item['image_id']} ({item['label_name']})")
+    assert lines[0].startswith(f"products like image {item['image_id']} ({item['label_name']})")
     rows = [line for line in lines if line.strip()[:1].isdigit()]
-    assert len(rows) == 5
-    assert sum(item["label_name"] in row for row in rows) >= 2
+    assert len(rows) == 5 and item["product_id"] not in result.stdout
     with Image.open(sheet) as image:
-        assert image.size == (6 * 160, 206)
-    as_json = json.loads(_cli("--address", address, "similar", "--item", item["image_id"], "--json").stdout)
-    assert len(as_json["matches"]) == 10
+        assert image.size == (6 * 160, 206)  # the query and one tile per product
+    as_json = json.loads(_cli("--address", address, "similar", "--product", item["product_id"], "--json",
+                              "--with-attributes").stdout)
+    products = [m["product_id"] for m in as_json["matches"]]
+    assert len(products) == len(set(products)) == 10 and item["product_id"] not in products
+    assert {"product_id", "image_id", "score", "distance"} <= set(as_json["matches"][0])
+    assert "product_type" in as_json["matches"][0]["attributes"]
+    old_flag = json.loads(_cli("--address", address, "similar", "--item", item["image_id"], "--json").stdout)
+    assert [m["image_id"] for m in old_flag["matches"]][:3] == [
+        m["image_id"] for m in json.loads(_cli("--address", address, "similar", "--image-id", item["image_id"],
+                                               "--json").stdout)["matches"]][:3]
     assert _cli("--address", address, "health").stdout.strip() == "SERVING"
     assert json.loads(_cli("--address", address, "info", "--json").stdout)["dimension"] == 128
-    bad = _cli("--address", address, "similar", "--item", "nope", check=False)
-    assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
+    bad = _cli("--address", address, "similar", "--product", "nope", check=False)
+    assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def _requests_by_code(metrics_port):
@@ -118,7 +129,8 @@ def test_bench_counts_agree_with_server_metrics(server, catalogue, tmp_path):
     closed = json.loads(_cli("--address", address, "bench", "--catalogue", catalogue, "--requests", "60",
                              "--concurrency", "4", "--json", "--no-progress").stdout)
     opened = json.loads(_cli("--address", address, "bench", "--catalogue", catalogue, "--mode", "open", "--rate",
-                             "40", "--duration-s", "1.5", "--mix", "id=3,embed=1", "--json", "--no-progress").stdout)
+                             "40", "--duration-s", "1.5", "--mix", "id=3,product=3,embed=1", "--json",
+                             "--no-progress").stdout)
     after = _requests_by_code(metrics_port)
     assert closed["requests"] == 60 and closed["codes"] == {"OK": 60}
     assert set(closed["latency"]) >= {"all", "embed", "image", "id"}
@@ -130,15 +142,23 @@ def test_bench_counts_agree_with_server_metrics(server, catalogue, tmp_path):
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
 def test_node_client_results_equal_python_client(server, items, catalogue):
     address, _ = server
-    queries = list(items["image_id"][:4]) + [str(catalogue / "small" / items["path"][7])]
+    image_path = str(catalogue / "small" / items["path"][7])
+    queries = [f"image:{i}" for i in items["image_id"][:2]] + [f"product:{p}" for p in items["product_id"][:2]]
+    queries.append(image_path)
     result = subprocess.run(["node", NODE_DIR / "example.js", address, *queries], capture_output=True, text=True,
                             timeout=120, check=True)
     node = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(node) == len(queries)
     with ImageSimilarityClient(address) as client:
         for query, answer in zip(queries, node, strict=True):
-            python = (client.find_similar(catalogue / "small" / items["path"][7], k=5) if query.endswith(".png")
-                      else client.find_similar(item_id=query, k=5))
-            assert [m["itemId"] for m in answer["matches"]] == [m.item_id for m in python]
+            kind, _, value = query.partition(":")
+            if kind == "image":
+                python = client.find_similar(image_id=value, k=5)
+            elif kind == "product":
+                python = client.find_similar(product_id=value, k=5)
+            else:
+                python = client.find_similar(image_path, k=5)
+            assert [m["productId"] for m in answer["matches"]] == [m.product_id for m in python]
+            assert [m["imageId"] for m in answer["matches"]] == [m.image_id for m in python]
             assert np.allclose([m["distance"] for m in answer["matches"]], [m.distance for m in python], atol=1e-5)
             assert answer["indexVersion"] == python.version

@@ -1,4 +1,4 @@
-"""A deterministic fake model and a tiny real Annoy index, for in-process servicer tests."""
+"""A deterministic fake model and a tiny real Annoy index and catalogue, for in-process server tests."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ from PIL import Image
 
 from builder.index import build_annoy
 from lookalike.preprocess import decode
-from server.version import ItemIndex, ServedVersion
+from server.catalogue import Catalogue
+from server.search import ProductSearch, SearchConfig
+from server.version import ServedVersion
 from tests.helpers import png_bytes
 
 DIMENSION = 8
@@ -40,20 +42,48 @@ class FakeEmbedder:
         self.embed(np.zeros((1, 8, 8, 3), np.uint8))
 
 
-def catalogue_images(count: int = 40) -> list[bytes]:
+def catalogue_images(count: int = 40, views_from: int | None = None) -> list[bytes]:
+    """Random images; with views_from=n, image n + i is a slightly changed view of image i."""
     rng = np.random.default_rng(3)
-    return [png_bytes(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(count)]
+    pixels = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(count)]
+    if views_from is not None:
+        for i in range(views_from, count):
+            noise = rng.integers(-12, 13, (16, 16, 3))
+            pixels[i] = np.clip(pixels[i - views_from].astype(int) + noise, 0, 255).astype(np.uint8)
+    return [png_bytes(p) for p in pixels]
 
 
-def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0) -> tuple[ServedVersion, list[bytes]]:
+def make_search(tmp_path, vectors: np.ndarray, groups: list[list[int]], image_ids: list[str] | None = None,
+                product_ids: list[str] | None = None, attributes: dict | None = None, has_products: bool = True,
+                config: SearchConfig = SearchConfig(), name: str = "index") -> ProductSearch:
+    """A real Annoy index and catalogue over `vectors`; groups[p] lists product p's image indices, main first."""
+    order = [i for group in groups for i in group]
+    image_ids = image_ids or [f"item-{i:03d}" for i in range(len(vectors))]
+    product_ids = product_ids or [f"prod-{p:03d}" for p in range(len(groups))]
+    rows = np.asarray(vectors, np.float32)[order]
+    path = tmp_path / f"{name}.ann"
+    build_annoy(rows, 5, str(path))
+    counts = np.asarray([len(g) for g in groups], np.int64)
+    catalogue = Catalogue(
+        image_ids=[image_ids[i] for i in order], paths=[f"aa/{image_ids[i]}.png" for i in order],
+        labels=["label"] * len(order), roles=[("main" if n == 0 else "other") for g in groups for n in range(len(g))],
+        row_product=np.repeat(np.arange(len(groups)), counts), product_ids=product_ids,
+        first_row=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), image_count=counts,
+        attributes=attributes or {}, has_products=has_products)
+    return ProductSearch(catalogue, rows, path, search_k=1000, n_trees=5, config=config)
+
+
+def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0, groups: list[list[int]] | None = None,
+                 has_products: bool = True, config: SearchConfig = SearchConfig()
+                 ) -> tuple[ServedVersion, list[bytes]]:
+    """40 catalogue images; by default each is a product of its own (prod-000 owns item-000). With
+    groups, a product's other images are views of its main one."""
     embedder = FakeEmbedder(delay_s)
-    images = catalogue_images()
+    images = catalogue_images(views_from=None if groups is None else 40 - sum(len(g) > 1 for g in groups))
     vectors = embedder.embed(np.stack([embedder.preprocess(i) for i in images]))
     embedder.batches.clear()
-    path = tmp_path / f"{name}.ann"
-    build_annoy(vectors, 5, str(path))
-    ids = [f"item-{i:03d}" for i in range(len(images))]
-    index = ItemIndex(path, DIMENSION, ids, [f"aa/{i}.png" for i in ids], ["label"] * len(ids))
+    groups = groups or [[i] for i in range(len(images))]
+    index = make_search(tmp_path, vectors, groups, has_products=has_products, config=config, name=name)
     manifest = {"backbone": "fake", "preprocessing": "thumbnail", "head": "none", "dimension": DIMENSION,
                 "metric": "euclidean", "index": {"search_k": 1000, "n_trees": 5, "recall_at_10": 1.0}}
     return ServedVersion(name, manifest, embedder, index), images

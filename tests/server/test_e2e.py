@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import ImageSimilarityClient, InvalidArgumentError, NotFoundError
 from lookalike import artifacts
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from tests import helpers
 
 pytestmark = pytest.mark.e2e
@@ -28,8 +30,31 @@ def served_copy(tmp_path, built):
     return out
 
 
-def _items(artifacts_dir):
-    return pd.read_parquet(artifacts_dir / artifacts.read_current(artifacts_dir) / "items.parquet")
+def _images(artifacts_dir):
+    """The served version's images table with each row's vector."""
+    version_dir = artifacts_dir / artifacts.read_current(artifacts_dir)
+    images = pd.read_parquet(version_dir / "images.parquet")
+    images["vector"] = list(np.load(version_dir / "vectors.npy"))
+    return images
+
+
+def _legacy_version(artifacts_dir, name: str) -> str:
+    """The current version as 0.1 wrote it: items.parquet (image rows with vectors), no products."""
+    source = artifacts_dir / artifacts.read_current(artifacts_dir)
+    target = artifacts_dir / name
+    shutil.copytree(source, target)
+    images = _images(artifacts_dir)
+    items = pd.DataFrame({"annoy_id": images["row"], "image_id": images["image_id"], "path": images["path"],
+                          "label": images["label"], "label_name": images["label_name"], "vector": images["vector"]})
+    items.to_parquet(target / "items.parquet", index=False)
+    for new_file in ("images.parquet", "products.parquet", "vectors.npy"):
+        (target / new_file).unlink()
+    manifest = json.loads((target / "manifest.json").read_text())
+    for key in ("catalogue", "attribute_keys"):
+        manifest.pop(key)
+    manifest.update(version=name, files=artifacts.checksums(target))
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return name
 
 
 def _add_version(artifacts_dir, name: str, corrupt: bool = False) -> str:
@@ -47,7 +72,7 @@ def _add_version(artifacts_dir, name: str, corrupt: bool = False) -> str:
 
 
 def test_embed_and_find_similar_match_the_builder(served_copy, catalogue):
-    items = _items(served_copy)
+    items = _images(served_copy)
     helpers.SEEN_HEALTH.clear()
     with helpers.serving(served_copy) as (_, address, _metrics):
         # The port opens before the model loads: health says NOT_SERVING until warm-up is done.
@@ -60,26 +85,77 @@ def test_embed_and_find_similar_match_the_builder(served_copy, catalogue):
         by_image = client.find_similar(catalogue / "small" / query["path"], k=5, exclude_query=False)
         assert by_image[0].item_id == query["image_id"] and by_image[0].distance < 1e-3
         assert by_image[0].label == query["label_name"]
-        by_id = client.find_similar(item_id=query["image_id"], k=5)
-        assert query["image_id"] not in [m.item_id for m in by_id]
-        # The item's stored vector and its re-embedded image find the same neighbours (approximately).
-        assert len(by_id) == 5 and len({m.item_id for m in by_id} & {m.item_id for m in by_image[1:]}) >= 3
+        by_id = client.find_similar(image_id=query["image_id"], k=5)
+        assert query["product_id"] not in [m.product_id for m in by_id]
+        # The image's stored vector and its re-embedded image find the same products (approximately).
+        assert len(by_id) == 5 and len({m.product_id for m in by_id} & {m.product_id for m in by_image[1:]}) >= 3
         by_vector = client.find_similar(vector=query["vector"], k=3, exclude_query=False)
         assert by_vector[0].item_id == query["image_id"]
-        same_class = sum(m.label == query["label_name"] for m in by_id)
-        assert same_class >= 2  # real neighbours, not noise (chance would be 0.5 of 5)
+        # Real neighbours, not noise: over 30 products, most results share the query's class (chance: 0.1).
+        products = items.drop_duplicates("product_id").iloc[:30]
+        same_class = [m.label == row["label_name"] for _, row in products.iterrows()
+                      for m in client.find_similar(product_id=row["product_id"], k=5)]
+        assert np.mean(same_class) > 0.4
         info = client.info()
-        assert info["item_count"] == len(items) and info["dimension"] == 128
+        assert info["item_count"] == info["image_count"] == len(items) and info["dimension"] == 128
+        assert info["product_count"] == items["product_id"].nunique()
         assert info["backbone"] == "efficientnet_lite0" and info["preprocessing"] == "plain"
         with pytest.raises(InvalidArgumentError):
             client.embed(b"definitely not an image")
         with pytest.raises(NotFoundError):
-            client.find_similar(item_id="no-such-item")
+            client.find_similar(image_id="no-such-image")
+        with pytest.raises(NotFoundError):
+            client.find_similar(product_id="no-such-product")
         client.close()
 
 
+def test_products_come_back_distinct_grouped_and_with_attributes(served_copy, catalogue):
+    listing = helpers.first_listing(catalogue)
+    product = listing["item_id"]
+    own_images = [listing["main_image_id"], *listing.get("other_image_id", [])]
+    with helpers.serving(served_copy) as (_, address, _metrics):
+        with ImageSimilarityClient(address) as client:
+            with_own = client.find_similar(product_id=product, k=10, exclude_query=False, group_size=4,
+                                           with_attributes=True)
+            # The shared product owns the main image too, so it ties with the product itself.
+            first_two = {m.product_id: m for m in with_own[:2]}
+            assert set(first_two) == {product, helpers.SHARED_PRODUCT}
+            assert sorted(i.image_id for i in first_two[product].images) == sorted(own_images)
+            assert first_two[product].attributes["product_type"] == listing["product_type"][0]["value"]
+            others = client.find_similar(product_id=product, k=10)
+            ids = [m.product_id for m in others]
+            assert product not in ids and len(ids) == len(set(ids)) == 10
+            assert ids[:5] == [m.product_id for m in with_own if m.product_id != product][:5]
+            # An image query leaves out every product that owns the image (it is shared by two).
+            by_image = client.find_similar(image_id=listing["main_image_id"], k=10)
+            assert {product, helpers.SHARED_PRODUCT}.isdisjoint(m.product_id for m in by_image)
+            shared = client.find_similar(image_id=listing["main_image_id"], k=2, exclude_query=False)
+            assert {m.product_id for m in shared} == {product, helpers.SHARED_PRODUCT}
+
+
+def test_a_01_client_and_a_01_version_are_served_as_before(served_copy):
+    """The wire stays compatible: a 0.1 request (item_id) is answered, and a 0.1 version served."""
+    image_id = _images(served_copy)["image_id"][5]
+    with helpers.serving(served_copy) as (_, address, _metrics):
+        channel = grpc.insecure_channel(address)
+        stub = pb_grpc.ImageSimilarityStub(channel)
+        old_request = pb.FindSimilarRequest(item_id=image_id, k=3, exclude_query=False)  # as 0.1 clients send it
+        response = stub.FindSimilar(old_request, timeout=10)
+        assert response.matches[0].item_id == image_id and len(response.matches) == 3
+        legacy = _legacy_version(served_copy, "v-0.1")
+        artifacts.write_current(served_copy, legacy)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and response.index_version != legacy:
+            response = stub.FindSimilar(old_request, timeout=10)
+            time.sleep(0.2)
+        assert response.index_version == legacy
+        assert response.matches[0].item_id == image_id and all(m.product_id == "" for m in response.matches)
+        assert stub.GetInfo(pb.GetInfoRequest(), timeout=10).product_count == 0
+        channel.close()
+
+
 def test_sigterm_finishes_requests_in_flight_and_exits_zero(served_copy, catalogue):
-    paths = [catalogue / "small" / p for p in _items(served_copy)["path"][:8]]
+    paths = [catalogue / "small" / p for p in _images(served_copy)["path"][:8]]
     with helpers.serving(served_copy, "--grace-s", "30") as (process, address, _metrics):
         channel = grpc.insecure_channel(address)
         statuses = []
@@ -120,7 +196,7 @@ def test_sigterm_finishes_requests_in_flight_and_exits_zero(served_copy, catalog
 
 def test_reload_while_requests_run_changes_version_without_failures(served_copy):
     first = artifacts.read_current(served_copy)
-    item_id = _items(served_copy)["image_id"][0]
+    image_id = _images(served_copy)["image_id"][0]
     with helpers.serving(served_copy) as (_, address, metrics_port):
         client = ImageSimilarityClient(address)
         second = _add_version(served_copy, "v-reloaded")
@@ -129,7 +205,7 @@ def test_reload_while_requests_run_changes_version_without_failures(served_copy)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and (not versions or versions[-1] != second or len(versions) < 20):
             try:
-                versions.append(client.find_similar(item_id=item_id, k=3).version)
+                versions.append(client.find_similar(image_id=image_id, k=3).version)
             except Exception:  # noqa: BLE001 (counted: there must be none)
                 failures += 1
         assert failures == 0
@@ -140,22 +216,22 @@ def test_reload_while_requests_run_changes_version_without_failures(served_copy)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and helpers.scrape(metrics_port).get(
                 "lookalike_reloads_total{result=refused}", 0) < 1:
-            assert client.find_similar(item_id=item_id, k=3).version == second
+            assert client.find_similar(image_id=image_id, k=3).version == second
             time.sleep(0.2)
         assert helpers.scrape(metrics_port)["lookalike_reloads_total{result=refused}"] == 1
-        assert client.find_similar(item_id=item_id, k=3).version == second
+        assert client.find_similar(image_id=image_id, k=3).version == second
         assert client.health() == "SERVING"
         client.close()
 
 
 def test_server_refuses_to_start_on_a_checksum_mismatch(served_copy):
     version_dir = served_copy / artifacts.read_current(served_copy)
-    (version_dir / "items.parquet").write_bytes((version_dir / "items.parquet").read_bytes() + b"x")
+    (version_dir / "images.parquet").write_bytes((version_dir / "images.parquet").read_bytes() + b"x")
     result = subprocess.run([helpers.BIN / "lookalike-serve", "--artifacts", served_copy, "--port", "0",
                              "--metrics-port", "-1", "--log-format", "text"], env=helpers.env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert "items.parquet does not match the manifest's sha256" in result.stderr
+    assert "images.parquet does not match the manifest's sha256" in result.stderr
 
 
 def test_server_refuses_to_start_without_current(tmp_path):

@@ -30,7 +30,10 @@ def small_queue_server(built):
 
 @pytest.fixture(scope="module")
 def items(built):
-    return pd.read_parquet(built / artifacts.read_current(built) / "items.parquet")
+    version_dir = built / artifacts.read_current(built)
+    images = pd.read_parquet(version_dir / "images.parquet")
+    images["vector"] = list(np.load(version_dir / "vectors.npy"))
+    return images
 
 
 def test_bad_input_corpus_gets_clear_errors_and_good_requests_interleaved_stay_right(small_queue_server, items,
@@ -98,7 +101,7 @@ def test_overload_is_refused_fast_and_throughput_recovers(small_queue_server, ca
 def test_restart_after_sigkill_serves_again(tmp_path, built):
     out = tmp_path / "ARTIFACTS"
     shutil.copytree(built, out, ignore=shutil.ignore_patterns(".work", ".staging-*"))
-    item_id = pd.read_parquet(out / artifacts.read_current(out) / "items.parquet")["image_id"][0]
+    image_id = pd.read_parquet(out / artifacts.read_current(out) / "images.parquet")["image_id"][0]
     port = helpers.free_port()
 
     def start():
@@ -117,7 +120,7 @@ def test_restart_after_sigkill_serves_again(tmp_path, built):
         figures = reliability.restart_after_sigkill(start, wait, first)
         second = figures["process"]
         with ImageSimilarityClient(address) as client:
-            assert len(client.find_similar(item_id=item_id, k=3)) == 3
+            assert len(client.find_similar(image_id=image_id, k=3)) == 3
         second.terminate()
         assert second.wait(60) == 0
         print(json.dumps({"restart_to_serving_s": figures["restart_to_serving_s"]}))

@@ -1,0 +1,234 @@
+"""Product search: a plan per query (exact or Annoy), results grouped until k distinct products."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lookalike import artifacts
+from server.catalogue import Catalogue
+
+# Plans, in the order a query may go through them; each choice is counted in a metric.
+EXACT, ANNOY, ANNOY_THEN_EXACT = "exact", "annoy", "annoy_then_exact"
+PLANS = (EXACT, ANNOY, ANNOY_THEN_EXACT)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a query is planned."""
+
+    # Exact search when the rows a query may return are this many or fewer: it is then as fast as
+    # Annoy and never misses (the crossover is measured in BENCHMARKS.md). Above it, Annoy.
+    exact_max_rows: int = 4096
+    # Annoy candidates per wanted product, divided by the share of rows the query may return: room
+    # for a product's other images and for rows a filter rejects.
+    fanout: float = 3.0
+    # Annoy rounds, each fetching 4x more candidates, before the plan falls back to exact search.
+    annoy_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        if self.exact_max_rows < 0 or self.fanout < 1 or self.annoy_rounds < 1:
+            raise ValueError("exact_max_rows >= 0, fanout >= 1 and annoy_rounds >= 1")
+
+
+class Scorer(Protocol):
+    """What a query is, to the search: probes to fetch Annoy candidates with, and an exact score."""
+
+    probes: np.ndarray  # [Q, D] unit vectors
+
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        """One score per row, larger is better: what results are ranked by."""
+        ...
+
+    def distances(self, vectors: np.ndarray) -> np.ndarray:
+        """Euclidean distance of each row to the nearest probe, computed directly (exact near 0)."""
+        ...
+
+
+class NearestScorer:
+    """Cosine similarity to the nearest of the probes (one probe: a plain nearest-neighbour query)."""
+
+    def __init__(self, probes: np.ndarray) -> None:
+        self.probes = np.atleast_2d(np.asarray(probes, np.float32))
+
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        return (np.asarray(vectors, np.float32) @ self.probes.T).max(axis=1)
+
+    def distances(self, vectors: np.ndarray) -> np.ndarray:
+        return nearest_distances(vectors, self.probes)
+
+
+def nearest_distances(vectors: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """min over probes of ||row - probe||, from differences: a dot product loses precision near 0."""
+    vectors = np.asarray(vectors, np.float32)
+    return np.linalg.norm(vectors[:, None, :] - probes[None, :, :], axis=2).min(axis=1)
+
+
+@dataclass(frozen=True)
+class ProductHit:
+    """One result product: its rows best first (at least the best one), with their scores."""
+
+    product_row: int
+    rows: np.ndarray
+    scores: np.ndarray
+    distances: np.ndarray
+
+    @property
+    def score(self) -> float:
+        return float(self.scores[0])
+
+    @property
+    def distance(self) -> float:
+        return float(self.distances[0])
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[ProductHit]
+    plan: str
+
+
+def csr_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of the ranges [start, start + count): rows of several products at once."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    shift = np.repeat(starts - np.cumsum(counts) + counts, counts)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def top_products(scores: np.ndarray, products: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (into scores) of the best row of each of the k best products, best first.
+
+    Only the top rows are sorted; when they hold fewer than k products, more are taken. Products
+    missing from the top t rows cannot beat those found in them, so the answer is exact.
+    """
+    n = len(scores)
+    t = min(n, max(4 * k, 64))
+    while True:
+        top = np.argpartition(-scores, t - 1)[:t] if t < n else np.arange(n)
+        top = top[np.argsort(-scores[top], kind="stable")]
+        _, first = np.unique(products[top], return_index=True)
+        if len(first) >= k or t >= n:
+            return top[np.sort(first)[:k]], products[top[np.sort(first)[:k]]]
+        t = min(n, t * 4)
+
+
+class ProductSearch:
+    """The index of one version: Annoy over the unit vectors, the vectors themselves, the catalogue."""
+
+    def __init__(self, catalogue: Catalogue, vectors: np.ndarray, index_path: Path, search_k: int, n_trees: int,
+                 config: SearchConfig = SearchConfig(), metric: str = "euclidean") -> None:
+        from annoy import AnnoyIndex
+
+        self.catalogue = catalogue
+        self.vectors = vectors
+        self.dimension = int(vectors.shape[1])
+        self.search_k = search_k
+        self.n_trees = n_trees
+        self.config = config
+        self._annoy = AnnoyIndex(self.dimension, metric)
+        # prefault: read the pages in now, so the first queries do not pay for page faults.
+        if not self._annoy.load(str(index_path), prefault=True):
+            raise artifacts.ArtifactError(f"annoy could not load {index_path}")
+        if self._annoy.get_n_items() != len(vectors):
+            raise artifacts.ArtifactError(f"index has {self._annoy.get_n_items()} images, the tables "
+                                          f"{len(vectors)}")
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def product_mask(self, allowed: np.ndarray | None, excluded: np.ndarray) -> np.ndarray | None:
+        """Products a result may come from, or None for all of them."""
+        if allowed is None and len(excluded) == 0:
+            return None
+        mask = np.ones(self.catalogue.product_count, bool) if allowed is None else allowed.copy()
+        mask[excluded] = False
+        return mask
+
+    def search(self, scorer: Scorer, k: int, allowed: np.ndarray | None = None,
+               excluded: np.ndarray | None = None, search_k: int = 0, group_size: int = 0) -> SearchResult:
+        """The k best products for the scorer among the allowed ones, none of the excluded ones."""
+        excluded = np.zeros(0, np.int64) if excluded is None else np.asarray(excluded, np.int64)
+        mask = self.product_mask(allowed, excluded)
+        counts = self.catalogue.image_count
+        eligible_rows = len(self) if mask is None else int(counts[mask].sum())
+        eligible_products = self.catalogue.product_count if mask is None else int(mask.sum())
+        if eligible_rows == 0:
+            return SearchResult([], EXACT)
+        plan, found = EXACT, None
+        if eligible_rows > self.config.exact_max_rows and eligible_products > k:
+            plan = ANNOY
+            found = self._annoy_search(scorer, k, mask, eligible_rows / len(self), search_k or self.search_k)
+        if found is None:
+            plan = ANNOY_THEN_EXACT if plan == ANNOY else EXACT
+            found = self._exact_search(scorer, k, mask)
+        return SearchResult(self._describe(scorer, found, group_size), plan)
+
+    def _exact_search(self, scorer: Scorer, k: int, mask: np.ndarray | None) -> np.ndarray:
+        if mask is None:
+            rows = None
+            scores = scorer.scores(self.vectors)
+        else:
+            rows = csr_rows(self.catalogue.first_row[mask], self.catalogue.image_count[mask])
+            scores = scorer.scores(self.vectors[rows])
+        products = self.catalogue.row_product if rows is None else self.catalogue.row_product[rows]
+        _, found = top_products(scores, products, k)
+        return found
+
+    def _annoy_search(self, scorer: Scorer, k: int, mask: np.ndarray | None, selectivity: float,
+                      search_k: int) -> np.ndarray | None:
+        """Annoy candidates, over-fetched for the filter's selectivity; None when rounds come back short."""
+        wanted = min(len(self), max(k, math.ceil(k * self.config.fanout / selectivity)))
+        for _ in range(self.config.annoy_rounds):
+            # The manifest's search_k is what reaches the target recall for 10 neighbours.
+            node_budget = max(search_k * wanted // 10, wanted * self.n_trees)
+            candidates: set[int] = set()
+            for probe in scorer.probes:
+                candidates.update(self._annoy.get_nns_by_vector(probe.tolist(), wanted, search_k=node_budget))
+            rows = np.fromiter(candidates, np.int64, len(candidates))
+            products = self.catalogue.row_product[rows]
+            if mask is not None:
+                keep = mask[products]
+                rows, products = rows[keep], products[keep]
+            if len(rows):
+                _, found = top_products(scorer.scores(self.vectors[rows]), products, k)
+                if len(found) >= k:
+                    return found
+            if wanted >= len(self):
+                return None
+            wanted = min(len(self), wanted * 4)
+        return None
+
+    def _describe(self, scorer: Scorer, products: np.ndarray, group_size: int) -> list[ProductHit]:
+        """Every image of each found product scored exactly: its best image and its group, best first."""
+        if len(products) == 0:
+            return []
+        counts = self.catalogue.image_count[products]
+        rows = csr_rows(self.catalogue.first_row[products], counts)
+        vectors = self.vectors[rows]
+        scores, distances = scorer.scores(vectors), scorer.distances(vectors)
+        hits = []
+        for product, end, count in zip(products, np.cumsum(counts), counts, strict=True):
+            segment = slice(int(end - count), int(end))
+            order = np.argsort(-scores[segment], kind="stable")[:max(1, group_size)]
+            hits.append(ProductHit(int(product), rows[segment][order], scores[segment][order],
+                                   distances[segment][order]))
+        hits.sort(key=lambda hit: -hit.score)
+        return hits
+
+    def products_at(self, vector: np.ndarray, max_distance: float) -> list[int]:
+        """Products owning an image within max_distance of the vector: an image query's own products."""
+        if len(self) <= self.config.exact_max_rows:
+            rows = np.arange(len(self))
+        else:
+            rows = np.asarray(self._annoy.get_nns_by_vector(vector.tolist(), 16, search_k=self.search_k), np.int64)
+        close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
+        return sorted({int(p) for p in self.catalogue.row_product[close]})
+
+    def unload(self) -> None:
+        self._annoy.unload()

@@ -1,0 +1,124 @@
+"""Product search: plans, k distinct products however many images one product has, exact grouping."""
+
+import numpy as np
+import pytest
+
+from server.search import ANNOY, ANNOY_THEN_EXACT, EXACT, NearestScorer, SearchConfig, csr_rows, top_products
+from tests.server.fakes import make_search
+
+DIMENSION = 16
+
+
+def unit(rows):
+    rows = np.asarray(rows, np.float32)
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def crowded(tmp_path_factory):
+    """Product 0 has 200 near-identical images around the query; 80 products of 1 to 3 images elsewhere."""
+    rng = np.random.default_rng(11)
+    query = unit(rng.normal(size=DIMENSION))
+    crowd = unit(query + 0.01 * rng.normal(size=(200, DIMENSION)))
+    others = unit(query + 0.6 * rng.normal(size=(160, DIMENSION)))
+    vectors = np.concatenate([crowd, others])
+    groups, start = [list(range(200))], 200
+    for size in [1, 2, 3] * 26 + [1, 1]:
+        groups.append(list(range(start, start + size)))
+        start += size
+    return vectors, groups, query, tmp_path_factory.mktemp("crowded")
+
+
+def exact_products(vectors, groups, query, k, allowed=None):
+    best = [(max(float(vectors[i] @ query) for i in group), p) for p, group in enumerate(groups)
+            if allowed is None or allowed[p]]
+    return [p for _, p in sorted(best, key=lambda pair: -pair[0])[:k]]
+
+
+@pytest.mark.parametrize("exact_max_rows", [0, 10_000])
+def test_a_product_with_200_near_identical_images_never_starves_the_results(crowded, exact_max_rows):
+    vectors, groups, query, folder = crowded
+    search = make_search(folder, vectors, groups, config=SearchConfig(exact_max_rows=exact_max_rows),
+                         name=f"crowded-{exact_max_rows}")
+    result = search.search(NearestScorer(query), 10)
+    products = [hit.product_row for hit in result.hits]
+    assert len(set(products)) == 10 and products[0] == 0
+    assert products == exact_products(vectors, groups, query, 10)
+    assert result.plan == (EXACT if exact_max_rows else ANNOY)
+    scores = [hit.score for hit in result.hits]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_annoy_rounds_that_come_back_short_fall_back_to_exact_search(crowded):
+    vectors, groups, query, folder = crowded
+    config = SearchConfig(exact_max_rows=0, fanout=1, annoy_rounds=1)
+    result = make_search(folder, vectors, groups, config=config, name="short").search(NearestScorer(query), 10)
+    assert result.plan == ANNOY_THEN_EXACT
+    assert [hit.product_row for hit in result.hits] == exact_products(vectors, groups, query, 10)
+
+
+def test_the_plan_follows_the_rows_a_query_may_return(crowded):
+    vectors, groups, query, folder = crowded
+    search = make_search(folder, vectors, groups, config=SearchConfig(exact_max_rows=100), name="plans")
+    allowed = np.zeros(len(groups), bool)
+    allowed[40:] = True  # 41 products of the small ones: fewer than 100 rows
+    few = search.search(NearestScorer(query), 5, allowed=allowed)
+    assert few.plan == EXACT
+    assert [hit.product_row for hit in few.hits] == exact_products(vectors, groups, query, 5, allowed)
+    assert search.search(NearestScorer(query), 5).plan == ANNOY
+    excluded = search.search(NearestScorer(query), 5, excluded=np.array([0]))
+    assert 0 not in [hit.product_row for hit in excluded.hits] and len(excluded.hits) == 5
+    nothing = search.search(NearestScorer(query), 5, allowed=np.zeros(len(groups), bool))
+    assert nothing.hits == []
+
+
+def test_fewer_products_than_k_returns_them_all(crowded):
+    vectors, groups, query, folder = crowded
+    search = make_search(folder, vectors, groups, config=SearchConfig(exact_max_rows=0), name="all")
+    allowed = np.zeros(len(groups), bool)
+    allowed[[0, 5, 9]] = True
+    result = search.search(NearestScorer(query), 10, allowed=allowed)
+    assert sorted(hit.product_row for hit in result.hits) == [0, 5, 9]
+
+
+def test_groups_list_a_products_images_best_first_with_exact_distances(crowded):
+    vectors, groups, query, folder = crowded
+    search = make_search(folder, vectors, groups, name="groups")
+    hits = search.search(NearestScorer(query), 3, group_size=4).hits
+    top = hits[0]
+    assert len(top.rows) == 4 and list(top.scores) == sorted(top.scores, reverse=True)
+    expected = np.linalg.norm(vectors[top.rows] - query, axis=1)
+    assert np.allclose(top.distances, expected, atol=1e-6)
+    assert all(len(hit.rows) <= len(groups[hit.product_row]) for hit in hits)
+    single = search.search(NearestScorer(query), 3, group_size=0).hits
+    assert all(len(hit.rows) == 1 for hit in single)
+
+
+def test_top_products_equals_a_brute_force_grouping():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n = int(rng.integers(1, 400))
+        scores = rng.normal(size=n).astype(np.float32)
+        products = rng.integers(0, int(rng.integers(1, 40)), size=n)
+        k = int(rng.integers(1, 20))
+        best = {}
+        for score, product in zip(scores, products, strict=True):
+            best[product] = max(best.get(product, -np.inf), score)
+        expected = sorted(best, key=lambda p: -best[p])[:k]
+        positions, found = top_products(scores, products, k)
+        assert list(found) == expected
+        assert list(scores[positions]) == [best[p] for p in expected]
+
+
+def test_csr_rows_concatenates_ranges():
+    assert list(csr_rows(np.array([5, 0, 9]), np.array([2, 1, 3]))) == [5, 6, 0, 9, 10, 11]
+    assert list(csr_rows(np.array([], np.int64), np.array([], np.int64))) == []
+
+
+def test_products_at_finds_the_products_owning_an_identical_image(crowded):
+    vectors, groups, query, folder = crowded
+    for exact_max_rows in (0, 10_000):
+        search = make_search(folder, vectors, groups, config=SearchConfig(exact_max_rows=exact_max_rows),
+                             name=f"at-{exact_max_rows}")
+        assert search.products_at(vectors[205], 1e-4) == [search.catalogue.row_product[205]]
+        assert search.products_at(unit(np.ones(DIMENSION)), 1e-4) == []
