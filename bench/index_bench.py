@@ -72,4 +72,4 @@ def compare(vectors: np.ndarray, n_trees: int, search_k: int, query_count: int =
                      "recall_at_10": round(_recall(found, truth), 4), "ms_per_query": round(ms, 4)})
     except ImportError:
         rows.append({"index": "faiss HNSWFlat", "setting": "not installed", "recall_at_10": None, "ms_per_query": None})
-    return {"items": len(vectors), "dimension": int(vectors.shape[1]), "queries": len(queries), "rows": rows}
+    return {"vectors": len(vectors), "dimension": int(vectors.shape[1]), "queries": len(queries), "rows": rows}

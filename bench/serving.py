@@ -111,7 +111,8 @@ def load(address: str, catalogue: Path, **kwargs) -> dict:
 
 
 def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s: float) -> dict:
-    """Embed at each concurrency with batching on (max_batch_size 8, the default) and off (1); FindSimilar by id."""
+    """Embed at each concurrency with batching on (max_batch_size 8, the default) and off (1); FindSimilar by
+    image id and by product id."""
     out = {"embed": {}, "find_by_id": None}
     for label, batch in (("batching", "8"), ("no_batching", "1")):
         with server(artifacts_dir, "--max-batch-size", batch, "--max-queue", "1024") as (
@@ -124,13 +125,14 @@ def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s:
                     "qps": report["qps"], "codes": report["codes"], **report["latency"]["embed"]}
             out["embed"][f"{label}_mean_batch_size"] = mean_batch_size(metrics_port)
             if label == "batching":
-                load(address, catalogue, mode="closed", concurrency=8, duration_s=1, mix={"id": 1})
-                out["find_by_id"] = {}
-                for concurrency in (2, 4, 8):
-                    report = load(address, catalogue, mode="closed", concurrency=concurrency, duration_s=duration_s,
-                                  mix={"id": 1})
-                    out["find_by_id"][concurrency] = {"qps": report["qps"], "codes": report["codes"],
-                                                      **report["latency"]["id"]}
+                load(address, catalogue, mode="closed", concurrency=8, duration_s=1, mix={"id": 1, "product": 1})
+                for operation, key in (("id", "find_by_id"), ("product", "find_by_product")):
+                    out[key] = {}
+                    for concurrency in (2, 4, 8):
+                        report = load(address, catalogue, mode="closed", concurrency=concurrency,
+                                      duration_s=duration_s, mix={operation: 1})
+                        out[key][concurrency] = {"qps": report["qps"], "codes": report["codes"],
+                                                 **report["latency"][operation]}
                 # The same load on GetInfo: what the RPC stack alone allows on this machine.
                 report = load(address, catalogue, mode="closed", concurrency=4, duration_s=duration_s,
                               mix={"info": 1})

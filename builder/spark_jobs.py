@@ -56,7 +56,7 @@ def _worker_model(model_dir: str, preprocessing: str, threads: int):
 def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: int, ids: dict[str, str]):
     """Returns the mapInPandas function that embeds binaryFile (path, content) rows on an executor.
 
-    `ids` maps each file's URI to its item id; it travels with the task (a group's worth of ids).
+    `ids` maps each file's URI to its image id; it travels with the task (a group's worth of ids).
     """
 
     def embed_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -64,11 +64,11 @@ def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: 
 
         model, preprocess = _worker_model(model_dir, preprocessing, threads)
         for batch in batches:
-            item_ids = [ids[uri] for uri in batch["path"]]
+            image_ids = [ids[uri] for uri in batch["path"]]
             contents = list(batch["content"])
-            for start in range(0, len(item_ids), batch_size):
+            for start in range(0, len(image_ids), batch_size):
                 arrays, good, errors = [], [], {}
-                for image_id, content in zip(item_ids[start:start + batch_size],
+                for image_id, content in zip(image_ids[start:start + batch_size],
                                              contents[start:start + batch_size], strict=True):
                     try:
                         arrays.append(preprocess(bytes(content)))

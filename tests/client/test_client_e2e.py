@@ -32,7 +32,7 @@ def server(built):
 
 
 @pytest.fixture(scope="module")
-def items(built):
+def images(built):
     return pd.read_parquet(built / artifacts.read_current(built) / "images.parquet")
 
 
@@ -41,30 +41,30 @@ def _cli(*args, check=True) -> subprocess.CompletedProcess:
                           env=helpers.env(), timeout=120, check=check)
 
 
-def test_every_call_of_the_sync_client(server, items, catalogue):
+def test_every_call_of_the_sync_client(server, images, catalogue):
     address, _ = server
     with ImageSimilarityClient(address) as client:
         assert client.health() == "SERVING"
-        assert client.info()["item_count"] == len(items)
-        path = catalogue / "small" / items["path"][3]
+        assert client.info()["item_count"] == len(images)
+        path = catalogue / "small" / images["path"][3]
         from_path, from_bytes, from_pil = (client.embed(path), client.embed(path.read_bytes()),
                                            client.embed(Image.open(path)))
         assert from_path.shape == (1, 128)
         assert np.allclose(from_path, from_bytes) and np.allclose(from_path, from_pil, atol=1e-5)
         matches = client.find_similar(path, k=3)  # exclude_query defaults to True
-        assert items["product_id"][3] not in [m.product_id for m in matches] and len(matches) == 3
+        assert images["product_id"][3] not in [m.product_id for m in matches] and len(matches) == 3
         with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT"):
-            client.find_similar(image_id=items["image_id"][0], k=5000)
+            client.find_similar(image_id=images["image_id"][0], k=5000)
         with pytest.raises(NotFoundError):
             client.find_similar(image_id="missing")
-        by_old_name = client.find_similar(item_id=items["image_id"][3], k=3)  # the 0.1 keyword still works
+        by_old_name = client.find_similar(item_id=images["image_id"][3], k=3)  # the 0.1 keyword still works
         assert [m.product_id for m in by_old_name] == [m.product_id for m in client.find_similar(
-            image_id=items["image_id"][3], k=3)]
+            image_id=images["image_id"][3], k=3)]
         with pytest.raises(DeadlineError):
             client.embed([path] * 32, timeout_s=0.001)
 
 
-def test_async_twin_matches_sync(server, items):
+def test_async_twin_matches_sync(server, images):
     address, _ = server
 
     async def run():
@@ -72,7 +72,7 @@ def test_async_twin_matches_sync(server, items):
             results = await asyncio.gather(*(client.find_similar(product_id=p, k=4) for p in products))
             return [[m.product_id for m in r] for r in results], await client.health()
 
-    products = list(items["product_id"].unique()[:5])
+    products = list(images["product_id"].unique()[:5])
     async_ids, status = asyncio.run(run())
     with ImageSimilarityClient(address) as client:
         assert async_ids == [[m.product_id for m in client.find_similar(product_id=p, k=4)] for p in products]
@@ -85,9 +85,9 @@ def test_unreachable_server_is_unavailable_after_retries():
             client.info()
 
 
-def test_cli_similar_prints_products_and_writes_a_contact_sheet(server, items, catalogue, tmp_path):
+def test_cli_similar_prints_products_and_writes_a_contact_sheet(server, images, catalogue, tmp_path):
     address, _ = server
-    item = items.iloc[10]
+    item = images.iloc[10]
     sheet = tmp_path / "sheet.png"
     result = _cli("--address", address, "similar", "--image-id", item["image_id"], "-k", "5", "--catalogue",
                   catalogue, "--sheet", sheet)
@@ -140,10 +140,10 @@ def test_bench_counts_agree_with_server_metrics(server, catalogue, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
-def test_node_client_results_equal_python_client(server, items, catalogue):
+def test_node_client_results_equal_python_client(server, images, catalogue):
     address, _ = server
-    image_path = str(catalogue / "small" / items["path"][7])
-    queries = [f"image:{i}" for i in items["image_id"][:2]] + [f"product:{p}" for p in items["product_id"][:2]]
+    image_path = str(catalogue / "small" / images["path"][7])
+    queries = [f"image:{i}" for i in images["image_id"][:2]] + [f"product:{p}" for p in images["product_id"][:2]]
     queries.append(image_path)
     result = subprocess.run(["node", NODE_DIR / "example.js", address, *queries], capture_output=True, text=True,
                             timeout=120, check=True)
