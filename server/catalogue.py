@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from lookalike import artifacts
+from server.filters import AttributeIndex
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Catalogue:
         self.product_row_of = {product_id: row for row, product_id in enumerate(self.product_ids)}
         if len(self.row_product) != len(self.image_ids) or int(self.image_count.sum()) != len(self.image_ids):
             raise artifacts.ArtifactError("the images and products tables do not describe the same rows")
+        # Posting lists per attribute value, built here rather than by the builder: a factorize per key
+        # takes well under a second on ABO's 147,702 products and keeps the artifact format as it is.
+        self.filters = AttributeIndex(self.attributes, self.product_row_of, len(self.product_ids))
 
     @property
     def image_count_total(self) -> int:

@@ -15,7 +15,8 @@ import numpy as np
 from lookalike.preprocess import ImageError
 from server.batcher import BatcherClosed, BatcherConfig, BatchObserver, Expired, MicroBatcher, QueueFull
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
-from server.search import NearestScorer, ProductHit, Scorer
+from server.filters import Filter
+from server.search import BestScoreScorer, NearestScorer, ProductHit, Scorer, average_vector
 from server.version import ServedVersion
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,9 @@ EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue ima
 # How a product's images form one query: "mean" (their normalised mean vector) or "max" (each image
 # a probe; a candidate's score is its best match with any of them). Chosen by measurement (BENCHMARKS.md).
 PRODUCT_QUERIES = ("mean", "max")
+# Recommendation strategies, as Qdrant defines them (server/search.py).
+AVERAGE_VECTOR, BEST_SCORE = "average_vector", "best_score"
+STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE)
 
 
 class CoreObserver(BatchObserver):
@@ -51,6 +55,8 @@ class CoreConfig:
     max_group_size: int = 100
     # How a query by product id uses the product's images (PRODUCT_QUERIES).
     product_query: str = "mean"
+    # Positive plus negative examples per Recommend request.
+    max_examples: int = 64
 
     def __post_init__(self) -> None:
         if self.product_query not in PRODUCT_QUERIES:
@@ -82,6 +88,28 @@ class SearchOptions:
     search_k: int = 0
     group_size: int = 0
     with_attributes: bool = False
+    filter: Filter = Filter()
+    # Matches whose best image scores below this are left out (None: no threshold).
+    score_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Examples:
+    """What a Recommend request recommends from: each example is a Query with exactly one field set."""
+
+    positive: tuple[Query, ...] = ()
+    negative: tuple[Query, ...] = ()
+    strategy: str = AVERAGE_VECTOR
+    # Leave out examples that are not in the served version (and name them) instead of NOT_FOUND.
+    ignore_missing: bool = False
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    results: list[ProductResult]
+    version: str
+    missing_product_ids: list[str]
+    missing_image_ids: list[str]
 
 
 @dataclass(frozen=True)
@@ -114,9 +142,9 @@ class ProductResult:
 
 @dataclass(frozen=True)
 class _Resolved:
-    """A query made ready for search: how to score, and which products are the query's own."""
+    """A query made ready for search: its vectors ([m, D], unit), and which products are the query's own."""
 
-    scorer: Scorer
+    vectors: np.ndarray
     own_products: list[int]
 
 
@@ -252,9 +280,7 @@ class SimilarityCore:
                  query.vector is not None]
         if sum(given) != 1:
             raise InvalidArgument("set exactly one of image, image_id, product_id or vector")
-        k = self._check_k(options.k)
-        if not 0 <= options.group_size <= self.config.max_group_size:
-            raise InvalidArgument(f"group_size must be in 0..{self.config.max_group_size}, not {options.group_size}")
+        k = self._check_options(options)
         images = 1 if query.image is not None else 0
         runtime = self._acquire(images)
         try:
@@ -263,26 +289,41 @@ class SimilarityCore:
                 vector = (await self._embed_on(runtime, [query.image], deadline))[0]
                 query = Query(vector=vector)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._index_pool, self._search, version, query, options, k), version.name
+            return await loop.run_in_executor(self._index_pool, self._find, version, query, options, k), version.name
         finally:
             self._release(runtime, images)
 
-    def _search(self, version: ServedVersion, query: Query, options: SearchOptions, k: int) -> list[ProductResult]:
+    def _check_options(self, options: SearchOptions) -> int:
+        """k, checked; every other option checked (the filter against the served version's keys later)."""
+        if not 0 <= options.group_size <= self.config.max_group_size:
+            raise InvalidArgument(f"group_size must be in 0..{self.config.max_group_size}, not {options.group_size}")
+        threshold = options.score_threshold
+        if threshold is not None and not (math.isfinite(threshold) and -1 <= threshold <= 1):
+            raise InvalidArgument(f"score_threshold must be in -1..1, not {threshold}")
+        return self._check_k(options.k)
+
+    def _find(self, version: ServedVersion, query: Query, options: SearchOptions, k: int) -> list[ProductResult]:
         resolved = self._resolve(version, query, options.exclude_query)
-        excluded = np.asarray(resolved.own_products, np.int64)
-        result = version.index.search(resolved.scorer, k, excluded=excluded, search_k=options.search_k,
-                                      group_size=options.group_size)
+        return self._search(version, NearestScorer(resolved.vectors), resolved.own_products, options, k)
+
+    def _search(self, version: ServedVersion, scorer: Scorer, own_products: list[int], options: SearchOptions,
+                k: int) -> list[ProductResult]:
+        filters = version.catalogue.filters
+        allowed = filters.allowed(options.filter)
+        excluded = np.union1d(np.asarray(own_products, np.int64), filters.excluded_rows(options.filter))
+        result = version.index.search(scorer, k, allowed=allowed, excluded=excluded, search_k=options.search_k,
+                                      group_size=options.group_size, score_threshold=options.score_threshold)
         self._observer.plan_chosen(result.plan)
         return [self._product_result(version, hit, options) for hit in result.hits]
 
     def _resolve(self, version: ServedVersion, query: Query, own: bool) -> _Resolved:
-        """The scorer for a query and, when `own` is asked for, the products that are the query's own."""
+        """The vectors of a query and, when `own` is asked for, the products that are the query's own."""
         catalogue, index = version.catalogue, version.index
         if query.image_id is not None:
             rows = catalogue.rows_of_image.get(query.image_id)
             if not rows:
                 raise NotFound(f"image {query.image_id!r} is not in index version {version.name}")
-            return _Resolved(NearestScorer(index.vectors[rows[0]]),
+            return _Resolved(np.asarray(index.vectors[rows[:1]], np.float32),
                              catalogue.products_of_image(query.image_id) if own else [])
         if query.product_id is not None:
             if not catalogue.has_products:
@@ -295,9 +336,85 @@ class SimilarityCore:
             if self.config.product_query == "mean":
                 vectors = vectors.mean(axis=0, keepdims=True)
                 vectors /= max(float(np.linalg.norm(vectors)), 1e-12)
-            return _Resolved(NearestScorer(vectors), [product] if own else [])
+            return _Resolved(vectors, [product] if own else [])
         vector = self._check_vector(query.vector, index.dimension)
-        return _Resolved(NearestScorer(vector), index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
+        return _Resolved(vector[None, :], index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
+
+    async def recommend(self, examples: Examples, options: SearchOptions = SearchOptions(),
+                        deadline: float | None = None) -> Recommendation:
+        """The k products most like the positive examples and least like the negative ones; the examples'
+        own products never come back."""
+        k = self._check_options(options)
+        if examples.strategy not in STRATEGIES:
+            raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {examples.strategy!r}")
+        every = examples.positive + examples.negative
+        if not every:
+            raise InvalidArgument("no examples: give at least one positive (or, with best_score, negative) example")
+        if examples.strategy == AVERAGE_VECTOR and not examples.positive:
+            raise InvalidArgument("average_vector needs at least one positive example")
+        if len(every) > self.config.max_examples:
+            raise InvalidArgument(f"{len(every)} examples; at most {self.config.max_examples}")
+        for position, example in enumerate(every):
+            set_ = [v is not None for v in (example.image, example.image_id, example.product_id, example.vector)]
+            if sum(set_) != 1:
+                raise InvalidArgument(f"example {position}: set exactly one of image, image_id, product_id or vector")
+        images = [example.image for example in every if example.image is not None]
+        if len(images) > self.config.max_images_per_request:
+            raise InvalidArgument(f"{len(images)} image examples; at most {self.config.max_images_per_request}")
+        runtime = self._acquire(len(images))
+        try:
+            version = runtime.version
+            if images:
+                embedded = iter(await self._embed_on(runtime, images, deadline))
+                positive, negative = ([Query(vector=next(embedded)) if e.image is not None else e for e in side]
+                                      for side in (examples.positive, examples.negative))
+                examples = Examples(tuple(positive), tuple(negative), examples.strategy, examples.ignore_missing)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._index_pool, self._recommend, version, examples, options, k)
+        finally:
+            self._release(runtime, len(images))
+
+    def _recommend(self, version: ServedVersion, examples: Examples, options: SearchOptions,
+                   k: int) -> Recommendation:
+        missing_products, missing_images, own = [], [], []
+        sides = []
+        for side in (examples.positive, examples.negative):
+            vectors = []
+            for example in side:
+                try:
+                    resolved = self._resolve(version, example, own=True)
+                except NotFound:
+                    if example.product_id is None and example.image_id is None:
+                        raise
+                    (missing_products if example.product_id is not None else missing_images).append(
+                        example.product_id or example.image_id)
+                    continue
+                vectors.append(resolved.vectors)
+                own += resolved.own_products
+            sides.append(vectors)
+        if (missing_products or missing_images) and not examples.ignore_missing:
+            named = [f"product {p!r}" for p in missing_products] + [f"image {i!r}" for i in missing_images]
+            raise NotFound(f"examples not in index version {version.name}: {', '.join(named)}")
+        positive, negative = sides
+        results: list[ProductResult] = []
+        if positive or (negative and examples.strategy == BEST_SCORE):
+            dimension = version.index.dimension
+            if examples.strategy == AVERAGE_VECTOR:
+                # Each example weighs the same, however many images a product example has.
+                means = [self._unit(v.mean(axis=0)) for v in positive], [self._unit(v.mean(axis=0)) for v in negative]
+                try:
+                    scorer = NearestScorer(average_vector(np.asarray(means[0]), np.asarray(means[1])))
+                except ValueError as error:
+                    raise InvalidArgument(str(error)) from None
+            else:
+                stack = lambda vs: np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)  # noqa: E731
+                scorer = BestScoreScorer(stack(positive), stack(negative))
+            results = self._search(version, scorer, own, options, k)
+        return Recommendation(results, version.name, missing_products, missing_images)
+
+    @staticmethod
+    def _unit(vector: np.ndarray) -> np.ndarray:
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     @staticmethod
     def _product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:

@@ -36,7 +36,9 @@ class SearchConfig:
 
 
 class Scorer(Protocol):
-    """What a query is, to the search: probes to fetch Annoy candidates with, and an exact score."""
+    """What a query is, to the search: probes to fetch Annoy candidates with, and an exact score.
+
+    A scorer without probes (a recommendation from negative examples only) is answered exactly."""
 
     probes: np.ndarray  # [Q, D] unit vectors
 
@@ -60,6 +62,39 @@ class NearestScorer:
 
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         return nearest_distances(vectors, self.probes)
+
+
+class BestScoreScorer:
+    """Qdrant's best_score recommendation: a row's score is its best similarity to a positive example when
+    that beats its best similarity to a negative one, else minus the square of the latter. Positives are the
+    probes; the distance reported is to the nearest positive (to the nearest negative when there are none)."""
+
+    def __init__(self, positives: np.ndarray, negatives: np.ndarray) -> None:
+        self.probes = np.asarray(positives, np.float32).reshape(-1, negatives.shape[-1])
+        self.negatives = np.asarray(negatives, np.float32).reshape(-1, negatives.shape[-1])
+        if not len(self.probes) and not len(self.negatives):
+            raise ValueError("best_score needs at least one example")
+
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, np.float32)
+        worst = np.full(len(vectors), -np.inf, np.float32)
+        positive = (vectors @ self.probes.T).max(axis=1) if len(self.probes) else worst
+        negative = (vectors @ self.negatives.T).max(axis=1) if len(self.negatives) else worst
+        return np.where(positive > negative, positive, -np.square(negative)).astype(np.float32)
+
+    def distances(self, vectors: np.ndarray) -> np.ndarray:
+        return nearest_distances(vectors, self.probes if len(self.probes) else self.negatives)
+
+
+def average_vector(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """Qdrant's average_vector recommendation: avg(positive) + (avg(positive) - avg(negative)), unit length."""
+    query = np.asarray(positives, np.float32).mean(axis=0)
+    if len(negatives):
+        query = 2 * query - np.asarray(negatives, np.float32).mean(axis=0)
+    norm = float(np.linalg.norm(query))
+    if norm < 1e-12:
+        raise ValueError("the examples cancel out: their average vector has no direction")
+    return query / norm
 
 
 def nearest_distances(vectors: np.ndarray, probes: np.ndarray) -> np.ndarray:
@@ -151,8 +186,10 @@ class ProductSearch:
         return mask
 
     def search(self, scorer: Scorer, k: int, allowed: np.ndarray | None = None,
-               excluded: np.ndarray | None = None, search_k: int = 0, group_size: int = 0) -> SearchResult:
-        """The k best products for the scorer among the allowed ones, none of the excluded ones."""
+               excluded: np.ndarray | None = None, search_k: int = 0, group_size: int = 0,
+               score_threshold: float | None = None) -> SearchResult:
+        """The k best products for the scorer among the allowed ones, none of the excluded ones, none whose
+        best image scores below score_threshold."""
         excluded = np.zeros(0, np.int64) if excluded is None else np.asarray(excluded, np.int64)
         mask = self.product_mask(allowed, excluded)
         counts = self.catalogue.image_count
@@ -161,15 +198,17 @@ class ProductSearch:
         if eligible_rows == 0:
             return SearchResult([], EXACT)
         plan, found = EXACT, None
-        if eligible_rows > self.config.exact_max_rows and eligible_products > k:
+        if eligible_rows > self.config.exact_max_rows and eligible_products > k and len(scorer.probes):
             plan = ANNOY
-            found = self._annoy_search(scorer, k, mask, eligible_rows / len(self), search_k or self.search_k)
+            found = self._annoy_search(scorer, k, mask, eligible_rows / len(self), search_k or self.search_k,
+                                       score_threshold)
         if found is None:
             plan = ANNOY_THEN_EXACT if plan == ANNOY else EXACT
-            found = self._exact_search(scorer, k, mask)
+            found = self._exact_search(scorer, k, mask, score_threshold)
         return SearchResult(self._describe(scorer, found, group_size), plan)
 
-    def _exact_search(self, scorer: Scorer, k: int, mask: np.ndarray | None) -> np.ndarray:
+    def _exact_search(self, scorer: Scorer, k: int, mask: np.ndarray | None,
+                      score_threshold: float | None) -> np.ndarray:
         if mask is None:
             rows = None
             scores = scorer.scores(self.vectors)
@@ -177,28 +216,48 @@ class ProductSearch:
             rows = csr_rows(self.catalogue.first_row[mask], self.catalogue.image_count[mask])
             scores = scorer.scores(self.vectors[rows])
         products = self.catalogue.row_product if rows is None else self.catalogue.row_product[rows]
+        if score_threshold is not None:
+            keep = scores >= score_threshold
+            scores, products = scores[keep], products[keep]
+            if not len(scores):
+                return np.zeros(0, np.int64)
         _, found = top_products(scores, products, k)
         return found
 
     def _annoy_search(self, scorer: Scorer, k: int, mask: np.ndarray | None, selectivity: float,
-                      search_k: int) -> np.ndarray | None:
-        """Annoy candidates, over-fetched for the filter's selectivity; None when rounds come back short."""
+                      search_k: int, score_threshold: float | None) -> np.ndarray | None:
+        """Annoy candidates, over-fetched for the filter's selectivity; None when rounds come back short.
+
+        With a score threshold, fewer than k is the answer once every probe's farthest candidate is below
+        it: rows not fetched are farther still (as far as Annoy can tell), so they are below it too."""
         wanted = min(len(self), max(k, math.ceil(k * self.config.fanout / selectivity)))
         for _ in range(self.config.annoy_rounds):
             # The manifest's search_k is what reaches the target recall for 10 neighbours.
             node_budget = max(search_k * wanted // 10, wanted * self.n_trees)
             candidates: set[int] = set()
+            reach = -np.inf  # the best similarity a row that no probe fetched can have
             for probe in scorer.probes:
-                candidates.update(self._annoy.get_nns_by_vector(probe.tolist(), wanted, search_k=node_budget))
+                found_rows, distances = self._annoy.get_nns_by_vector(probe.tolist(), wanted, search_k=node_budget,
+                                                                      include_distances=True)
+                candidates.update(found_rows)
+                # A probe that came back short says nothing of the rows it did not reach.
+                reach = max(reach, 1 - distances[-1] ** 2 / 2 if len(found_rows) == wanted else np.inf)
             rows = np.fromiter(candidates, np.int64, len(candidates))
             products = self.catalogue.row_product[rows]
             if mask is not None:
                 keep = mask[products]
                 rows, products = rows[keep], products[keep]
+            scores = scorer.scores(self.vectors[rows])
+            complete = score_threshold is not None and reach < score_threshold
+            if score_threshold is not None:
+                keep = scores >= score_threshold
+                rows, products, scores = rows[keep], products[keep], scores[keep]
             if len(rows):
-                _, found = top_products(scorer.scores(self.vectors[rows]), products, k)
-                if len(found) >= k:
+                _, found = top_products(scores, products, k)
+                if len(found) >= k or complete:
                     return found
+            elif complete:
+                return np.zeros(0, np.int64)
             if wanted >= len(self):
                 return None
             wanted = min(len(self), wanted * 4)

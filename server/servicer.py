@@ -12,8 +12,18 @@ import numpy as np
 
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
-from server.core import ImageResult, ProductResult, Query, SearchOptions, SimilarityCore
+from server.core import (
+    AVERAGE_VECTOR,
+    BEST_SCORE,
+    Examples,
+    ImageResult,
+    ProductResult,
+    Query,
+    SearchOptions,
+    SimilarityCore,
+)
 from server.errors import ServingError, Unavailable, status_of
+from server.filters import Clause, Filter
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -54,8 +64,8 @@ def _rpc(method):
     return wrapper
 
 
-def _query(request: pb.FindSimilarRequest) -> Query:
-    which = request.WhichOneof("query")
+def _query(request: pb.FindSimilarRequest | pb.Example, oneof: str = "query") -> Query:
+    which = request.WhichOneof(oneof)
     if which == "image":
         return Query(image=request.image)
     if which in ("image_id", "item_id"):  # item_id is the 0.1 name of an image id
@@ -67,9 +77,27 @@ def _query(request: pb.FindSimilarRequest) -> Query:
     return Query()
 
 
-def _options(request: pb.FindSimilarRequest) -> SearchOptions:
-    return SearchOptions(k=request.k, exclude_query=request.exclude_query, search_k=request.search_k,
-                         group_size=request.group_size, with_attributes=request.with_attributes)
+def _filter(message: pb.Filter) -> Filter:
+    return Filter(tuple(Clause(c.key, tuple(c.any_of), tuple(c.none_of)) for c in message.clauses),
+                  tuple(message.exclude_product_ids))
+
+
+def _options(request: pb.FindSimilarRequest | pb.RecommendRequest, exclude_query: bool = False) -> SearchOptions:
+    threshold = request.score_threshold if request.HasField("score_threshold") else None
+    return SearchOptions(k=request.k, exclude_query=exclude_query, search_k=request.search_k,
+                         group_size=request.group_size, with_attributes=request.with_attributes,
+                         filter=_filter(request.filter), score_threshold=threshold)
+
+
+_STRATEGIES = {pb.RECOMMEND_STRATEGY_UNSPECIFIED: AVERAGE_VECTOR, pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR: AVERAGE_VECTOR,
+               pb.RECOMMEND_STRATEGY_BEST_SCORE: BEST_SCORE}
+
+
+def _examples(request: pb.RecommendRequest) -> Examples:
+    return Examples(positive=tuple(_query(e, "example") for e in request.positive),
+                    negative=tuple(_query(e, "example") for e in request.negative),
+                    strategy=_STRATEGIES.get(request.strategy, f"unknown ({request.strategy})"),
+                    ignore_missing=request.ignore_missing)
 
 
 def _image_match(image: ImageResult) -> pb.ImageMatch:
@@ -108,8 +136,16 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
 
     @_rpc
     async def FindSimilar(self, request: pb.FindSimilarRequest, context) -> pb.FindSimilarResponse:  # noqa: N802
-        matches, version = await self.core.find_similar(_query(request), _options(request), _deadline(context))
+        matches, version = await self.core.find_similar(_query(request), _options(request, request.exclude_query),
+                                                        _deadline(context))
         return pb.FindSimilarResponse(matches=[_match(m) for m in matches], index_version=version)
+
+    @_rpc
+    async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:  # noqa: N802
+        found = await self.core.recommend(_examples(request), _options(request), _deadline(context))
+        return pb.RecommendResponse(matches=[_match(m) for m in found.results], index_version=found.version,
+                                    missing_product_ids=found.missing_product_ids,
+                                    missing_image_ids=found.missing_image_ids)
 
     @_rpc
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:  # noqa: N802

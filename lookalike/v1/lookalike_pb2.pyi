@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class RecommendStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECOMMEND_STRATEGY_UNSPECIFIED: _ClassVar[RecommendStrategy]
+    RECOMMEND_STRATEGY_AVERAGE_VECTOR: _ClassVar[RecommendStrategy]
+    RECOMMEND_STRATEGY_BEST_SCORE: _ClassVar[RecommendStrategy]
+RECOMMEND_STRATEGY_UNSPECIFIED: RecommendStrategy
+RECOMMEND_STRATEGY_AVERAGE_VECTOR: RecommendStrategy
+RECOMMEND_STRATEGY_BEST_SCORE: RecommendStrategy
 
 class EmbedRequest(_message.Message):
     __slots__ = ("images",)
@@ -27,7 +37,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class FindSimilarRequest(_message.Message):
-    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes")
+    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +48,8 @@ class FindSimilarRequest(_message.Message):
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     vector: Vector
@@ -48,7 +60,75 @@ class FindSimilarRequest(_message.Message):
     search_k: int
     group_size: int
     with_attributes: bool
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+    filter: Filter
+    score_threshold: float
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("clauses", "exclude_product_ids")
+    CLAUSES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    clauses: _containers.RepeatedCompositeFieldContainer[Clause]
+    exclude_product_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, clauses: _Optional[_Iterable[_Union[Clause, _Mapping]]] = ..., exclude_product_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Clause(_message.Message):
+    __slots__ = ("key", "any_of", "none_of")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ANY_OF_FIELD_NUMBER: _ClassVar[int]
+    NONE_OF_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    any_of: _containers.RepeatedScalarFieldContainer[str]
+    none_of: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., none_of: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Example(_message.Message):
+    __slots__ = ("product_id", "image_id", "vector", "image")
+    PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    product_id: str
+    image_id: str
+    vector: Vector
+    image: bytes
+    def __init__(self, product_id: _Optional[str] = ..., image_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image: _Optional[bytes] = ...) -> None: ...
+
+class RecommendRequest(_message.Message):
+    __slots__ = ("positive", "negative", "strategy", "k", "filter", "score_threshold", "ignore_missing", "search_k", "group_size", "with_attributes")
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_MISSING_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    positive: _containers.RepeatedCompositeFieldContainer[Example]
+    negative: _containers.RepeatedCompositeFieldContainer[Example]
+    strategy: RecommendStrategy
+    k: int
+    filter: Filter
+    score_threshold: float
+    ignore_missing: bool
+    search_k: int
+    group_size: int
+    with_attributes: bool
+    def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+
+class RecommendResponse(_message.Message):
+    __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids")
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MISSING_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    matches: _containers.RepeatedCompositeFieldContainer[Match]
+    index_version: str
+    missing_product_ids: _containers.RepeatedScalarFieldContainer[str]
+    missing_image_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., missing_product_ids: _Optional[_Iterable[str]] = ..., missing_image_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("item_id", "distance", "score", "path", "label", "image_id", "product_id", "images", "attributes")

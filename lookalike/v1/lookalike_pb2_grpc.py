@@ -46,6 +46,11 @@ class ImageSimilarityStub:
                 request_serializer=lookalike_dot_v1_dot_lookalike__pb2.FindSimilarRequest.SerializeToString,
                 response_deserializer=lookalike_dot_v1_dot_lookalike__pb2.FindSimilarResponse.FromString,
                 _registered_method=True)
+        self.Recommend = channel.unary_unary(
+                '/lookalike.v1.ImageSimilarity/Recommend',
+                request_serializer=lookalike_dot_v1_dot_lookalike__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=lookalike_dot_v1_dot_lookalike__pb2.RecommendResponse.FromString,
+                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/lookalike.v1.ImageSimilarity/GetInfo',
                 request_serializer=lookalike_dot_v1_dot_lookalike__pb2.GetInfoRequest.SerializeToString,
@@ -74,6 +79,15 @@ class ImageSimilarityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recommend(self, request, context):
+        """Recommend returns the k catalogue products most like the positive examples and least like the
+        negative ones (products, images or vectors), under the same filters as FindSimilar. The
+        examples' own products never come back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetInfo(self, request, context):
         """GetInfo describes what is being served: model, preprocessing, index and versions.
         """
@@ -93,6 +107,11 @@ def add_ImageSimilarityServicer_to_server(servicer, server):
                     servicer.FindSimilar,
                     request_deserializer=lookalike_dot_v1_dot_lookalike__pb2.FindSimilarRequest.FromString,
                     response_serializer=lookalike_dot_v1_dot_lookalike__pb2.FindSimilarResponse.SerializeToString,
+            ),
+            'Recommend': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recommend,
+                    request_deserializer=lookalike_dot_v1_dot_lookalike__pb2.RecommendRequest.FromString,
+                    response_serializer=lookalike_dot_v1_dot_lookalike__pb2.RecommendResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -156,6 +175,33 @@ class ImageSimilarity:
             '/lookalike.v1.ImageSimilarity/FindSimilar',
             lookalike_dot_v1_dot_lookalike__pb2.FindSimilarRequest.SerializeToString,
             lookalike_dot_v1_dot_lookalike__pb2.FindSimilarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recommend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lookalike.v1.ImageSimilarity/Recommend',
+            lookalike_dot_v1_dot_lookalike__pb2.RecommendRequest.SerializeToString,
+            lookalike_dot_v1_dot_lookalike__pb2.RecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,

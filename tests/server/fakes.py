@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import time
 
+import grpc
 import numpy as np
 from PIL import Image
 
 from builder.index import build_annoy
 from lookalike.preprocess import decode
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.catalogue import Catalogue
+from server.core import CoreConfig, SimilarityCore
+from server.metrics import ServerMetrics
 from server.search import ProductSearch, SearchConfig
+from server.servicer import ImageSimilarityServicer
 from server.version import ServedVersion
 from tests.helpers import png_bytes
 
@@ -74,7 +79,7 @@ def make_search(tmp_path, vectors: np.ndarray, groups: list[list[int]], image_id
 
 
 def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0, groups: list[list[int]] | None = None,
-                 has_products: bool = True, config: SearchConfig = SearchConfig()
+                 has_products: bool = True, config: SearchConfig = SearchConfig(), attributes: dict | None = None
                  ) -> tuple[ServedVersion, list[bytes]]:
     """40 catalogue images; by default each is a product of its own (prod-000 owns item-000). With
     groups, a product's other images are views of its main one."""
@@ -83,7 +88,29 @@ def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0, groups: 
     vectors = embedder.embed(np.stack([embedder.preprocess(i) for i in images]))
     embedder.batches.clear()
     groups = groups or [[i] for i in range(len(images))]
-    index = make_search(tmp_path, vectors, groups, has_products=has_products, config=config, name=name)
+    index = make_search(tmp_path, vectors, groups, has_products=has_products, config=config, name=name,
+                        attributes=attributes)
     manifest = {"backbone": "fake", "preprocessing": "thumbnail", "head": "none", "dimension": DIMENSION,
                 "metric": "euclidean", "index": {"search_k": 1000, "n_trees": 5, "recall_at_10": 1.0}}
     return ServedVersion(name, manifest, embedder, index), images
+
+
+async def serve_in_process(tmp_path, **version_args):
+    """The fake version behind the real servicer on a real gRPC server on 127.0.0.1; returns
+    (stub, catalogue images, metrics, parts for close_in_process)."""
+    version, images = fake_version(tmp_path, **version_args)
+    metrics = ServerMetrics()
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
+    server = grpc.aio.server()
+    pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return pb_grpc.ImageSimilarityStub(channel), images, metrics, (channel, server, core)
+
+
+async def close_in_process(parts):
+    channel, server, core = parts
+    await channel.close()
+    await server.stop(0)
+    await core.close()

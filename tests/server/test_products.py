@@ -5,42 +5,20 @@ import numpy as np
 import pytest
 
 from lookalike.v1 import lookalike_pb2 as pb
-from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import CoreConfig, SimilarityCore
-from server.metrics import ServerMetrics
 from server.search import SearchConfig
-from server.servicer import ImageSimilarityServicer
-from tests.server.fakes import fake_version
+from tests.server.fakes import close_in_process, fake_version, serve_in_process
 
 # 40 images, 20 products: product p owns images p (main) and p + 20.
 GROUPS = [[p, p + 20] for p in range(20)]
 
 
-async def _serve(tmp_path, **version_args):
-    version, images = fake_version(tmp_path, **version_args)
-    metrics = ServerMetrics()
-    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
-    server = grpc.aio.server()
-    pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    return pb_grpc.ImageSimilarityStub(channel), images, metrics, (channel, server, core)
-
-
-async def _close(parts):
-    channel, server, core = parts
-    await channel.close()
-    await server.stop(0)
-    await core.close()
-
-
 @pytest.fixture(params=[10_000, 0], ids=["exact", "annoy"])
 async def products(tmp_path, request):
-    stub, images, metrics, parts = await _serve(tmp_path, groups=GROUPS,
+    stub, images, metrics, parts = await serve_in_process(tmp_path, groups=GROUPS,
                                                 config=SearchConfig(exact_max_rows=request.param))
     yield stub, images, metrics
-    await _close(parts)
+    await close_in_process(parts)
 
 
 def _products(response):
@@ -120,7 +98,7 @@ async def test_get_info_reports_products_and_images(products):
 
 
 async def test_a_version_built_before_products_answers_with_images(tmp_path):
-    stub, images, _, parts = await _serve(tmp_path, has_products=False)
+    stub, images, _, parts = await serve_in_process(tmp_path, has_products=False)
     try:
         response = await stub.FindSimilar(pb.FindSimilarRequest(item_id="item-003", k=4, exclude_query=True))
         assert len(response.matches) == 4 and all(m.product_id == "" for m in response.matches)
@@ -131,13 +109,13 @@ async def test_a_version_built_before_products_answers_with_images(tmp_path):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "before products" in info.value.details()
         assert (await stub.GetInfo(pb.GetInfoRequest())).product_count == 0
     finally:
-        await _close(parts)
+        await close_in_process(parts)
 
 
 async def test_attributes_come_with_matches_when_asked(tmp_path):
-    version, _ = fake_version(tmp_path, groups=GROUPS)
     colours = ["Black" if p % 2 else None for p in range(20)]
-    version.index.catalogue.attributes = {"color": colours, "brand": [f"B{p}" for p in range(20)]}
+    version, _ = fake_version(tmp_path, groups=GROUPS,
+                              attributes={"color": colours, "brand": [f"B{p}" for p in range(20)]})
     core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000))
     try:
         from server.core import Query, SearchOptions

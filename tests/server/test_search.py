@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 
-from server.search import ANNOY, ANNOY_THEN_EXACT, EXACT, NearestScorer, SearchConfig, csr_rows, top_products
+from server.search import (
+    ANNOY,
+    ANNOY_THEN_EXACT,
+    EXACT,
+    BestScoreScorer,
+    NearestScorer,
+    SearchConfig,
+    average_vector,
+    csr_rows,
+    top_products,
+)
 from tests.server.fakes import make_search
 
 DIMENSION = 16
@@ -29,10 +39,10 @@ def crowded(tmp_path_factory):
     return vectors, groups, query, tmp_path_factory.mktemp("crowded")
 
 
-def exact_products(vectors, groups, query, k, allowed=None):
+def exact_products(vectors, groups, query, k, allowed=None, threshold=-np.inf):
     best = [(max(float(vectors[i] @ query) for i in group), p) for p, group in enumerate(groups)
             if allowed is None or allowed[p]]
-    return [p for _, p in sorted(best, key=lambda pair: -pair[0])[:k]]
+    return [p for score, p in sorted(best, key=lambda pair: -pair[0])[:k] if score >= threshold]
 
 
 @pytest.mark.parametrize("exact_max_rows", [0, 10_000])
@@ -122,3 +132,69 @@ def test_products_at_finds_the_products_owning_an_identical_image(crowded):
                              name=f"at-{exact_max_rows}")
         assert search.products_at(vectors[205], 1e-4) == [search.catalogue.row_product[205]]
         assert search.products_at(unit(np.ones(DIMENSION)), 1e-4) == []
+
+
+def test_each_filter_plan_returns_k_products_equal_to_exact_filtered_search(crowded):
+    vectors, groups, query, folder = crowded
+    search = make_search(folder, vectors, groups, config=SearchConfig(exact_max_rows=100), name="filtered")
+    broad = np.arange(len(groups)) % 2 == 0  # product 0 (200 rows) and half the others: Annoy with over-fetch
+    result = search.search(NearestScorer(query), 10, allowed=broad)
+    assert result.plan == ANNOY
+    assert [hit.product_row for hit in result.hits] == exact_products(vectors, groups, query, 10, broad)
+    selective = np.zeros(len(groups), bool)
+    selective[1::7] = True  # 12 small products, under 100 rows: an exact scan of just those rows
+    result = search.search(NearestScorer(query), 10, allowed=selective)
+    assert result.plan == EXACT
+    assert [hit.product_row for hit in result.hits] == exact_products(vectors, groups, query, 10, selective)
+
+
+def test_over_fetch_that_comes_back_short_of_a_filter_falls_back_to_exact(crowded):
+    vectors, groups, query, folder = crowded
+    # The allowed products are the ones farthest from the query: Annoy's nearest candidates miss them.
+    best = [max(float(vectors[i] @ query) for i in group) for group in groups]
+    allowed = np.zeros(len(groups), bool)
+    allowed[np.argsort(best)[:60]] = True
+    config = SearchConfig(exact_max_rows=0, fanout=1, annoy_rounds=1)
+    result = make_search(folder, vectors, groups, config=config, name="far").search(NearestScorer(query), 10,
+                                                                                   allowed=allowed)
+    assert result.plan == ANNOY_THEN_EXACT
+    assert [hit.product_row for hit in result.hits] == exact_products(vectors, groups, query, 10, allowed)
+
+
+@pytest.mark.parametrize("exact_max_rows", [0, 10_000])
+def test_score_threshold_leaves_out_weaker_products_without_a_fallback_scan(crowded, exact_max_rows):
+    vectors, groups, query, folder = crowded
+    search = make_search(folder, vectors, groups, config=SearchConfig(exact_max_rows=exact_max_rows),
+                         name=f"threshold-{exact_max_rows}")
+    scores = sorted((max(float(vectors[i] @ query) for i in group) for group in groups), reverse=True)
+    threshold = (scores[3] + scores[4]) / 2  # exactly four products pass
+    result = search.search(NearestScorer(query), 10, score_threshold=threshold)
+    assert [hit.product_row for hit in result.hits] == exact_products(vectors, groups, query, 10, None, threshold)
+    assert len(result.hits) == 4 and all(hit.score >= threshold for hit in result.hits)
+    # Annoy's farthest candidate is below the threshold, so the short answer is complete.
+    assert result.plan == (ANNOY if exact_max_rows == 0 else EXACT)
+    assert search.search(NearestScorer(query), 10, score_threshold=1.0).hits == []
+
+
+def test_best_score_follows_its_definition():
+    rng = np.random.default_rng(2)
+    positives, negatives, rows = unit(rng.normal(size=(3, 8))), unit(rng.normal(size=(2, 8))), unit(
+        rng.normal(size=(50, 8)))
+    scores = BestScoreScorer(positives, negatives).scores(rows)
+    for row, score in zip(rows, scores, strict=True):
+        best_positive, best_negative = max(row @ positives.T), max(row @ negatives.T)
+        expected = best_positive if best_positive > best_negative else -best_negative ** 2
+        assert score == pytest.approx(expected, abs=1e-6)
+    only_negative = BestScoreScorer(np.zeros((0, 8)), negatives)
+    assert len(only_negative.probes) == 0
+    assert np.allclose(only_negative.scores(rows), -np.max(rows @ negatives.T, axis=1) ** 2, atol=1e-6)
+
+
+def test_average_vector_is_twice_the_positive_mean_less_the_negative_mean():
+    rng = np.random.default_rng(4)
+    positives, negatives = unit(rng.normal(size=(3, 8))), unit(rng.normal(size=(2, 8)))
+    expected = 2 * positives.mean(0) - negatives.mean(0)
+    assert np.allclose(average_vector(positives, negatives), expected / np.linalg.norm(expected), atol=1e-6)
+    assert np.allclose(average_vector(positives, np.zeros((0, 8))), unit(positives.mean(0)), atol=1e-6)
+    with pytest.raises(ValueError, match="cancel out"):
+        average_vector(positives[:1], 2 * positives[:1])
