@@ -2,7 +2,9 @@
 
 from client.library import (
     AsyncImageSimilarityClient,
+    Clause,
     DeadlineError,
+    ImageId,
     ImageMatch,
     ImageSimilarityClient,
     InvalidArgumentError,
@@ -12,7 +14,10 @@ from client.library import (
     NotFoundError,
     OverloadedError,
     UnavailableError,
+    any_of,
+    none_of,
 )
 
-__all__ = ["AsyncImageSimilarityClient", "DeadlineError", "ImageMatch", "ImageSimilarityClient", "InvalidArgumentError",
-           "LookalikeError", "Match", "Matches", "NotFoundError", "OverloadedError", "UnavailableError"]
+__all__ = ["AsyncImageSimilarityClient", "Clause", "DeadlineError", "ImageId", "ImageMatch", "ImageSimilarityClient",
+           "InvalidArgumentError", "LookalikeError", "Match", "Matches", "NotFoundError", "OverloadedError",
+           "UnavailableError", "any_of", "none_of"]

@@ -1,4 +1,5 @@
-"""`lookalike`: talk to a lookalike server: info, health, embed, similar (with a contact sheet), bench."""
+"""`lookalike`: talk to a lookalike server: info, health, embed, similar and recommend (with a contact sheet),
+bench."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from client.library import ImageSimilarityClient, LookalikeError
+from client.library import STRATEGIES, Clause, ImageSimilarityClient, LookalikeError
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -18,6 +19,38 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _clause(text: str) -> Clause:
+    """KEY=V1,V2 (the product's KEY is one of them) or KEY!=V1,V2 (none of them)."""
+    for operator in ("!=", "="):
+        key, found, values = text.partition(operator)
+        if found:
+            break
+    else:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=V1,V2 or KEY!=V1,V2")
+    values = tuple(v for v in values.split(",") if v)
+    if not key or not values:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a key and at least one value")
+    return Clause(key, none_of=values) if operator == "!=" else Clause(key, any_of=values)
+
+
+def _add_result_options(command: argparse.ArgumentParser) -> None:
+    """What similar and recommend share: k, filters, threshold, groups, attributes, output."""
+    command.add_argument("-k", type=int, default=10, help="how many products")
+    command.add_argument("--filter", dest="filters", type=_clause, action="append", default=[],
+                         metavar="KEY=V1,V2|KEY!=V1,V2",
+                         help="only products whose KEY is one of the values (=) or none of them (!=); repeat to AND "
+                              "clauses")
+    command.add_argument("--exclude-product", dest="exclude_products", action="append", default=[], metavar="ID",
+                         help="never return this product (repeatable)")
+    command.add_argument("--score-threshold", type=float, help="leave out matches scoring below this (-1..1)")
+    command.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
+    command.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
+    command.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
+                         help="catalogue root (small/ ...), to show product pictures on a sheet")
+    command.add_argument("--sheet", type=Path, help="write a contact sheet PNG: the query beside one tile per product")
+    command.add_argument("--json", action="store_true", help="one JSON object: index_version and matches")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,14 +80,22 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--product", help="a catalogue product id (ABO item_id): all its images form the query")
     query.add_argument("--item", dest="image_id", help=argparse.SUPPRESS)  # the 0.1 name of --image-id
     query.add_argument("--vector", help="a JSON list of floats")
-    similar.add_argument("-k", type=int, default=10, help="how many products")
     similar.add_argument("--include-query", action="store_true", help="keep the query's own product in the results")
-    similar.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
-    similar.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
-    similar.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
-                         help="catalogue root (small/ ...), to show product pictures on a sheet")
-    similar.add_argument("--sheet", type=Path, help="write a contact sheet PNG: the query beside one tile per product")
-    similar.add_argument("--json", action="store_true", help="one JSON object: index_version and matches")
+    _add_result_options(similar)
+    recommend = commands.add_parser("recommend", help="products like the positive examples and unlike the negative "
+                                                      "ones")
+    recommend.add_argument("--positive", action="append", default=[], metavar="PRODUCT_ID",
+                           help="a product to recommend like (repeatable)")
+    recommend.add_argument("--negative", action="append", default=[], metavar="PRODUCT_ID",
+                           help="a product to recommend unlike (repeatable)")
+    recommend.add_argument("--positive-image", action="append", default=[], type=Path, metavar="PATH",
+                           help="an image file to recommend like (repeatable)")
+    recommend.add_argument("--negative-image", action="append", default=[], type=Path, metavar="PATH",
+                           help="an image file to recommend unlike (repeatable)")
+    recommend.add_argument("--strategy", choices=sorted(STRATEGIES), default="average_vector")
+    recommend.add_argument("--ignore-missing", action="store_true",
+                           help="leave out example ids the server does not hold instead of failing")
+    _add_result_options(recommend)
     bench = commands.add_parser("bench", help="load generator (closed or open loop) against --address")
     bench.add_argument("--catalogue", type=Path, required=True, help="catalogue root to draw queries from")
     bench.add_argument("--mode", choices=["closed", "open"], default="closed")
@@ -64,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=None, help="or stop after this many requests")
     bench.add_argument("--mix", default="embed=1,image=1,id=1",
                        help="weights of embed, image (FindSimilar by image), id (by image id), product (by product "
-                            "id), info (GetInfo)")
+                            "id), recommend (Recommend from --examples products), info (GetInfo)")
     bench.add_argument("--images-per-embed", type=int, default=1)
+    bench.add_argument("--examples", type=int, default=3, help="positive product examples per Recommend call")
     bench.add_argument("-k", type=int, default=10)
     bench.add_argument("--json", action="store_true", help="the report as JSON on stdout")
     bench.add_argument("--no-progress", action="store_true")
@@ -79,13 +121,19 @@ def _labels(catalogue: Path | None) -> dict[str, str]:
         return {row["image_id"]: row["label_name"] for row in csv.DictReader(handle)}
 
 
-def _similar(client: ImageSimilarityClient, args) -> int:
-    vector = json.loads(args.vector) if args.vector else None
-    matches = client.find_similar(args.image, image_id=args.image_id, product_id=args.product, vector=vector,
-                                  k=args.k, exclude_query=not args.include_query, group_size=args.group_size,
-                                  with_attributes=args.with_attributes)
+def _result_options(args) -> dict:
+    return {"k": args.k, "group_size": args.group_size, "with_attributes": args.with_attributes,
+            "filters": args.filters, "exclude_products": args.exclude_products,
+            "score_threshold": args.score_threshold}
+
+
+def _show(client: ImageSimilarityClient, args, matches) -> int:
+    """The same output for similar and recommend: a table or one JSON object, and the sheet."""
     if args.json:
-        print(json.dumps({"index_version": matches.version, "matches": [m.to_dict() for m in matches]}, indent=2))
+        out = {"index_version": matches.version, "matches": [m.to_dict() for m in matches]}
+        if matches.missing_product_ids or matches.missing_image_ids:
+            out["missing"] = {"product_ids": matches.missing_product_ids, "image_ids": matches.missing_image_ids}
+        print(json.dumps(out, indent=2))
     else:
         _print_table(args, matches)
     if args.sheet:
@@ -93,7 +141,27 @@ def _similar(client: ImageSimilarityClient, args) -> int:
     return 0
 
 
+def _similar(client: ImageSimilarityClient, args) -> int:
+    vector = json.loads(args.vector) if args.vector else None
+    matches = client.find_similar(args.image, image_id=args.image_id, product_id=args.product, vector=vector,
+                                  exclude_query=not args.include_query, **_result_options(args))
+    return _show(client, args, matches)
+
+
+def _recommend(client: ImageSimilarityClient, args) -> int:
+    matches = client.recommend([*args.positive, *args.positive_image], [*args.negative, *args.negative_image],
+                               strategy=args.strategy, ignore_missing=args.ignore_missing, **_result_options(args))
+    for kind, ids in (("products", matches.missing_product_ids), ("images", matches.missing_image_ids)):
+        if ids and not args.json:
+            print(f"left out, not in index {matches.version}: {kind} {', '.join(ids)}", file=sys.stderr)
+    return _show(client, args, matches)
+
+
 def _query_name(args) -> str:
+    if args.command == "recommend":
+        like = [*args.positive, *(p.name for p in args.positive_image)]
+        unlike = [*args.negative, *(p.name for p in args.negative_image)]
+        return f"{', '.join(like) or 'anything'}" + (f" and unlike {', '.join(unlike)}" if unlike else "")
     if args.product:
         return f"product {args.product}"
     if args.image_id:
@@ -102,7 +170,7 @@ def _query_name(args) -> str:
 
 
 def _print_table(args, matches) -> None:
-    query_label = _labels(args.catalogue).get(args.image_id or "", "")
+    query_label = _labels(args.catalogue).get(getattr(args, "image_id", None) or "", "")
     print(f"products like {_query_name(args)}{f' ({query_label})' if query_label else ''} "
           f"from index {matches.version}:")
     print(f"{'#':>3}  {'product':<20}{'image':<22}{'class':<14}{'score':>8}{'distance':>10}  path")
@@ -123,7 +191,10 @@ def _sheet(client: ImageSimilarityClient, args, matches) -> None:
     from client.sheet import contact_sheet
 
     small = args.catalogue / "small" if args.catalogue else None
-    if args.image:
+    if args.command == "recommend":
+        first = args.positive_image[:1]
+        query_image, caption = (Image.open(first[0]) if first else None), ["recommended for", _query_name(args)]
+    elif args.image:
         query_image, caption = Image.open(args.image), ["query", args.image.name]
     else:
         own = (client.find_similar(image_id=args.image_id, product_id=args.product, k=1, exclude_query=False)
@@ -143,8 +214,8 @@ def _bench(args) -> int:
     duration = args.duration_s if args.duration_s is not None else (None if args.requests else 10.0)
     config = LoadConfig(address=args.address, catalogue=args.catalogue, mode=args.mode,
                         concurrency=args.concurrency, rate=args.rate, duration_s=duration, requests=args.requests,
-                        mix=parse_mix(args.mix), images_per_embed=args.images_per_embed, k=args.k,
-                        timeout_s=args.timeout_s, progress=not args.no_progress)
+                        mix=parse_mix(args.mix), images_per_embed=args.images_per_embed, examples=args.examples,
+                        k=args.k, timeout_s=args.timeout_s, progress=not args.no_progress)
     report = asyncio.run(run_load(config))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -171,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                 for path, vector in zip(args.images, vectors, strict=True):
                     print(json.dumps({"image": str(path), "vector": vector.tolist()}) if args.json else
                           f"{path}: {len(vector)}-d [{', '.join(f'{v:.4f}' for v in vector[:4])}, ...]")
+            elif args.command == "recommend":
+                return _recommend(client, args)
             else:
                 return _similar(client, args)
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +105,41 @@ class Match:
 
 
 class Matches(list):
-    """Matches from the most to the least alike, with the index version that answered."""
+    """Matches from the most to the least alike, with the index version that answered. From recommend(),
+    also the example ids the version did not hold (with ignore_missing)."""
 
-    def __init__(self, matches: Iterable[Match], version: str) -> None:
+    def __init__(self, matches: Iterable[Match], version: str, missing_product_ids: Sequence[str] = (),
+                 missing_image_ids: Sequence[str] = ()) -> None:
         super().__init__(matches)
         self.version = version
+        self.missing_product_ids = list(missing_product_ids)
+        self.missing_image_ids = list(missing_image_ids)
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One filter clause: the product's `key` attribute is one of `any_of`, or none of `none_of`."""
+
+    key: str
+    any_of: tuple[str, ...] = ()
+    none_of: tuple[str, ...] = ()
+
+
+def any_of(key: str, *values: str) -> Clause:
+    """A clause: the product's `key` is one of the values, e.g. any_of("color", "Black", "Navy")."""
+    return Clause(key, any_of=tuple(values))
+
+
+def none_of(key: str, *values: str) -> Clause:
+    """A clause: the product's `key` is none of the values (products without the key pass)."""
+    return Clause(key, none_of=tuple(values))
+
+
+class ImageId(str):
+    """A recommendation example that is a catalogue image id; a plain str example is a product id."""
+
+
+STRATEGIES = {"average_vector": pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR, "best_score": pb.RECOMMEND_STRATEGY_BEST_SCORE}
 
 
 def image_bytes(image) -> bytes:
@@ -140,9 +170,71 @@ def _images_list(images) -> list[bytes]:
 _QUERIES = ("image", "image_id", "product_id", "vector")
 
 
+def _filter(filters, exclude_products: Iterable[str]) -> pb.Filter:
+    """Clauses (any_of/none_of), or a mapping {key: value or values} meaning any_of, as a pb.Filter."""
+    if isinstance(filters, Mapping):
+        filters = [Clause(key, any_of=(values,) if isinstance(values, str) else tuple(values))
+                   for key, values in filters.items()]
+    message = pb.Filter(exclude_product_ids=[exclude_products] if isinstance(exclude_products, str)
+                        else list(exclude_products))
+    for clause in filters:
+        if not isinstance(clause, Clause):
+            raise TypeError(f"a filter is a list of any_of(...)/none_of(...) clauses or a mapping, not "
+                            f"{type(clause).__name__}")
+        if bool(clause.any_of) == bool(clause.none_of):
+            raise ValueError(f"the clause on {clause.key!r} needs any_of or none_of values (one of them)")
+        message.clauses.add(key=clause.key, any_of=clause.any_of, none_of=clause.none_of)
+    return message
+
+
+def _set_options(request, k: int, group_size: int, filters, exclude_products, score_threshold) -> None:
+    """The options FindSimilar and Recommend share, checked before any call."""
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, not {k!r}")
+    if not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(f"group_size must be a non-negative integer, not {group_size!r}")
+    request.k, request.group_size = k, group_size
+    request.filter.CopyFrom(_filter(filters, exclude_products))
+    if score_threshold is not None:
+        if not -1 <= float(score_threshold) <= 1:
+            raise ValueError(f"score_threshold must be in -1..1, not {score_threshold!r}")
+        request.score_threshold = float(score_threshold)
+
+
+def _example(value) -> pb.Example:
+    """A product id (str), ImageId, image (path, bytes or PIL) or vector (a sequence of numbers)."""
+    if isinstance(value, ImageId):
+        return pb.Example(image_id=str(value))
+    if isinstance(value, str):
+        if not value:
+            raise ValueError("a product id example must be a non-empty string")
+        return pb.Example(product_id=value)
+    if isinstance(value, np.ndarray) or (isinstance(value, (list, tuple)) and value
+                                         and all(isinstance(v, (int, float)) for v in value)):
+        return pb.Example(vector=pb.Vector(values=np.asarray(value, np.float32).ravel().tolist()))
+    return pb.Example(image=image_bytes(value))
+
+
+def _recommend_request(positive, negative, strategy: str, k: int, filters, exclude_products, score_threshold,
+                       ignore_missing: bool, group_size: int, with_attributes: bool,
+                       search_k: int) -> pb.RecommendRequest:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+    positive, negative = ([value] if isinstance(value, (str, bytes, os.PathLike, np.ndarray)) else list(value)
+                          for value in (positive, negative))
+    if not positive and not negative:
+        raise ValueError("recommend needs at least one positive (or, with best_score, negative) example")
+    request = pb.RecommendRequest(positive=[_example(e) for e in positive], negative=[_example(e) for e in negative],
+                                  strategy=STRATEGIES[strategy], ignore_missing=ignore_missing, search_k=search_k,
+                                  with_attributes=with_attributes)
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold)
+    return request
+
+
 def _similar_request(image=None, image_id: str | None = None, product_id: str | None = None, vector=None,
                      item_id: str | None = None, k: int = 10, exclude_query: bool = True, search_k: int = 0,
-                     group_size: int = 0, with_attributes: bool = False) -> pb.FindSimilarRequest:
+                     group_size: int = 0, with_attributes: bool = False, filters=(), exclude_products=(),
+                     score_threshold: float | None = None) -> pb.FindSimilarRequest:
     if item_id is not None:  # the 0.1 name of image_id
         if image_id is not None:
             raise ValueError("item_id is the old name of image_id: give one of them")
@@ -152,12 +244,8 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
     if len(given) != 1:
         raise ValueError(f"find_similar takes exactly one of image, image_id=, product_id= or vector= "
                          f"(got {', '.join(given) or 'none'})")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, not {k!r}")
-    if not isinstance(group_size, int) or group_size < 0:
-        raise ValueError(f"group_size must be a non-negative integer, not {group_size!r}")
-    request = pb.FindSimilarRequest(k=k, exclude_query=exclude_query, search_k=search_k, group_size=group_size,
-                                    with_attributes=with_attributes)
+    request = pb.FindSimilarRequest(exclude_query=exclude_query, search_k=search_k, with_attributes=with_attributes)
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold)
     if image is not None:
         request.image = image_bytes(image)
     elif vector is not None:
@@ -170,11 +258,13 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
     return request
 
 
-def _matches(response: pb.FindSimilarResponse) -> Matches:
+def _matches(response: pb.FindSimilarResponse | pb.RecommendResponse) -> Matches:
+    missing = ((response.missing_product_ids, response.missing_image_ids)
+               if isinstance(response, pb.RecommendResponse) else ((), ()))
     return Matches((Match(m.product_id, m.image_id or m.item_id, m.distance, m.score, m.path, m.label,
                           tuple(ImageMatch(i.image_id, i.distance, i.score, i.path, i.role) for i in m.images),
                           dict(m.attributes))
-                    for m in response.matches), response.index_version)
+                    for m in response.matches), response.index_version, *missing)
 
 
 def _vectors(response: pb.EmbedResponse) -> np.ndarray:
@@ -239,12 +329,25 @@ class ImageSimilarityClient(_Base):
 
     def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None, vector=None,
                      k: int = 10, exclude_query: bool = True, group_size: int = 0, with_attributes: bool = False,
+                     filters=(), exclude_products: Iterable[str] = (), score_threshold: float | None = None,
                      search_k: int = 0, item_id: str | None = None, timeout_s: float | None = None) -> Matches:
         """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
-        vector; `exclude_query` leaves out the query's own product. `item_id` is the 0.1 name of image_id."""
+        vector; `exclude_query` leaves out the query's own product. `filters`: [any_of(key, ...),
+        none_of(key, ...)] (all must hold) or {key: values}. `item_id` is the 0.1 name of image_id."""
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
-                                   group_size, with_attributes)
+                                   group_size, with_attributes, filters, exclude_products, score_threshold)
         return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
+
+    def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10, filters=(),
+                  exclude_products: Iterable[str] = (), score_threshold: float | None = None,
+                  ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
+                  search_k: int = 0, timeout_s: float | None = None) -> Matches:
+        """The k products most like the positive examples and least like the negative ones. An example is a
+        product id (str), an ImageId, an image (path, bytes, PIL) or a vector; strategy average_vector or
+        best_score. With ignore_missing, unknown ids are left out and listed on the result."""
+        request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
+                                     ignore_missing, group_size, with_attributes, search_k)
+        return _matches(self._call(self._stub.Recommend, request, timeout_s))
 
     def info(self, timeout_s: float | None = None) -> dict:
         return _info(self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout_s))
@@ -289,11 +392,20 @@ class AsyncImageSimilarityClient(_Base):
 
     async def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None,
                            vector=None, k: int = 10, exclude_query: bool = True, group_size: int = 0,
-                           with_attributes: bool = False, search_k: int = 0, item_id: str | None = None,
+                           with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
+                           score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
                            timeout_s: float | None = None) -> Matches:
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
-                                   group_size, with_attributes)
+                                   group_size, with_attributes, filters, exclude_products, score_threshold)
         return _matches(await self._call(self._stub.FindSimilar, request, timeout_s))
+
+    async def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10,
+                        filters=(), exclude_products: Iterable[str] = (), score_threshold: float | None = None,
+                        ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
+                        search_k: int = 0, timeout_s: float | None = None) -> Matches:
+        request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
+                                     ignore_missing, group_size, with_attributes, search_k)
+        return _matches(await self._call(self._stub.Recommend, request, timeout_s))
 
     async def info(self, timeout_s: float | None = None) -> dict:
         return _info(await self._call(self._stub.GetInfo, pb.GetInfoRequest(), timeout_s))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from client.library import AsyncImageSimilarityClient, LookalikeError
 
-OPERATIONS = ("embed", "image", "id", "product", "info")
+OPERATIONS = ("embed", "image", "id", "product", "recommend", "info")
 MAX_OUTSTANDING = 5000  # open loop: arrivals beyond this many unfinished calls are counted, not sent
 
 
@@ -33,6 +33,8 @@ class LoadConfig:
     requests: int | None = None
     mix: dict[str, float] = field(default_factory=lambda: {"embed": 1.0, "image": 1.0, "id": 1.0})
     images_per_embed: int = 1
+    # Positive product examples per Recommend call.
+    examples: int = 3
     k: int = 10
     timeout_s: float = 10.0
     seed: int = 0
@@ -47,6 +49,8 @@ class LoadConfig:
             raise ValueError(f"unknown operations in mix: {sorted(unknown)}; use {OPERATIONS}")
         if sum(self.mix.values()) <= 0:
             raise ValueError("the mix needs a positive weight")
+        if self.examples < 1:
+            raise ValueError("examples must be at least 1")
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -123,7 +127,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 async def run_load(config: LoadConfig) -> dict:
     images, ids = load_queries(config.catalogue, seed=config.seed)
     products = load_product_ids(config.catalogue, seed=config.seed)
-    if config.mix.get("product") and not products:
+    if (config.mix.get("product") or config.mix.get("recommend")) and not products:
         raise ValueError(f"{config.catalogue} has no listings or products.csv to draw product ids from")
     rng = random.Random(config.seed)
     operations = list(config.mix)
@@ -152,6 +156,8 @@ async def run_load(config: LoadConfig) -> dict:
                 await client.info()
             elif operation == "product":
                 await client.find_similar(product_id=rng.choice(products), k=config.k)
+            elif operation == "recommend":
+                await client.recommend(rng.sample(products, min(config.examples, len(products))), k=config.k)
             else:
                 await client.find_similar(image_id=rng.choice(ids), k=config.k)
             code = "OK"

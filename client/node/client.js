@@ -17,6 +17,13 @@ const lookalike = grpc.loadPackageDefinition(definition).lookalike.v1;
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024; // the server's default limit
 
+// What FindSimilar and Recommend share, as request fields.
+function sharedOptions({ k = 10, searchK = 0, groupSize = 0, withAttributes = false, scoreThreshold, filter } = {}) {
+  const request = { k, searchK, groupSize, withAttributes, filter: filter ?? {} };
+  if (scoreThreshold !== undefined) request.scoreThreshold = scoreThreshold;
+  return request;
+}
+
 class ImageSimilarityClient {
   /**
    * @param {string} address host:port
@@ -46,14 +53,34 @@ class ImageSimilarityClient {
   /**
    * The k products most like one query: an encoded image, a catalogue image id, a product id or a vector.
    * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
+   * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, and filter:
+   *   {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}], excludeProductIds: [...]} (clauses AND together)
    */
-  async findSimilar(query, { k = 10, excludeQuery = true, searchK = 0, groupSize = 0, withAttributes = false } = {}) {
+  async findSimilar(query, { excludeQuery = true, ...options } = {}) {
     const given = ['image', 'imageId', 'productId', 'vector'].filter((name) => query[name] !== undefined);
     if (given.length !== 1) throw new Error('findSimilar needs exactly one of image, imageId, productId or vector');
-    const request = { k, excludeQuery, searchK, groupSize, withAttributes };
+    const request = { ...sharedOptions(options), excludeQuery };
     if (query.vector) request.vector = { values: query.vector };
     else request[given[0]] = query[given[0]];
     return this._call('FindSimilar', request);
+  }
+
+  /**
+   * The k products most like the positive examples and least like the negative ones. An example is
+   * {productId}, {imageId}, {image: Buffer} or {vector: number[]}; strategy 'average_vector' or 'best_score'.
+   * @param {object[]} positive
+   * @param {object[]} negative
+   * @param {object} [options] the findSimilar options plus strategy and ignoreMissing
+   */
+  async recommend(positive, negative = [], { strategy = 'average_vector', ignoreMissing = false, ...options } = {}) {
+    const example = (e) => (e.vector ? { vector: { values: e.vector } } : e);
+    return this._call('Recommend', {
+      ...sharedOptions(options),
+      positive: positive.map(example),
+      negative: negative.map(example),
+      strategy: `RECOMMEND_STRATEGY_${strategy.toUpperCase()}`,
+      ignoreMissing,
+    });
   }
 
   async info() {

@@ -1,8 +1,20 @@
 'use strict';
-// Usage: node example.js HOST:PORT [image:IMAGE_ID | product:PRODUCT_ID | IMAGE_FILE ...]
-// Prints the served version and, for each query, the products most like it as JSON lines.
+// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...]
+//          [image:IMAGE_ID | product:PRODUCT_ID | recommend:PRODUCT_ID,PRODUCT_ID | IMAGE_FILE ...]
+// Prints the served version and, for each query, the products most like it as JSON lines; every query
+// obeys the filters (clauses AND together).
 const fs = require('fs');
 const { ImageSimilarityClient } = require('./client');
+
+const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] '
+  + '[image:IMAGE_ID | product:PRODUCT_ID | recommend:ID,ID | IMAGE_FILE ...]';
+
+function toClause(text) {
+  const negated = text.includes('!=');
+  const [key, values] = text.split(negated ? '!=' : '=', 2);
+  if (!key || !values) throw new Error(`--filter ${text}: not KEY=V1,V2 or KEY!=V1,V2`);
+  return negated ? { key, noneOf: values.split(',') } : { key, anyOf: values.split(',') };
+}
 
 function toQuery(argument) {
   if (argument.startsWith('image:')) return { imageId: argument.slice('image:'.length) };
@@ -10,20 +22,36 @@ function toQuery(argument) {
   return { image: fs.readFileSync(argument) };
 }
 
+async function answer(client, query, options) {
+  if (query.startsWith('recommend:')) {
+    const positive = query.slice('recommend:'.length).split(',').map((productId) => ({ productId }));
+    return client.recommend(positive, [], options);
+  }
+  return client.findSimilar(toQuery(query), { ...options, excludeQuery: true });
+}
+
 async function main() {
-  const [address, ...queries] = process.argv.slice(2);
+  const [address, ...rest] = process.argv.slice(2);
+  const clauses = [];
+  const queries = [];
+  for (let i = 0; i < rest.length; i += 1) {
+    if (rest[i] === '--filter') clauses.push(toClause(rest[(i += 1)] ?? ''));
+    else queries.push(rest[i]);
+  }
   if (!address) {
-    console.error('usage: node example.js HOST:PORT [image:IMAGE_ID | product:PRODUCT_ID | IMAGE_FILE ...]');
+    console.error(USAGE);
     process.exit(2);
   }
   const client = new ImageSimilarityClient(address);
   try {
     const info = await client.info();
     console.error(`serving ${info.version}: ${info.backbone}, ${info.productCount} products, ${info.imageCount} images`);
+    const options = { k: 5, withAttributes: clauses.length > 0, filter: { clauses } };
     for (const query of queries) {
-      const response = await client.findSimilar(toQuery(query), { k: 5, excludeQuery: true });
+      const response = await answer(client, query, options);
       const matches = response.matches.map((m) => ({
         productId: m.productId, imageId: m.imageId, score: m.score, distance: m.distance, label: m.label,
+        attributes: m.attributes,
       }));
       console.log(JSON.stringify({ query, indexVersion: response.indexVersion, matches }));
     }

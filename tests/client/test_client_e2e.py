@@ -17,6 +17,8 @@ from client import (
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
+    any_of,
+    none_of,
 )
 from lookalike import artifacts
 from tests import helpers
@@ -34,6 +36,35 @@ def server(built):
 @pytest.fixture(scope="module")
 def images(built):
     return pd.read_parquet(built / artifacts.read_current(built) / "images.parquet")
+
+
+@pytest.fixture(scope="module")
+def reference(built):
+    """The built version's products and vectors, for exact numpy answers to compare the server with."""
+    version = built / artifacts.read_current(built)
+    products = pd.read_parquet(version / artifacts.PRODUCTS_FILE)
+    vectors = np.load(version / artifacts.VECTORS_FILE)
+    rows = [vectors[start:start + count] for start, count in zip(products["first_row"], products["image_count"],
+                                                                    strict=True)]
+    return products, rows
+
+
+def _unit(vector):
+    return vector / np.linalg.norm(vector)
+
+
+def _ranked(reference, score, k, excluded=(), allowed=None):
+    """Product ids by their best image's score, best first: what an exact server answers."""
+    products, rows = reference
+    best = [(float(score(r).max()), product_id) for product_id, r in zip(products["product_id"], rows, strict=True)
+            if product_id not in excluded and (allowed is None or allowed(products.set_index("product_id"),
+                                                                          product_id))]
+    return [product_id for _, product_id in sorted(best, key=lambda pair: -pair[0])[:k]]
+
+
+def _product_vector(reference, product_id):
+    products, rows = reference
+    return _unit(rows[int(np.flatnonzero(products["product_id"] == product_id)[0])].mean(axis=0))
 
 
 def _cli(*args, check=True) -> subprocess.CompletedProcess:
@@ -145,6 +176,7 @@ def test_node_client_results_equal_python_client(server, images, catalogue):
     image_path = str(catalogue / "small" / images["path"][7])
     queries = [f"image:{i}" for i in images["image_id"][:2]] + [f"product:{p}" for p in images["product_id"][:2]]
     queries.append(image_path)
+    queries.append(f"recommend:{images['product_id'][0]},{images['product_id'][5]}")
     result = subprocess.run(["node", NODE_DIR / "example.js", address, *queries], capture_output=True, text=True,
                             timeout=120, check=True)
     node = [json.loads(line) for line in result.stdout.splitlines()]
@@ -156,9 +188,83 @@ def test_node_client_results_equal_python_client(server, images, catalogue):
                 python = client.find_similar(image_id=value, k=5)
             elif kind == "product":
                 python = client.find_similar(product_id=value, k=5)
+            elif kind == "recommend":
+                python = client.recommend(value.split(","), k=5)
             else:
                 python = client.find_similar(image_path, k=5)
             assert [m["productId"] for m in answer["matches"]] == [m.product_id for m in python]
             assert [m["imageId"] for m in answer["matches"]] == [m.image_id for m in python]
             assert np.allclose([m["distance"] for m in answer["matches"]], [m.distance for m in python], atol=1e-5)
             assert answer["indexVersion"] == python.version
+    with ImageSimilarityClient(address) as client:
+        product_type = client.find_similar(product_id=images["product_id"][0], k=1, exclude_query=False,
+                                           with_attributes=True)[0].attributes["product_type"]
+        python = client.find_similar(product_id=images["product_id"][1], k=5, filters={"product_type": product_type})
+    filtered = subprocess.run(["node", NODE_DIR / "example.js", address, "--filter", f"product_type={product_type}",
+                               f"product:{images['product_id'][1]}"], capture_output=True, text=True, timeout=120,
+                              check=True)
+    answer = json.loads(filtered.stdout)
+    assert [m["productId"] for m in answer["matches"]] == [m.product_id for m in python]
+    assert all(m["attributes"]["product_type"] == product_type for m in answer["matches"])
+
+
+def test_filters_and_recommend_equal_exact_numpy_answers_on_the_real_artifacts(server, reference):
+    address, _ = server
+    products, _ = reference
+    query = products[products["image_count"] > 1].iloc[0]
+    kind = query["product_type"]
+
+    def passes(table, product_id):
+        return table.at[product_id, "product_type"] == kind and table.at[product_id, "color"] != "Black"
+
+    vector = _product_vector(reference, query["product_id"])
+    with ImageSimilarityClient(address) as client:
+        filtered = client.find_similar(product_id=query["product_id"], k=5, with_attributes=True,
+                                       filters=[any_of("product_type", kind), none_of("color", "Black")])
+        assert [m.product_id for m in filtered] == _ranked(reference, lambda v: v @ vector, 5,
+                                                            excluded={query["product_id"]}, allowed=passes)
+        assert len(filtered) == 5 and all(m.attributes["product_type"] == kind for m in filtered)
+        positive, negative = list(products["product_id"][1:3]), [products["product_id"][3]]
+        averaged = client.recommend(positive, negative, k=6)
+        target = _unit(2 * np.mean([_product_vector(reference, p) for p in positive], axis=0)
+                       - _product_vector(reference, negative[0]))
+        examples = {*positive, *negative}
+        assert [m.product_id for m in averaged] == _ranked(reference, lambda v: v @ target, 6, examples)
+        best = client.recommend(positive, negative, strategy="best_score", k=6)
+        positives = np.stack([_product_vector(reference, p) for p in positive])
+        negatives = _product_vector(reference, negative[0])[None, :]
+
+        def best_score(v):
+            top_positive, top_negative = (v @ positives.T).max(1), (v @ negatives.T).max(1)
+            return np.where(top_positive > top_negative, top_positive, -top_negative ** 2)
+
+        assert [m.product_id for m in best] == _ranked(reference, best_score, 6, examples)
+        with pytest.raises(NotFoundError, match="product 'no-such-product'"):
+            client.recommend([positive[0], "no-such-product"])
+        kept = client.recommend([positive[0], "no-such-product"], ignore_missing=True, k=3)
+        assert kept.missing_product_ids == ["no-such-product"] and len(kept) == 3
+
+
+def test_cli_filters_and_recommend_print_the_library_answers(server, reference):
+    address, _ = server
+    products, _ = reference
+    first, second, third = products["product_id"][:3]
+    kind = products["product_type"][0]
+    similar = json.loads(_cli("--address", address, "similar", "--product", first, "--filter",
+                              f"product_type={kind}", "--filter", "color!=Black", "--exclude-product", second,
+                              "-k", "4", "--json").stdout)
+    recommended = json.loads(_cli("--address", address, "recommend", "--positive", first, "--positive", second,
+                                  "--negative", third, "--strategy", "best_score", "-k", "4", "--json").stdout)
+    with ImageSimilarityClient(address) as client:
+        assert [m["product_id"] for m in similar["matches"]] == [m.product_id for m in client.find_similar(
+            product_id=first, k=4, filters={"product_type": kind}, exclude_products=[second] + [
+                p for p, c in zip(products["product_id"], products["color"], strict=True) if c == "Black"])]
+        assert [m["product_id"] for m in recommended["matches"]] == [m.product_id for m in client.recommend(
+            [first, second], [third], strategy="best_score", k=4)]
+    assert {"product_id", "image_id", "score", "distance"} <= set(recommended["matches"][0])
+    for args, message in ((["similar", "--product", first, "--filter", "colour"], "is not KEY=V1,V2"),
+                          (["similar", "--product", first, "--filter", "colour=Black"], "unknown attribute key"),
+                          (["recommend", "-k", "3"], "at least one positive")):
+        bad = _cli("--address", address, *args, check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1

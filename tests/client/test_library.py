@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import ImageSimilarityClient
-from client.library import image_bytes
+from client import ImageId, ImageSimilarityClient, any_of, none_of
+from client.library import _recommend_request, _similar_request, image_bytes
 from client.loadgen import LoadConfig, parse_mix
+from lookalike.v1 import lookalike_pb2 as pb
 
 
 def test_client_package_imports_neither_tensorflow_nor_spark():
@@ -46,6 +47,44 @@ def test_find_similar_misuse_fails_fast():
         client.find_similar(item_id="a", k=0)
     with pytest.raises(ValueError, match="host:port"):
         ImageSimilarityClient("localhost")
+    client.close()
+
+
+def test_filters_become_one_structured_message():
+    request = _similar_request(product_id="P1", filters=[any_of("color", "Black", "Navy"), none_of("brand", "Acme")],
+                               exclude_products=["P7"], score_threshold=0.5)
+    assert [(c.key, list(c.any_of), list(c.none_of)) for c in request.filter.clauses] == [
+        ("color", ["Black", "Navy"], []), ("brand", [], ["Acme"])]
+    assert list(request.filter.exclude_product_ids) == ["P7"] and request.score_threshold == 0.5
+    mapping = _similar_request(product_id="P1", filters={"color": "Black", "country": ["US", "GB"]})
+    assert [(c.key, list(c.any_of)) for c in mapping.filter.clauses] == [("color", ["Black"]),
+                                                                          ("country", ["US", "GB"])]
+    assert not _similar_request(product_id="P1").HasField("score_threshold")
+
+
+def test_recommend_examples_are_products_images_ids_or_vectors(tmp_path):
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "x.png")
+    request = _recommend_request(["P1", ImageId("img-1"), tmp_path / "x.png", [0.5, 0.5]], "P9", "best_score", 5,
+                                 (), (), None, True, 2, True, 0)
+    kinds = [e.WhichOneof("example") for e in request.positive]
+    assert kinds == ["product_id", "image_id", "image", "vector"]
+    assert request.positive[1].image_id == "img-1" and list(request.positive[3].vector.values) == [0.5, 0.5]
+    assert [e.product_id for e in request.negative] == ["P9"]
+    assert request.strategy == pb.RECOMMEND_STRATEGY_BEST_SCORE and request.k == 5 and request.ignore_missing
+
+
+def test_filter_and_recommend_misuse_fails_fast():
+    client = ImageSimilarityClient("127.0.0.1:1")
+    with pytest.raises(ValueError, match="needs any_of or none_of"):
+        client.find_similar(product_id="P1", filters=[any_of("color")])
+    with pytest.raises(TypeError, match="any_of"):
+        client.find_similar(product_id="P1", filters=["color=Black"])
+    with pytest.raises(ValueError, match="score_threshold"):
+        client.find_similar(product_id="P1", score_threshold=2)
+    with pytest.raises(ValueError, match="at least one"):
+        client.recommend()
+    with pytest.raises(ValueError, match="strategy"):
+        client.recommend(["P1"], strategy="sum")
     client.close()
 
 
