@@ -77,6 +77,44 @@ def _products(results: dict) -> list[str]:
     ]
 
 
+def _filters(results: dict) -> list[str]:
+    """Filtered FindSimilar at four selectivities, against Annoy then filter; the exact/Annoy crossover."""
+    filters = results.get("filters")
+    if not filters:
+        return []
+    recommend = results["server"].get("recommend", {})
+    return [
+        "## Filters",
+        "",
+        f"The built sample's {filters['products']} products ({filters['images']} images), each query a product's "
+        f"main image with its own product excluded, {filters['queries']} queries per selectivity. One attribute per "
+        "selectivity is added to the products table, held by exactly that share of products; the filter asks for it. "
+        "recall@10 is against exact filtered search; possible is how many products pass (at most 10). The served "
+        f"plans pick exact search over the matching rows up to exact_max_rows = {filters['exact_max_rows']}, else "
+        "Annoy with over-fetch and an exact fallback; 'Annoy forced' runs the over-fetch path at every selectivity "
+        "(exact_max_rows = 0) to show what it does where a larger catalogue would take it; naive is Annoy's 10 "
+        f"nearest images at the served search_k ({filters['search_k']}) with the filter applied afterwards.",
+        "",
+        _table(["selectivity", "matching products", "method", "returned of 10", "possible", "recall@10", "p50 ms",
+                "p99 ms", "plans"],
+               [[r["selectivity"], r["matching_products"], r["method"], r["returned_of_10"], r["possible_of_10"],
+                 r["recall_at_10"], r["p50_ms"], r["p99_ms"],
+                 ", ".join(f"{k} {v}" for k, v in r["plans"].items()) or "-"] for r in filters["rows"]]),
+        "",
+        "Where exact search stops being cheaper: exact scoring of n rows against one Annoy query fetching 30 "
+        "candidates at the served search_k (ms per query, in-process):",
+        "",
+        _table(["rows", "exact ms", "Annoy ms"], [[c["rows"], c["exact_ms"], c["annoy_ms"]]
+                                                 for c in filters["crossover"]]),
+        "",
+        "Recommend from 1, 3 and 10 positive product examples (average_vector, k = 10; closed loop, 2 callers):",
+        "",
+        _table(["examples", "QPS", "p50 ms", "p90 ms", "p99 ms", "max ms"],
+               [[n, v["qps"], v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"]] for n, v in recommend.items()]),
+        "",
+    ]
+
+
 def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
     plots = _plots(results)
     q, ip, srv, b, idx = (results[k] for k in ("quality", "in_process", "server", "build", "index"))
@@ -118,6 +156,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
                [[r["index"], r["setting"], r["recall_at_10"], r["ms_per_query"]] for r in idx["rows"]]),
         "",
         *_products(results),
+        *_filters(results),
         "## Serving",
         "",
         f"In-process pipeline (decode + preprocess on a thread pool overlapping the model, no RPC): "

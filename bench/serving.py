@@ -133,6 +133,12 @@ def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s:
                                       duration_s=duration_s, mix={operation: 1})
                         out[key][concurrency] = {"qps": report["qps"], "codes": report["codes"],
                                                  **report["latency"][operation]}
+                out["recommend"] = {}
+                for examples in (1, 3, 10):
+                    report = load(address, catalogue, mode="closed", concurrency=2, duration_s=duration_s,
+                                  mix={"recommend": 1}, examples=examples)
+                    out["recommend"][examples] = {"qps": report["qps"], "codes": report["codes"],
+                                                  **report["latency"]["recommend"]}
                 # The same load on GetInfo: what the RPC stack alone allows on this machine.
                 report = load(address, catalogue, mode="closed", concurrency=4, duration_s=duration_s,
                               mix={"info": 1})
