@@ -46,7 +46,7 @@ def _build(products: int, work: Path) -> tuple[Path, Path, dict, float]:
                        check=True, env=env, capture_output=True)
     # A fresh work folder each run: the builder figure must not be a resumed build.
     out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / ".work", ignore_errors=True)
+    shutil.rmtree(out / ".features", ignore_errors=True)
     version = f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
     begin = time.perf_counter()
     subprocess.run([binary, "--log-level", "WARNING", "build", "--images", catalogue, "--out", out, "--version",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -14,12 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from builder import __version__
 from builder.backbones import SPECS
+from builder.cache import DEFAULT_CACHE, FeatureCache, model_identity, model_key, new_tmp, publish, shard_name
 from builder.catalogue import (
     PRODUCTS_CSV,
     Catalogue,
@@ -76,6 +76,8 @@ class BuildConfig:
     threads_per_task: int = 1
     weights_file: str | None = None
     version: str | None = None
+    # Scans and features kept by content; default OUT/.features. Share one between builds and catalogues.
+    feature_cache: Path | None = None
     extra_spark_conf: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,8 +142,14 @@ def _metadata_file(images: Path) -> Path | None:
     return None
 
 
-def scan_and_filter(spark, config: BuildConfig):
-    """Returns the dataset table (kept and dropped rows with reasons) as a Spark DataFrame."""
+def cache_of(config: BuildConfig) -> FeatureCache:
+    return FeatureCache(config.feature_cache or config.out / DEFAULT_CACHE)
+
+
+def scan_files(spark, config: BuildConfig, cache: FeatureCache) -> tuple[object, dict]:
+    """Every image file with its size, sha256 and decoded width and height (or the decode error), as a
+    Spark DataFrame. Only files not seen before with the same size and modification time are read and
+    decoded; the rest come from the cache's scans."""
     from pyspark.sql import functions as F
 
     from builder.spark_jobs import SCAN_SCHEMA, scan_batches
@@ -150,11 +158,40 @@ def scan_and_filter(spark, config: BuildConfig):
     if not small.is_dir():
         raise FileNotFoundError(f"{small} does not exist: --images must hold small/<2 hex>/<file> "
                                 f"(the ABO layout)")
+    # binaryFile reads a file's content only when the content column is asked for: a listing is cheap.
+    folder = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+              .option("pathGlobFilter", IMAGE_GLOB).load(str(small)))
+    listing = folder.select("path", "length", F.unix_millis("modificationTime").alias("mtime")).toPandas()
+    seen = cache.read_scans()
+    known = listing.merge(seen, left_on=["path", "length", "mtime"], right_on=["uri", "bytes", "mtime"],
+                          how="inner")[seen.columns]
+    fresh_paths = sorted(set(listing["path"]) - set(known["uri"]))
+    if fresh_paths:
+        # Most files new (a first build): one pass over the folder; a few: just those files.
+        source = folder if len(fresh_paths) > len(listing) // 2 else spark.read.format("binaryFile").load(fresh_paths)
+        fresh = (source.select("path", "length", "content", F.unix_millis("modificationTime").alias("mtime"))
+                 .mapInPandas(scan_batches, SCAN_SCHEMA).toPandas())
+        fresh = fresh[fresh["uri"].isin(set(fresh_paths))]
+        cache.add_scans(fresh)
+        known = pd.concat([known, fresh], ignore_index=True) if len(known) else fresh
+    report = {"files": int(len(listing)), "decoded": len(fresh_paths),
+              "from_cache": int(len(listing)) - len(fresh_paths)}
+    known = known.astype({"bytes": "int64", "mtime": "int64"})
+    known["file_width"] = known["file_width"].astype("Int32")
+    known["file_height"] = known["file_height"].astype("Int32")
+    return spark.createDataFrame(known[["uri", "bytes", "sha256", "file_width", "file_height", "error"]],
+                                 schema=SCAN_SCHEMA.replace(" mtime long,", "")), report
+
+
+def scan_and_filter(spark, config: BuildConfig, cache: FeatureCache) -> tuple[object, dict]:
+    """Returns the dataset table (kept and dropped rows with reasons) as a Spark DataFrame, and how the
+    scan went (files, decoded, from_cache)."""
+    from pyspark.sql import functions as F
+
+    small = (config.images / "small").resolve()
+    files, scan_report = scan_files(spark, config, cache)
     root_uri = small.as_uri().replace("file:///", "file:/") + "/"
-    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
-             .option("pathGlobFilter", IMAGE_GLOB).load(str(small)))
-    scanned = (files.mapInPandas(scan_batches, SCAN_SCHEMA)
-               .withColumn("path", F.expr(f"substring(uri, {len(root_uri) + 1})")))
+    scanned = files.withColumn("path", F.expr(f"substring(uri, {len(root_uri) + 1})"))
     metadata_path = _metadata_file(config.images)
     if metadata_path is not None:
         meta = (spark.read.option("header", "true").csv(str(metadata_path))
@@ -188,7 +225,7 @@ def scan_and_filter(spark, config: BuildConfig):
     else:
         table = table.withColumn("label", F.lit(None).cast("int")).withColumn(
             "label_name", F.lit(None).cast("string"))
-    return table.orderBy("path")
+    return table.orderBy("path"), scan_report
 
 
 def read_membership(spark, config: BuildConfig):
@@ -202,64 +239,63 @@ def read_membership(spark, config: BuildConfig):
     return no_membership()
 
 
-def _work_dir(config: BuildConfig, kept_ids: list[str]) -> Path:
-    """Resumable work lives under a key of everything that changes the features."""
-    key = json.dumps({"images": str(config.images.resolve()), "backbone": config.backbone,
-                      "preprocessing": config.preprocessing, "head": config.head,
-                      "weights": config.weights_file, "chunk": config.chunk_size,
-                      "ids": hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()}, sort_keys=True)
-    return config.out / ".work" / hashlib.sha256(key.encode()).hexdigest()[:16]
+def _model_key(config: BuildConfig, cache: FeatureCache) -> str:
+    identity = model_identity(config.backbone, SPECS[config.backbone].source, config.weights_file,
+                              config.preprocessing, config.head)
+    key = model_key(identity)
+    cache.register_model(key, identity)
+    return key
 
 
-def _trunk_model(config: BuildConfig, work: Path):
-    """Exports (once per work dir) the trunk the executors run: pixels -> raw features."""
-    trunk_dir = work / "trunk"
+def _trunk_model(config: BuildConfig, cache: FeatureCache, key: str):
+    """The Keras trunk (for this version's model) and the trunk SavedModel the executors run: pixels -> raw
+    features, exported once per model into the cache."""
+    trunk_dir = cache.trunk_dir(key)
     trunk = build_trunk(config.backbone, config.head, config.weights_file)
     if not trunk_dir.exists():
         # Export beside, then rename: an interrupted export never looks finished.
-        partial = work / f".trunk-{os.getpid()}-{os.urandom(3).hex()}"
+        partial = new_tmp(trunk_dir.parent)
         export(trunk, partial, projection=None, normalise=False)
-        os.rename(partial, trunk_dir)
+        publish(partial, trunk_dir)
     return trunk, trunk_dir
 
 
-def embed_on_spark(spark, config: BuildConfig, kept: list[dict], work: Path, trunk_dir: Path) -> dict:
-    """Embeds kept images in Spark executors, a group of chunks per job; finished groups are skipped."""
+def embed_on_spark(spark, config: BuildConfig, kept: list[dict], cache: FeatureCache, key: str,
+                   trunk_dir: Path) -> dict:
+    """Embeds, in Spark executors, the kept images whose content this model has never seen, a group of
+    chunks per job; each finished job becomes a cache shard at once, so a killed build loses one job."""
     from builder.spark_jobs import EMBED_SCHEMA, make_embedder
 
-    parts = work / "features"
-    parts.mkdir(parents=True, exist_ok=True)
-    chunks = [kept[i:i + config.chunk_size] for i in range(0, len(kept), config.chunk_size)]
+    known = cache.known(key)
+    contents = {row["sha256"]: row["uri"] for row in kept}
+    todo = [(uri, sha) for sha, uri in contents.items() if sha not in known]
+    chunks = [todo[i:i + config.chunk_size] for i in range(0, len(todo), config.chunk_size)]
     per_job = max(1, spark.sparkContext.defaultParallelism)
-    resumed = computed = 0
-    with tqdm(total=len(kept), desc="embedding", unit="img") as progress:
+    shards = cache.shards_dir(key)
+    with tqdm(total=len(todo), desc="embedding", unit="img") as progress:
         for first in range(0, len(chunks), per_job):
-            group = chunks[first:first + per_job]
-            target = parts / f"chunks-{first:05d}-{first + len(group) - 1:05d}"
-            images_in_group = sum(len(c) for c in group)
-            if (target / "_SUCCESS").exists():
-                resumed += images_in_group
-                progress.update(images_in_group)
-                continue
-            ids = {row["uri"]: row["image_id"] for chunk in group for row in chunk}
+            group = [pair for chunk in chunks[first:first + per_job] for pair in chunk]
+            ids = dict(group)
             embed = make_embedder(str(trunk_dir), config.preprocessing, config.threads_per_task,
                                   config.batch_size, ids)
             # Spark's own binaryFile source reads the group's files; no join, no shuffle.
             files = spark.read.format("binaryFile").load(list(ids)).select("path", "content")
-            job = files.mapInPandas(embed, EMBED_SCHEMA)
-            job.write.mode("overwrite").parquet(str(target))
-            computed += images_in_group
-            progress.update(images_in_group)
-    return {"resumed_images": resumed, "computed_images": computed, "parts": str(parts)}
+            tmp = new_tmp(shards)
+            files.mapInPandas(embed, EMBED_SCHEMA).write.parquet(str(tmp))
+            publish(tmp, shards / shard_name())
+            progress.update(len(group))
+    return {"model_key": key, "cache": str(cache.root), "contents": len(contents), "embedded": len(todo),
+            "from_cache": len(contents) - len(todo)}
 
 
-def _read_features(parts: Path, kept_ids: list[str]) -> tuple[np.ndarray, list[str], dict[str, str]]:
-    table = pq.read_table(parts, columns=["image_id", "features", "error"]).to_pandas()
-    failed = table[table["error"].notna()]
-    good = table[table["error"].isna()].drop_duplicates("image_id").set_index("image_id")
-    ordered = [i for i in kept_ids if i in good.index]
-    features = np.stack(good.loc[ordered, "features"].to_numpy()).astype(np.float32)
-    return features, ordered, dict(zip(failed["image_id"], failed["error"], strict=True))
+def _read_features(cache: FeatureCache, key: str, kept: list[dict]) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """Features of the kept images in order (image ids without features left out) and the images whose
+    content the model could not take, with why."""
+    position, matrix, failed = cache.read(key, {row["sha256"] for row in kept})
+    ordered = [row for row in kept if row["sha256"] in position]
+    features = matrix[[position[row["sha256"]] for row in ordered]]
+    errors = {row["image_id"]: failed[row["sha256"]] for row in kept if row["sha256"] in failed}
+    return features, [row["image_id"] for row in ordered], errors
 
 
 def _new_version() -> str:
@@ -290,24 +326,24 @@ def run_build(config: BuildConfig) -> BuildResult:
         raise FileExistsError(f"{final} exists already: versions are never overwritten")
     staging.mkdir()
     spark = _spark(config)
+    cache = cache_of(config)
     try:
         with clock.stage("scan_filter"):
-            scanned = scan_and_filter(spark, config).toPandas()
+            table, scan_report = scan_and_filter(spark, config, cache)
+            scanned = table.toPandas()
         with clock.stage("catalogue"):
             membership = read_membership(spark, config)
         kept_rows = scanned[scanned["kept"]].drop_duplicates("image_id").to_dict("records")
-        kept_ids = [row["image_id"] for row in kept_rows]
         if len(kept_rows) < 2:
             raise ValueError(f"only {len(kept_rows)} image(s) passed the filter: nothing to index")
-        work = _work_dir(config, kept_ids)
-        work.mkdir(parents=True, exist_ok=True)
+        key = _model_key(config, cache)
         with clock.stage("trunk_export"):
-            trunk, trunk_dir = _trunk_model(config, work)
+            trunk, trunk_dir = _trunk_model(config, cache, key)
         with clock.stage("embed"):
-            embed_report = embed_on_spark(spark, config, kept_rows, work, trunk_dir)
+            embed_report = embed_on_spark(spark, config, kept_rows, cache, key, trunk_dir)
     finally:
         spark.stop()
-    features, ids, embed_errors = _read_features(Path(embed_report["parts"]), kept_ids)
+    features, ids, embed_errors = _read_features(cache, key, kept_rows)
     # An image the model could not take is dropped like any other, so its product may lose it.
     failed = scanned["image_id"].isin(embed_errors)
     if failed.any():
@@ -351,7 +387,8 @@ def run_build(config: BuildConfig) -> BuildResult:
         "catalogue": catalogue.report,
         "attribute_keys": sorted(catalogue.attribute_keys),
         "embedding_failures": embed_errors,
-        "embedding": {k: v for k, v in embed_report.items() if k != "parts"},
+        "embedding": embed_report,
+        "scan": scan_report,
         "index": {"n_trees": report.n_trees, "search_k": report.search_k,
                   "recall_at_10": round(report.recall_at_10, 4), "recall_queries": report.queries,
                   "recall_by_search_k": {str(k): round(v, 4) for k, v in report.recall_by_search_k.items()}},

@@ -1,4 +1,5 @@
-"""`lookalike-build`: write the sample catalogue, or build and publish an artifact version."""
+"""`lookalike-build`: write the sample catalogue, build and publish versions, and operate a catalogue:
+hide and show products, list versions, roll back, prune."""
 
 from __future__ import annotations
 
@@ -68,8 +69,120 @@ def _parser() -> argparse.ArgumentParser:
                        default=env_default("threads_per_task", defaults.threads_per_task),
                        help="TensorFlow threads per Spark task (one task runs per core)")
     build.add_argument("--version", default=None, help="version name (default: UTC time + random suffix)")
+    build.add_argument("--feature-cache", type=Path, default=env_default("feature_cache", None),
+                       help="where scans and features are kept by content (default: OUT/.features); several "
+                            "builds and catalogues may share one")
+    build.add_argument("--nice", type=int, default=env_default("nice", 10),
+                       help="CPU niceness of the build and its Spark workers, so that a server on the same host "
+                            "keeps its latency (0 to run at normal priority)")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")
+
+    for name, text in (("hide", "stop serving products (out of stock, delisted, blocked) without a rebuild"),
+                       ("unhide", "serve hidden products again")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
+        command.add_argument("product_ids", nargs="*", metavar="PRODUCT_ID")
+        command.add_argument("--file", type=Path, help="a file of product ids, one per line")
+        if name == "hide":
+            command.add_argument("--reason", default="out_of_stock", choices=["out_of_stock", "delisted", "blocked"])
+    versions = commands.add_parser("versions", help="published versions, oldest first; CURRENT and leased marked")
+    versions.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
+    versions.add_argument("--json", action="store_true")
+    rollback = commands.add_parser("rollback", help="point CURRENT at the previous (or the named) version")
+    rollback.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
+    rollback.add_argument("version", nargs="?", help="the version to serve (default: the one before CURRENT)")
+    prune = commands.add_parser("prune", help="remove old versions and the cached features no kept version uses")
+    prune.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
+    prune.add_argument("--keep", type=int, required=True, help="how many of the newest versions to keep")
+    prune.add_argument("--cache-grace-s", type=float, default=3600.0,
+                       help="leave cached features and leftovers younger than this (a build may be using them)")
     return parser
+
+
+def _product_ids(args: argparse.Namespace) -> list[str]:
+    ids = list(args.product_ids)
+    if args.file is not None:
+        if not args.file.is_file():
+            raise UsageError(f"--file {args.file} is not a file")
+        ids += [line.strip() for line in args.file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise UsageError("give product ids, or --file with one per line")
+    return ids
+
+
+def _artifacts_folder(out: Path) -> Path:
+    if not out.is_dir():
+        raise UsageError(f"--out {out} is not a folder")
+    return out
+
+
+def _operate(args: argparse.Namespace) -> int:
+    """hide, unhide, versions, rollback, prune: no Spark, no TensorFlow."""
+    from lookalike import artifacts
+    from lookalike.leases import leased_versions
+
+    out = _artifacts_folder(args.out)
+    if args.command in ("hide", "unhide"):
+        from lookalike.availability import change_availability
+
+        ids = _product_ids(args)
+        hide = args.command == "hide"
+        state, changed = change_availability(out, hide=ids if hide else (), show=() if hide else ids,
+                                             reason=getattr(args, "reason", "out_of_stock"))
+        unknown = _unknown_products(out, ids)
+        print(f"availability version {state.version}: {changed} of {len(ids)} products "
+              f"{'hidden' if hide else 'shown again'}; {len(state.hidden)} hidden in all")
+        if unknown:
+            print(f"note: {len(unknown)} of them are not in the served version (e.g. {unknown[0]}); the state "
+                  f"applies to any version that has them", file=sys.stderr)
+        return 0
+    if args.command == "versions":
+        from builder.operate import list_versions
+
+        current = artifacts.read_current(out) if (out / artifacts.CURRENT).exists() else None
+        leased = {v for held in leased_versions(out).values() for v in held}
+        rows = [{"version": v.name, "created_at": v.created_at, "products": v.products, "images": v.images,
+                 "current": v.name == current, "leased": v.name in leased} for v in list_versions(out)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in rows if not args.json else []:
+            marks = " ".join(m for m, on in (("CURRENT", row["current"]), ("leased", row["leased"])) if on)
+            print(f"{row['version']:<32}{row['created_at']:<28}{row['products'] or '-':>8} products "
+                  f"{row['images'] or '-':>8} images  {marks}")
+        return 0
+    if args.command == "rollback":
+        from builder.operate import rollback
+
+        before, after = rollback(out, args.version)
+        print(f"CURRENT: {before} -> {after}")
+        return 0
+    from builder.operate import prune
+
+    report = prune(out, args.keep, args.cache_grace_s)
+    print(f"kept {len(report.kept)} versions, removed {len(report.removed)}"
+          + (f" ({', '.join(report.removed)})" if report.removed else ""))
+    if report.leased:
+        print("leased by running servers: " + "; ".join(f"{h}: {', '.join(v)}" for h, v in report.leased.items()))
+    cache = report.cache
+    if cache.get("present"):
+        print(f"feature cache {cache['cache']}: {cache['features_before']} -> {cache['features_after']} features "
+              f"in compacted shards, {len(cache['models_removed'])} models removed")
+    return 0
+
+
+def _unknown_products(out: Path, ids: list[str]) -> list[str]:
+    """The ids the served version does not hold (a typo, or a product not built yet)."""
+    import pyarrow.parquet as pq
+
+    from lookalike import artifacts
+
+    try:
+        version_dir = out / artifacts.read_current(out)
+        known = set(pq.read_table(version_dir / artifacts.PRODUCTS_FILE, columns=["product_id"])
+                    .column("product_id").to_pylist())
+    except (artifacts.ArtifactError, OSError, ValueError):  # no readable served version: nothing to say
+        return []
+    return [i for i in ids if i not in known]
 
 
 def _check_build_inputs(args: argparse.Namespace) -> None:
@@ -107,7 +220,12 @@ def _run(args: argparse.Namespace) -> int:
         products, images = write_sample(args.out, args.limit, args.split, args.max_images_per_product)
         print(f"wrote {products} products with {images} images to {args.out}")
         return 0
+    if args.command != "build":
+        return _operate(args)
     _check_build_inputs(args)
+    if args.nice:
+        # Spark's JVM and its Python workers inherit it: a server on this host keeps the CPU it needs.
+        os.nice(args.nice)
     from builder.build import BuildConfig, run_build
 
     config = BuildConfig(images=args.images, out=args.out, listings=args.listings, products_csv=args.products_csv,
@@ -116,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
                          preprocessing=args.preprocessing, head=args.head, dimension=args.dimension,
                          n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
                          batch_size=args.batch_size, threads_per_task=args.threads_per_task,
-                         weights_file=args.weights_file, version=args.version)
+                         weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache)
     result = run_build(config)
     if args.json:
         print(json.dumps(result.manifest, indent=2))

@@ -9,15 +9,17 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-SCAN_SCHEMA = "uri string, bytes long, sha256 string, file_width int, file_height int, error string"
-EMBED_SCHEMA = "image_id string, features array<float>, error string"
+SCAN_SCHEMA = "uri string, bytes long, mtime long, sha256 string, file_width int, file_height int, error string"
+# Features are keyed by the sha256 of the image bytes: the same content is embedded once, wherever it is.
+EMBED_SCHEMA = "sha256 string, features array<float>, error string"
 
 # One model and one preprocessor per Python worker: Spark reuses workers across tasks.
 _WORKER_STATE: dict[tuple, object] = {}
 
 
 def scan_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """Width and height from each file, decoding it fully so a corrupt file is caught here."""
+    """Width and height from each file, decoding it fully so a corrupt file is caught here. Batches hold
+    binaryFile's path, length and content, plus mtime (epoch milliseconds)."""
     from lookalike.preprocess import ImageError, decode
 
     for batch in batches:
@@ -34,7 +36,7 @@ def scan_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
                 heights.append(None)
                 errors.append(str(error))
         yield pd.DataFrame({
-            "uri": batch["path"], "bytes": batch["length"], "sha256": digests,
+            "uri": batch["path"], "bytes": batch["length"], "mtime": batch["mtime"], "sha256": digests,
             "file_width": pd.array(widths, dtype="Int32"), "file_height": pd.array(heights, dtype="Int32"),
             "error": errors,
         })
@@ -56,7 +58,8 @@ def _worker_model(model_dir: str, preprocessing: str, threads: int):
 def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: int, ids: dict[str, str]):
     """Returns the mapInPandas function that embeds binaryFile (path, content) rows on an executor.
 
-    `ids` maps each file's URI to its image id; it travels with the task (a group's worth of ids).
+    `ids` maps each file's URI to the sha256 of its content, the key of its features; it travels with
+    the task (a group's worth of ids).
     """
 
     def embed_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -64,20 +67,20 @@ def make_embedder(model_dir: str, preprocessing: str, threads: int, batch_size: 
 
         model, preprocess = _worker_model(model_dir, preprocessing, threads)
         for batch in batches:
-            image_ids = [ids[uri] for uri in batch["path"]]
+            digests = [ids[uri] for uri in batch["path"]]
             contents = list(batch["content"])
-            for start in range(0, len(image_ids), batch_size):
+            for start in range(0, len(digests), batch_size):
                 arrays, good, errors = [], [], {}
-                for image_id, content in zip(image_ids[start:start + batch_size],
-                                             contents[start:start + batch_size], strict=True):
+                for digest, content in zip(digests[start:start + batch_size],
+                                          contents[start:start + batch_size], strict=True):
                     try:
                         arrays.append(preprocess(bytes(content)))
-                        good.append(image_id)
+                        good.append(digest)
                     except ImageError as error:
-                        errors[image_id] = str(error)
+                        errors[digest] = str(error)
                 features = model(np.stack(arrays)) if arrays else np.zeros((0, 0), np.float32)
                 yield pd.DataFrame({
-                    "image_id": good + list(errors),
+                    "sha256": good + list(errors),
                     "features": [row.astype(np.float32) for row in features] + [None] * len(errors),
                     "error": [None] * len(good) + list(errors.values()),
                 })

@@ -105,13 +105,15 @@ class Match:
 
 
 class Matches(list):
-    """Matches from the most to the least alike, with the index version that answered. From recommend(),
-    also the example ids the version did not hold (with ignore_missing)."""
+    """Matches from the most to the least alike, with the index version and the availability version (which
+    products were hidden) that answered. From recommend(), also the example ids the version did not hold
+    (with ignore_missing)."""
 
     def __init__(self, matches: Iterable[Match], version: str, missing_product_ids: Sequence[str] = (),
-                 missing_image_ids: Sequence[str] = ()) -> None:
+                 missing_image_ids: Sequence[str] = (), availability_version: int = 0) -> None:
         super().__init__(matches)
         self.version = version
+        self.availability_version = availability_version
         self.missing_product_ids = list(missing_product_ids)
         self.missing_image_ids = list(missing_image_ids)
 
@@ -264,7 +266,8 @@ def _matches(response: pb.FindSimilarResponse | pb.RecommendResponse) -> Matches
     return Matches((Match(m.product_id, m.image_id or m.item_id, m.distance, m.score, m.path, m.label,
                           tuple(ImageMatch(i.image_id, i.distance, i.score, i.path, i.role) for i in m.images),
                           dict(m.attributes))
-                    for m in response.matches), response.index_version, *missing)
+                    for m in response.matches), response.index_version, *missing,
+                   availability_version=response.availability_version)
 
 
 def _vectors(response: pb.EmbedResponse) -> np.ndarray:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from lookalike import artifacts
+from lookalike.availability import AVAILABILITY_FILE, AvailabilityError, read_availability
+from lookalike.leases import remove_lease, write_lease
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import CoreConfig, SimilarityCore
@@ -53,12 +57,17 @@ class ServerConfig:
     watch_interval_s: float = 2.0
     tls: TlsConfig | None = None
     search: SearchConfig = field(default_factory=SearchConfig)
+    # The lease in ARTIFACTS/.leases that keeps `prune` off the versions this server has mapped lasts
+    # this long and is renewed every third of it; a server that dies stops renewing it.
+    lease_ttl_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024 * 1024:
             raise ValueError("max_message_bytes must be at least 1 MiB")
         if self.grace_s < 0 or self.watch_interval_s < 0:
             raise ValueError("grace_s and watch_interval_s must not be negative")
+        if self.lease_ttl_s < 3:
+            raise ValueError("lease_ttl_s must be at least 3 seconds")
 
 
 class LookalikeServer:
@@ -74,6 +83,8 @@ class LookalikeServer:
         self._refused_version: str | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._lease_holder = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
+        self._availability_stamp: tuple | None = None
 
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()
@@ -117,18 +128,68 @@ class LookalikeServer:
         await self._server.start()
         log.info("listening on %s:%s (metrics port %s); loading version %s", self.config.host, self.port,
                  self.metrics_port, current)
+        # Leased before it is mapped, so a prune running meanwhile leaves it alone.
+        self._write_lease([current])
         try:
             version = await self._load(current)
         except BaseException:
             await self._server.stop(0)
+            remove_lease(self.config.artifacts, self._lease_holder)
             raise
         self.core = SimilarityCore(version, self.config.core, self.metrics)
         servicer.core = self.core
         self.metrics.version.info({"version": version.name})
+        await self.check_availability()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        loop = asyncio.get_running_loop()
         if self.config.watch_interval_s > 0:
-            self._tasks.append(asyncio.get_running_loop().create_task(self._watch()))
+            self._tasks.append(loop.create_task(self._watch()))
+        self._tasks.append(loop.create_task(self._renew_lease()))
         log.info("serving version %s", version.name)
+
+    def _write_lease(self, versions: list[str]) -> None:
+        try:
+            write_lease(self.config.artifacts, self._lease_holder, versions, self.config.lease_ttl_s)
+        except OSError as error:  # a read-only ARTIFACTS still serves; prune then cannot see this server
+            log.warning("could not write the lease in %s: %s", self.config.artifacts, error)
+
+    async def _renew_lease(self) -> None:
+        while not self._stopped.is_set():
+            self._write_lease(self.core.loaded_versions())
+            try:
+                await asyncio.wait_for(self._stopped.wait(), self.config.lease_ttl_s / 3)
+            except TimeoutError:
+                continue
+
+    async def check_availability(self) -> bool:
+        """Applies ARTIFACTS/availability.json when it changed; a malformed one is refused and logged, and
+        the products hidden before stay hidden. True when a new state was applied."""
+        path = self.config.artifacts / AVAILABILITY_FILE
+        try:
+            stat = path.stat()
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp == self._availability_stamp:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            availability = await loop.run_in_executor(None, read_availability, self.config.artifacts)
+        except AvailabilityError as error:
+            self._availability_stamp = stamp
+            self.metrics.availability_reloads.labels("refused").inc()
+            log.error("availability not applied, keeping version %d: %s", self.core.hidden.version, error)
+            return False
+        self._availability_stamp = stamp
+        if availability.version == self.core.hidden.version:
+            return False
+        hidden = await loop.run_in_executor(None, self.core.set_availability, availability)
+        self.metrics.availability_reloads.labels("applied").inc()
+        self.metrics.availability_version.set(hidden.version)
+        self.metrics.hidden_products.set(hidden.count(self.core.version))
+        log.info("availability version %d: %d products of %s hidden", hidden.version,
+                 hidden.count(self.core.version), self.core.version.name)
+        return True
 
     async def reload(self, force: bool = False) -> bool:
         """Loads the version CURRENT names beside the served one and swaps; False when refused."""
@@ -147,7 +208,9 @@ class LookalikeServer:
                 self.metrics.reloads.labels("refused").inc()
                 log.error("refused version %s, still serving %s: %s", wanted, self.core.version.name, error)
                 return False
+            self._write_lease([*self.core.loaded_versions(), version.name])
             await self.core.swap(version)
+            self.metrics.hidden_products.set(self.core.hidden.count(version))
             self._refused_version = None
             self.metrics.reloads.labels("swapped").inc()
             self.metrics.version.info({"version": version.name})
@@ -158,6 +221,7 @@ class LookalikeServer:
             try:
                 await asyncio.wait_for(self._stopped.wait(), self.config.watch_interval_s)
             except TimeoutError:
+                await self.check_availability()
                 await self.reload()
 
     async def stop(self) -> None:
@@ -173,6 +237,7 @@ class LookalikeServer:
         for task in self._tasks:
             task.cancel()
         await self.core.close()
+        remove_lease(self.config.artifacts, self._lease_holder)
         log.info("stopped")
 
     async def wait(self) -> None:
@@ -188,7 +253,11 @@ async def serve(config: ServerConfig) -> None:
     stopping: list[asyncio.Task] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stopping.append(loop.create_task(server.stop())))
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.reload(force=True)))
+    async def on_hangup() -> None:
+        await server.check_availability()
+        await server.reload(force=True)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hangup()))
     await server.wait()
     for task in stopping:
         await task

@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grace-s", type=float, default=env_default("grace_s", 20.0),
                    help="SIGTERM: time requests in flight get to finish")
     p.add_argument("--watch-interval-s", type=float, default=env_default("watch_interval_s", 2.0),
-                   help="how often CURRENT is checked for a new version; 0 = only on SIGHUP")
+                   help="how often CURRENT (a new version) and availability.json (hidden products) are checked; "
+                        "0 = only on SIGHUP")
+    p.add_argument("--lease-ttl-s", type=float, default=env_default("lease_ttl_s", 60.0),
+                   help="how long this server's lease on its mapped versions lasts unrenewed (prune respects it)")
     p.add_argument("--tls-cert", type=Path, default=env_default("tls_cert", None), help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, default=env_default("tls_key", None), help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, default=env_default("tls_client_ca", None),
@@ -92,7 +95,7 @@ def config_from_args(args: argparse.Namespace):
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         core=core, max_message_bytes=args.max_message_mb * 1024 * 1024, grace_s=args.grace_s,
-                        watch_interval_s=args.watch_interval_s, tls=tls,
+                        watch_interval_s=args.watch_interval_s, tls=tls, lease_ttl_s=args.lease_ttl_s,
                         search=SearchConfig(exact_max_rows=args.exact_max_rows))
 
 

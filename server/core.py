@@ -8,10 +8,11 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from lookalike.availability import Availability
 from lookalike.preprocess import ImageError
 from server.batcher import BatcherClosed, BatcherConfig, BatchObserver, Expired, MicroBatcher, QueueFull
 from server.errors import DeadlineExceeded, InvalidArgument, NotFound, Overloaded, Unavailable
@@ -105,11 +106,43 @@ class Examples:
 
 
 @dataclass(frozen=True)
-class Recommendation:
+class Answer:
+    """Matches, the index version and the availability version that answered; from Recommend, also the
+    example ids the version does not hold (with ignore_missing)."""
+
     results: list[ProductResult]
     version: str
-    missing_product_ids: list[str]
-    missing_image_ids: list[str]
+    availability_version: int = 0
+    missing_product_ids: list[str] = field(default_factory=list)
+    missing_image_ids: list[str] = field(default_factory=list)
+
+
+class HiddenProducts:
+    """One availability state, as a mask over each served version's products (computed once per version)."""
+
+    def __init__(self, availability: Availability) -> None:
+        self.availability = availability
+        self._masks: dict[str, np.ndarray | None] = {}
+
+    @property
+    def version(self) -> int:
+        return self.availability.version
+
+    def mask(self, version: ServedVersion) -> np.ndarray | None:
+        """True for the hidden products of `version`; None when none of its products is hidden."""
+        if version.name not in self._masks:
+            rows = [version.catalogue.product_row_of.get(p) for p in self.availability.hidden]
+            rows = [r for r in rows if r is not None]
+            mask = None
+            if rows and version.catalogue.has_products:
+                mask = np.zeros(version.catalogue.product_count, bool)
+                mask[rows] = True
+            self._masks[version.name] = mask
+        return self._masks[version.name]
+
+    def count(self, version: ServedVersion) -> int:
+        mask = self.mask(version)
+        return 0 if mask is None else int(mask.sum())
 
 
 @dataclass(frozen=True)
@@ -180,6 +213,8 @@ class SimilarityCore:
         self._preprocess_pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
         self._index_pool = ThreadPoolExecutor(config.index_threads, thread_name_prefix="index")
         self._runtime = self._make_runtime(version)
+        self._retiring: set[str] = set()
+        self.hidden = HiddenProducts(Availability())
         self.draining = False
 
     def _make_runtime(self, version: ServedVersion) -> _Runtime:
@@ -195,6 +230,17 @@ class SimilarityCore:
     @property
     def version(self) -> ServedVersion:
         return self._runtime.version
+
+    def loaded_versions(self) -> list[str]:
+        """The served version and any still finishing requests after a swap: what must stay on disk."""
+        return sorted({self._runtime.version.name, *self._retiring})
+
+    def set_availability(self, availability: Availability) -> HiddenProducts:
+        """Hides what `availability` hides from the next request on; requests running finish as they are."""
+        hidden = HiddenProducts(availability)
+        hidden.mask(self._runtime.version)  # computed here, off the request path
+        self.hidden = hidden
+        return hidden
 
     def queue_depth(self) -> int:
         return self._runtime.batcher.depth
@@ -274,8 +320,8 @@ class SimilarityCore:
         return vector / norm
 
     async def find_similar(self, query: Query, options: SearchOptions = SearchOptions(),
-                           deadline: float | None = None) -> tuple[list[ProductResult], str]:
-        """The k catalogue products nearest to an image, image id, product id or vector, and the version."""
+                           deadline: float | None = None) -> Answer:
+        """The k catalogue products nearest to an image, image id, product id or vector, and the versions."""
         given = [query.image is not None, query.image_id is not None, query.product_id is not None,
                  query.vector is not None]
         if sum(given) != 1:
@@ -289,7 +335,9 @@ class SimilarityCore:
                 vector = (await self._embed_on(runtime, [query.image], deadline))[0]
                 query = Query(vector=vector)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._index_pool, self._find, version, query, options, k), version.name
+            hidden = self.hidden
+            results = await loop.run_in_executor(self._index_pool, self._find, version, hidden, query, options, k)
+            return Answer(results, version.name, hidden.version)
         finally:
             self._release(runtime, images)
 
@@ -302,14 +350,19 @@ class SimilarityCore:
             raise InvalidArgument(f"score_threshold must be in -1..1, not {threshold}")
         return self._check_k(options.k)
 
-    def _find(self, version: ServedVersion, query: Query, options: SearchOptions, k: int) -> list[ProductResult]:
+    def _find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
+              k: int) -> list[ProductResult]:
+        # A hidden product still works as a query ("alternatives to this sold-out product").
         resolved = self._resolve(version, query, options.exclude_query)
-        return self._search(version, NearestScorer(resolved.vectors), resolved.own_products, options, k)
+        return self._search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k)
 
-    def _search(self, version: ServedVersion, scorer: Scorer, own_products: list[int], options: SearchOptions,
-                k: int) -> list[ProductResult]:
+    def _search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
+                options: SearchOptions, k: int) -> list[ProductResult]:
         filters = version.catalogue.filters
         allowed = filters.allowed(options.filter)
+        hidden_mask = hidden.mask(version)
+        if hidden_mask is not None:
+            allowed = ~hidden_mask if allowed is None else allowed & ~hidden_mask
         excluded = np.union1d(np.asarray(own_products, np.int64), filters.excluded_rows(options.filter))
         result = version.index.search(scorer, k, allowed=allowed, excluded=excluded, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
@@ -341,7 +394,7 @@ class SimilarityCore:
         return _Resolved(vector[None, :], index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
 
     async def recommend(self, examples: Examples, options: SearchOptions = SearchOptions(),
-                        deadline: float | None = None) -> Recommendation:
+                        deadline: float | None = None) -> Answer:
         """The k products most like the positive examples and least like the negative ones; the examples'
         own products never come back."""
         k = self._check_options(options)
@@ -370,12 +423,13 @@ class SimilarityCore:
                                       for side in (examples.positive, examples.negative))
                 examples = Examples(tuple(positive), tuple(negative), examples.strategy, examples.ignore_missing)
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._index_pool, self._recommend, version, examples, options, k)
+            return await loop.run_in_executor(self._index_pool, self._recommend, version, self.hidden, examples,
+                                              options, k)
         finally:
             self._release(runtime, len(images))
 
-    def _recommend(self, version: ServedVersion, examples: Examples, options: SearchOptions,
-                   k: int) -> Recommendation:
+    def _recommend(self, version: ServedVersion, hidden: HiddenProducts, examples: Examples, options: SearchOptions,
+                   k: int) -> Answer:
         missing_products, missing_images, own = [], [], []
         sides = []
         for side in (examples.positive, examples.negative):
@@ -409,8 +463,8 @@ class SimilarityCore:
             else:
                 stack = lambda vs: np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)  # noqa: E731
                 scorer = BestScoreScorer(stack(positive), stack(negative))
-            results = self._search(version, scorer, own, options, k)
-        return Recommendation(results, version.name, missing_products, missing_images)
+            results = self._search(version, hidden, scorer, own, options, k)
+        return Answer(results, version.name, hidden.version, missing_products, missing_images)
 
     @staticmethod
     def _unit(vector: np.ndarray) -> np.ndarray:
@@ -430,6 +484,8 @@ class SimilarityCore:
     async def swap(self, version: ServedVersion) -> ServedVersion:
         """Serves `version` from now on; the old one finishes its requests, then is unloaded."""
         old = self._runtime
+        self.hidden.mask(version)
+        self._retiring.add(old.version.name)
         self._runtime = self._make_runtime(version)
         log.info("now serving version %s (was %s)", version.name, old.version.name)
         asyncio.get_running_loop().create_task(self._retire(old))
@@ -439,6 +495,7 @@ class SimilarityCore:
         await runtime.idle.wait()
         await runtime.batcher.close()
         runtime.version.close()
+        self._retiring.discard(runtime.version.name)
         log.info("unloaded version %s", runtime.version.name)
 
     async def drain(self, grace_s: float) -> None:

@@ -26,6 +26,12 @@ class ServerMetrics(CoreObserver):
                                        "deadline passed or their caller cancelled", registry=r)
         self.reloads = Counter("lookalike_reloads", "version reload attempts by result", ["result"], registry=r)
         self.version = Info("lookalike_served", "the artifact version being served", registry=r)
+        self.hidden_products = Gauge("lookalike_hidden_products", "products of the served version hidden from "
+                                     "results (out of stock, delisted, blocked)", registry=r)
+        self.availability_version = Gauge("lookalike_availability_version", "the availability.json version in "
+                                          "force", registry=r)
+        self.availability_reloads = Counter("lookalike_availability_reloads", "availability.json reads by result "
+                                            "(applied, refused)", ["result"], registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (exact, annoy, "
                              "annoy_then_exact)", ["plan"], registry=r)
 

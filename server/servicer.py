@@ -136,14 +136,16 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
 
     @_rpc
     async def FindSimilar(self, request: pb.FindSimilarRequest, context) -> pb.FindSimilarResponse:  # noqa: N802
-        matches, version = await self.core.find_similar(_query(request), _options(request, request.exclude_query),
-                                                        _deadline(context))
-        return pb.FindSimilarResponse(matches=[_match(m) for m in matches], index_version=version)
+        found = await self.core.find_similar(_query(request), _options(request, request.exclude_query),
+                                             _deadline(context))
+        return pb.FindSimilarResponse(matches=[_match(m) for m in found.results], index_version=found.version,
+                                      availability_version=found.availability_version)
 
     @_rpc
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:  # noqa: N802
         found = await self.core.recommend(_examples(request), _options(request), _deadline(context))
         return pb.RecommendResponse(matches=[_match(m) for m in found.results], index_version=found.version,
+                                    availability_version=found.availability_version,
                                     missing_product_ids=found.missing_product_ids,
                                     missing_image_ids=found.missing_image_ids)
 
@@ -160,4 +162,5 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
             attribute_keys=sorted(version.catalogue.attributes), search_k=version.search_k,
             n_trees=int(manifest["index"]["n_trees"]), recall_at_10=float(manifest["index"]["recall_at_10"]),
             input_size=int(manifest.get("input_size", 256)), max_k=config.max_k,
-            max_images_per_request=config.max_images_per_request, server_version=SERVER_VERSION)
+            max_images_per_request=config.max_images_per_request, server_version=SERVER_VERSION,
+            hidden_product_count=self.core.hidden.count(version), availability_version=self.core.hidden.version)

@@ -125,14 +125,14 @@ def test_a_killed_build_resumes_without_recomputing_and_never_moves_current(tmp_
     out = tmp_path / "ARTIFACTS"
     out.mkdir()
     artifacts.write_current(out, "v1")
-    # Kill the build once it has finished some embedding jobs (each job commits a _SUCCESS).
+    # Kill the build once it has published some embedding jobs as cache shards (each holds a _SUCCESS).
     process = subprocess.Popen([helpers.BIN / "lookalike-build", "build", "--images", catalogue, "--out", out,
                                 "--chunk-size", "32", "--head", "none", "--version", "v2"],
                                env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and process.poll() is None:
-        if len(list(out.glob(".work/*/features/*/_SUCCESS"))) >= 2:
+        if len(list(out.glob(".features/models/*/shards/[!.]*/_SUCCESS"))) >= 2:
             break
         time.sleep(0.5)
     assert process.poll() is None, "the build finished before it could be interrupted"
@@ -142,10 +142,10 @@ def test_a_killed_build_resumes_without_recomputing_and_never_moves_current(tmp_
     assert not (out / "v2").exists()
     resumed = helpers.build(catalogue, out, "--chunk-size", "32", "--head", "none", "--version", "v2b", "--json")
     manifest = json.loads(resumed.stdout[resumed.stdout.index("{"):])
-    assert manifest["embedding"]["resumed_images"] >= 64
-    embedded = manifest["embedding"]["computed_images"] + manifest["embedding"]["resumed_images"]
-    assert embedded == kept_image_count(catalogue)
-    assert manifest["embedding"]["computed_images"] < kept_image_count(catalogue)
+    embedding = manifest["embedding"]
+    assert embedding["from_cache"] >= 64 and embedding["embedded"] > 0
+    assert embedding["embedded"] + embedding["from_cache"] == embedding["contents"] == kept_image_count(catalogue)
+    assert manifest["scan"]["decoded"] == 0  # the killed build's scan is cached too
     assert artifacts.read_current(out) == "v2b"
     assert manifest["dimension"] == 1280
 

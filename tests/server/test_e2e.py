@@ -26,7 +26,7 @@ pytestmark = pytest.mark.e2e
 def served_copy(tmp_path, built):
     """A private copy of the built ARTIFACTS, so a test may add versions and move CURRENT."""
     out = tmp_path / "ARTIFACTS"
-    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".work", ".staging-*"))
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
     return out
 
 

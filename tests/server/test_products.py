@@ -120,11 +120,13 @@ async def test_attributes_come_with_matches_when_asked(tmp_path):
     try:
         from server.core import Query, SearchOptions
 
-        matches, _ = await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=2, with_attributes=True))
+        matches = (await core.find_similar(Query(product_id="prod-003"),
+                                           SearchOptions(k=2, with_attributes=True))).results
         assert matches[0].attributes == {"color": "Black", "brand": "B3"}
-        plain, _ = await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=2))
+        plain = (await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=2))).results
         assert plain[0].attributes == {}
-        no_colour, _ = await core.find_similar(Query(product_id="prod-004"), SearchOptions(k=1, with_attributes=True))
+        no_colour = (await core.find_similar(Query(product_id="prod-004"),
+                                             SearchOptions(k=1, with_attributes=True))).results
         assert no_colour[0].attributes == {"brand": "B4"}
         assert np.isfinite(matches[0].score)
     finally:

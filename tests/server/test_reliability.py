@@ -100,7 +100,7 @@ def test_overload_is_refused_fast_and_throughput_recovers(small_queue_server, ca
 
 def test_restart_after_sigkill_serves_again(tmp_path, built):
     out = tmp_path / "ARTIFACTS"
-    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".work", ".staging-*"))
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
     image_id = pd.read_parquet(out / artifacts.read_current(out) / "images.parquet")["image_id"][0]
     port = helpers.free_port()
 
@@ -132,7 +132,7 @@ def test_restart_after_sigkill_serves_again(tmp_path, built):
 
 def test_current_naming_a_path_outside_artifacts_is_refused(tmp_path, built):
     out = tmp_path / "ARTIFACTS"
-    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".work", ".staging-*"))
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
     version = artifacts.read_current(out)
     (out / "CURRENT").write_text(f"../{out.name}/{version}\n")
     result = subprocess.run([helpers.BIN / "lookalike-serve", "--artifacts", out, "--port", "0", "--metrics-port",
@@ -149,7 +149,7 @@ def test_current_naming_a_path_outside_artifacts_is_refused(tmp_path, built):
 
 def test_mismatched_dimension_is_refused(tmp_path, built):
     out = tmp_path / "ARTIFACTS"
-    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".work", ".staging-*"))
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
     manifest_path = out / artifacts.read_current(out) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["dimension"] = 64

@@ -1,0 +1,86 @@
+"""Rebuilds that cost what changed: scans and features cached by content, shared between catalogues."""
+
+import csv
+import gzip
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lookalike import artifacts
+from tests import helpers
+
+pytestmark = pytest.mark.e2e
+
+
+def _build(images, out, cache, *extra):
+    result = helpers.build(images, out, "--head", "none", "--feature-cache", cache, "--json", *extra)
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def _vectors_by_image(out) -> dict[str, np.ndarray]:
+    version = out / artifacts.read_current(out)
+    images = pd.read_parquet(version / artifacts.IMAGES_FILE)
+    vectors = np.load(version / artifacts.VECTORS_FILE)
+    return {image_id: vectors[row] for row, image_id in zip(images["row"], images["image_id"], strict=True)}
+
+
+def _rewrite_index(catalogue, rows):
+    with gzip.open(catalogue / "images.csv.gz", "wt", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image_id", "height", "width", "path"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_a_rebuild_embeds_only_new_and_changed_contents(tmp_path):
+    catalogue, cache = tmp_path / "catalogue", tmp_path / "cache"
+    subprocess.run([helpers.BIN / "lookalike-build", "sample", "fashion-mnist", "--out", catalogue, "--limit", "30"],
+                   check=True, env=helpers.env(), capture_output=True)
+    out = tmp_path / "ARTIFACTS"
+    first = _build(catalogue, out, cache)
+    contents = first["embedding"]["contents"]
+    assert first["embedding"]["embedded"] == contents and first["scan"]["decoded"] == first["scan"]["files"]
+    before = _vectors_by_image(out)
+
+    rows = helpers.catalogue_images(catalogue)
+    moved, changed, duplicated = rows[0], rows[1], rows[2]
+    # Moved and renamed: the same bytes under another path and file name.
+    new_path = f"zz/moved-{moved['image_id']}.png"
+    (catalogue / "small" / "zz").mkdir()
+    shutil.move(catalogue / "small" / moved["path"], catalogue / "small" / new_path)
+    moved["path"] = new_path
+    # Changed in place: other bytes under the same path.
+    (catalogue / "small" / changed["path"]).write_bytes(helpers.png_bytes(
+        np.random.default_rng(1).integers(0, 255, (28, 28, 3), dtype=np.uint8)))
+    # A second image id with bytes the model has seen, and three images it has never seen.
+    added = [{"image_id": "copy-of-2", "height": 28, "width": 28, "path": "zz/copy-of-2.png"}]
+    shutil.copy(catalogue / "small" / duplicated["path"], catalogue / "small" / "zz" / "copy-of-2.png")
+    for n in range(3):
+        path = f"zz/new-{n}.png"
+        (catalogue / "small" / path).write_bytes(helpers.png_bytes(
+            np.random.default_rng(10 + n).integers(0, 255, (28, 28, 3), dtype=np.uint8)))
+        added.append({"image_id": f"new-{n}", "height": 28, "width": 28, "path": path})
+    _rewrite_index(catalogue, rows + added)
+
+    second = _build(catalogue, out, cache)
+    assert second["embedding"]["embedded"] == 4  # the changed file and the three new ones
+    assert second["embedding"]["from_cache"] == second["embedding"]["contents"] - 4
+    assert second["scan"]["decoded"] == 6  # the moved, changed, copied and three new files
+    after = _vectors_by_image(out)
+    for image_id in set(before) - {changed["image_id"]}:
+        assert np.allclose(before[image_id], after[image_id], atol=1e-6), image_id
+    assert not np.allclose(before[changed["image_id"]], after[changed["image_id"]], atol=1e-3)
+    assert np.allclose(after["copy-of-2"], after[duplicated["image_id"]], atol=1e-6)
+    assert len(list(cache.glob("models/*/trunk"))) == 1  # the trunk was exported once for this model
+
+    # Another catalogue folder sharing the cache embeds nothing it has seen.
+    elsewhere = _build(catalogue, tmp_path / "OTHER", cache)
+    assert elsewhere["embedding"]["embedded"] == 0
+    # Another preprocessing is another model: it never reuses these features.
+    other_model = _build(catalogue, tmp_path / "GREY", cache, "--preprocessing", "clahe-grey")
+    assert other_model["embedding"]["embedded"] == other_model["embedding"]["contents"]
+    assert other_model["embedding"]["model_key"] != second["embedding"]["model_key"]
+    assert len(list(cache.glob("models/*/trunk"))) == 2
