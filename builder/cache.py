@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from lookalike.artifacts import sha256_file
 from lookalike.preprocess import INPUT_SIZE
 
 DEFAULT_CACHE = ".features"
@@ -45,17 +46,9 @@ def model_identity(backbone: str, weights_source: str, weights_file: str | None,
     the seed's random-conv head is part of the trunk, so it is."""
     weights = weights_source
     if weights_file is not None:
-        weights = f"file sha256 {_sha256_of(Path(weights_file))}"
+        weights = f"file sha256 {sha256_file(Path(weights_file))}"
     return {"backbone": backbone, "weights": weights, "preprocessing": preprocessing, "input_size": INPUT_SIZE,
             "trunk_head": head if head == "random-conv" else "none", "feature_format": FEATURE_FORMAT}
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_key(identity: dict) -> str:
