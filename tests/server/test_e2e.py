@@ -57,12 +57,14 @@ def _legacy_version(artifacts_dir, name: str) -> str:
     return name
 
 
-def _add_version(artifacts_dir, name: str, corrupt: bool = False) -> str:
+def _add_version(artifacts_dir, name: str, corrupt: bool = False, created_at: str | None = None) -> str:
     source = artifacts_dir / artifacts.read_current(artifacts_dir)
     target = artifacts_dir / name
     shutil.copytree(source, target)
     manifest = json.loads((target / "manifest.json").read_text())
     manifest["version"] = name
+    if created_at is not None:
+        manifest["created_at"] = created_at
     (target / "manifest.json").write_text(json.dumps(manifest))
     if corrupt:
         data = bytearray((target / "index.ann").read_bytes())
@@ -239,3 +241,65 @@ def test_server_refuses_to_start_without_current(tmp_path):
                              "--metrics-port", "-1", "--log-format", "text"], env=helpers.env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "CURRENT does not exist" in result.stderr
+
+
+def _build_cli(*args):
+    return subprocess.run([helpers.BIN / "lookalike-build", *map(str, args)], capture_output=True, text=True,
+                          env=helpers.env(), timeout=60, check=True)
+
+
+def _until(condition, timeout_s: float = 30.0) -> float:
+    """Seconds until condition() holds (bounded; the test fails if it never does)."""
+    begin = time.monotonic()
+    while not condition():
+        assert time.monotonic() - begin < timeout_s, "condition not reached"
+        time.sleep(0.05)
+    return time.monotonic() - begin
+
+
+def test_hide_rollback_and_prune_on_a_running_server_under_load(served_copy, catalogue, tmp_path):
+    original = artifacts.read_current(served_copy)
+    load_catalogue = helpers.load_catalogue(catalogue, tmp_path / "clean")
+    with helpers.serving(served_copy, "--lease-ttl-s", "3") as (process, address, metrics_port):
+        client = ImageSimilarityClient(address)
+        query = client.find_similar(product_id=_images(served_copy)["product_id"][0], k=5)
+        hidden = [m.product_id for m in query[:2]]
+        load = subprocess.Popen([helpers.BIN / "lookalike", "--address", address, "bench", "--catalogue",
+                                 load_catalogue, "--mix", "id=1,product=1,recommend=1", "--concurrency", "4",
+                                 "--duration-s", "6", "--json", "--no-progress"], env=helpers.env(),
+                                stdout=subprocess.PIPE, text=True)
+        _build_cli("hide", "--out", served_copy, *hidden)
+        product = _images(served_copy)["product_id"][0]
+        _until(lambda: set(hidden).isdisjoint(m.product_id for m in client.find_similar(product_id=product, k=5)))
+        answer = client.find_similar(product_id=product, k=5)
+        assert len(answer) == 5 and answer.availability_version == 1
+        assert client.info()["hidden_product_count"] == 2
+        assert helpers.scrape(metrics_port)["lookalike_hidden_products{}"] == 2
+        # Still a query: alternatives to a hidden product.
+        assert len(client.find_similar(product_id=hidden[0], k=3)) == 3
+        _build_cli("unhide", "--out", served_copy, *hidden)
+        _until(lambda: [m.product_id for m in client.find_similar(product_id=product, k=5)] ==
+               [m.product_id for m in query])
+        report = json.loads(load.communicate(timeout=60)[0])
+        assert report["requests"] > 0 and report["codes"] == {"OK": report["requests"]}
+
+        # Forward to a new version, then back with rollback: the server follows CURRENT both ways.
+        _add_version(served_copy, "v-next", created_at="2099-01-01T00:00:00+00:00")
+        artifacts.write_current(served_copy, "v-next")
+        _until(lambda: client.info()["version"] == "v-next", 60)
+        assert _build_cli("rollback", "--out", served_copy).stdout.strip() == f"CURRENT: v-next -> {original}"
+        _until(lambda: client.info()["version"] == original, 60)
+        # A version the server refuses: CURRENT names it, the server keeps serving (and leasing) the original.
+        _add_version(served_copy, "v-broken", corrupt=True, created_at="2099-02-01T00:00:00+00:00")
+        artifacts.write_current(served_copy, "v-broken")
+        _until(lambda: helpers.scrape(metrics_port).get("lookalike_reloads_total{result=refused}", 0) >= 1, 60)
+        _until(lambda: json.loads(_build_cli("versions", "--out", served_copy, "--json").stdout)[0]["leased"]
+               and not json.loads(_build_cli("versions", "--out", served_copy, "--json").stdout)[1]["leased"])
+        pruned = _build_cli("prune", "--out", served_copy, "--keep", "1").stdout
+        assert "removed 1 (v-next)" in pruned
+        assert (served_copy / original).is_dir() and (served_copy / "v-broken").is_dir()
+        assert client.info()["version"] == original and len(client.find_similar(product_id=product, k=3)) == 3
+        client.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    assert not list((served_copy / ".leases").glob("*.json"))  # a server that stops gives its lease back
