@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import filters, index_bench, products, quality, serving
+from bench import filters, index_bench, living, products, quality, serving
 from lookalike import artifacts
 
 log = logging.getLogger("bench")
@@ -28,11 +28,13 @@ PROFILES = {
     "quick": {"catalogue": 400, "queries": 100, "backbones": ["efficientnet_lite0"], "preprocessings": ["plain"],
               "build_products": 150, "concurrencies": [1, 8], "duration_s": 2.0,
               "in_process_batch_sizes": [1, 8, 16], "in_process_images": 96, "product_queries": 100,
-              "filter_queries": 50},
+              "filter_queries": 50, "living_images": 300, "hide_rounds": 2,
+              "living_change": [20, 10]},
     "full": {"catalogue": 3000, "queries": 600, "backbones": ["mobilenet_v2", "efficientnet_lite0"],
              "preprocessings": ["clahe-grey", "plain"], "build_products": 5000, "concurrencies": [1, 8, 32],
              "duration_s": 8.0, "in_process_batch_sizes": [1, 8, 16, 32, 64], "in_process_images": 256,
-             "product_queries": 500, "filter_queries": 300},
+             "product_queries": 500, "filter_queries": 300, "living_images": 10000, "hide_rounds": 5,
+             "living_change": [living.ADDED, living.REMOVED]},
 }
 
 
@@ -84,6 +86,14 @@ def targets(results: dict) -> list[dict]:
                 f"{row['returned_of_10']} / {row['possible_of_10']}, {row['recall_at_10']}", "all, >= 0.95", complete)
     add("index recall@10 at the served search_k", results["build"]["recall_at_10"], ">= 0.95",
         results["build"]["recall_at_10"] >= 0.95)
+    rebuild = results["living"]
+    added, removed = rebuild["rebuild"]["added"], rebuild["rebuild"]["removed"]
+    add(f"rebuild after +{added}/-{removed} of {rebuild['images']} images / full build",
+        rebuild["rebuild_over_full"], "<= 0.25", rebuild["rebuild_over_full"] <= 0.25)
+    add("images embedded by that rebuild", rebuild["rebuild"]["embedded"], f"== {added}",
+        rebuild["rebuild"]["embedded"] == added)
+    add("hide to effect under load: failed requests", rebuild["hide"]["failed_requests"], "== 0",
+        rebuild["hide"]["failed_requests"] == 0)
     ratio = results["build"]["embed_images_per_s"] / limit
     add("builder embedding stage (Spark) / in-process limit", round(ratio, 3), ">= 0.7", ratio >= 0.7)
     best, floor = results["quality"]["best"], results["quality"]["raw_pixel_floor"]
@@ -130,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     results["products"] = products.evaluate(out, queries=config["product_queries"])
     log.info("filters: k results at every selectivity, against Annoy then filter")
     results["filters"] = filters.evaluate(out, queries=config["filter_queries"])
+    log.info("a living catalogue: full build, rebuild after +%d/-%d images, hide to effect", *config["living_change"])
+    added, removed = config["living_change"]
+    results["living"] = living.evaluate(WORK, config["living_images"], config["hide_rounds"], added=added,
+                                        removed=removed)
     log.info("retrieval quality")
     results["quality"] = quality.evaluate(config["catalogue"], config["queries"], config["backbones"],
                                           config["preprocessings"])
