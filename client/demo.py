@@ -69,7 +69,7 @@ def main() -> int:
     _step(f"writing the sample catalogue (Fashion-MNIST products with ABO listings) to {catalogue}")
     subprocess.run([_bin("lookalike-build"), "sample", "fashion-mnist", "--out", catalogue, "--limit",
                     str(PRODUCTS)], check=True, env=env)
-    _step(f"building an index with Spark into {artifacts} (a rerun reuses finished embedding work)")
+    _step(f"building an index with Spark into {artifacts} (a rerun embeds only what changed)")
     subprocess.run([_bin("lookalike-build"), "--log-level", "WARNING", "build", "--images", catalogue,
                     "--out", artifacts], check=True, env=env)
     port = _free_port()
@@ -82,10 +82,15 @@ def main() -> int:
         _wait_serving(address, server)
         lookalike = [_bin("lookalike"), "--address", address]
         subprocess.run([*lookalike, "info"], check=True)
-        for product in demo_products(catalogue):
+        products = demo_products(catalogue)
+        for product in products:
             _step(f"lookalike similar --product {product} -k 5 --group-size 2 --with-attributes")
             subprocess.run([*lookalike, "similar", "--product", product, "-k", "5", "--group-size", "2",
                             "--with-attributes", "--catalogue", catalogue], check=True)
+        recommend = ["recommend", "--positive", products[0], "--negative", products[1], "--filter", "color!=Black",
+                     "-k", "5", "--with-attributes"]
+        _step(f"lookalike {' '.join(recommend)} (more like the first, less like the second, not black)")
+        subprocess.run([*lookalike, *recommend], check=True)
         sheet = OUT / "contact-sheet.png"
         query_image = next((catalogue / "small").rglob("*.png"))
         _step(f"lookalike similar {query_image} (a photo as the query) -k 11 --sheet {sheet}")
