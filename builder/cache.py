@@ -41,14 +41,16 @@ SCAN_COLUMNS = ["uri", "bytes", "mtime", "sha256", "file_width", "file_height", 
 
 
 def model_identity(backbone: str, weights_source: str, weights_file: str | None, preprocessing: str,
-                   head: str) -> dict:
-    """Everything the raw features depend on. The PCA head is fitted after, per build, so it is not here;
-    the seed's random-conv head is part of the trunk, so it is."""
+                   head: str, pooling: str = "avg", mirror: bool = False) -> dict:
+    """Everything the raw features depend on. The PCA and LDA heads are fitted after, per build, so they
+    are not here; the seed's random-conv head and the pooling are part of the trunk, so they are."""
     weights = weights_source
     if weights_file is not None:
         weights = f"file sha256 {sha256_file(Path(weights_file))}"
     return {"backbone": backbone, "weights": weights, "preprocessing": preprocessing, "input_size": INPUT_SIZE,
-            "trunk_head": head if head == "random-conv" else "none", "feature_format": FEATURE_FORMAT}
+            "trunk_head": head if head == "random-conv" else "none", "pooling": pooling,
+            "mirror": mirror,
+            "feature_format": FEATURE_FORMAT}
 
 
 def model_key(identity: dict) -> str:

@@ -14,7 +14,9 @@ from lookalike.settings import OneLineArgumentParser, env_default
 
 
 def _parser() -> argparse.ArgumentParser:
+    from builder.backbones import SPECS
     from builder.build import BuildConfig
+    from builder.model import HEADS, POOLINGS
 
     defaults = BuildConfig(images=Path("."), out=Path("."))
     parser = OneLineArgumentParser(prog="lookalike-build", description=__doc__)
@@ -49,14 +51,25 @@ def _parser() -> argparse.ArgumentParser:
                        default=env_default("max_aspect_difference", defaults.max_aspect_difference),
                        help="drop images whose |width - height| is at least this (the seed's 200)")
     build.add_argument("--backbone", default=env_default("backbone", defaults.backbone),
-                       choices=["mobilenet_v2", "efficientnet_lite0", "vgg16"])
+                       choices=sorted(SPECS))
     build.add_argument("--weights-file", default=env_default("weights_file", None),
                        help="a local weights file instead of the packaged one (needed for vgg16 offline)")
     build.add_argument("--preprocessing", default=env_default("preprocessing", defaults.preprocessing),
                        choices=["clahe-grey", "plain"])
-    build.add_argument("--head", default=env_default("head", defaults.head), choices=["pca", "random-conv", "none"])
+    build.add_argument("--head", default=env_default("head", defaults.head), choices=HEADS,
+                       help="pca: fitted on the catalogue's features; lda: learned from the catalogue's product "
+                            "types (--label-key); none: the pooled features")
     build.add_argument("--dimension", type=int, default=env_default("dimension", defaults.dimension),
-                       help="PCA output dimension")
+                       help="output dimension of the pca and lda heads")
+    build.add_argument("--pooling", default=env_default("pooling", defaults.pooling), choices=POOLINGS,
+                       help="how the last feature map becomes a vector: avg, or gem (generalized mean, p = 3)")
+    build.add_argument("--mirror", action=argparse.BooleanOptionalAction,
+                       default=env_default("mirror", defaults.mirror),
+                       help="average each image's features with its left-right mirror's (twice the model work)")
+    build.add_argument("--label-key", default=env_default("label_key", defaults.label_key),
+                       help="the product attribute a supervised head (lda) learns from")
+    build.add_argument("--type-weight", type=float, default=env_default("type_weight", defaults.type_weight),
+                       help="lda head: share of similarity that is product type (the rest is look), in (0, 1)")
     build.add_argument("--n-trees", type=int, default=env_default("n_trees", defaults.n_trees),
                        help="Annoy trees: more = better recall per search_k, bigger index")
     build.add_argument("--target-recall", type=float, default=env_default("target_recall", defaults.target_recall),
@@ -232,6 +245,8 @@ def _run(args: argparse.Namespace) -> int:
                          language=args.language, spark_master=args.spark_master,
                          max_aspect_difference=args.max_aspect_difference, backbone=args.backbone,
                          preprocessing=args.preprocessing, head=args.head, dimension=args.dimension,
+                         pooling=args.pooling, mirror=args.mirror, label_key=args.label_key,
+                         type_weight=args.type_weight,
                          n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
                          batch_size=args.batch_size, threads_per_task=args.threads_per_task,
                          weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache)

@@ -20,6 +20,10 @@ class ImageError(ValueError):
     """The bytes are not an image this service accepts; the message says why."""
 
 
+# Every refusal of an image for its size starts so: a build reports those as their own drop reason.
+TOO_LARGE = "too large"
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How a decoded image becomes model input."""
@@ -46,7 +50,7 @@ def _open(data: bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ImageError(f"image too large: {error}") from None
+        raise ImageError(f"{TOO_LARGE}: {error}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("cannot decode image: not a recognised image format") from None
     except Exception as error:  # PIL raises many types for bad bytes; all mean the same here.
@@ -63,7 +67,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
-        raise ImageError(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
+        raise ImageError(f"{TOO_LARGE}: {width}x{height} pixels ({width * height / 1e6:.1f} MP) is over the "
+                         f"limit of {max_pixels / 1e6:g} MP")
     try:
         image.seek(0)
         image.load()

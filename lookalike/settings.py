@@ -14,6 +14,11 @@ def env_default(name: str, default):
         return default
     if default is None:
         return value
+    if isinstance(default, bool):
+        words = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+        if value.lower() not in words:
+            raise SystemExit(f"{variable}={value!r} is not a valid bool (true/false)")
+        return words[value.lower()]
     try:
         return type(default)(value)
     except ValueError:

@@ -10,7 +10,7 @@ from builder.backbones import SPECS, build_backbone
 EGYPTIAN_CAT, TABBY, TIGER_CAT, ESPRESSO = 285, 281, 282, 967
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0"])
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite2"])
 def test_converted_backbone_classifies_real_photos(backbone):
     spec = SPECS[backbone]
     model = build_backbone(backbone, 224, with_classifier=True)

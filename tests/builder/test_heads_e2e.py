@@ -1,0 +1,71 @@
+"""Build options that change the model (GeM pooling, the LDA head on product types), built and served for
+real: the server computes what the builder indexed. Images over the pixel limit are dropped with a reason."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from client.library import ImageSimilarityClient
+from lookalike import artifacts
+from tests import helpers
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def gem_lda(tmp_path_factory, catalogue):
+    out = tmp_path_factory.mktemp("gem-lda") / "ARTIFACTS"
+    result = helpers.build(catalogue, out, "--pooling", "gem", "--head", "lda", "--dimension", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_gem_and_lda_are_served_exactly_as_built(gem_lda, catalogue):
+    version_dir = gem_lda / artifacts.read_current(gem_lda)
+    manifest = json.loads((version_dir / artifacts.MANIFEST).read_text())
+    assert manifest["pooling"] == "gem" and manifest["head"] == "lda" and manifest["dimension"] == 64
+    # The sample's ten classes plus the test listings' types (BANNER's images are all dropped).
+    assert manifest["head_fit"]["label_key"] == "product_type" and manifest["head_fit"]["labels"] >= 11
+    images = pd.read_parquet(version_dir / artifacts.IMAGES_FILE)
+    vectors = np.load(version_dir / artifacts.VECTORS_FILE)
+    with helpers.serving(gem_lda) as (_, address, _metrics):
+        client = ImageSimilarityClient(address)
+        rows = images.iloc[[0, 40, 301]]
+        served = client.embed([catalogue / "small" / path for path in rows["path"]])
+        assert np.allclose(served, vectors[rows["row"].to_numpy()], atol=1e-4)
+        # Learned from product types: neighbours share the query's type far above chance (0.1).
+        products = images.drop_duplicates("product_id").iloc[:30]
+        same_type = [match.label == row["label_name"] for _, row in products.iterrows()
+                     for match in client.find_similar(product_id=row["product_id"], k=5)]
+        assert np.mean(same_type) > 0.6
+        client.close()
+
+
+def test_a_supervised_head_refuses_a_catalogue_without_labels_and_huge_images_are_dropped(tmp_path):
+    images = tmp_path / "photos"
+    folder = images / "small" / "aa"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for n in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"photo-{n}.png")
+    # 49 MP of one grey: a few kB on disk, over the 40 MP a build (and the server) decodes.
+    Image.new("L", (7000, 7000), 128).save(folder / "poster.png")
+    out = tmp_path / "ARTIFACTS"
+    refused = helpers.build(images, out, "--head", "lda", check=False)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    # Refused once the catalogue is read, before any image is embedded: one line names the problem.
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("lookalike-build: ")]
+    assert len(errors) == 1 and "Traceback" not in refused.stderr
+    assert "'product_type', which this catalogue does not have (its attributes: none)" in errors[0]
+    assert not (out / ".features" / "models").exists() or not any((out / ".features" / "models").rglob("*.parquet"))
+    assert not (out / artifacts.CURRENT).exists()
+    built = helpers.build(images, out, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    version_dir = out / artifacts.read_current(out)
+    manifest = json.loads((version_dir / artifacts.MANIFEST).read_text())
+    assert manifest["counts"]["indexed"] == 6 and manifest["counts"]["dropped_by_reason"] == {"too large": 1}
+    dataset = pd.read_parquet(version_dir / artifacts.DATASET_FILE).set_index("image_id")
+    assert dataset.loc["poster", "drop_reason"] == "too large: 7000x7000 pixels (49.0 MP) is over the limit of 40 MP"
