@@ -11,7 +11,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-node setup-bench dataset protos protos-check lint test test-fast demo bench bench-quick soak clean
+.PHONY: setup setup-node setup-bench dataset protos protos-check lint clients test test-fast demo bench bench-quick soak clean
 
 setup: $(STAMP)
 
@@ -56,7 +56,12 @@ lint: $(STAMP) $(NODE_STAMP)
 	# The wire and the generated code stay compatible with the 0.1 contract that clients were built on.
 	cd protos && ../client/node/node_modules/.bin/buf breaking --against baselines/lookalike-v1-0.1.0.binpb
 
-test: $(STAMP) $(NODE_STAMP) protos-check lint
+# The Go and Java clients, their examples and the Go load generator, generated from protos/ with Debian's
+# protoc plugins (installed when missing, as root) into build/clients/bin.
+clients:
+	bash client/build-clients.sh
+
+test: $(STAMP) $(NODE_STAMP) protos-check lint clients
 	$(PY) -m pytest -q --durations=15
 	$(MAKE) bench-quick
 

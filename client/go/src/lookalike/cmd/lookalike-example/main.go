@@ -1,0 +1,88 @@
+// lookalike-example: products like a product, an image id or a photo, as JSON on stdout.
+//
+//	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -k 5
+//	lookalike-example -address 127.0.0.1:50051 -image photo.jpg -filter color=Red,Blue
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io/ioutil"
+	"os"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/status"
+
+	"lookalike/client"
+	pb "lookalike/v1"
+)
+
+type match struct {
+	ProductID  string            `json:"product_id"`
+	ImageID    string            `json:"image_id"`
+	Distance   float32           `json:"distance"`
+	Score      float32           `json:"score"`
+	Attributes map[string]string `json:"attributes,omitempty"`
+}
+
+func fail(format string, args ...interface{}) {
+	fmt.Fprintf(os.Stderr, "lookalike-example: "+format+"\n", args...)
+	os.Exit(2)
+}
+
+func main() {
+	address := flag.String("address", "127.0.0.1:50051", "server host:port")
+	product := flag.String("product", "", "query: a product id")
+	imageID := flag.String("image-id", "", "query: an image id")
+	image := flag.String("image", "", "query: a photo file")
+	k := flag.Uint("k", 10, "products to return")
+	filter := flag.String("filter", "", "KEY=V1,V2 (any of) or KEY!=V1,V2 (none of)")
+	caFile := flag.String("ca", "", "CA certificate (PEM) for TLS")
+	timeout := flag.Duration("timeout", 10*time.Second, "deadline of each attempt")
+	flag.Parse()
+	query := client.Query{ProductID: *product, ImageID: *imageID}
+	if *image != "" {
+		data, err := ioutil.ReadFile(*image)
+		if err != nil {
+			fail("%v", err)
+		}
+		query.Image = data
+	}
+	var clauses *pb.Filter
+	if *filter != "" {
+		key, values, negated := *filter, "", false
+		if i := strings.Index(*filter, "!="); i > 0 {
+			key, values, negated = (*filter)[:i], (*filter)[i+2:], true
+		} else if i := strings.Index(*filter, "="); i > 0 {
+			key, values = (*filter)[:i], (*filter)[i+1:]
+		} else {
+			fail("-filter %q is not KEY=V1,V2 or KEY!=V1,V2", *filter)
+		}
+		clause := client.AnyOf(key, strings.Split(values, ",")...)
+		if negated {
+			clause = client.NoneOf(key, strings.Split(values, ",")...)
+		}
+		clauses = &pb.Filter{Clauses: []*pb.Clause{clause}}
+	}
+	lookalike, err := client.Dial(*address, client.Options{Timeout: *timeout, CAFile: *caFile})
+	if err != nil {
+		fail("%v", err)
+	}
+	defer lookalike.Close()
+	response, err := lookalike.FindSimilar(context.Background(), query, uint32(*k), clauses)
+	if err != nil {
+		if s, ok := status.FromError(err); ok {
+			fail("%s: %s", client.CodeName(err), s.Message())
+		}
+		fail("%v", err)
+	}
+	matches := make([]match, 0, len(response.Matches))
+	for _, m := range response.Matches {
+		matches = append(matches, match{m.ProductId, m.ImageId, m.Distance, m.Score, m.Attributes})
+	}
+	out, _ := json.MarshalIndent(map[string]interface{}{"index_version": response.IndexVersion, "matches": matches}, "", "  ")
+	fmt.Println(string(out))
+}

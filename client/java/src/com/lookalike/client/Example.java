@@ -1,0 +1,101 @@
+package com.lookalike.client;
+
+import com.lookalike.v1.FindSimilarResponse;
+import com.lookalike.v1.Match;
+import io.grpc.StatusRuntimeException;
+import java.io.File;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.time.Duration;
+
+/**
+ * Products like a product, an image id or a photo, as JSON on stdout.
+ *
+ * <pre>
+ * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --k 5
+ * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg
+ * </pre>
+ */
+public final class Example {
+  private Example() {}
+
+  private static void fail(String message) {
+    System.err.println("lookalike-example-java: " + message);
+    System.exit(2);
+  }
+
+  private static String quoted(String text) {
+    StringBuilder out = new StringBuilder("\"");
+    for (char c : text.toCharArray()) {
+      if (c == '"' || c == '\\') {
+        out.append('\\').append(c);
+      } else if (c < 0x20) {
+        out.append(String.format("\\u%04x", (int) c));
+      } else {
+        out.append(c);
+      }
+    }
+    return out.append('"').toString();
+  }
+
+  public static void main(String[] args) throws Exception {
+    String address = "127.0.0.1:50051";
+    String product = null;
+    String imageId = null;
+    String image = null;
+    String ca = null;
+    int k = 10;
+    for (int i = 0; i < args.length; i += 2) {
+      if (i + 1 >= args.length) {
+        fail(args[i] + " needs a value");
+      }
+      String value = args[i + 1];
+      switch (args[i]) {
+        case "--address": address = value; break;
+        case "--product": product = value; break;
+        case "--image-id": imageId = value; break;
+        case "--image": image = value; break;
+        case "--ca": ca = value; break;
+        case "--k":
+          try {
+            k = Integer.parseInt(value);
+          } catch (NumberFormatException error) {
+            fail("--k " + value + " is not a number");
+          }
+          break;
+        default: fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --ca)");
+      }
+    }
+    if ((product == null ? 0 : 1) + (imageId == null ? 0 : 1) + (image == null ? 0 : 1) != 1) {
+      fail("give exactly one of --product, --image-id, --image");
+    }
+    LookalikeClient.Builder builder = LookalikeClient.newBuilder(address).timeout(Duration.ofSeconds(10));
+    if (ca != null) {
+      builder.tls(new File(ca));
+    }
+    try (LookalikeClient client = builder.build()) {
+      FindSimilarResponse response;
+      if (product != null) {
+        response = client.findSimilarToProduct(product, k);
+      } else if (imageId != null) {
+        response = client.findSimilarToImageId(imageId, k);
+      } else {
+        response = client.findSimilarToImage(Files.readAllBytes(Path.of(image)), k);
+      }
+      StringBuilder out = new StringBuilder("{\"index_version\": ").append(quoted(response.getIndexVersion()));
+      out.append(", \"matches\": [");
+      for (int i = 0; i < response.getMatchesCount(); i++) {
+        Match match = response.getMatches(i);
+        out.append(i == 0 ? "" : ", ").append("{\"product_id\": ").append(quoted(match.getProductId()))
+            .append(", \"image_id\": ").append(quoted(match.getImageId()))
+            .append(", \"distance\": ").append(match.getDistance())
+            .append(", \"score\": ").append(match.getScore()).append('}');
+      }
+      System.out.println(out.append("]}"));
+    } catch (StatusRuntimeException error) {
+      fail(error.getStatus().getCode() + ": " + error.getStatus().getDescription());
+    } catch (java.io.IOException error) {
+      fail(error.getMessage());
+    }
+  }
+}
