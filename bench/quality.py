@@ -19,6 +19,7 @@ import numpy as np
 
 from builder.build import BuildConfig
 from builder.model import (
+    AUTO_HEAD,
     POOLINGS,
     Head,
     Projection,
@@ -246,9 +247,11 @@ def evaluate_set(data: LabelledSet, backbones, mirror_backbones=(), dimension: i
                              "map_at_10": round(map10, 4), "images_per_s": rate,
                              "index_mb": sizes[vectors.shape[1]]})
                 log.info("%s %s", data.name, rows[-1])
+    # Both sets have labels, so the default build's auto head is lda here.
     defaults = BuildConfig(images=Path("."), out=Path("."))
+    head = "lda" if defaults.head == AUTO_HEAD else defaults.head
     default = next((r for r in rows if (r["backbone"], r["pooling"], r["mirror"], r["head"]) ==
-                    (defaults.backbone, defaults.pooling, defaults.mirror, defaults.head)), None)
+                    (defaults.backbone, defaults.pooling, defaults.mirror, head)), None)
     rank = lambda r: (r["precision_at_10"], r["map_at_10"])  # noqa: E731
     unsupervised = [r for r in rows if r["buildable"] and not r["supervised"]]
     supervised = [r for r in rows if r["buildable"] and r["supervised"]]

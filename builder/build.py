@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from builder.catalogue import (
 )
 from builder.index import METRIC, build_with_recall
 from builder.model import (
+    AUTO_HEAD,
     DEFAULT_TYPE_WEIGHT,
     HEADS,
     POOLINGS,
@@ -73,11 +74,13 @@ class BuildConfig:
     # "plain" only resizes (keeps colour); "clahe-grey" is the seed's, measured worse on every backbone.
     preprocessing: str = "plain"
     # "pca" fits 128 axes on the catalogue's own features; "lda" learns them from the catalogue's
-    # product types (label_key); "random-conv" is the seed's untrained head.
-    head: str = "pca"
+    # product types (label_key); "random-conv" is the seed's untrained head. "auto": lda when the
+    # catalogue has product types, else pca (lda measured 5 points of precision@10 better, BENCHMARKS.md).
+    head: str = AUTO_HEAD
     dimension: int = 128
-    # How the backbone's last feature map becomes one feature vector: "avg" or "gem" (p = 3).
-    pooling: str = "avg"
+    # How the backbone's last feature map becomes one feature vector: "avg" or "gem" (p = 3; measured
+    # one point better on Fashion-MNIST, a third of a point worse on clip art, BENCHMARKS.md).
+    pooling: str = "gem"
     # Features of the image and its left-right mirror, averaged (twice the model work).
     mirror: bool = False
     # The product attribute a supervised head learns from, and the share of its cosine that is
@@ -103,8 +106,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.backbone not in SPECS:
             raise ValueError(f"backbone must be one of {sorted(SPECS)}")
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}")
+        if self.head not in (*HEADS, AUTO_HEAD):
+            raise ValueError(f"head must be one of {(*HEADS, AUTO_HEAD)}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}")
         if not 0 < self.type_weight < 1:
@@ -285,20 +288,30 @@ def _trunk_model(config: BuildConfig, cache: FeatureCache, key: str):
     return trunk, trunk_dir
 
 
-def check_labels(config: BuildConfig, attributes) -> None:
-    """A supervised head learns from the catalogue's labels: refuse before any embedding when there are none."""
+def _distinct_labels(config: BuildConfig, attributes) -> int:
+    if config.label_key not in attributes.columns:
+        return 0
+    values = attributes[config.label_key].dropna()
+    return int(values[values != ""].nunique())
+
+
+def choose_head(config: BuildConfig, attributes) -> BuildConfig:
+    """Resolves the auto head (lda with product types, else pca); a supervised head asked for by name
+    is refused, before any embedding, when the catalogue has no labels to learn from."""
+    labels = _distinct_labels(config, attributes)
+    if config.head == AUTO_HEAD:
+        return replace(config, head="lda" if labels >= 2 else "pca")
     if config.head not in SUPERVISED_HEADS:
-        return
+        return config
     if config.label_key not in attributes.columns:
         keys = ", ".join(c for c in attributes.columns if c != "product_id") or "none"
         raise LabelError(f"head {config.head!r} learns from the product attribute {config.label_key!r}, which "
                          f"this catalogue does not have (its attributes: {keys}); choose --label-key or "
                          "an unsupervised head")
-    values = attributes[config.label_key].dropna()
-    distinct = values[values != ""].nunique()
-    if distinct < 2:
+    if labels < 2:
         raise LabelError(f"head {config.head!r} needs at least two values of {config.label_key!r}; "
-                         f"the catalogue has {distinct}")
+                         f"the catalogue has {labels}")
+    return config
 
 
 def fit_version_head(config: BuildConfig, features: np.ndarray, ids: list[str], catalogue) -> tuple[Head | None, dict]:
@@ -377,6 +390,7 @@ def _library_versions() -> dict[str, str]:
 def run_build(config: BuildConfig) -> BuildResult:
     """Builds a new version; CURRENT moves to it only when every stage succeeded."""
     clock = Stopwatch()
+    requested_head = config.head
     config.out.mkdir(parents=True, exist_ok=True)
     version = artifacts.check_version_name(config.version or _new_version())
     staging = config.out / f".staging-{version}"
@@ -392,7 +406,7 @@ def run_build(config: BuildConfig) -> BuildResult:
             scanned = table.toPandas()
         with clock.stage("catalogue"):
             membership = read_membership(spark, config)
-        check_labels(config, membership.attributes)
+        config = choose_head(config, membership.attributes)
         kept_rows = scanned[scanned["kept"]].drop_duplicates("image_id").to_dict("records")
         if len(kept_rows) < 2:
             raise ValueError(f"only {len(kept_rows)} image(s) passed the filter: nothing to index")
@@ -435,6 +449,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         "preprocessing": config.preprocessing,
         "input_size": INPUT_SIZE,
         "head": config.head,
+        "head_requested": requested_head,
         "head_fit": head_fit,
         "pooling": config.pooling,
         "mirror": config.mirror,

@@ -16,7 +16,7 @@ from lookalike.settings import OneLineArgumentParser, env_default
 def _parser() -> argparse.ArgumentParser:
     from builder.backbones import SPECS
     from builder.build import BuildConfig
-    from builder.model import HEADS, POOLINGS
+    from builder.model import AUTO_HEAD, HEADS, POOLINGS
 
     defaults = BuildConfig(images=Path("."), out=Path("."))
     parser = OneLineArgumentParser(prog="lookalike-build", description=__doc__)
@@ -56,9 +56,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="a local weights file instead of the packaged one (needed for vgg16 offline)")
     build.add_argument("--preprocessing", default=env_default("preprocessing", defaults.preprocessing),
                        choices=["clahe-grey", "plain"])
-    build.add_argument("--head", default=env_default("head", defaults.head), choices=HEADS,
+    build.add_argument("--head", default=env_default("head", defaults.head), choices=(AUTO_HEAD, *HEADS),
                        help="pca: fitted on the catalogue's features; lda: learned from the catalogue's product "
-                            "types (--label-key); none: the pooled features")
+                            "types (--label-key); none: the pooled features; auto (default): lda when the "
+                            "catalogue has product types, else pca")
     build.add_argument("--dimension", type=int, default=env_default("dimension", defaults.dimension),
                        help="output dimension of the pca and lda heads")
     build.add_argument("--pooling", default=env_default("pooling", defaults.pooling), choices=POOLINGS,

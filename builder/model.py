@@ -15,6 +15,8 @@ from lookalike.runner import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 log = logging.getLogger(__name__)
 
 HEADS = ("pca", "lda", "random-conv", "none")
+# A build's default: lda when the catalogue has product types (label_key with two values or more), else pca.
+AUTO_HEAD = "auto"
 # Heads fitted on the catalogue's product types (an attribute), never on anything a query brings.
 SUPERVISED_HEADS = ("lda",)
 POOLINGS = ("avg", "gem")

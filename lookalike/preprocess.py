@@ -49,7 +49,8 @@ def _open(data: bytes) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        # PIL's own guard (89 MP warns, 179 MP refuses) fires before our limit is checked.
         raise ImageError(f"{TOO_LARGE}: {error}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("cannot decode image: not a recognised image format") from None

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from builder.build import BuildConfig, check_labels
+from builder.build import BuildConfig, choose_head
 from builder.model import LabelError, Projection, build_trunk, export, fit_head, gem_pool, l2_normalise, pool
 from lookalike.runner import SavedModelEmbedder
 
@@ -50,16 +50,25 @@ def test_lda_leaves_unlabelled_rows_out_and_refuses_without_two_labels():
         Projection.fit_lda(features, ["a", "b", "a"], 3)
 
 
-def test_check_labels_names_the_missing_key_and_the_keys_there_are(tmp_path):
+def test_choose_head_resolves_auto_and_refuses_lda_without_labels(tmp_path):
     config = BuildConfig(images=tmp_path, out=tmp_path, head="lda", label_key="product_type")
     with pytest.raises(LabelError, match=r"'product_type', which this catalogue does not have \(its attributes: "
                                          r"brand, color\)"):
-        check_labels(config, pd.DataFrame({"product_id": ["p"], "brand": ["b"], "color": ["red"]}))
+        choose_head(config, pd.DataFrame({"product_id": ["p"], "brand": ["b"], "color": ["red"]}))
+    single = pd.DataFrame({"product_id": ["p", "q", "r"], "product_type": ["SHOES", "SHOES", ""]})
     with pytest.raises(LabelError, match="at least two values of 'product_type'; the catalogue has 1"):
-        check_labels(config, pd.DataFrame({"product_id": ["p", "q", "r"], "product_type": ["SHOES", "SHOES", ""]}))
-    check_labels(config, pd.DataFrame({"product_id": ["p", "q"], "product_type": ["SHOES", "SHIRT"]}))
+        choose_head(config, single)
+    typed = pd.DataFrame({"product_id": ["p", "q"], "product_type": ["SHOES", "SHIRT"]})
+    assert choose_head(config, typed).head == "lda"
+    # The default: lda where there are product types to learn from, pca where there are not.
+    auto = BuildConfig(images=tmp_path, out=tmp_path)
+    assert auto.head == "auto" and auto.pooling == "gem"
+    assert choose_head(auto, typed).head == "lda"
+    assert choose_head(auto, single).head == "pca"
+    assert choose_head(auto, pd.DataFrame({"product_id": ["p"]})).head == "pca"
     # Unsupervised heads need no labels at all.
-    check_labels(BuildConfig(images=tmp_path, out=tmp_path, head="pca"), pd.DataFrame({"product_id": ["p"]}))
+    pca = BuildConfig(images=tmp_path, out=tmp_path, head="pca")
+    assert choose_head(pca, pd.DataFrame({"product_id": ["p"]})).head == "pca"
 
 
 def test_gem_pooling_sits_between_average_and_max():

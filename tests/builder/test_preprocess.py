@@ -64,3 +64,11 @@ def test_pixel_limit_refuses_before_decoding():
 def test_garbage_is_an_image_error(data):
     with pytest.raises(ImageError):
         decode(data)
+
+
+def test_an_image_over_pils_own_bomb_guard_is_too_large_not_undecodable():
+    # 90 MP of one bit: PIL warns at 89.5 MP before our own limit is even checked.
+    buffer = io.BytesIO()
+    Image.new("1", (9500, 9500)).save(buffer, format="PNG")
+    with pytest.raises(ImageError, match="^too large: "):
+        decode(buffer.getvalue())
