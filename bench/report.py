@@ -62,6 +62,27 @@ def _plots(results: dict) -> dict[str, str]:
     return out
 
 
+def _workers(results: dict) -> list[str]:
+    found = results.get("workers")
+    if not found:
+        return []
+    rows = []
+    for count, row in found["by_workers"].items():
+        for name, label in (("info", "GetInfo, closed loop"), ("product", "by product, closed loop"),
+                            ("product_open_50", "by product, open loop at 50%"),
+                            ("product_open_80", "by product, open loop at 80%"), ("embed", "Embed, closed loop")):
+            stats = row[name]
+            rate = f" ({stats['rate']}/s offered)" if "rate" in stats else ""
+            rows.append([count, label + rate, stats["qps"], stats.get("p50_ms"), stats.get("p99_ms"),
+                         ", ".join(f"{k} {v}" for k, v in sorted(stats["codes"].items()))])
+    return ["## One port, N workers", "",
+            f"`lookalike-serve --workers N` under the compiled Go load generator (`lookalike-loadgen`, 8 "
+            f"connections, closed loop at concurrency 16; {found['duration_s']:.0f} s per point, on the same 2 "
+            "cores as the server). Open loop: Poisson arrivals at a share of that worker count's closed-loop "
+            f"by-product maximum. The in-process Embed limit is {found['embed_in_process_limit']} images/s.", "",
+            _table(["workers", "load", "QPS", "p50 ms", "p99 ms", "codes"], rows), ""]
+
+
 def _quality(quality: dict) -> list[str]:
     from bench.quality import describe
 
@@ -253,6 +274,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
         f"{srv['rpc_ceiling']['concurrency']}: {srv['rpc_ceiling']['qps']} QPS, p50 {srv['rpc_ceiling']['p50_ms']} ms, "
         f"p99 {srv['rpc_ceiling']['p99_ms']} ms.",
         "",
+        *_workers(results),
         "## Builder",
         "",
         f"A real `lookalike-build build` with Spark local[*] on {b.get('products', '-')} sample products "

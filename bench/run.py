@@ -29,13 +29,14 @@ PROFILES = {
               "colour_set": False,
               "build_products": 150, "concurrencies": [1, 8], "duration_s": 2.0,
               "in_process_batch_sizes": [1, 8, 16], "in_process_images": 96, "product_queries": 100,
-              "filter_queries": 50, "living_images": 300, "hide_rounds": 2,
+              "filter_queries": 50, "living_images": 300, "hide_rounds": 2, "workers_duration_s": 1.0,
               "living_change": [20, 10]},
     "full": {"catalogue": 10000, "queries": 2000, "backbones": ["efficientnet_lite0", "efficientnet_lite2"],
              "mirror_backbones": ["efficientnet_lite0"], "colour_set": True, "build_products": 5000,
              "concurrencies": [1, 8, 32],
              "duration_s": 8.0, "in_process_batch_sizes": [1, 8, 16, 32, 64], "in_process_images": 256,
              "product_queries": 500, "filter_queries": 300, "living_images": 10000, "hide_rounds": 5,
+             "workers_duration_s": 8.0,
              "living_change": [living.ADDED, living.REMOVED]},
 }
 
@@ -98,6 +99,17 @@ def targets(results: dict) -> list[dict]:
         rebuild["hide"]["failed_requests"] == 0)
     ratio = results["build"]["embed_images_per_s"] / limit
     add("builder embedding stage (Spark) / in-process limit", round(ratio, 3), ">= 0.7", ratio >= 0.7)
+    by_workers = results["workers"]["by_workers"]
+    for count, row in by_workers.items():
+        ratio = row["product"]["qps"] / max(row["info"]["qps"], 1e-9)
+        add(f"--workers {count}: FindSimilar by product QPS / GetInfo ceiling (compiled load generator)",
+            round(ratio, 3), ">= 0.8", ratio >= 0.8)
+        p99 = row["product_open_50"]["p99_ms"]
+        add(f"--workers {count}: by-product p99 ms, open loop at 50% of the closed-loop maximum", p99, "<= 2",
+            p99 is not None and p99 <= 2)
+    if 1 in by_workers and 2 in by_workers:
+        ratio = by_workers[2]["product"]["qps"] / max(by_workers[1]["product"]["qps"], 1e-9)
+        add("by-product QPS, 2 workers / 1 worker", round(ratio, 3), ">= 1.3", ratio >= 1.3)
     fashion = results["quality"]["sets"]["fashion-mnist"]
     floor = fashion["raw_pixel_floor"]["precision_at_10"]
     size = f"{fashion['catalogue_size']} / {fashion['query_count']}"
@@ -145,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                                                config["in_process_images"])
     log.info("server under closed-loop load, batching on and off")
     results["server"] = serving.server_runs(out, catalogue, config["concurrencies"], config["duration_s"])
+    log.info("--workers 1 and 2 under the compiled load generator")
+    results["workers"] = serving.workers_runs(out, catalogue, config["workers_duration_s"],
+                                              results["in_process"]["limit_images_per_s"])
     log.info("index against exact search and HNSW peers")
     vectors = np.load(out / artifacts.read_current(out) / artifacts.VECTORS_FILE)
     results["index"] = index_bench.compare(vectors, manifest["index"]["n_trees"], manifest["index"]["search_k"])

@@ -110,6 +110,27 @@ def load(address: str, catalogue: Path, **kwargs) -> dict:
     return asyncio.run(run_load(LoadConfig(address=address, catalogue=catalogue, progress=False, **kwargs)))
 
 
+LOADGEN = Path(__file__).resolve().parent.parent / "build" / "clients" / "bin" / "lookalike-loadgen"
+
+
+def compiled_load(address: str, catalogue: Path, mix: str, duration_s: float, concurrency: int = 8,
+                  mode: str = "closed", rate: float | None = None, connections: int = 4) -> dict:
+    """The compiled Go load generator (make clients builds it): its report has `lookalike bench`'s shape."""
+    import json
+
+    if not LOADGEN.exists():
+        subprocess.run(["bash", str(LOADGEN.parents[3] / "client" / "build-clients.sh")], check=True,
+                       stdout=subprocess.DEVNULL)
+    flags = ["--address", address, "--catalogue", str(catalogue), "--mix", mix, "--duration", f"{duration_s}s",
+             "--concurrency", str(concurrency), "--connections", str(connections), "--mode", mode, "--json"]
+    if rate is not None:
+        flags += ["--rate", str(rate)]
+    result = subprocess.run([str(LOADGEN), *flags], capture_output=True, text=True, timeout=duration_s + 120)
+    if result.returncode != 0:
+        raise RuntimeError(f"lookalike-loadgen failed: {result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
 def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s: float) -> dict:
     """Embed at each concurrency with batching on (max_batch_size 8, the default) and off (1); FindSimilar by
     image id and by product id."""
@@ -125,12 +146,12 @@ def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s:
                     "qps": report["qps"], "codes": report["codes"], **report["latency"]["embed"]}
             out["embed"][f"{label}_mean_batch_size"] = mean_batch_size(metrics_port)
             if label == "batching":
-                load(address, catalogue, mode="closed", concurrency=8, duration_s=1, mix={"id": 1, "product": 1})
+                # By id and by product under the compiled load generator: the Python one tops out first.
+                compiled_load(address, catalogue, "id=1,product=1", 1.0)
                 for operation, key in (("id", "find_by_id"), ("product", "find_by_product")):
                     out[key] = {}
                     for concurrency in (2, 4, 8):
-                        report = load(address, catalogue, mode="closed", concurrency=concurrency,
-                                      duration_s=duration_s, mix={operation: 1})
+                        report = compiled_load(address, catalogue, f"{operation}=1", duration_s, concurrency)
                         out[key][concurrency] = {"qps": report["qps"], "codes": report["codes"],
                                                  **report["latency"][operation]}
                 out["recommend"] = {}
@@ -140,7 +161,33 @@ def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s:
                     out["recommend"][examples] = {"qps": report["qps"], "codes": report["codes"],
                                                   **report["latency"]["recommend"]}
                 # The same load on GetInfo: what the RPC stack alone allows on this machine.
-                report = load(address, catalogue, mode="closed", concurrency=4, duration_s=duration_s,
-                              mix={"info": 1})
-                out["rpc_ceiling"] = {"qps": report["qps"], "concurrency": 4, **report["latency"]["info"]}
+                report = compiled_load(address, catalogue, "info=1", duration_s, 8)
+                out["rpc_ceiling"] = {"qps": report["qps"], "concurrency": 8, **report["latency"]["info"],
+                                      "load_generator": report["load_generator"]}
+    return out
+
+
+def workers_runs(artifacts_dir: Path, catalogue: Path, duration_s: float, embed_limit: float,
+                 worker_counts=(1, 2)) -> dict:
+    """`--workers N` under the compiled load generator: the GetInfo ceiling and FindSimilar by product,
+    closed loop, then open loop at 50% and 80% of the closed-loop rate; Embed against the in-process limit."""
+    out: dict = {"duration_s": duration_s, "embed_in_process_limit": embed_limit, "by_workers": {}}
+    for count in worker_counts:
+        with server(artifacts_dir, "--workers", str(count), "--max-queue", "1024") as (address, metrics_port, _):
+            compiled_load(address, catalogue, "info=1,product=1", 1.0, 8)  # warm every worker's connection
+            row: dict = {}
+            for name, mix in (("info", "info=1"), ("product", "product=1")):
+                report = compiled_load(address, catalogue, mix, duration_s, 16, connections=8)
+                row[name] = {"qps": report["qps"], "codes": report["codes"], **report["latency"][name]}
+            maximum = row["product"]["qps"]
+            for share in (0.5, 0.8):
+                report = compiled_load(address, catalogue, "product=1", duration_s, mode="open",
+                                       rate=round(maximum * share, 1), connections=8)
+                row[f"product_open_{int(share * 100)}"] = {
+                    "rate": round(maximum * share, 1), "qps": report["qps"], "codes": report["codes"],
+                    **report["latency"].get("product", {})}
+            report = compiled_load(address, catalogue, "embed=1", duration_s, 16, connections=8)
+            row["embed"] = {"qps": report["qps"], "codes": report["codes"], **report["latency"]["embed"],
+                            "of_in_process_limit": round(report["qps"] / embed_limit, 3)}
+            out["by_workers"][count] = row
     return out

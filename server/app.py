@@ -60,6 +60,12 @@ class ServerConfig:
     # The lease in ARTIFACTS/.leases that keeps `prune` off the versions this server has mapped lasts
     # this long and is renewed every third of it; a server that dies stops renewing it.
     lease_ttl_s: float = 60.0
+    # TensorFlow's intra-op threads for the model; 0 = TensorFlow's default (every core).
+    model_threads: int = 0
+    # A worker of --workers N listens only once its version is loaded and warm, then says so on this
+    # file descriptor: the kernel never hands a connection to a worker that cannot answer yet.
+    listen_after_load: bool = False
+    ready_fd: int = -1
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024 * 1024:
@@ -89,7 +95,8 @@ class LookalikeServer:
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, load_version, self.config.artifacts, version,
-                                          self.config.core.max_pixels, self.config.search)
+                                          self.config.core.max_pixels, self.config.search,
+                                          self.config.model_threads)
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -105,8 +112,20 @@ class LookalikeServer:
         return grpc.ssl_server_credentials(pair, root_certificates=tls.client_ca_file.read_bytes(),
                                            require_client_auth=True)
 
+    async def _listen(self) -> None:
+        address = f"{self.config.host}:{self.config.port}"
+        credentials = self._credentials()
+        self.port = (self._server.add_secure_port(address, credentials) if credentials
+                     else self._server.add_insecure_port(address))
+        if self.config.metrics_port >= 0:
+            http_server, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
+                                               registry=self.metrics.registry)
+            self.metrics_port = http_server.server_port
+        await self._server.start()
+
     async def start(self) -> None:
-        """Listens at once with health NOT_SERVING, loads and warms CURRENT, then turns SERVING."""
+        """Listens at once with health NOT_SERVING, loads and warms CURRENT, then turns SERVING (a worker
+        of --workers N loads first and listens after)."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         current = artifacts.read_current(self.config.artifacts)
         limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -117,35 +136,35 @@ class LookalikeServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
-        address = f"{self.config.host}:{self.config.port}"
-        credentials = self._credentials()
-        self.port = (self._server.add_secure_port(address, credentials) if credentials
-                     else self._server.add_insecure_port(address))
-        if self.config.metrics_port >= 0:
-            http_server, _ = start_http_server(self.config.metrics_port, addr=self.config.host,
-                                               registry=self.metrics.registry)
-            self.metrics_port = http_server.server_port
-        await self._server.start()
-        log.info("listening on %s:%s (metrics port %s); loading version %s", self.config.host, self.port,
-                 self.metrics_port, current)
+        if not self.config.listen_after_load:
+            await self._listen()
+            log.info("listening on %s:%s (metrics port %s); loading version %s", self.config.host, self.port,
+                     self.metrics_port, current)
         # Leased before it is mapped, so a prune running meanwhile leaves it alone.
         self._write_lease([current])
         try:
             version = await self._load(current)
         except BaseException:
-            await self._server.stop(0)
+            if not self.config.listen_after_load:
+                await self._server.stop(0)
             remove_lease(self.config.artifacts, self._lease_holder)
             raise
         self.core = SimilarityCore(version, self.config.core, self.metrics)
         servicer.core = self.core
-        self.metrics.version.info({"version": version.name})
+        self.metrics.served(version.name)
         await self.check_availability()
+        if self.config.listen_after_load:
+            await self._listen()
+            log.info("listening on %s:%s", self.config.host, self.port)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()
         if self.config.watch_interval_s > 0:
             self._tasks.append(loop.create_task(self._watch()))
         self._tasks.append(loop.create_task(self._renew_lease()))
         log.info("serving version %s", version.name)
+        if self.config.ready_fd >= 0:
+            os.write(self.config.ready_fd, b"ready\n")
+            os.close(self.config.ready_fd)
 
     def _write_lease(self, versions: list[str]) -> None:
         try:
@@ -213,7 +232,7 @@ class LookalikeServer:
             self.metrics.hidden_products.set(self.core.hidden.count(version))
             self._refused_version = None
             self.metrics.reloads.labels("swapped").inc()
-            self.metrics.version.info({"version": version.name})
+            self.metrics.served(version.name)
             return True
 
     async def _watch(self) -> None:

@@ -67,6 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-key", type=Path, default=env_default("tls_key", None), help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, default=env_default("tls_client_ca", None),
                    help="CA for client certificates: set it to require mTLS")
+    p.add_argument("--workers", type=int, default=env_default("workers", 1),
+                   help="server processes on one port (SO_REUSEPORT), each with its own event loop, batcher and "
+                        "model; a supervisor restarts any that dies and serves their metrics together")
+    p.add_argument("--model-threads", type=int, default=env_default("model_threads", 0),
+                   help="TensorFlow threads per process for the model; 0 = every core (one worker) or "
+                        "cores / workers")
+    p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--log-format", choices=["json", "text"], default=env_default("log_format", "json"))
     p.add_argument("--log-level", default=env_default("log_level", "INFO"))
     args = p.parse_args(argv)
@@ -76,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.workers < 1 or args.model_threads < 0:
+        p.error("--workers must be at least 1 and --model-threads not negative")
     if not args.artifacts.is_dir():
         p.error(f"--artifacts {args.artifacts} is not a folder")
     for flag in ("tls_cert", "tls_key", "tls_client_ca"):
@@ -96,7 +105,19 @@ def config_from_args(args: argparse.Namespace):
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         core=core, max_message_bytes=args.max_message_mb * 1024 * 1024, grace_s=args.grace_s,
                         watch_interval_s=args.watch_interval_s, tls=tls, lease_ttl_s=args.lease_ttl_s,
-                        search=SearchConfig(exact_max_rows=args.exact_max_rows))
+                        search=SearchConfig(exact_max_rows=args.exact_max_rows), model_threads=args.model_threads,
+                        listen_after_load=args.ready_fd >= 0, ready_fd=args.ready_fd)
+
+
+def _die_with_supervisor() -> None:
+    """A worker gets SIGTERM (and drains) when its supervisor dies, however it dies (Linux prctl)."""
+    import ctypes
+    import signal
+
+    supervisor = os.getppid()
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    if os.getppid() != supervisor or supervisor == 1:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         logging.getLogger("lookalike-serve").error("bad configuration: %s", error)
         return 2
+    if args.workers > 1:
+        from server.workers import Supervisor
+
+        try:
+            supervisor = Supervisor(sys.argv[1:] if argv is None else list(argv), args.workers, args.host,
+                                    args.port, args.metrics_port, args.grace_s, args.model_threads)
+        except OSError as error:
+            logging.getLogger("lookalike-serve").error("cannot bind %s:%s: %s", args.host, args.port, error)
+            return 1
+        return supervisor.run()
+    if args.ready_fd >= 0:
+        _die_with_supervisor()
     from lookalike.artifacts import ArtifactError
     from server.app import serve
 

@@ -1,6 +1,13 @@
-"""Prometheus metrics of one server, in a registry of its own."""
+"""Prometheus metrics of one server, in a registry of its own.
+
+A worker of `lookalike-serve --workers N` runs with PROMETHEUS_MULTIPROC_DIR set: its values go to
+files there and the supervisor serves them all, counters and histograms summed over the workers, each
+gauge as its mode says (queue depth summed, availability version the lowest, served version per worker).
+"""
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -13,6 +20,8 @@ class ServerMetrics(CoreObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._served: str | None = None
         self.requests = Counter("lookalike_requests", "RPCs by method and status code", ["method", "code"],
                                 registry=r)
         self.latency = Histogram("lookalike_request_latency_seconds", "RPC latency by method", ["method"],
@@ -21,19 +30,35 @@ class ServerMetrics(CoreObserver):
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.model_seconds = Histogram("lookalike_model_seconds", "model time per batch",
                                        buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_depth_gauge = Gauge("lookalike_queue_depth", "images waiting for the model", registry=r)
+        self.queue_depth_gauge = Gauge("lookalike_queue_depth", "images waiting for the model", registry=r,
+                                       multiprocess_mode="livesum")
         self.dropped_expired = Counter("lookalike_dropped_expired", "queued images dropped because their "
                                        "deadline passed or their caller cancelled", registry=r)
         self.reloads = Counter("lookalike_reloads", "version reload attempts by result", ["result"], registry=r)
-        self.version = Info("lookalike_served", "the artifact version being served", registry=r)
+        if self.multiprocess:  # Info does not work across processes: one gauge per (worker, version)
+            self.version = Gauge("lookalike_served_info", "the artifact version being served", ["version"],
+                                 registry=r, multiprocess_mode="liveall")
+        else:
+            self.version = Info("lookalike_served", "the artifact version being served", registry=r)
         self.hidden_products = Gauge("lookalike_hidden_products", "products of the served version hidden from "
-                                     "results (out of stock, delisted, blocked)", registry=r)
+                                     "results (out of stock, delisted, blocked)", registry=r,
+                                     multiprocess_mode="livemax")
         self.availability_version = Gauge("lookalike_availability_version", "the availability.json version in "
-                                          "force", registry=r)
+                                          "force (across workers: the lowest)", registry=r,
+                                          multiprocess_mode="livemin")
         self.availability_reloads = Counter("lookalike_availability_reloads", "availability.json reads by result "
                                             "(applied, refused)", ["result"], registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (exact, annoy, "
                              "annoy_then_exact)", ["plan"], registry=r)
+
+    def served(self, version: str) -> None:
+        if not self.multiprocess:
+            self.version.info({"version": version})
+            return
+        if self._served is not None and self._served != version:
+            self.version.labels(self._served).set(0)
+        self.version.labels(version).set(1)
+        self._served = version
 
     def batch_done(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

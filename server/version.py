@@ -32,10 +32,10 @@ class Embedder(Protocol):
 class SavedModelBackend:
     """The builder's SavedModel with the builder's preprocessing: the two can never disagree."""
 
-    def __init__(self, model_dir: Path, preprocessing: str, max_pixels: int) -> None:
+    def __init__(self, model_dir: Path, preprocessing: str, max_pixels: int, model_threads: int = 0) -> None:
         from lookalike.runner import SavedModelEmbedder
 
-        self._model = SavedModelEmbedder(model_dir)
+        self._model = SavedModelEmbedder(model_dir, intra_op_threads=model_threads)
         self._preprocess = Preprocessor(PreprocessConfig(preprocessing=preprocessing, max_pixels=max_pixels))
         self.dimension = self._model.dimension
 
@@ -73,7 +73,7 @@ class ServedVersion:
 
 
 def load_version(artifacts_dir: Path, version: str, max_pixels: int,
-                 search: SearchConfig = SearchConfig()) -> ServedVersion:
+                 search: SearchConfig = SearchConfig(), model_threads: int = 0) -> ServedVersion:
     """Checks and loads a version; raises ArtifactError saying what is wrong."""
     version = artifacts.check_version_name(version)
     version_dir = artifacts_dir / version
@@ -82,7 +82,8 @@ def load_version(artifacts_dir: Path, version: str, max_pixels: int,
     manifest = artifacts.load_manifest(version_dir, verify=True)
     dimension = int(manifest["dimension"])
     try:
-        backend = SavedModelBackend(version_dir / artifacts.MODEL_DIR, manifest["preprocessing"], max_pixels)
+        backend = SavedModelBackend(version_dir / artifacts.MODEL_DIR, manifest["preprocessing"], max_pixels,
+                                    model_threads)
     except Exception as error:
         raise artifacts.ArtifactError(f"the model of {version} does not load: {error}") from error
     if backend.dimension != dimension:

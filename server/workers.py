@@ -1,0 +1,224 @@
+"""`lookalike-serve --workers N`: N server processes on one port, and a supervisor that keeps them.
+
+Each worker is a whole `lookalike-serve` (event loop, micro-batcher, model, health, reload and
+availability watch) bound to the same port with SO_REUSEPORT, which gRPC sets on Linux: the kernel
+spreads connections over the workers that listen. A worker listens only once its version is loaded and
+warm, so no connection lands on a worker that cannot answer. The index is memory-mapped, so the
+workers share its pages. The supervisor:
+
+- reserves the port (a bound, never listening SO_REUSEPORT socket) so `--port 0` gives all one port;
+- sizes each worker's TensorFlow threads to cores / N so N workers do not oversubscribe the cores;
+- forwards SIGHUP (reload, availability) and SIGTERM/SIGINT (drain) to every worker and waits for them;
+- restarts a worker that dies, with a backoff, and logs it; a worker that dies before it ever served
+  stops the whole server (the version or the configuration is bad, and a restart would not help);
+- serves every worker's Prometheus metrics, summed (histograms, counters) or per worker, on
+  `--metrics-port` (prometheus-client's multiprocess mode), plus its own worker gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("lookalike-serve.supervisor")
+READY = b"ready\n"
+# A worker that dies sooner than this after it started counts as a crash loop: its restarts back off.
+_STABLE_S = 30.0
+_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Worker:
+    index: int
+    process: subprocess.Popen
+    ready_fd: int
+    started_at: float
+    ready: bool = False
+    restarts: int = 0
+    quick_deaths: int = 0
+    restart_at: float | None = None
+    history: list[int] = field(default_factory=list)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT and never listening: it holds the port number
+    (port 0 picks one) while the kernel hands connections only to the workers' listening sockets."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host.strip("[]"), port))
+    return holder
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    return max(1, (cores or os.cpu_count() or 1) // workers)
+
+
+class Supervisor:
+    def __init__(self, worker_argv: list[str], workers: int, host: str, port: int, metrics_port: int,
+                 grace_s: float, model_threads: int) -> None:
+        self.worker_argv = worker_argv
+        self.count = workers
+        self.host = host
+        self.grace_s = grace_s
+        self.model_threads = model_threads or threads_per_worker(workers)
+        self.holder = reserve_port(host, port)
+        self.port = self.holder.getsockname()[1]
+        self.metrics_dir = tempfile.mkdtemp(prefix="lookalike-metrics-")
+        self.metrics_port = metrics_port
+        self.workers: list[Worker] = []
+        self.stopping = False
+        self._pending: list[int] = []
+        self._registry = None
+
+    # -- metrics -------------------------------------------------------------------------------------------
+    def _start_metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)
+        self._alive = Gauge("lookalike_workers", "worker processes by state", ["state"], registry=registry)
+        self._restarts = Counter("lookalike_worker_restarts", "workers restarted after they died", registry=registry)
+        self._registry = registry
+        if self.metrics_port >= 0:
+            server, _ = start_http_server(self.metrics_port, addr=self.host, registry=registry)
+            self.metrics_port = server.server_port
+
+    def _update_gauges(self) -> None:
+        if self._registry is None:
+            return
+        ready = sum(1 for w in self.workers if w.ready and w.process.poll() is None)
+        self._alive.labels("ready").set(ready)
+        self._alive.labels("starting").set(sum(1 for w in self.workers if not w.ready and w.process.poll() is None))
+
+    # -- workers -------------------------------------------------------------------------------------------
+    def _spawn(self, index: int) -> tuple[subprocess.Popen, int]:
+        read_fd, write_fd = os.pipe()
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir, LOOKALIKE_WORKER_INDEX=str(index))
+        # The supervisor's own command line, with what it decides appended (argparse keeps the last).
+        argv = [sys.executable, "-m", "server.cli", *self.worker_argv, "--workers", "1", "--port", str(self.port),
+                "--metrics-port", "-1", "--model-threads", str(self.model_threads), "--ready-fd", str(write_fd)]
+        process = subprocess.Popen(argv, env=env, pass_fds=(write_fd,), start_new_session=True)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        log.info("worker %d started, pid %d, %d model threads", index, process.pid, self.model_threads)
+        return process, read_fd
+
+    def _start(self, index: int) -> Worker:
+        process, ready_fd = self._spawn(index)
+        return Worker(index, process, ready_fd, time.monotonic())
+
+    def _restart(self, worker: Worker) -> None:
+        os.close(worker.ready_fd)
+        process, worker.ready_fd = self._spawn(worker.index)
+        worker.process, worker.started_at, worker.ready, worker.restart_at = process, time.monotonic(), False, None
+        worker.restarts += 1
+        self._restarts.inc()
+
+    def _read_ready(self) -> None:
+        fds = {w.ready_fd: w for w in self.workers if not w.ready and w.restart_at is None}
+        if not fds:
+            return
+        readable, _, _ = select.select(list(fds), [], [], 0)
+        for fd in readable:
+            try:
+                data = os.read(fd, 64)
+            except BlockingIOError:
+                continue
+            if data.startswith(READY):
+                worker = fds[fd]
+                worker.ready = True
+                log.info("worker %d (pid %d) is serving", worker.index, worker.process.pid)
+
+    def _reap(self) -> int | None:
+        """Restarts dead workers; returns an exit code when the server must stop."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.restart_at is not None:
+                if now >= worker.restart_at:
+                    self._restart(worker)
+                continue
+            code = worker.process.poll()
+            if code is None:
+                continue
+            mark_process_dead(worker.process.pid, self.metrics_dir)
+            if not worker.ready and worker.restarts == 0:
+                log.error("worker %d (pid %d) exited with %d before it ever served: stopping", worker.index,
+                          worker.process.pid, code)
+                return code or 1
+            lived = now - worker.started_at
+            worker.quick_deaths = worker.quick_deaths + 1 if lived < _STABLE_S else 0
+            delay = _BACKOFF_S[min(worker.quick_deaths, len(_BACKOFF_S) - 1)] if worker.quick_deaths else 0.0
+            log.error("worker %d (pid %d) died with %d after %.1f s: restarting in %.1f s", worker.index,
+                      worker.process.pid, code, lived, delay)
+            worker.ready = False
+            worker.restart_at = now + delay
+        return None
+
+    def _signal(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                try:
+                    worker.process.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._pending.append(signum)
+
+    def _stop(self) -> int:
+        self.stopping = True
+        log.info("draining %d workers (grace %.1f s)", len(self.workers), self.grace_s)
+        self._signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s + 10
+        for worker in self.workers:
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker %d (pid %d) did not stop in time: killed", worker.index, worker.process.pid)
+                worker.process.kill()
+                worker.process.wait(10)
+        return 0
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        try:
+            self._start_metrics()
+            log.info("%d workers on %s:%d (metrics port %s)", self.count, self.host, self.port, self.metrics_port)
+            self.workers = [self._start(i) for i in range(self.count)]
+            while True:
+                while self._pending:
+                    signum = self._pending.pop(0)
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: every worker checks CURRENT and availability now")
+                        self._signal(signal.SIGHUP)
+                    else:
+                        return self._stop()
+                self._read_ready()
+                code = self._reap()
+                if code is not None:
+                    self._stop()
+                    return code
+                self._update_gauges()
+                time.sleep(0.1)
+        finally:
+            for worker in self.workers:
+                if worker.process.poll() is None:
+                    worker.process.kill()
+                    worker.process.wait(10)
+                os.close(worker.ready_fd)
+            self.holder.close()
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)

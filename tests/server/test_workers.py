@@ -1,0 +1,139 @@
+"""`lookalike-serve --workers 2` for real: one port, load spread over both workers, metrics summed,
+availability and SIGHUP reaching every worker, a killed worker restarted, SIGTERM draining them all."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+
+from client import ImageSimilarityClient
+from lookalike import artifacts
+from tests import helpers
+
+pytestmark = pytest.mark.e2e
+LOADGEN = helpers.REPO / "build" / "clients" / "bin" / "lookalike-loadgen"
+
+
+@pytest.fixture
+def served_copy(tmp_path, built):
+    out = tmp_path / "ARTIFACTS"
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loadgen():
+    if not LOADGEN.exists():
+        subprocess.run(["bash", helpers.REPO / "client" / "build-clients.sh"], check=True, capture_output=True,
+                       timeout=1200)
+    return LOADGEN
+
+
+def _workers(supervisor: subprocess.Popen) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(supervisor.pid)], capture_output=True, text=True)
+    return sorted(int(pid) for pid in found.stdout.split())
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)
+
+
+def _metric(metrics_port: int, key: str) -> float:
+    return helpers.scrape(metrics_port).get(key, 0.0)
+
+
+def _fresh_answers(address: str, product_id: str, connections: int = 12) -> list[list[str]]:
+    """One query per new connection: the kernel spreads connections over the workers."""
+    answers = []
+    for _ in range(connections):
+        with ImageSimilarityClient(address) as client:
+            answers.append([m.product_id for m in client.find_similar(product_id=product_id, k=10)])
+    return answers
+
+
+def test_two_workers_share_one_port_metrics_availability_restart_and_drain(served_copy, loadgen, catalogue,
+                                                                           tmp_path):
+    queries = helpers.load_catalogue(catalogue, tmp_path / "queries")
+    with helpers.serving(served_copy, "--workers", "2") as (supervisor, address, metrics_port):
+        _until(lambda: _metric(metrics_port, "lookalike_workers{state=ready}") == 2)
+        workers = _workers(supervisor)
+        assert len(workers) == 2
+        before = {pid: _cpu_ticks(pid) for pid in workers}
+        report = json.loads(subprocess.run(
+            [loadgen, "--address", address, "--catalogue", str(queries), "--mix", "product=1", "--requests", "600",
+             "--concurrency", "8", "--connections", "8", "--duration", "60s", "--json"],
+            capture_output=True, text=True, timeout=120, check=True).stdout)
+        assert report["codes"] == {"OK": 600}
+        # Both workers did work, and the supervisor's /metrics sums what they counted.
+        used = {pid: _cpu_ticks(pid) - before[pid] for pid in workers}
+        assert min(used.values()) > 0.1 * max(used.values()), used
+        assert _metric(metrics_port, "lookalike_requests_total{code=OK,method=FindSimilar}") == 600
+        served = [k for k in helpers.scrape(metrics_port) if k.startswith("lookalike_served_info")]
+        assert len(served) == 2 and all(str(pid) in " ".join(served) for pid in workers)
+
+        # Hiding a product reaches every worker: no fresh connection, whichever worker it lands on, shows it.
+        images = pd.read_parquet(served_copy / artifacts.read_current(served_copy) / artifacts.IMAGES_FILE)
+        query = images["product_id"].iloc[0]
+        shown = _fresh_answers(address, query, 4)[0][0]
+        subprocess.run([helpers.BIN / "lookalike-build", "hide", "--out", served_copy, shown], check=True,
+                       capture_output=True, env=helpers.env(), timeout=60)
+        _until(lambda: _metric(metrics_port, "lookalike_availability_version{}") == 1)
+        assert all(shown not in answer for answer in _fresh_answers(address, query))
+
+        # A new version and SIGHUP: every worker swaps to it.
+        source = served_copy / artifacts.read_current(served_copy)
+        shutil.copytree(source, served_copy / "v-next")
+        manifest = json.loads((served_copy / "v-next" / artifacts.MANIFEST).read_text())
+        manifest["version"] = "v-next"
+        (served_copy / "v-next" / artifacts.MANIFEST).write_text(json.dumps(manifest))
+        artifacts.write_current(served_copy, "v-next")
+        supervisor.send_signal(signal.SIGHUP)
+        _until(lambda: all(_answer_version(address) == "v-next" for _ in range(8)))
+
+        # A worker that dies is restarted; the port answers on.
+        os.kill(workers[0], signal.SIGKILL)
+        _until(lambda: _metric(metrics_port, "lookalike_worker_restarts_total{}") == 1)
+        _until(lambda: _metric(metrics_port, "lookalike_workers{state=ready}") == 2)
+        replacement = [pid for pid in _workers(supervisor) if pid not in workers]
+        assert len(replacement) == 1 and len(_workers(supervisor)) == 2
+        assert all(answer for answer in _fresh_answers(address, query, 6))
+
+        # SIGTERM drains every worker and the supervisor exits 0.
+        children = _workers(supervisor)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(60) == 0
+        assert not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in children)
+
+
+def _answer_version(address: str) -> str:
+    with ImageSimilarityClient(address) as client:
+        return client.info()["version"]
+
+
+def _state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_worker_that_cannot_load_stops_the_server(tmp_path, built):
+    out = tmp_path / "ARTIFACTS"
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
+    index = out / artifacts.read_current(out) / artifacts.INDEX_FILE
+    index.write_bytes(index.read_bytes()[:-64])
+    result = subprocess.run([helpers.BIN / "lookalike-serve", "--artifacts", out, "--port", "0", "--metrics-port",
+                             "-1", "--workers", "2", "--log-format", "text"], capture_output=True, text=True,
+                            env=helpers.env(), timeout=180)
+    assert result.returncode != 0
+    assert "before it ever served: stopping" in result.stderr
