@@ -136,7 +136,8 @@ def server_runs(artifacts_dir: Path, catalogue: Path, concurrencies, duration_s:
     image id and by product id."""
     out = {"embed": {}, "find_by_id": None}
     for label, batch in (("batching", "8"), ("no_batching", "1")):
-        with server(artifacts_dir, "--max-batch-size", batch, "--max-queue", "1024") as (
+        # The result cache off: the by-id and by-product figures measure the search, not a lookup.
+        with server(artifacts_dir, "--max-batch-size", batch, "--max-queue", "1024", "--result-cache-size", "0") as (
                 address, metrics_port, _):
             load(address, catalogue, mode="closed", concurrency=4, duration_s=2, mix={"embed": 1})  # warm
             for concurrency in concurrencies:

@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tls-key", type=Path, default=env_default("tls_key", None), help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, default=env_default("tls_client_ca", None),
                    help="CA for client certificates: set it to require mTLS")
+    p.add_argument("--result-cache-size", type=int, default=env_default("result_cache_size", c.result_cache_size),
+                   help="FindSimilar answers by image or product id kept per version and availability (0: off)")
     p.add_argument("--workers", type=int, default=env_default("workers", 1),
                    help="server processes on one port (SO_REUSEPORT), each with its own event loop, batcher and "
                         "model; a supervisor restarts any that dies and serves their metrics together")
@@ -100,7 +102,7 @@ def config_from_args(args: argparse.Namespace):
     batcher = BatcherConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
     core = CoreConfig(batcher=batcher, preprocess_threads=args.preprocess_threads,
                       max_images_per_request=args.max_images_per_request, max_pixels=args.max_pixels,
-                      product_query=args.product_query)
+                      product_query=args.product_query, result_cache_size=args.result_cache_size)
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         core=core, max_message_bytes=args.max_message_mb * 1024 * 1024, grace_s=args.grace_s,

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ class CoreObserver(BatchObserver):
 
     def plan_chosen(self, plan: str) -> None: ...
 
+    def result_cache(self, hit: bool) -> None: ...
+
 
 @dataclass(frozen=True)
 class CoreConfig:
@@ -58,10 +61,15 @@ class CoreConfig:
     product_query: str = "mean"
     # Positive plus negative examples per Recommend request.
     max_examples: int = 64
+    # Answers to FindSimilar by image id or product id kept per (version, availability, request): a
+    # product page asks the same question many times. 0 turns the cache off.
+    result_cache_size: int = 4096
 
     def __post_init__(self) -> None:
         if self.product_query not in PRODUCT_QUERIES:
             raise ValueError(f"product_query must be one of {PRODUCT_QUERIES}")
+        if self.result_cache_size < 0:
+            raise ValueError("result_cache_size must not be negative")
         if self.preprocess_threads < 1 or self.index_threads < 1:
             raise ValueError("thread counts must be at least 1")
         if self.max_images_per_request > self.batcher.max_queue:
@@ -212,6 +220,9 @@ class SimilarityCore:
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._preprocess_pool = ThreadPoolExecutor(config.preprocess_threads, thread_name_prefix="preprocess")
         self._index_pool = ThreadPoolExecutor(config.index_threads, thread_name_prefix="index")
+        # Touched on the event loop only. Keys name the version and availability version that answered,
+        # so a swap or a hide makes old entries unreachable; they age out of the LRU order.
+        self._results: OrderedDict[tuple, list[ProductResult]] = OrderedDict()
         self._runtime = self._make_runtime(version)
         self._retiring: set[str] = set()
         self.hidden = HiddenProducts(Availability())
@@ -336,7 +347,19 @@ class SimilarityCore:
                 query = Query(vector=vector)
             loop = asyncio.get_running_loop()
             hidden = self.hidden
+            key = None
+            if self.config.result_cache_size and (query.image_id is not None or query.product_id is not None):
+                key = (version.name, hidden.version, query.image_id, query.product_id, options, k)
+                cached = self._results.get(key)
+                self._observer.result_cache(cached is not None)
+                if cached is not None:
+                    self._results.move_to_end(key)
+                    return Answer(cached, version.name, hidden.version)
             results = await loop.run_in_executor(self._index_pool, self._find, version, hidden, query, options, k)
+            if key is not None:
+                self._results[key] = results
+                if len(self._results) > self.config.result_cache_size:
+                    self._results.popitem(last=False)
             return Answer(results, version.name, hidden.version)
         finally:
             self._release(runtime, images)

@@ -48,8 +48,13 @@ class ServerMetrics(CoreObserver):
                                           multiprocess_mode="livemin")
         self.availability_reloads = Counter("lookalike_availability_reloads", "availability.json reads by result "
                                             "(applied, refused)", ["result"], registry=r)
+        self.result_cache_lookups = Counter("lookalike_result_cache", "FindSimilar by id answers looked up in the "
+                                            "result cache, by result (hit, miss)", ["result"], registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (exact, annoy, "
                              "annoy_then_exact)", ["plan"], registry=r)
+
+    def result_cache(self, hit: bool) -> None:
+        self.result_cache_lookups.labels("hit" if hit else "miss").inc()
 
     def served(self, version: str) -> None:
         if not self.multiprocess:
