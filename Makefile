@@ -6,6 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.setup-stamp
 BENCH_STAMP := $(VENV)/.bench-stamp
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+OPENCLIPART := /usr/share/openclipart/png
 NODE_STAMP := client/node/node_modules/.setup-stamp
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
@@ -30,11 +31,15 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[bench]'
 	touch $@
 
-# Debian's full Fashion-MNIST for `make bench`; without it the benchmark uses the committed sample.
+# Debian's full Fashion-MNIST and openclipart-png (the colour quality set) for `make bench`; without them
+# the benchmark uses the committed sample and skips the colour set.
 dataset:
 	@test -f $(FASHION_MNIST) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 	  echo "dataset-fashion-mnist not installed: benchmarks use the committed 2,000-image sample"; }
+	@test -d $(OPENCLIPART) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get install -y -qq openclipart-png || (apt-get update -qq && apt-get install -y -qq openclipart-png)) || \
+	  echo "openclipart-png not installed: the quality benchmark skips the colour set"; }
 
 setup-node: $(NODE_STAMP)
 

@@ -62,7 +62,7 @@ def test_choose_head_resolves_auto_and_refuses_lda_without_labels(tmp_path):
     assert choose_head(config, typed).head == "lda"
     # The default: lda where there are product types to learn from, pca where there are not.
     auto = BuildConfig(images=tmp_path, out=tmp_path)
-    assert auto.head == "auto" and auto.pooling == "gem"
+    assert auto.head == "auto" and auto.pooling == "avg"
     assert choose_head(auto, typed).head == "lda"
     assert choose_head(auto, single).head == "pca"
     assert choose_head(auto, pd.DataFrame({"product_id": ["p"]})).head == "pca"
