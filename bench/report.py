@@ -37,7 +37,7 @@ def _plots(results: dict) -> dict[str, str]:
         ax.set_xticks(range(len(rows)), labels, rotation=70, ha="right", fontsize=6)
         ax.set_title(f"{name}: green default, orange supervised, grey measured only", fontsize=8)
         ax.set_ylabel("precision@10")
-        low = min(r["precision_at_10"] for r in rows)
+        low = min(min(r["precision_at_10"] for r in rows), found["raw_pixel_floor"]["precision_at_10"])
         ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(r["precision_at_10"] for r in rows) + 0.03))
         ax.legend(fontsize=7)
     fig.tight_layout()
