@@ -93,7 +93,9 @@ class SearchOptions:
     """What a FindSimilar request asks for besides its query."""
 
     k: int = 0
-    exclude_query: bool = False
+    # Leave out the query's own product. None: the server's default, which is to leave it out for a query
+    # by image id or product id and keep every product for a photo or vector query.
+    exclude_query: bool | None = None
     search_k: int = 0
     group_size: int = 0
     with_attributes: bool = False
@@ -376,7 +378,10 @@ class SimilarityCore:
     def _find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
               k: int) -> list[ProductResult]:
         # A hidden product still works as a query ("alternatives to this sold-out product").
-        resolved = self._resolve(version, query, options.exclude_query)
+        exclude = options.exclude_query
+        if exclude is None:
+            exclude = query.image_id is not None or query.product_id is not None
+        resolved = self._resolve(version, query, exclude)
         return self._search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k)
 
     def _search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
