@@ -6,7 +6,6 @@ selectivity added to the products table: exactly that share of products holds th
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 import numpy as np
@@ -32,7 +31,7 @@ def _percentiles(seconds: list[float]) -> dict:
 def _with_bench_attributes(catalogue, seed: int):
     """The catalogue with one attribute per selectivity: value "yes" on that share of products (at least one)."""
     rng = np.random.default_rng(seed)
-    attributes = dict(catalogue.attributes)
+    attributes = {}
     for selectivity in SELECTIVITIES:
         chosen = rng.choice(catalogue.product_count, size=max(1, round(selectivity * catalogue.product_count)),
                             replace=False)
@@ -40,7 +39,7 @@ def _with_bench_attributes(catalogue, seed: int):
         for product in chosen:
             values[product] = "yes"
         attributes[_key(selectivity)] = values
-    return dataclasses.replace(catalogue, attributes=attributes)
+    return catalogue.with_attributes(attributes)
 
 
 def _exact_truth(catalogue, vectors: np.ndarray, query: np.ndarray, allowed: np.ndarray, own: int) -> list[int]:

@@ -31,7 +31,7 @@ def evaluate(artifacts_dir, queries: int = 300, seed: int = 0) -> dict:
     vectors = np.asarray(vectors)
     search = ProductSearch(catalogue, vectors, version_dir / artifacts.INDEX_FILE, search_k=1, n_trees=1,
                            config=SearchConfig(exact_max_rows=len(vectors)))
-    product_type = catalogue.attributes["product_type"]
+    product_type = catalogue.attribute_values("product_type")
     several = np.flatnonzero(catalogue.image_count > 1)
     picked = np.random.default_rng(seed).choice(several, size=min(queries, len(several)), replace=False)
     results: dict[str, list[dict]] = {name: [] for name in ("image results (0.1)", "product results, image query",

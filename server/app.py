@@ -52,6 +52,8 @@ class ServerConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     # Largest request or response in bytes: 64 MiB holds a 64-image batch of large catalogue JPEGs.
     max_message_bytes: int = 64 * 1024 * 1024
+    # RPCs handled at once by this process (health checks included); more are refused with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
     # SIGTERM: how long requests in flight may take to finish before the process exits anyway.
     grace_s: float = 20.0
     # How often CURRENT is checked for a new version (SIGHUP checks at once); 0 turns watching off.
@@ -73,6 +75,8 @@ class ServerConfig:
             raise ValueError("max_message_bytes must be at least 1 MiB")
         if self.grace_s < 0 or self.watch_interval_s < 0:
             raise ValueError("grace_s and watch_interval_s must not be negative")
+        if self.max_concurrent_rpcs < 1:
+            raise ValueError("max_concurrent_rpcs must be at least 1")
         if self.lease_ttl_s < 3:
             raise ValueError("lease_ttl_s must be at least 3 seconds")
 
@@ -87,6 +91,7 @@ class LookalikeServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._reload_lock = asyncio.Lock()
+        self._availability_lock = asyncio.Lock()
         self._refused_version: str | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -131,7 +136,9 @@ class LookalikeServer:
         current = artifacts.read_current(self.config.artifacts)
         limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                   ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        self._server = grpc.aio.server(options=limits)
+        # Beyond max_concurrent_rpcs a call is refused with RESOURCE_EXHAUSTED before its message is read, which
+        # bounds the bytes buffered ahead of admission to about max_concurrent_rpcs x max_message_bytes.
+        self._server = grpc.aio.server(options=limits, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
         servicer = ImageSimilarityServicer(None, self.metrics)
         pb_grpc.add_ImageSimilarityServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -184,7 +191,14 @@ class LookalikeServer:
 
     async def check_availability(self) -> bool:
         """Applies ARTIFACTS/availability.json when it changed; a malformed one is refused and logged, and
-        the products hidden before stay hidden. True when a new state was applied."""
+        the products hidden before stay hidden. True when a new state was applied.
+
+        The watch loop and SIGHUP both call this: one at a time, and only forward (a read that raced a newer
+        one never puts an older state back)."""
+        async with self._availability_lock:
+            return await self._check_availability()
+
+    async def _check_availability(self) -> bool:
         path = self.config.artifacts / AVAILABILITY_FILE
         try:
             stat = path.stat()
@@ -202,7 +216,10 @@ class LookalikeServer:
             log.error("availability not applied, keeping version %d: %s", self.core.hidden.version, error)
             return False
         self._availability_stamp = stamp
-        if availability.version == self.core.hidden.version:
+        if availability.version <= self.core.hidden.version:
+            if availability.version < self.core.hidden.version:
+                log.warning("availability.json holds version %d, older than the applied %d: not applied",
+                            availability.version, self.core.hidden.version)
             return False
         hidden = await loop.run_in_executor(None, self.core.set_availability, availability)
         self.metrics.availability_reloads.labels("applied").inc()
@@ -222,16 +239,17 @@ class LookalikeServer:
                 return False
             if wanted == self.core.version.name or (wanted == self._refused_version and not force):
                 return wanted == self.core.version.name
+            # Leased before it is mapped, as at start, so a prune running meanwhile leaves it alone.
+            self._write_lease([*self.core.loaded_versions(), wanted])
             try:
                 version = await self._load(wanted)
             except Exception as error:
                 self._refused_version = wanted
                 self.metrics.reloads.labels("refused").inc()
                 log.error("refused version %s, still serving %s: %s", wanted, self.core.version.name, error)
+                self._write_lease(self.core.loaded_versions())
                 return False
-            self._write_lease([*self.core.loaded_versions(), version.name])
             await self.core.swap(version)
-            _freeze_heap()
             self.metrics.hidden_products.set(self.core.hidden.count(version))
             self._refused_version = None
             self.metrics.reloads.labels("swapped").inc()
@@ -268,12 +286,10 @@ class LookalikeServer:
 
 
 def _freeze_heap() -> None:
-    """Moves what a loaded version allocated (catalogue tables, id maps: millions of objects on a large
-    catalogue) out of the garbage collector's sight, so its full collections stop walking them while
-    requests wait (the freeze of CPython's gc module, as large Python services do). Unfrozen first, so a
-    version retired by an earlier swap is collected rather than kept. Measured with the server and the
-    load generator each on its own core: by-product p99 at half the maximum rate 4.9 ms -> 3.1 ms."""
-    gc.unfreeze()
+    """Moves what start-up allocated (TensorFlow's and the libraries' objects: hundreds of thousands) out of the
+    garbage collector's sight, so its full collections stop walking them while requests wait (the freeze of
+    CPython's gc module, as large Python services do). Once, before SERVING: a version's catalogue is arrays
+    (server/catalogue.py), so a swap allocates few objects and needs no collection on the event loop."""
     gc.collect()
     gc.freeze()
 

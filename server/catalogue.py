@@ -1,8 +1,9 @@
-"""A served version's catalogue: index rows (images) grouped by product, ids, paths and attributes."""
+"""A served version's catalogue as arrays: index rows (images) grouped by product, ids, paths and attributes."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,34 +12,117 @@ from lookalike import artifacts
 from server.filters import AttributeIndex
 
 
-@dataclass
+class Ids:
+    """Ids by position and positions by id, in two numpy arrays: no Python object per id.
+
+    The ids are kept as fixed-width bytes (ABO's are 10-15 characters) beside their sorted order, so a look-up
+    is a binary search (a few microseconds at 400,000 ids) and the whole column costs a few MB per worker."""
+
+    def __init__(self, values: Sequence[str] | np.ndarray) -> None:
+        if isinstance(values, np.ndarray) and values.dtype.kind == "S":
+            encoded = values
+        else:
+            encoded = np.array([value.encode() for value in values] or [b""], dtype=bytes)[:len(values)]
+        self.values = encoded
+        self._order = np.argsort(encoded, kind="stable").astype(np.int64)
+        self._sorted = encoded[self._order]
+        self.nbytes = encoded.nbytes + self._order.nbytes + self._sorted.nbytes
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, position: int) -> str:
+        return self.values[position].decode()
+
+    def __iter__(self) -> Iterator[str]:
+        return (value.decode() for value in self.values)
+
+    def positions(self, value: str) -> np.ndarray:
+        """Every position holding `value`, ascending (an image shared by two products has two rows)."""
+        key = value.encode()
+        if not key or len(key) > self.values.dtype.itemsize or key.endswith(b"\0"):
+            return np.zeros(0, np.int64)
+        start = int(np.searchsorted(self._sorted, key, "left"))
+        end = int(np.searchsorted(self._sorted, key, "right"))
+        return self._order[start:end]
+
+    def position(self, value: str) -> int | None:
+        """The first position holding `value`, or None."""
+        found = self.positions(value)
+        return int(found[0]) if len(found) else None
+
+    def find(self, values: Sequence[str]) -> np.ndarray:
+        """The first position of each of `values` that is present (absent ones are left out)."""
+        found = [self.position(value) for value in values]
+        return np.asarray([position for position in found if position is not None], np.int64)
+
+
+class Strings:
+    """Strings by position packed in one buffer with offsets: paths, which are too long to pad."""
+
+    def __init__(self, values: Sequence[str]) -> None:
+        encoded = [value.encode() for value in values]
+        self._offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(value) for value in encoded], out=self._offsets[1:])
+        self._data = b"".join(encoded)
+        self.nbytes = len(self._data) + self._offsets.nbytes
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, position: int) -> str:
+        return self._data[self._offsets[position]:self._offsets[position + 1]].decode()
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[position] for position in range(len(self)))
+
+
+class Codes:
+    """A column with few distinct values (roles, labels) as one small code per row."""
+
+    def __init__(self, values: Sequence[str]) -> None:
+        self.uniques, codes = np.unique(np.asarray(list(values) or [""], dtype=object), return_inverse=True)
+        self.uniques = [str(value) for value in self.uniques]
+        self.codes = codes.astype(np.int32)[:len(values)]
+        self.nbytes = self.codes.nbytes
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, position: int) -> str:
+        return self.uniques[self.codes[position]]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.uniques[code] for code in self.codes)
+
+
 class Catalogue:
-    """Row r of the index is image `image_ids[r]` of product `row_product[r]`; product p owns the
-    contiguous rows first_row[p] .. first_row[p] + image_count[p] - 1, main image first."""
+    """Row r of the index is image `image_ids[r]` of product `row_product[r]`; product p owns the contiguous
+    rows first_row[p] .. first_row[p] + image_count[p] - 1, main image first. Attributes are codes per product
+    with their posting lists (server/filters.py). A version built before products existed (has_products False)
+    has one product per image and results carry no product ids."""
 
-    image_ids: list[str]
-    paths: list[str]
-    labels: list[str]
-    roles: list[str]
-    row_product: np.ndarray  # int64 [N]
-    product_ids: list[str]
-    first_row: np.ndarray  # int64 [P]
-    image_count: np.ndarray  # int64 [P]
-    # attribute key -> one value (or None) per product
-    attributes: dict[str, list[str | None]] = field(default_factory=dict)
-    # False for a 0.1 version: every image is its own product and results carry no product ids.
-    has_products: bool = True
-
-    def __post_init__(self) -> None:
-        self.rows_of_image: dict[str, list[int]] = {}
-        for row, image_id in enumerate(self.image_ids):
-            self.rows_of_image.setdefault(image_id, []).append(row)
-        self.product_row_of = {product_id: row for row, product_id in enumerate(self.product_ids)}
-        if len(self.row_product) != len(self.image_ids) or int(self.image_count.sum()) != len(self.image_ids):
+    def __init__(self, image_ids: Sequence[str] | np.ndarray, paths: Sequence[str], labels: Sequence[str],
+                 roles: Sequence[str], row_product: np.ndarray, product_ids: Sequence[str] | np.ndarray,
+                 first_row: np.ndarray, image_count: np.ndarray,
+                 attributes: dict[str, Sequence[str | None]] | None = None, has_products: bool = True) -> None:
+        self.image_ids = Ids(image_ids)
+        self.paths = Strings(paths)
+        self.labels = Codes(labels)
+        self.roles = Codes(roles)
+        self.row_product = np.asarray(row_product, np.int64)
+        self.product_ids = Ids(product_ids)
+        self.first_row = np.asarray(first_row, np.int64)
+        self.image_count = np.asarray(image_count, np.int64)
+        self.has_products = has_products
+        rows = len(self.image_ids)
+        if not (len(self.paths) == len(self.labels) == len(self.roles) == len(self.row_product) == rows) \
+                or len(self.first_row) != len(self.product_ids) or len(self.image_count) != len(self.product_ids) \
+                or int(self.image_count.sum()) != rows:
             raise artifacts.ArtifactError("the images and products tables do not describe the same rows")
         # Posting lists per attribute value, built here rather than by the builder: a factorize per key
         # takes well under a second on ABO's 147,702 products and keeps the artifact format as it is.
-        self.filters = AttributeIndex(self.attributes, self.product_row_of, len(self.product_ids))
+        self.filters = AttributeIndex(attributes or {}, self.product_ids, len(self.product_ids))
 
     @property
     def image_count_total(self) -> int:
@@ -48,16 +132,43 @@ class Catalogue:
     def product_count(self) -> int:
         return len(self.product_ids)
 
+    @property
+    def attribute_keys(self) -> list[str]:
+        return self.filters.keys
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the columns hold (the vectors, index and neighbour lists are mapped, shared between workers)."""
+        columns = (self.image_ids, self.paths, self.labels, self.roles, self.product_ids)
+        arrays = (self.row_product, self.first_row, self.image_count)
+        return sum(c.nbytes for c in columns) + sum(a.nbytes for a in arrays) + self.filters.nbytes
+
+    def attribute_values(self, key: str) -> list[str | None]:
+        """One value (or None) per product: for tools and benchmarks, not the request path."""
+        return self.filters.lists(key).values()
+
+    def with_attributes(self, extra: dict[str, Sequence[str | None]]) -> Catalogue:
+        """The same catalogue with more attribute keys (benchmarks add synthetic ones)."""
+        other = copy.copy(self)
+        attributes = {key: self.attribute_values(key) for key in self.attribute_keys}
+        other.filters = AttributeIndex({**attributes, **extra}, self.product_ids, self.product_count)
+        return other
+
+    def rows_of_image(self, image_id: str) -> np.ndarray:
+        return self.image_ids.positions(image_id)
+
+    def product_row(self, product_id: str) -> int | None:
+        return self.product_ids.position(product_id)
+
     def rows_of_product(self, product_row: int) -> np.ndarray:
         start = int(self.first_row[product_row])
         return np.arange(start, start + int(self.image_count[product_row]))
 
     def products_of_image(self, image_id: str) -> list[int]:
-        return sorted({int(self.row_product[row]) for row in self.rows_of_image.get(image_id, [])})
+        return sorted({int(p) for p in self.row_product[self.rows_of_image(image_id)]})
 
     def attributes_of(self, product_row: int) -> dict[str, str]:
-        return {key: values[product_row] for key, values in self.attributes.items()
-                if values[product_row] is not None}
+        return self.filters.attributes_of(product_row)
 
 
 def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.ndarray]:
@@ -67,17 +178,19 @@ def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.nda
     files = manifest["files"]
     if artifacts.IMAGES_FILE not in files:
         return _load_legacy(version_dir)
-    images = pq.read_table(version_dir / artifacts.IMAGES_FILE).to_pydict()
-    if images["row"] != list(range(len(images["row"]))):
+    images = pq.read_table(version_dir / artifacts.IMAGES_FILE,
+                           columns=["row", "image_id", "product_row", "role", "path", "label_name"])
+    if not np.array_equal(images.column("row").to_numpy(), np.arange(images.num_rows)):
         raise artifacts.ArtifactError(f"{artifacts.IMAGES_FILE} rows are not in index order")
-    products = pq.read_table(version_dir / artifacts.PRODUCTS_FILE).to_pydict()
-    keys = [key for key in manifest.get("attribute_keys", []) if key in products]
+    products = pq.read_table(version_dir / artifacts.PRODUCTS_FILE)
+    keys = [key for key in manifest.get("attribute_keys", []) if key in products.column_names]
     catalogue = Catalogue(
-        image_ids=images["image_id"], paths=images["path"], labels=[n or "" for n in images["label_name"]],
-        roles=images["role"], row_product=np.asarray(images["product_row"], np.int64),
-        product_ids=products["product_id"], first_row=np.asarray(products["first_row"], np.int64),
-        image_count=np.asarray(products["image_count"], np.int64),
-        attributes={key: products[key] for key in keys})
+        image_ids=images.column("image_id").to_pylist(), paths=images.column("path").to_pylist(),
+        labels=[name or "" for name in images.column("label_name").to_pylist()],
+        roles=images.column("role").to_pylist(), row_product=images.column("product_row").to_numpy(),
+        product_ids=products.column("product_id").to_pylist(), first_row=products.column("first_row").to_numpy(),
+        image_count=products.column("image_count").to_numpy(),
+        attributes={key: products.column(key).to_pylist() for key in keys})
     vectors = np.load(version_dir / artifacts.VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != len(catalogue.image_ids):
         raise artifacts.ArtifactError(f"{artifacts.VECTORS_FILE} is not float32 [{len(catalogue.image_ids)}, D]")

@@ -69,6 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CA for client certificates: set it to require mTLS")
     p.add_argument("--result-cache-size", type=int, default=env_default("result_cache_size", c.result_cache_size),
                    help="FindSimilar answers by image or product id kept per version and availability (0: off)")
+    p.add_argument("--result-cache-mb", type=int, default=env_default("result_cache_mb", c.result_cache_mb),
+                   help="memory the result cache may hold, in MiB (an answer of k = 1000 with groups is ~0.7 MB)")
+    p.add_argument("--max-search-k-factor", type=int,
+                   default=env_default("max_search_k_factor", c.max_search_k_factor),
+                   help="largest search_k a request may ask for, as a multiple of the version's own (which reaches "
+                        "the builder's target recall); larger only costs time")
+    p.add_argument("--max-image-mb-in-flight", type=int,
+                   default=env_default("max_image_mb_in_flight", c.max_image_bytes_in_flight // 2**20),
+                   help="encoded image MiB admitted at once; beyond it image requests get RESOURCE_EXHAUSTED")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=env_default("max_concurrent_rpcs", 256),
+                   help="RPCs handled at once per process; beyond it calls get RESOURCE_EXHAUSTED before their "
+                        "message is read")
     p.add_argument("--workers", type=int, default=env_default("workers", 1),
                    help="server processes on one port (SO_REUSEPORT), each with its own event loop, batcher and "
                         "model; a supervisor restarts any that dies and serves their metrics together")
@@ -102,10 +114,13 @@ def config_from_args(args: argparse.Namespace):
     batcher = BatcherConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
     core = CoreConfig(batcher=batcher, preprocess_threads=args.preprocess_threads,
                       max_images_per_request=args.max_images_per_request, max_pixels=args.max_pixels,
-                      product_query=args.product_query, result_cache_size=args.result_cache_size)
+                      product_query=args.product_query, result_cache_size=args.result_cache_size,
+                      result_cache_mb=args.result_cache_mb, max_search_k_factor=args.max_search_k_factor,
+                      max_image_bytes_in_flight=args.max_image_mb_in_flight * 2**20)
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
-                        core=core, max_message_bytes=args.max_message_mb * 1024 * 1024, grace_s=args.grace_s,
+                        core=core, max_message_bytes=args.max_message_mb * 1024 * 1024,
+                        max_concurrent_rpcs=args.max_concurrent_rpcs, grace_s=args.grace_s,
                         watch_interval_s=args.watch_interval_s, tls=tls, lease_ttl_s=args.lease_ttl_s,
                         search=SearchConfig(exact_max_rows=args.exact_max_rows), model_threads=args.model_threads,
                         listen_after_load=args.ready_fd >= 0, ready_fd=args.ready_fd)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -37,18 +39,35 @@ class Filter:
         return bool(self.clauses or self.exclude_product_ids)
 
 
-class PostingLists:
-    """For one attribute key: the products holding each value, as one sorted array with offsets."""
+def check_size(filter_: Filter) -> None:
+    """INVALID_ARGUMENT when a filter asks for more work than one request may: checked on every path, before
+    anything else is done for the request."""
+    if len(filter_.clauses) > MAX_CLAUSES:
+        raise InvalidArgument(f"filter has {len(filter_.clauses)} clauses; at most {MAX_CLAUSES}")
+    if len(filter_.exclude_product_ids) > MAX_EXCLUDED_PRODUCTS:
+        raise InvalidArgument(f"filter excludes {len(filter_.exclude_product_ids)} products; at most "
+                              f"{MAX_EXCLUDED_PRODUCTS}")
 
-    def __init__(self, values: list[str | None]) -> None:
+
+class ProductIds(Protocol):
+    def find(self, values: Sequence[str]) -> np.ndarray: ...
+
+
+class PostingLists:
+    """For one attribute key: a code per product, and the products holding each value as one sorted array
+    with offsets."""
+
+    def __init__(self, values: Sequence[str | None]) -> None:
         codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
         self.codes = codes.astype(np.int32)  # -1: no value
-        self.code_of = {str(value): code for code, value in enumerate(uniques)}
+        self.uniques = [str(value) for value in uniques]
+        self.code_of = {value: code for code, value in enumerate(self.uniques)}
         order = np.argsort(self.codes, kind="stable")
         present = order[self.codes[order] >= 0]
         self.products = present.astype(np.int64)
         counts = np.bincount(self.codes[present], minlength=len(uniques))
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.nbytes = self.codes.nbytes + self.products.nbytes + self.offsets.nbytes
 
     def products_with(self, values: tuple[str, ...]) -> np.ndarray:
         """Product rows holding any of the values (unknown values hold none)."""
@@ -57,6 +76,13 @@ class PostingLists:
             return np.zeros(0, np.int64)
         return np.concatenate([self.products[self.offsets[c]:self.offsets[c + 1]] for c in codes])
 
+    def value_of(self, product_row: int) -> str | None:
+        code = int(self.codes[product_row])
+        return self.uniques[code] if code >= 0 else None
+
+    def values(self) -> list[str | None]:
+        return [self.uniques[code] if code >= 0 else None for code in self.codes]
+
     def value_counts(self) -> dict[str, int]:
         return {value: int(self.offsets[code + 1] - self.offsets[code]) for value, code in self.code_of.items()}
 
@@ -64,23 +90,25 @@ class PostingLists:
 class AttributeIndex:
     """Posting lists for every attribute key of a version, built once when the version loads."""
 
-    def __init__(self, attributes: dict[str, list[str | None]], product_row_of: dict[str, int],
+    def __init__(self, attributes: dict[str, Sequence[str | None]], product_ids: ProductIds,
                  product_count: int) -> None:
         self.keys = sorted(attributes)
         self._lists = {key: PostingLists(values) for key, values in attributes.items()}
-        self._product_row_of = product_row_of
+        self._product_ids = product_ids
         self.product_count = product_count
+        self.nbytes = sum(lists.nbytes for lists in self._lists.values())
 
     def lists(self, key: str) -> PostingLists:
         return self._lists[key]
 
+    def attributes_of(self, product_row: int) -> dict[str, str]:
+        """The product's attributes in the version's key order, without the keys it has no value for."""
+        values = ((key, self._lists[key].value_of(product_row)) for key in self._lists)
+        return {key: value for key, value in values if value is not None}
+
     def check(self, filter_: Filter) -> None:
         """INVALID_ARGUMENT naming what is wrong: an unknown key, an empty or two-sided clause, too much."""
-        if len(filter_.clauses) > MAX_CLAUSES:
-            raise InvalidArgument(f"filter has {len(filter_.clauses)} clauses; at most {MAX_CLAUSES}")
-        if len(filter_.exclude_product_ids) > MAX_EXCLUDED_PRODUCTS:
-            raise InvalidArgument(f"filter excludes {len(filter_.exclude_product_ids)} products; at most "
-                                  f"{MAX_EXCLUDED_PRODUCTS}")
+        check_size(filter_)
         for position, clause in enumerate(filter_.clauses, 1):
             name = f"filter clause {position} ({clause.key!r})"
             if clause.key not in self._lists:
@@ -97,8 +125,7 @@ class AttributeIndex:
     def excluded_rows(self, filter_: Filter) -> np.ndarray:
         """Product rows of the excluded product ids; ids not in this version are ignored (a basket may
         hold products the catalogue has since dropped)."""
-        rows = [self._product_row_of[p] for p in filter_.exclude_product_ids if p in self._product_row_of]
-        return np.asarray(rows, np.int64)
+        return self._product_ids.find(filter_.exclude_product_ids)
 
     def allowed(self, filter_: Filter) -> np.ndarray | None:
         """The products the clauses let through (a bool mask), or None when there are no clauses."""

@@ -15,6 +15,7 @@ from server.catalogue import Catalogue
 # Plans, in the order a query may go through them; each choice is counted in a metric.
 EXACT, ANNOY, ANNOY_THEN_EXACT = "exact", "annoy", "annoy_then_exact"
 PLANS = (EXACT, ANNOY, ANNOY_THEN_EXACT)
+MAX_NODE_BUDGET = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ class ProductSearch:
         if found is None:
             plan = ANNOY_THEN_EXACT if plan == ANNOY else EXACT
             found = self._exact_search(scorer, k, mask, score_threshold)
-        return SearchResult(self._describe(scorer, found, group_size), plan)
+        return SearchResult(self.describe(scorer, found, group_size), plan)
 
     def _exact_search(self, scorer: Scorer, k: int, mask: np.ndarray | None,
                       score_threshold: float | None) -> np.ndarray:
@@ -239,7 +240,8 @@ class ProductSearch:
         wanted = min(len(self), max(k, math.ceil(k * self.config.fanout / selectivity)))
         for _ in range(self.config.annoy_rounds):
             # The manifest's search_k is what reaches the target recall for 10 neighbours.
-            node_budget = max(search_k * wanted // 10, wanted * self.n_trees)
+            # Annoy counts nodes in a C int: a budget past it would overflow (and cost seconds anyway).
+            node_budget = min(max(search_k * wanted // 10, wanted * self.n_trees), MAX_NODE_BUDGET)
             candidates: set[int] = set()
             reach = -np.inf  # the best similarity a row that no probe fetched can have
             for probe in scorer.probes:
@@ -269,7 +271,7 @@ class ProductSearch:
             wanted = min(len(self), wanted * 4)
         return None
 
-    def _describe(self, scorer: Scorer, products: np.ndarray, group_size: int) -> list[ProductHit]:
+    def describe(self, scorer: Scorer, products: np.ndarray, group_size: int) -> list[ProductHit]:
         """Every image of each found product scored exactly: its best image and its group, best first."""
         if len(products) == 0:
             return []

@@ -159,7 +159,7 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
             head=manifest["head"], dimension=int(manifest["dimension"]), metric=manifest["metric"],
             item_count=len(version.index), image_count=len(version.index),
             product_count=version.catalogue.product_count if version.catalogue.has_products else 0,
-            attribute_keys=sorted(version.catalogue.attributes), search_k=version.search_k,
+            attribute_keys=version.catalogue.attribute_keys, search_k=version.search_k,
             n_trees=int(manifest["index"]["n_trees"]), recall_at_10=float(manifest["index"]["recall_at_10"]),
             input_size=int(manifest.get("input_size", 256)), max_k=config.max_k,
             max_images_per_request=config.max_images_per_request, server_version=SERVER_VERSION,

@@ -51,6 +51,15 @@ class SavedModelBackend:
             self.embed(np.zeros((size, INPUT_SIZE, INPUT_SIZE, 3), np.uint8))
 
 
+class Neighbours(Protocol):
+    """A version's neighbour lists: the exact top products of each product and of each index row."""
+
+    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Product rows (-1 past the end) and their scores, best first, of product `row` ("product") or of
+        index row `row` ("image")."""
+        ...
+
+
 @dataclass
 class ServedVersion:
     """Everything one version serves with; the servicer never sees files."""
@@ -59,6 +68,8 @@ class ServedVersion:
     manifest: dict
     embedder: Embedder
     index: ProductSearch
+    # None for a version built without neighbour lists: every query then searches.
+    neighbours: Neighbours | None = None
 
     @property
     def catalogue(self) -> Catalogue:

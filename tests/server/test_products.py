@@ -121,12 +121,12 @@ async def test_attributes_come_with_matches_when_asked(tmp_path):
         from server.core import Query, SearchOptions
 
         matches = (await core.find_similar(Query(product_id="prod-003"),
-                                           SearchOptions(k=2, with_attributes=True))).results
+                                           SearchOptions(k=2, exclude_query=False, with_attributes=True))).results
         assert matches[0].attributes == {"color": "Black", "brand": "B3"}
-        plain = (await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=2))).results
+        plain = (await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=2, exclude_query=False))).results
         assert plain[0].attributes == {}
         no_colour = (await core.find_similar(Query(product_id="prod-004"),
-                                             SearchOptions(k=1, with_attributes=True))).results
+                                             SearchOptions(k=1, exclude_query=False, with_attributes=True))).results
         assert no_colour[0].attributes == {"brand": "B4"}
         assert np.isfinite(matches[0].score)
     finally:

@@ -124,7 +124,7 @@ async def test_best_score_equals_its_numpy_reference(served):
         negative=[pb.Example(product_id="prod-010"), pb.Example(product_id="prod-011")],
         strategy=pb.RECOMMEND_STRATEGY_BEST_SCORE, k=6))
     vectors = np.asarray(version.index.vectors)
-    positives = np.stack([_product_vector(version, 1), vectors[version.catalogue.rows_of_image["item-025"][0]]])
+    positives = np.stack([_product_vector(version, 1), vectors[version.catalogue.rows_of_image("item-025")[0]]])
     negatives = np.stack([_product_vector(version, 10), _product_vector(version, 11)])
 
     def best_score(rows):

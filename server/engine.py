@@ -1,0 +1,328 @@
+"""The query engine: a resolved request to product results on one version, synchronously, no protobuf."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lookalike.availability import Availability
+from server.errors import InvalidArgument, NotFound
+from server.filters import Filter
+from server.search import BestScoreScorer, NearestScorer, ProductHit, Scorer, average_vector
+from server.version import ServedVersion
+
+EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue image is that image
+# How a product's images form one query: "mean" (their normalised mean vector) or "max" (each image
+# a probe; a candidate's score is its best match with any of them). Chosen by measurement (BENCHMARKS.md).
+PRODUCT_QUERIES = ("mean", "max")
+# Recommendation strategies, as Qdrant defines them (server/search.py).
+AVERAGE_VECTOR, BEST_SCORE = "average_vector", "best_score"
+STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE)
+# The plan of a query answered from the version's neighbour lists (the others are in server/search.py).
+NEIGHBOUR_LIST = "neighbour_list"
+
+
+@dataclass(frozen=True)
+class Query:
+    """Exactly one of image, image_id, product_id or vector."""
+
+    image: bytes | None = None
+    image_id: str | None = None
+    product_id: str | None = None
+    vector: np.ndarray | None = None
+
+    @property
+    def by_id(self) -> bool:
+        return self.image_id is not None or self.product_id is not None
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What a FindSimilar request asks for besides its query."""
+
+    k: int = 0
+    # Leave out the query's own product. None: the server's default, which is to leave it out for a query
+    # by image id or product id and keep every product for a photo or vector query.
+    exclude_query: bool | None = None
+    search_k: int = 0
+    group_size: int = 0
+    with_attributes: bool = False
+    filter: Filter = Filter()
+    # Matches whose best image scores below this are left out (None: no threshold).
+    score_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Examples:
+    """What a Recommend request recommends from: each example is a Query with exactly one field set."""
+
+    positive: tuple[Query, ...] = ()
+    negative: tuple[Query, ...] = ()
+    strategy: str = AVERAGE_VECTOR
+    # Leave out examples that are not in the served version (and name them) instead of NOT_FOUND.
+    ignore_missing: bool = False
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image_id: str
+    distance: float
+    score: float
+    path: str
+    label: str
+    role: str
+
+
+@dataclass(frozen=True)
+class ProductResult:
+    """A matched product: its best image, optionally its group of images, and its attributes."""
+
+    product_id: str  # "" for a version built before products
+    image: ImageResult
+    images: list[ImageResult]
+    attributes: dict[str, str]
+
+    @property
+    def score(self) -> float:
+        return self.image.score
+
+    @property
+    def distance(self) -> float:
+        return self.image.distance
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Matches, the index version and the availability version that answered, the plan that found them; from
+    Recommend, also the example ids the version does not hold (with ignore_missing)."""
+
+    results: list[ProductResult]
+    version: str
+    availability_version: int = 0
+    missing_product_ids: list[str] = field(default_factory=list)
+    missing_image_ids: list[str] = field(default_factory=list)
+    plan: str = ""
+
+
+class HiddenProducts:
+    """One availability state, as a mask over each served version's products (computed once per version)."""
+
+    def __init__(self, availability: Availability) -> None:
+        self.availability = availability
+        self._masks: dict[str, np.ndarray | None] = {}
+
+    @property
+    def version(self) -> int:
+        return self.availability.version
+
+    def mask(self, version: ServedVersion) -> np.ndarray | None:
+        """True for the hidden products of `version`; None when none of its products is hidden."""
+        if version.name not in self._masks:
+            catalogue = version.catalogue
+            rows = catalogue.product_ids.find(sorted(self.availability.hidden)) if catalogue.has_products else []
+            mask = None
+            if len(rows):
+                mask = np.zeros(catalogue.product_count, bool)
+                mask[rows] = True
+            self._masks[version.name] = mask
+        return self._masks[version.name]
+
+    def count(self, version: ServedVersion) -> int:
+        mask = self.mask(version)
+        return 0 if mask is None else int(mask.sum())
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A query made ready for search: its vectors ([m, D], unit), the products that are its own (when asked
+    to leave them out), and its neighbour list when the version has one for exactly this query."""
+
+    vectors: np.ndarray
+    own_products: list[int]
+    list_position: tuple[str, int] | None = None  # ("product" | "image", row of the list)
+
+
+def eligible_products(version: ServedVersion, hidden: HiddenProducts, filter_: Filter,
+                      own_products: list[int]) -> np.ndarray | None:
+    """The products a result may come from, worked out once per request: the filter's clauses, not hidden,
+    not excluded, not the query's own. None: every product."""
+    catalogue = version.catalogue
+    mask = catalogue.filters.allowed(filter_)
+    hidden_mask = hidden.mask(version)
+    if hidden_mask is not None:
+        mask = ~hidden_mask if mask is None else mask & ~hidden_mask
+    excluded = catalogue.filters.excluded_rows(filter_)
+    if len(excluded) or own_products:
+        mask = np.ones(catalogue.product_count, bool) if mask is None else mask
+        mask[excluded] = False
+        mask[np.asarray(own_products, np.int64)] = False
+    return mask
+
+
+def walk_list(products: np.ndarray, scores: np.ndarray, mask: np.ndarray | None, k: int,
+              score_threshold: float | None) -> np.ndarray | None:
+    """The first k eligible products of a neighbour list (best first), or None when the list cannot tell: it
+    runs out before k and the products past its end might qualify."""
+    present = products >= 0
+    eligible = present.copy()
+    if mask is not None:
+        eligible[present] = mask[products[present]]
+    if score_threshold is not None:
+        eligible &= scores >= score_threshold
+    found = products[eligible][:k]
+    if len(found) >= k:
+        return found
+    # A padded list holds every product; past a threshold nothing further can pass.
+    exhausted = not present.all() or (score_threshold is not None and bool(scores[-1] < score_threshold))
+    return found if exhausted else None
+
+
+class QueryEngine:
+    """Answers resolved requests on one version, in the calling thread: the core decides which thread."""
+
+    def __init__(self, product_query: str = "mean", observer=None) -> None:
+        if product_query not in PRODUCT_QUERIES:
+            raise ValueError(f"product_query must be one of {PRODUCT_QUERIES}")
+        self.product_query = product_query
+        self._observer = observer
+
+    def _plan(self, plan: str) -> None:
+        if self._observer is not None:
+            self._observer.plan_chosen(plan)
+
+    def from_list(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
+                  k: int) -> list[ProductResult] | None:
+        """The answer from the version's neighbour lists, or None when the lists cannot give it (no lists, a
+        photo or vector query, a list that runs short of eligible products): then search."""
+        if version.neighbours is None or not query.by_id:
+            return None
+        resolved = self.resolve(version, query, self._exclude(query, options))
+        if resolved.list_position is None:
+            return None
+        kind, row = resolved.list_position
+        products, scores = version.neighbours.list_of(kind, row)
+        mask = eligible_products(version, hidden, options.filter, resolved.own_products)
+        found = walk_list(products, scores, mask, k, options.score_threshold)
+        if found is None:
+            return None
+        self._plan(NEIGHBOUR_LIST)
+        hits = version.index.describe(NearestScorer(resolved.vectors), found, options.group_size)
+        return [self.product_result(version, hit, options) for hit in hits]
+
+    def find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
+             k: int, max_search_k: int) -> list[ProductResult]:
+        # A hidden product still works as a query ("alternatives to this sold-out product").
+        resolved = self.resolve(version, query, self._exclude(query, options))
+        return self.search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k,
+                           max_search_k)
+
+    @staticmethod
+    def _exclude(query: Query, options: SearchOptions) -> bool:
+        return query.by_id if options.exclude_query is None else options.exclude_query
+
+    def search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
+               options: SearchOptions, k: int, max_search_k: int) -> list[ProductResult]:
+        if options.search_k > max_search_k:
+            raise InvalidArgument(f"search_k must be at most {max_search_k} on version {version.name} (8 times its "
+                                  f"own {version.search_k}), not {options.search_k}")
+        mask = eligible_products(version, hidden, options.filter, own_products)
+        result = version.index.search(scorer, k, allowed=mask, search_k=options.search_k,
+                                      group_size=options.group_size, score_threshold=options.score_threshold)
+        self._plan(result.plan)
+        return [self.product_result(version, hit, options) for hit in result.hits]
+
+    def resolve(self, version: ServedVersion, query: Query, own: bool) -> _Resolved:
+        """The vectors of a query and, when `own` is asked for, the products that are the query's own."""
+        catalogue, index = version.catalogue, version.index
+        if query.image_id is not None:
+            rows = catalogue.rows_of_image(query.image_id)
+            if not len(rows):
+                raise NotFound(f"image {query.image_id!r} is not in index version {version.name}")
+            return _Resolved(np.asarray(index.vectors[rows[:1]], np.float32),
+                             catalogue.products_of_image(query.image_id) if own else [], ("image", int(rows[0])))
+        if query.product_id is not None:
+            if not catalogue.has_products:
+                raise InvalidArgument(f"index version {version.name} was built before products existed: query by "
+                                      f"image_id instead")
+            product = catalogue.product_row(query.product_id)
+            if product is None:
+                raise NotFound(f"product {query.product_id!r} is not in index version {version.name}")
+            vectors = np.asarray(index.vectors[catalogue.rows_of_product(product)], np.float32)
+            position = None
+            if self.product_query == "mean":
+                vectors = vectors.mean(axis=0, keepdims=True)
+                vectors /= max(float(np.linalg.norm(vectors)), 1e-12)
+                position = ("product", product)
+            return _Resolved(vectors, [product] if own else [], position)
+        vector = check_vector(query.vector, index.dimension)
+        return _Resolved(vector[None, :], index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
+
+    def recommend(self, version: ServedVersion, hidden: HiddenProducts, examples: Examples, options: SearchOptions,
+                  k: int, max_search_k: int) -> Answer:
+        missing_products, missing_images, own = [], [], []
+        sides = []
+        for side in (examples.positive, examples.negative):
+            vectors = []
+            for example in side:
+                try:
+                    resolved = self.resolve(version, example, own=True)
+                except NotFound:
+                    if not example.by_id:
+                        raise
+                    (missing_products if example.product_id is not None else missing_images).append(
+                        example.product_id or example.image_id)
+                    continue
+                vectors.append(resolved.vectors)
+                own += resolved.own_products
+            sides.append(vectors)
+        if (missing_products or missing_images) and not examples.ignore_missing:
+            named = [f"product {p!r}" for p in missing_products] + [f"image {i!r}" for i in missing_images]
+            raise NotFound(f"examples not in index version {version.name}: {', '.join(named)}")
+        positive, negative = sides
+        results: list[ProductResult] = []
+        if positive or (negative and examples.strategy == BEST_SCORE):
+            dimension = version.index.dimension
+            if examples.strategy == AVERAGE_VECTOR:
+                # Each example weighs the same, however many images a product example has.
+                means = [unit(v.mean(axis=0)) for v in positive], [unit(v.mean(axis=0)) for v in negative]
+                try:
+                    scorer = NearestScorer(average_vector(np.asarray(means[0]), np.asarray(means[1])))
+                except ValueError as error:
+                    raise InvalidArgument(str(error)) from None
+            else:
+                def stack(vs: list[np.ndarray]) -> np.ndarray:
+                    return np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)
+
+                scorer = BestScoreScorer(stack(positive), stack(negative))
+            results = self.search(version, hidden, scorer, own, options, k, max_search_k)
+        return Answer(results, version.name, hidden.version, missing_products, missing_images)
+
+    @staticmethod
+    def product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:
+        catalogue = version.catalogue
+        images = [ImageResult(catalogue.image_ids[row], float(distance), float(score), catalogue.paths[row],
+                              catalogue.labels[row], catalogue.roles[row])
+                  for row, score, distance in zip(hit.rows, hit.scores, hit.distances, strict=True)]
+        return ProductResult(
+            product_id=catalogue.product_ids[hit.product_row] if catalogue.has_products else "",
+            image=images[0], images=images[:options.group_size],
+            attributes=catalogue.attributes_of(hit.product_row) if options.with_attributes else {})
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def check_vector(vector: np.ndarray, dimension: int) -> np.ndarray:
+    """A query vector of the served dimension, finite and non-zero, made unit length."""
+    vector = np.asarray(vector, np.float32).ravel()
+    if vector.shape[0] != dimension:
+        raise InvalidArgument(f"vector has {vector.shape[0]} components; the served dimension is {dimension}")
+    if not np.all(np.isfinite(vector)):
+        raise InvalidArgument("vector has NaN or infinite components")
+    norm = float(np.linalg.norm(vector))
+    if norm == 0 or not math.isfinite(norm):
+        raise InvalidArgument("vector has zero length")
+    return vector / norm

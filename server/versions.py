@@ -1,0 +1,100 @@
+"""Versions and their lifetime: the served one, those retiring, and who still uses each."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+
+from server.batcher import MicroBatcher
+from server.version import ServedVersion
+
+log = logging.getLogger(__name__)
+
+
+class VersionRuntime:
+    """A version with its own batcher, and a count of its users: requests, and jobs running in a thread pool.
+
+    A job's use ends when the job itself ends, not when the request that started it is cancelled: a thread
+    inside Annoy must never see its index unloaded."""
+
+    def __init__(self, version: ServedVersion, batcher: MicroBatcher) -> None:
+        self.version = version
+        self.batcher = batcher
+        self.users = 0
+        self.admitted_images = 0
+        self.admitted_bytes = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.users += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.idle.set()
+
+    async def run_in(self, pool: Executor, function: Callable, *args):
+        """function(*args) in the pool; the version stays loaded until the function returns, even when the
+        awaiting request is cancelled meanwhile."""
+        loop = asyncio.get_running_loop()
+        self.enter()
+        try:
+            job = pool.submit(function, *args)
+        except BaseException:
+            self.leave()
+            raise
+
+        def finished(_: Future) -> None:
+            try:
+                loop.call_soon_threadsafe(self.leave)
+            except RuntimeError:  # the loop is closed: the process is ending, nothing will be unloaded
+                pass
+
+        job.add_done_callback(finished)
+        return await asyncio.wrap_future(job)
+
+
+class Versions:
+    """The served version and the retiring ones; a retiring version is unloaded when its last user leaves."""
+
+    def __init__(self, version: ServedVersion, make_batcher: Callable[[ServedVersion], MicroBatcher]) -> None:
+        self._make_batcher = make_batcher
+        self.current = VersionRuntime(version, make_batcher(version))
+        self._retiring: set[VersionRuntime] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    def loaded(self) -> list[str]:
+        """The served version and any still finishing requests after a swap: what must stay on disk."""
+        return sorted({self.current.version.name, *(runtime.version.name for runtime in self._retiring)})
+
+    def swap(self, version: ServedVersion) -> ServedVersion:
+        """Serves `version` from now on; the old one finishes what uses it, then is unloaded."""
+        old = self.current
+        self.current = VersionRuntime(version, self._make_batcher(version))
+        self._retiring.add(old)
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("now serving version %s (was %s)", version.name, old.version.name)
+        return old.version
+
+    async def _retire(self, runtime: VersionRuntime) -> None:
+        await runtime.idle.wait()
+        await runtime.batcher.close()
+        runtime.version.close()
+        self._retiring.discard(runtime)
+        log.info("unloaded version %s", runtime.version.name)
+
+    async def drain(self, grace_s: float) -> None:
+        """Waits (up to grace_s) for the served version's users to finish."""
+        try:
+            await asyncio.wait_for(self.current.idle.wait(), grace_s)
+        except TimeoutError:
+            log.warning("%d requests still in flight after %.1f s", self.current.users, grace_s)
+
+    async def close(self) -> None:
+        await self.current.batcher.close()

@@ -1,0 +1,212 @@
+"""What a review found: a version unloaded under a running thread, requests that cost what they like,
+availability going back in time, a version mapped before it is leased. Each test failed before its fix."""
+
+import asyncio
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from lookalike.availability import AVAILABILITY_FILE
+from lookalike.leases import LEASES_DIR
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.app import LookalikeServer, ServerConfig
+from server.core import CoreConfig, Query, SearchOptions, SimilarityCore
+from server.errors import InvalidArgument, Overloaded
+from server.filters import MAX_EXCLUDED_PRODUCTS, Filter
+from server.metrics import ServerMetrics
+from server.result_cache import ResultCache, answer_bytes
+from server.servicer import ImageSimilarityServicer
+from tests.server.fakes import fake_version
+
+GROUPS = [[p, p + 20] for p in range(20)]
+
+
+class _GatedIndex:
+    """Wraps a version's index: a search blocks until released, and unload records whether one was running."""
+
+    def __init__(self, index) -> None:
+        self._index = index
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.running = 0
+        self.unloaded_while_running = None
+
+    def __getattr__(self, name):
+        return getattr(self._index, name)
+
+    def search(self, *args, **kwargs):
+        self.running += 1
+        self.entered.set()
+        try:
+            assert self.release.wait(10), "the test never released the search"
+            return self._index.search(*args, **kwargs)
+        finally:
+            self.running -= 1
+
+    def unload(self) -> None:
+        self.unloaded_while_running = self.running > 0
+        self._index.unload()
+
+
+async def test_a_cancelled_request_keeps_its_version_loaded_until_its_search_returns(tmp_path):
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    gated = _GatedIndex(version.index)
+    version.index = gated
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000, result_cache_size=0))
+    try:
+        request = asyncio.ensure_future(core.find_similar(Query(product_id="prod-003"), SearchOptions(k=3)))
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        request.cancel()  # the client went away while Annoy runs in a thread
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        (tmp_path / "other").mkdir()
+        other, _ = fake_version(tmp_path / "other", name="fake-v2", groups=GROUPS)
+        await core.swap(other)
+        await asyncio.sleep(0.05)  # the retirement task runs: it must wait for the thread
+        assert gated.unloaded_while_running is None and "fake-v1" in core.loaded_versions()
+        gated.release.set()
+        for _ in range(200):
+            if gated.unloaded_while_running is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert gated.unloaded_while_running is False and core.loaded_versions() == ["fake-v2"]
+    finally:
+        gated.release.set()
+        await core.close()
+
+
+@pytest.fixture
+async def core(tmp_path):
+    version, images = fake_version(tmp_path, groups=GROUPS)
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000, max_image_bytes_in_flight=2**20))
+    yield core, images
+    await core.close()
+
+
+async def test_search_k_is_bounded_by_a_multiple_of_the_versions_own(core):
+    core, _ = core
+    limit = core.max_search_k(core.version)
+    assert limit == 8 * 1000  # the fake version's manifest says search_k 1000
+    await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3, search_k=limit))
+    for search_k in (limit + 1, 2**31 - 1):
+        with pytest.raises(InvalidArgument, match=f"search_k must be at most {limit}"):
+            await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3, search_k=search_k))
+    with pytest.raises(InvalidArgument, match="search_k must not be negative"):
+        await core.find_similar(Query(product_id="prod-001"), SearchOptions(search_k=-1))
+
+
+async def test_excluded_products_are_bounded_on_every_path(core):
+    core, _ = core
+    many = Filter(exclude_product_ids=tuple(f"p{i}" for i in range(MAX_EXCLUDED_PRODUCTS + 1)))
+    with pytest.raises(InvalidArgument, match=f"at most {MAX_EXCLUDED_PRODUCTS}"):
+        await core.find_similar(Query(product_id="prod-001"), SearchOptions(filter=many))
+    from server.core import Examples
+
+    with pytest.raises(InvalidArgument, match=f"at most {MAX_EXCLUDED_PRODUCTS}"):
+        await core.recommend(Examples(positive=(Query(product_id="prod-001"),)), SearchOptions(filter=many))
+
+
+async def test_image_bytes_in_flight_are_bounded(core):
+    core, images = core
+    big = images[0] + b"\0" * (2**20)  # a PNG with trailing bytes: valid, and over the 1 MiB bound
+    with pytest.raises(Overloaded, match="max_image_bytes_in_flight"):
+        await core.find_similar(Query(image=big))
+    assert core._versions.current.admitted_bytes == 0  # refused before anything was admitted
+    await core.find_similar(Query(image=images[0]))
+
+
+def test_the_result_cache_is_bounded_in_bytes_as_well_as_entries(tmp_path):
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    from server.engine import QueryEngine
+
+    engine = QueryEngine()
+    from lookalike.availability import Availability
+    from server.engine import HiddenProducts
+
+    hidden = HiddenProducts(Availability())
+    answer = engine.find(version, hidden, Query(product_id="prod-001"),
+                         SearchOptions(k=19, group_size=2, with_attributes=True), 19, 8000)
+    size = answer_bytes(answer)
+    assert size > 19 * 300
+    cache = ResultCache(max_entries=1000, max_bytes=size * 10 + size // 2)
+    for key in range(30):
+        assert cache.put(key, answer)
+        assert cache.bytes <= cache.max_bytes
+    assert len(cache) == 10 and cache.get(0) is None and cache.get(29) is answer
+    assert not ResultCache(1000, size * 5).put("too large for a tenth", answer)
+    assert not ResultCache(0, 10**9).enabled
+
+
+async def test_rpcs_beyond_the_concurrency_bound_are_refused_before_their_message_is_read(tmp_path):
+    version, images = fake_version(tmp_path, delay_s=0.5)
+    metrics = ServerMetrics()
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
+    server = grpc.aio.server(maximum_concurrent_rpcs=2)
+    pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ImageSimilarityStub(channel)
+            calls = [stub.Embed(pb.EmbedRequest(images=[images[i]]), timeout=20) for i in range(6)]
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else grpc.StatusCode.OK for r in results]
+            assert codes.count(grpc.StatusCode.OK) >= 2
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    finally:
+        await server.stop(0)
+        await core.close()
+
+
+def _write_availability(artifacts, version: int, hidden: list[str]) -> None:
+    payload = {"version": version, "updated_at": None, "hidden": {p: {"reason": "out_of_stock"} for p in hidden}}
+    (artifacts / AVAILABILITY_FILE).write_text(json.dumps(payload))
+
+
+async def test_availability_only_goes_forward(tmp_path):
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    server = LookalikeServer(ServerConfig(artifacts=tmp_path, metrics_port=-1))
+    server.core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000))
+    try:
+        _write_availability(tmp_path, 5, ["prod-001", "prod-002"])
+        assert await server.check_availability() and server.core.hidden.version == 5
+        _write_availability(tmp_path, 4, [])  # an older state read late (a racing reader, a restored file)
+        assert not await server.check_availability()
+        assert server.core.hidden.version == 5 and server.core.hidden.count(version) == 2
+        # The watch loop and SIGHUP at once apply the new state once.
+        _write_availability(tmp_path, 6, ["prod-003"])
+        applied = await asyncio.gather(*(server.check_availability() for _ in range(4)))
+        assert applied.count(True) == 1 and server.core.hidden.version == 6
+    finally:
+        await server.core.close()
+
+
+async def test_a_version_is_leased_before_it_is_loaded_on_reload(tmp_path):
+    from lookalike.artifacts import write_current
+
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    server = LookalikeServer(ServerConfig(artifacts=tmp_path, metrics_port=-1))
+    server.core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000))
+    leased_during_load = []
+
+    async def load(name):
+        lease = next((tmp_path / LEASES_DIR).glob("*.json"))
+        leased_during_load.append(json.loads(lease.read_text())["versions"])
+        (tmp_path / "v2").mkdir()
+        other, _ = fake_version(tmp_path / "v2", name=name, groups=GROUPS)
+        return other
+
+    server._load = load
+    try:
+        write_current(tmp_path, "fake-v2")
+        assert await server.reload()
+        assert leased_during_load == [["fake-v1", "fake-v2"]]
+        assert server.core.version.name == "fake-v2"
+        assert np.isfinite(server.core.version.index.vectors).all()
+    finally:
+        await server.core.close()
