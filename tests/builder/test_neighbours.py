@@ -1,0 +1,170 @@
+"""Neighbour lists: the kernel against brute force (with ties and padding), the file contract, Spark, reindex."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lookalike.artifacts import VECTORS_FILE, ArtifactError
+from lookalike.neighbours import (
+    ARRAY_FIELDS,
+    NEIGHBOURS_DIR,
+    NeighbourLists,
+    check_products,
+    exact_top_products,
+    file_path,
+    load_neighbours,
+    product_query_vectors,
+)
+
+
+def tie_catalogue(products: int, seed: int = 7, dimension: int = 8):
+    """Products of 1 to 4 rows whose vectors have at most two non-zero components, each a power of two:
+    every dot product with any query is then the same float32 whatever the summation order, so scores
+    tie exactly (many do: few distinct vectors) and brute force must agree bit for bit."""
+    rng = np.random.default_rng(seed)
+    image_count = rng.integers(1, 5, products)
+    first_row = np.concatenate([[0], np.cumsum(image_count)[:-1]])
+    vectors = np.zeros((int(image_count.sum()), dimension), np.float32)
+    for row in vectors:
+        row[rng.choice(dimension, 2, replace=False)] = rng.choice([1.0, -1.0, 0.5, -0.5, 0.25], 2)
+    return vectors, first_row, image_count
+
+
+def brute_force(queries, vectors, first_row, image_count, n):
+    """The definition, one query and one product at a time: best row's score, lowest row on a tie;
+    score descending, then product row ascending; -1/-1/-inf padding."""
+    shape = (len(queries), n)
+    products, rows, scores = np.full(shape, -1), np.full(shape, -1), np.full(shape, -np.inf, np.float32)
+    for q, query in enumerate(queries):
+        entries = []
+        for product, (start, count) in enumerate(zip(first_row, image_count, strict=True)):
+            row_scores = [np.float32(np.dot(vectors[row], query)) for row in range(start, start + count)]
+            best = max(row_scores)
+            entries.append((-best, product, start + row_scores.index(best)))
+        for rank, (negative, product, row) in enumerate(sorted(entries)[:n]):
+            products[q, rank], rows[q, rank], scores[q, rank] = product, row, -negative
+    return products, rows, scores
+
+
+def assert_lists_equal(found, expected):
+    for got, want, name in zip(found, expected, ("products", "rows", "scores"), strict=True):
+        assert np.array_equal(got, want), f"{name} differ in {int((got != want).any(axis=1).sum())} lists"
+
+
+@pytest.mark.parametrize("n", [1, 5, 60])
+@pytest.mark.parametrize("kind", ["product", "image"])
+def test_lists_equal_brute_force_with_ties(kind, n):
+    vectors, first_row, image_count = tie_catalogue(120)
+    queries = product_query_vectors(vectors, first_row, image_count) if kind == "product" else vectors
+    # Small blocks: queries and rows cross block boundaries, and the bound prunes (120 products > n).
+    found = exact_top_products(queries, vectors, first_row, image_count, n, block_queries=7, block_rows=33)
+    expected = brute_force(queries, vectors, first_row, image_count, n)
+    assert_lists_equal(found, expected)
+    scores = found[2]
+    assert (np.diff(scores, axis=1) <= 0).all(), "scores must not increase along a list"
+    if n > 1:
+        assert (np.diff(scores, axis=1) == 0).any(axis=1).mean() > 0.5, "most lists are meant to hold exact ties"
+
+
+def test_a_product_lists_itself_first_and_shared_images_tie():
+    # Product 1 and 2 share an image (the same vector twice); product 0 is alone.
+    vectors = np.array([[1, 0], [0, 1], [0.6, 0.8], [0.6, 0.8]], np.float32)
+    first_row, image_count = np.array([0, 1, 3]), np.array([1, 2, 1])
+    products, rows, scores = exact_top_products(vectors, vectors, first_row, image_count, 3)
+    # Image row 2 (product 1) and row 3 (product 2) score the same for each other: product row breaks the tie.
+    assert products[2].tolist() == [1, 2, 0] and rows[2].tolist() == [2, 3, 0]
+    assert products[3].tolist() == [1, 2, 0] and scores[3][0] == scores[3][1]
+
+
+def test_fewer_products_than_n_are_padded():
+    vectors, first_row, image_count = tie_catalogue(6, seed=3)
+    queries = product_query_vectors(vectors, first_row, image_count)
+    products, rows, scores = exact_top_products(queries, vectors, first_row, image_count, 10)
+    assert products.shape == (6, 10) and products.dtype == np.int32 and scores.dtype == np.float32
+    assert (products[:, 6:] == -1).all() and (rows[:, 6:] == -1).all() and np.isneginf(scores[:, 6:]).all()
+    assert sorted(products[0, :6].tolist()) == list(range(6))
+    assert_lists_equal((products, rows, scores), brute_force(queries, vectors, first_row, image_count, 10))
+
+
+def test_random_unit_vectors_agree_with_float64_up_to_rounding():
+    rng = np.random.default_rng(11)
+    image_count = rng.integers(1, 5, 400)
+    first_row = np.concatenate([[0], np.cumsum(image_count)[:-1]])
+    vectors = rng.standard_normal((int(image_count.sum()), 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = product_query_vectors(vectors, first_row, image_count)
+    products, rows, scores = exact_top_products(queries, vectors, first_row, image_count, 10, block_rows=128)
+    exact = (queries.astype(np.float64) @ vectors.T.astype(np.float64))
+    best = np.maximum.reduceat(exact, first_row, axis=1)
+    truth = np.argsort(-best, axis=1, kind="stable")[:, :10]
+    assert np.array_equal(products, truth)
+    assert np.allclose(scores, np.take_along_axis(best, truth, axis=1), atol=1e-6)
+    # Two rows of one product can score within float32 rounding of each other: either is its best row.
+    assert (np.repeat(np.arange(400), image_count)[rows] == products).all()
+    assert np.allclose(np.take_along_axis(exact, rows.astype(np.int64), axis=1), scores, atol=1e-6)
+
+
+def test_product_query_vector_is_the_servers_mean():
+    vectors, first_row, image_count = tie_catalogue(30)
+    queries = product_query_vectors(vectors, first_row, image_count)
+    for product in (0, 7, 29):
+        rows = vectors[first_row[product]:first_row[product] + image_count[product]]
+        mean = rows.mean(axis=0, keepdims=True)
+        mean /= max(float(np.linalg.norm(mean)), 1e-12)
+        assert np.array_equal(queries[product], mean[0])
+
+
+@pytest.mark.parametrize(("first_row", "image_count", "rows", "message"), [
+    ([0, 2, 2], [2, 0, 3], 5, "own no index row"),
+    ([0, 3], [2, 2], 4, "not contiguous"),
+    ([0, 2], [2, 2], 5, "not contiguous"),
+])
+def test_products_must_cover_the_rows(first_row, image_count, rows, message):
+    with pytest.raises(ValueError, match=message):
+        check_products(np.array(first_row), np.array(image_count), rows)
+
+
+def write_lists(version_dir, products: int, rows: int, n: int, **wrong) -> dict:
+    """A version folder with vectors and lists of the given shapes (or `wrong` arrays); returns the manifest."""
+    (version_dir / NEIGHBOURS_DIR).mkdir(parents=True, exist_ok=True)
+    np.save(version_dir / VECTORS_FILE, np.zeros((rows, 4), np.float32), allow_pickle=False)
+    for name in ARRAY_FIELDS:
+        count = products if name.startswith("product_") else rows
+        array = np.zeros((count, n), np.float32 if name.endswith("_scores") else np.int32)
+        np.save(version_dir / file_path(name), wrong.get(name, array), allow_pickle=False)
+    return {"counts": {"products": products}, "neighbours": {"n": n, "products": products, "rows": rows}}
+
+
+def test_load_neighbours_maps_the_files(tmp_path):
+    manifest = write_lists(tmp_path, products=3, rows=5, n=4)
+    lists = load_neighbours(tmp_path, manifest)
+    assert isinstance(lists, NeighbourLists) and lists.n == 4
+    assert lists.product_neighbours.shape == (3, 4) and lists.image_neighbour_scores.shape == (5, 4)
+    assert isinstance(lists.image_neighbours, np.memmap)
+
+
+def test_a_version_without_lists_has_none(tmp_path):
+    assert load_neighbours(tmp_path, {"counts": {"products": 3}}) is None
+
+
+@pytest.mark.parametrize(("name", "array", "problem"), [
+    ("product_neighbours", np.zeros((3, 5), np.int32), "product_neighbours.npy is int32 [3, 5], expected int32 [3, 4]"),
+    ("image_neighbours", np.zeros((4, 4), np.int32), "image_neighbours.npy is int32 [4, 4], expected int32 [5, 4]"),
+    ("image_neighbour_scores", np.zeros((5, 4), np.float64), "image_neighbour_scores.npy is float64"),
+    ("product_neighbour_rows", np.zeros((3, 4), np.int64), "product_neighbour_rows.npy is int64"),
+])
+def test_load_neighbours_refuses_wrong_shapes_and_dtypes(tmp_path, name, array, problem):
+    manifest = write_lists(tmp_path, products=3, rows=5, n=4, **{name: array})
+    with pytest.raises(ArtifactError, match=problem.replace("[", r"\[").replace("]", r"\]")):
+        load_neighbours(tmp_path, manifest)
+
+
+def test_load_neighbours_names_a_missing_or_unreadable_file(tmp_path):
+    manifest = write_lists(tmp_path, products=3, rows=5, n=4)
+    (tmp_path / file_path("image_neighbour_rows")).unlink()
+    with pytest.raises(ArtifactError, match="neighbours/image_neighbour_rows.npy is missing"):
+        load_neighbours(tmp_path, manifest)
+    np.save(tmp_path / file_path("image_neighbour_rows"), np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ArtifactError, match="image_neighbour_rows.npy is not a readable"):
+        load_neighbours(tmp_path, manifest)
