@@ -3,97 +3,14 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from lookalike import artifacts
+from server.columns import Codes, Strings
 from server.filters import AttributeIndex
-
-
-class Ids:
-    """Ids by position and positions by id, in two numpy arrays: no Python object per id.
-
-    The ids are kept as fixed-width bytes (ABO's are 10-15 characters) beside their sorted order, so a look-up
-    is a binary search (a few microseconds at 400,000 ids) and the whole column costs a few MB per worker."""
-
-    def __init__(self, values: Sequence[str] | np.ndarray) -> None:
-        if isinstance(values, np.ndarray) and values.dtype.kind == "S":
-            encoded = values
-        else:
-            encoded = np.array([value.encode() for value in values] or [b""], dtype=bytes)[:len(values)]
-        self.values = encoded
-        self._order = np.argsort(encoded, kind="stable").astype(np.int64)
-        self._sorted = encoded[self._order]
-        self.nbytes = encoded.nbytes + self._order.nbytes + self._sorted.nbytes
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    def __getitem__(self, position: int) -> str:
-        return self.values[position].decode()
-
-    def __iter__(self) -> Iterator[str]:
-        return (value.decode() for value in self.values)
-
-    def positions(self, value: str) -> np.ndarray:
-        """Every position holding `value`, ascending (an image shared by two products has two rows)."""
-        key = value.encode()
-        if not key or len(key) > self.values.dtype.itemsize or key.endswith(b"\0"):
-            return np.zeros(0, np.int64)
-        start = int(np.searchsorted(self._sorted, key, "left"))
-        end = int(np.searchsorted(self._sorted, key, "right"))
-        return self._order[start:end]
-
-    def position(self, value: str) -> int | None:
-        """The first position holding `value`, or None."""
-        found = self.positions(value)
-        return int(found[0]) if len(found) else None
-
-    def find(self, values: Sequence[str]) -> np.ndarray:
-        """The first position of each of `values` that is present (absent ones are left out)."""
-        found = [self.position(value) for value in values]
-        return np.asarray([position for position in found if position is not None], np.int64)
-
-
-class Strings:
-    """Strings by position packed in one buffer with offsets: paths, which are too long to pad."""
-
-    def __init__(self, values: Sequence[str]) -> None:
-        encoded = [value.encode() for value in values]
-        self._offsets = np.zeros(len(encoded) + 1, np.int64)
-        np.cumsum([len(value) for value in encoded], out=self._offsets[1:])
-        self._data = b"".join(encoded)
-        self.nbytes = len(self._data) + self._offsets.nbytes
-
-    def __len__(self) -> int:
-        return len(self._offsets) - 1
-
-    def __getitem__(self, position: int) -> str:
-        return self._data[self._offsets[position]:self._offsets[position + 1]].decode()
-
-    def __iter__(self) -> Iterator[str]:
-        return (self[position] for position in range(len(self)))
-
-
-class Codes:
-    """A column with few distinct values (roles, labels) as one small code per row."""
-
-    def __init__(self, values: Sequence[str]) -> None:
-        self.uniques, codes = np.unique(np.asarray(list(values) or [""], dtype=object), return_inverse=True)
-        self.uniques = [str(value) for value in self.uniques]
-        self.codes = codes.astype(np.int32)[:len(values)]
-        self.nbytes = self.codes.nbytes
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def __getitem__(self, position: int) -> str:
-        return self.uniques[self.codes[position]]
-
-    def __iter__(self) -> Iterator[str]:
-        return (self.uniques[code] for code in self.codes)
 
 
 class Catalogue:
@@ -102,16 +19,16 @@ class Catalogue:
     with their posting lists (server/filters.py). A version built before products existed (has_products False)
     has one product per image and results carry no product ids."""
 
-    def __init__(self, image_ids: Sequence[str] | np.ndarray, paths: Sequence[str], labels: Sequence[str],
-                 roles: Sequence[str], row_product: np.ndarray, product_ids: Sequence[str] | np.ndarray,
+    def __init__(self, image_ids: Sequence[str], paths: Sequence[str], labels: Sequence[str],
+                 roles: Sequence[str], row_product: np.ndarray, product_ids: Sequence[str],
                  first_row: np.ndarray, image_count: np.ndarray,
                  attributes: dict[str, Sequence[str | None]] | None = None, has_products: bool = True) -> None:
-        self.image_ids = Ids(image_ids)
+        self.image_ids = Strings(image_ids, indexed=True)
         self.paths = Strings(paths)
         self.labels = Codes(labels)
         self.roles = Codes(roles)
         self.row_product = np.asarray(row_product, np.int64)
-        self.product_ids = Ids(product_ids)
+        self.product_ids = Strings(product_ids, indexed=True)
         self.first_row = np.asarray(first_row, np.int64)
         self.image_count = np.asarray(image_count, np.int64)
         self.has_products = has_products

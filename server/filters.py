@@ -9,6 +9,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from server.columns import Strings
 from server.errors import InvalidArgument
 
 # What one request may ask for: bounds the work a filter costs, and says so when a caller overdoes it.
@@ -54,24 +55,27 @@ class ProductIds(Protocol):
 
 
 class PostingLists:
-    """For one attribute key: a code per product, and the products holding each value as one sorted array
-    with offsets."""
+    """For one attribute key: a code per product, its values (packed, searchable), and the products holding each
+    value as one sorted array with offsets. No Python object per product, even for a key like item_name whose
+    every value is different."""
 
     def __init__(self, values: Sequence[str | None]) -> None:
         codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
         self.codes = codes.astype(np.int32)  # -1: no value
-        self.uniques = [str(value) for value in uniques]
-        self.code_of = {value: code for code, value in enumerate(self.uniques)}
+        self.uniques = Strings([str(value) for value in uniques], indexed=True)
         order = np.argsort(self.codes, kind="stable")
         present = order[self.codes[order] >= 0]
         self.products = present.astype(np.int64)
         counts = np.bincount(self.codes[present], minlength=len(uniques))
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.nbytes = self.codes.nbytes + self.products.nbytes + self.offsets.nbytes
+        self.nbytes = self.codes.nbytes + self.uniques.nbytes + self.products.nbytes + self.offsets.nbytes
+
+    def code_of(self, value: str) -> int | None:
+        return self.uniques.position(value)
 
     def products_with(self, values: tuple[str, ...]) -> np.ndarray:
         """Product rows holding any of the values (unknown values hold none)."""
-        codes = [self.code_of[v] for v in dict.fromkeys(values) if v in self.code_of]
+        codes = [code for code in map(self.code_of, dict.fromkeys(values)) if code is not None]
         if not codes:
             return np.zeros(0, np.int64)
         return np.concatenate([self.products[self.offsets[c]:self.offsets[c + 1]] for c in codes])
@@ -84,7 +88,7 @@ class PostingLists:
         return [self.uniques[code] if code >= 0 else None for code in self.codes]
 
     def value_counts(self) -> dict[str, int]:
-        return {value: int(self.offsets[code + 1] - self.offsets[code]) for value, code in self.code_of.items()}
+        return {value: int(self.offsets[code + 1] - self.offsets[code]) for code, value in enumerate(self.uniques)}
 
 
 class AttributeIndex:

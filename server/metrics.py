@@ -50,8 +50,8 @@ class ServerMetrics(CoreObserver):
                                             "(applied, refused)", ["result"], registry=r)
         self.result_cache_lookups = Counter("lookalike_result_cache", "FindSimilar by id answers looked up in the "
                                             "result cache, by result (hit, miss)", ["result"], registry=r)
-        self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (exact, annoy, "
-                             "annoy_then_exact)", ["plan"], registry=r)
+        self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (neighbour_list, "
+                             "exact, annoy, annoy_then_exact)", ["plan"], registry=r)
 
     def result_cache(self, hit: bool) -> None:
         self.result_cache_lookups.labels("hit" if hit else "miss").inc()

@@ -10,6 +10,7 @@ from typing import Protocol
 import numpy as np
 
 from lookalike import artifacts
+from lookalike.neighbours import NeighbourLists, load_neighbours
 from lookalike.preprocess import INPUT_SIZE, PreprocessConfig, Preprocessor
 from server.catalogue import Catalogue, load_catalogue
 from server.search import ProductSearch, SearchConfig
@@ -60,6 +61,24 @@ class Neighbours(Protocol):
         ...
 
 
+class ListedNeighbours:
+    """A version's neighbour lists as the query engine walks them (plain views of the mapped arrays: numpy's
+    memmap subclass costs more per row slice than the slice itself)."""
+
+    def __init__(self, lists: NeighbourLists) -> None:
+        self.n = lists.n
+        self._lists = {"product": (_plain(lists.product_neighbours), _plain(lists.product_neighbour_scores)),
+                       "image": (_plain(lists.image_neighbours), _plain(lists.image_neighbour_scores))}
+
+    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+        products, scores = self._lists[kind]
+        return products[row], scores[row]
+
+
+def _plain(array: np.ndarray) -> np.ndarray:
+    return array.view(np.ndarray) if isinstance(array, np.memmap) else array
+
+
 @dataclass
 class ServedVersion:
     """Everything one version serves with; the servicer never sees files."""
@@ -106,5 +125,6 @@ def load_version(artifacts_dir: Path, version: str, max_pixels: int,
     index = ProductSearch(catalogue, vectors, version_dir / artifacts.INDEX_FILE,
                           search_k=int(manifest["index"]["search_k"]), n_trees=int(manifest["index"]["n_trees"]),
                           config=search, metric=manifest.get("metric", "euclidean"))
+    lists = load_neighbours(version_dir, manifest)
     backend.warmup()
-    return ServedVersion(version, manifest, backend, index)
+    return ServedVersion(version, manifest, backend, index, None if lists is None else ListedNeighbours(lists))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from server.catalogue import Ids
+from server.columns import Strings
 from server.errors import InvalidArgument
 from server.filters import MAX_CLAUSES, MAX_VALUES_PER_CLAUSE, AttributeIndex, Clause, Filter, PostingLists
 
@@ -16,7 +16,7 @@ ATTRIBUTES = {
 
 @pytest.fixture
 def index():
-    return AttributeIndex(ATTRIBUTES, Ids(PRODUCTS), len(PRODUCTS))
+    return AttributeIndex(ATTRIBUTES, Strings(PRODUCTS, indexed=True), len(PRODUCTS))
 
 
 def rows(mask):
@@ -70,7 +70,7 @@ def test_mistakes_are_invalid_arguments_naming_what_is_wrong(index, filter_, mes
 
 
 def test_a_version_without_attributes_says_so():
-    index = AttributeIndex({}, Ids(["P0"]), 1)
+    index = AttributeIndex({}, Strings(["P0"], indexed=True), 1)
     with pytest.raises(InvalidArgument) as info:
         index.allowed(Filter((Clause("brand", any_of=("Acme",)),)))
     assert "this version has no product attributes" in str(info.value)

@@ -1,0 +1,126 @@
+"""FindSimilar by id answered from the version's neighbour lists equals the exact search, whatever is skipped."""
+
+import numpy as np
+import pytest
+
+from lookalike.availability import Availability
+from lookalike.neighbours import NeighbourLists, exact_top_products, product_query_vectors
+from server.core import CoreConfig, CoreObserver, Query, SearchOptions, SimilarityCore
+from server.engine import NEIGHBOUR_LIST
+from server.filters import Clause, Filter
+from server.search import SearchConfig
+from server.version import ListedNeighbours
+from tests.server.fakes import fake_version
+
+# 40 images, 20 products: product p owns images p (main) and p + 20 (a view of it).
+GROUPS = [[p, p + 20] for p in range(20)]
+COLOURS = ["Black" if p % 3 else "Red" for p in range(20)]
+
+
+class Plans(CoreObserver):
+    def __init__(self) -> None:
+        self.plans: list[str] = []
+
+    def plan_chosen(self, plan: str) -> None:
+        self.plans.append(plan)
+
+
+def _with_lists(version, n: int):
+    catalogue, vectors = version.catalogue, np.asarray(version.index.vectors)
+    products = exact_top_products(product_query_vectors(vectors, catalogue.first_row, catalogue.image_count),
+                                  vectors, catalogue.first_row, catalogue.image_count, n)
+    images = exact_top_products(vectors, vectors, catalogue.first_row, catalogue.image_count, n)
+    version.neighbours = ListedNeighbours(NeighbourLists(n, *products, *images))
+    return version
+
+
+@pytest.fixture
+def cores(tmp_path):
+    """Two cores over the same catalogue: one with lists of 8 products, one that always scans exactly."""
+    made = []
+
+    def make(n: int = 8):
+        listed, _ = fake_version(tmp_path, name="listed", groups=GROUPS, attributes={"color": COLOURS})
+        exact, _ = fake_version(tmp_path, name="exact", groups=GROUPS, attributes={"color": COLOURS},
+                                config=SearchConfig(exact_max_rows=10_000))
+        plans = Plans()
+        config = CoreConfig(max_pixels=1_000_000, result_cache_size=0)
+        pair = SimilarityCore(_with_lists(listed, n), config, plans), SimilarityCore(exact, config), plans
+        made.append(pair)
+        return pair
+
+    yield make
+    for listed, exact, _ in made:
+        listed._versions.current.version.close()
+        exact._versions.current.version.close()
+
+
+def _same(a, b) -> None:
+    assert [r.product_id for r in a.results] == [r.product_id for r in b.results]
+    assert [r.image.image_id for r in a.results] == [r.image.image_id for r in b.results]
+    assert np.allclose([r.score for r in a.results], [r.score for r in b.results], atol=1e-6)
+    assert [[i.image_id for i in r.images] for r in a.results] == [[i.image_id for i in r.images] for r in b.results]
+
+
+QUERIES = [Query(product_id="prod-004"), Query(image_id="item-024"), Query(product_id="prod-013")]
+OPTIONS = [SearchOptions(k=5), SearchOptions(k=5, exclude_query=False, group_size=2, with_attributes=True),
+           SearchOptions(k=4, filter=Filter((Clause("color", any_of=("Black",)),))),
+           SearchOptions(k=3, filter=Filter(exclude_product_ids=("prod-001", "prod-009", "prod-016"))),
+           SearchOptions(k=6, score_threshold=0.99)]
+
+
+@pytest.mark.parametrize("query", QUERIES, ids=lambda q: q.product_id or q.image_id)
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "own-groups", "filter", "excluded", "threshold"])
+async def test_a_list_answer_equals_the_exact_search(cores, query, options):
+    listed, exact, plans = cores()
+    for core in (listed, exact):
+        core.set_availability(Availability(3, {"prod-008": {}, "prod-002": {}}))
+    from_list = await listed.find_similar(query, options)
+    _same(from_list, await exact.find_similar(query, options))
+    ids = [r.product_id for r in from_list.results]
+    assert not {"prod-008", "prod-002"} & set(ids)
+    own = query.product_id or "prod-004"  # item-024 is prod-004's other image
+    assert (own in ids) == (options.exclude_query is False and (options.k or 10) > 0 and own == ids[0])
+    assert plans.plans, "every answer names its plan"
+
+
+async def test_the_list_answers_without_searching_when_it_holds_k_eligible_products(cores):
+    listed, exact, plans = cores(n=8)
+    answer = await listed.find_similar(Query(product_id="prod-004"), SearchOptions(k=5))
+    assert plans.plans == [NEIGHBOUR_LIST] and len(answer.results) == 5
+    hidden = [r.product_id for r in answer.results[:2]]
+    listed.set_availability(Availability(1, {p: {} for p in hidden}))
+    exact.set_availability(Availability(1, {p: {} for p in hidden}))
+    again = await listed.find_similar(Query(product_id="prod-004"), SearchOptions(k=5))
+    assert plans.plans[-1] == NEIGHBOUR_LIST and not set(hidden) & {r.product_id for r in again.results}
+    _same(again, await exact.find_similar(Query(product_id="prod-004"), SearchOptions(k=5)))
+
+
+async def test_a_list_that_runs_short_falls_back_to_search(cores):
+    listed, exact, plans = cores(n=4)
+    options = SearchOptions(k=6)  # 4 listed products, one of them the query's own: never enough
+    answer = await listed.find_similar(Query(product_id="prod-004"), options)
+    assert plans.plans == ["exact"] and len(answer.results) == 6
+    _same(answer, await exact.find_similar(Query(product_id="prod-004"), options))
+    short = await listed.find_similar(Query(image_id="item-004"), SearchOptions(k=2))
+    assert plans.plans[-1] == NEIGHBOUR_LIST and len(short.results) == 2
+
+
+async def test_photo_and_vector_queries_still_search(cores):
+    listed, _, plans = cores()
+    vector = np.asarray(listed.version.index.vectors[listed.version.catalogue.rows_of_product(3)[0]])
+    answer = await listed.find_similar(Query(vector=vector), SearchOptions(k=3))
+    assert plans.plans == ["exact"] and answer.results[0].product_id == "prod-003"
+
+
+def test_lists_of_a_padded_catalogue_say_when_they_are_exhausted():
+    from server.engine import walk_list
+
+    products = np.asarray([3, 1, 2, -1, -1], np.int32)
+    scores = np.asarray([0.9, 0.8, 0.5, -np.inf, -np.inf], np.float32)
+    assert list(walk_list(products, scores, None, 2, None)) == [3, 1]
+    mask = np.asarray([True, False, True, True])
+    assert list(walk_list(products, scores, mask, 5, None)) == [3, 2]  # padded: nothing past the end
+    full = np.asarray([3, 1, 2], np.int32)
+    assert walk_list(full, scores[:3], mask, 5, None) is None  # products past the end may qualify
+    assert list(walk_list(full, scores[:3], None, 5, 0.7)) == [3, 1]  # past the threshold none can
