@@ -47,9 +47,11 @@ $(NODE_STAMP): client/node/package.json client/node/package-lock.json
 	cd client/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# The one command that makes the generated Python stubs from protos/.
+# The one command that makes the generated Python stubs from protos/, and the Python package's copy of the
+# clients' service config (retry policy), which must ship inside the installed package.
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/lookalike/v1/lookalike.proto
+	cp protos/lookalike/v1/service_config.json lookalike/v1/service_config.json
 
 # Fails when the checked-in stubs differ from what `make protos` produces.
 protos-check: protos

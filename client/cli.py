@@ -80,7 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--product", help="a catalogue product id (ABO item_id): all its images form the query")
     query.add_argument("--item", dest="image_id", help=argparse.SUPPRESS)  # the 0.1 name of --image-id
     query.add_argument("--vector", help="a JSON list of floats")
-    similar.add_argument("--include-query", action="store_true", help="keep the query's own product in the results")
+    own = similar.add_mutually_exclusive_group()
+    own.add_argument("--include-query", dest="exclude_query", action="store_const", const=False,
+                     help="keep the query's own product in the results (default: the server's, which leaves it "
+                          "out of an --image-id or --product query and keeps it for a photo or vector)")
+    own.add_argument("--exclude-query", dest="exclude_query", action="store_const", const=True,
+                     help="leave the query's own product out, also for a photo or vector matching a catalogue image")
     _add_result_options(similar)
     recommend = commands.add_parser("recommend", help="products like the positive examples and unlike the negative "
                                                       "ones")
@@ -144,7 +149,7 @@ def _show(client: ImageSimilarityClient, args, matches) -> int:
 def _similar(client: ImageSimilarityClient, args) -> int:
     vector = json.loads(args.vector) if args.vector else None
     matches = client.find_similar(args.image, image_id=args.image_id, product_id=args.product, vector=vector,
-                                  exclude_query=not args.include_query, **_result_options(args))
+                                  exclude_query=args.exclude_query, **_result_options(args))
     return _show(client, args, matches)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -18,12 +18,10 @@ from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default
 SERVICE = "lookalike.v1.ImageSimilarity"
-# gRPC's own retry: UNAVAILABLE (a replica restarting or draining) is retried with backoff.
-_RETRY_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": SERVICE}],
-    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"]},
-}]})
+# gRPC's own retry, the policy every client loads from protos/lookalike/v1/service_config.json (`make protos`
+# copies it into the package): UNAVAILABLE (a replica restarting or draining) is retried with jittered
+# backoff, within the call's one deadline.
+SERVICE_CONFIG = resources.files("lookalike.v1").joinpath("service_config.json").read_text()
 
 
 class LookalikeError(Exception):
@@ -234,7 +232,7 @@ def _recommend_request(positive, negative, strategy: str, k: int, filters, exclu
 
 
 def _similar_request(image=None, image_id: str | None = None, product_id: str | None = None, vector=None,
-                     item_id: str | None = None, k: int = 10, exclude_query: bool = True, search_k: int = 0,
+                     item_id: str | None = None, k: int = 10, exclude_query: bool | None = None, search_k: int = 0,
                      group_size: int = 0, with_attributes: bool = False, filters=(), exclude_products=(),
                      score_threshold: float | None = None) -> pb.FindSimilarRequest:
     if item_id is not None:  # the 0.1 name of image_id
@@ -246,7 +244,9 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
     if len(given) != 1:
         raise ValueError(f"find_similar takes exactly one of image, image_id=, product_id= or vector= "
                          f"(got {', '.join(given) or 'none'})")
-    request = pb.FindSimilarRequest(exclude_query=exclude_query, search_k=search_k, with_attributes=with_attributes)
+    request = pb.FindSimilarRequest(search_k=search_k, with_attributes=with_attributes)
+    if exclude_query is not None:  # unset: the server decides, the same for every client
+        request.exclude_query = bool(exclude_query)
     _set_options(request, k, group_size, filters, exclude_products, score_threshold)
     if image is not None:
         request.image = image_bytes(image)
@@ -283,7 +283,7 @@ def _info(response: pb.GetInfoResponse) -> dict:
 def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1), ("grpc.service_config", _RETRY_CONFIG)]
+            ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
 
 
 def _credentials(root_ca, client_cert, client_key):
@@ -331,12 +331,15 @@ class ImageSimilarityClient(_Base):
         return _vectors(self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)), timeout_s))
 
     def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None, vector=None,
-                     k: int = 10, exclude_query: bool = True, group_size: int = 0, with_attributes: bool = False,
-                     filters=(), exclude_products: Iterable[str] = (), score_threshold: float | None = None,
-                     search_k: int = 0, item_id: str | None = None, timeout_s: float | None = None) -> Matches:
+                     k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
+                     with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
+                     score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
+                     timeout_s: float | None = None) -> Matches:
         """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
-        vector; `exclude_query` leaves out the query's own product. `filters`: [any_of(key, ...),
-        none_of(key, ...)] (all must hold) or {key: values}. `item_id` is the 0.1 name of image_id."""
+        vector. `exclude_query`: None (the default) lets the server decide, as for every client: the query's
+        own product is left out of an image_id or product_id query and kept for a photo or vector; True or
+        False asks for one. `filters`: [any_of(key, ...), none_of(key, ...)] (all must hold) or
+        {key: values}. `item_id` is the 0.1 name of image_id."""
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
                                    group_size, with_attributes, filters, exclude_products, score_threshold)
         return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
@@ -394,7 +397,7 @@ class AsyncImageSimilarityClient(_Base):
                                          timeout_s))
 
     async def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None,
-                           vector=None, k: int = 10, exclude_query: bool = True, group_size: int = 0,
+                           vector=None, k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
                            with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                            score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
                            timeout_s: float | None = None) -> Matches:

@@ -82,7 +82,8 @@ def _filter(message: pb.Filter) -> Filter:
                   tuple(message.exclude_product_ids))
 
 
-def _options(request: pb.FindSimilarRequest | pb.RecommendRequest, exclude_query: bool = False) -> SearchOptions:
+def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
+             exclude_query: bool | None = False) -> SearchOptions:
     threshold = request.score_threshold if request.HasField("score_threshold") else None
     return SearchOptions(k=request.k, exclude_query=exclude_query, search_k=request.search_k,
                          group_size=request.group_size, with_attributes=request.with_attributes,
@@ -136,8 +137,9 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
 
     @_rpc
     async def FindSimilar(self, request: pb.FindSimilarRequest, context) -> pb.FindSimilarResponse:  # noqa: N802
-        found = await self.core.find_similar(_query(request), _options(request, request.exclude_query),
-                                             _deadline(context))
+        # Unset: None, the core's default (own product left out for id queries only), the same for every client.
+        exclude_query = request.exclude_query if request.HasField("exclude_query") else None
+        found = await self.core.find_similar(_query(request), _options(request, exclude_query), _deadline(context))
         return pb.FindSimilarResponse(matches=[_match(m) for m in found.results], index_version=found.version,
                                       availability_version=found.availability_version)
 

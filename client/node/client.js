@@ -1,5 +1,6 @@
 'use strict';
 // A Node.js client for lookalike.v1.ImageSimilarity, loaded at run time from the repository's protos/.
+const fs = require('fs');
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
@@ -16,6 +17,22 @@ const definition = protoLoader.loadSync('lookalike/v1/lookalike.proto', {
 const lookalike = grpc.loadPackageDefinition(definition).lookalike.v1;
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024; // the server's default limit
+// The retry policy every lookalike client loads: UNAVAILABLE retried by gRPC itself with jittered backoff,
+// within the call's one deadline.
+const SERVICE_CONFIG = fs.readFileSync(path.join(PROTO_ROOT, 'lookalike', 'v1', 'service_config.json'), 'utf8');
+
+// TLS from PEM files: the CA that signed the server's certificate, and for mTLS this client's certificate
+// and key; plaintext when none is given.
+function credentialsFrom({ rootCa, clientCert, clientKey }) {
+  if (rootCa === undefined && clientCert === undefined && clientKey === undefined) {
+    return grpc.credentials.createInsecure();
+  }
+  if ((clientCert === undefined) !== (clientKey === undefined)) {
+    throw new Error('clientCert and clientKey go together (mTLS)');
+  }
+  const read = (file) => (file === undefined ? null : fs.readFileSync(file));
+  return grpc.credentials.createSsl(read(rootCa), read(clientKey), read(clientCert));
+}
 
 // What FindSimilar and Recommend share, as request fields.
 function sharedOptions({ k = 10, searchK = 0, groupSize = 0, withAttributes = false, scoreThreshold, filter } = {}) {
@@ -27,13 +44,18 @@ function sharedOptions({ k = 10, searchK = 0, groupSize = 0, withAttributes = fa
 class ImageSimilarityClient {
   /**
    * @param {string} address host:port
-   * @param {{timeoutMs?: number, credentials?: grpc.ChannelCredentials}} [options]
+   * @param {{timeoutMs?: number, rootCa?: string, clientCert?: string, clientKey?: string,
+   *   credentials?: grpc.ChannelCredentials}} [options] timeoutMs: each call's deadline, retries included
+   *   (10 s); rootCa: PEM file of the CA that signed the server's certificate (TLS); clientCert and clientKey:
+   *   PEM files of this client's certificate and key (mTLS); or any grpc-js credentials.
    */
   constructor(address, options = {}) {
     this.timeoutMs = options.timeoutMs ?? 10000;
-    this.stub = new lookalike.ImageSimilarity(address, options.credentials ?? grpc.credentials.createInsecure(), {
+    this.stub = new lookalike.ImageSimilarity(address, options.credentials ?? credentialsFrom(options), {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      'grpc.enable_retries': 1,
+      'grpc.service_config': SERVICE_CONFIG,
     });
   }
 
@@ -54,12 +76,15 @@ class ImageSimilarityClient {
    * The k products most like one query: an encoded image, a catalogue image id, a product id or a vector.
    * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
    * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, and filter:
-   *   {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}], excludeProductIds: [...]} (clauses AND together)
+   *   {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}], excludeProductIds: [...]} (clauses AND together).
+   *   excludeQuery unset lets the server decide, as for every client: the query's own product is left out of
+   *   an imageId or productId query and kept for an image or vector; true or false asks for one.
    */
-  async findSimilar(query, { excludeQuery = true, ...options } = {}) {
+  async findSimilar(query, { excludeQuery, ...options } = {}) {
     const given = ['image', 'imageId', 'productId', 'vector'].filter((name) => query[name] !== undefined);
     if (given.length !== 1) throw new Error('findSimilar needs exactly one of image, imageId, productId or vector');
-    const request = { ...sharedOptions(options), excludeQuery };
+    const request = sharedOptions(options);
+    if (excludeQuery !== undefined) request.excludeQuery = excludeQuery;
     if (query.vector) request.vector = { values: query.vector };
     else request[given[0]] = query[given[0]];
     return this._call('FindSimilar', request);
@@ -92,4 +117,4 @@ class ImageSimilarityClient {
   }
 }
 
-module.exports = { ImageSimilarityClient, grpc };
+module.exports = { ImageSimilarityClient, SERVICE_CONFIG, grpc };

@@ -1,13 +1,17 @@
 'use strict';
 // Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...]
+//          [--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]]
 //          [image:IMAGE_ID | product:PRODUCT_ID | recommend:PRODUCT_ID,PRODUCT_ID | IMAGE_FILE ...]
 // Prints the served version and, for each query, the products most like it as JSON lines; every query
-// obeys the filters (clauses AND together).
+// obeys the filters (clauses AND together). The query's own product is left out or kept as the server
+// decides (out for image: and product:, kept for a photo). --root-ca turns on TLS, the client pair mTLS.
 const fs = require('fs');
-const { ImageSimilarityClient } = require('./client');
+const { ImageSimilarityClient, grpc } = require('./client');
 
 const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] '
+  + '[--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]] '
   + '[image:IMAGE_ID | product:PRODUCT_ID | recommend:ID,ID | IMAGE_FILE ...]';
+const TLS_FLAGS = { '--root-ca': 'rootCa', '--client-cert': 'clientCert', '--client-key': 'clientKey' };
 
 function toClause(text) {
   const negated = text.includes('!=');
@@ -27,22 +31,24 @@ async function answer(client, query, options) {
     const positive = query.slice('recommend:'.length).split(',').map((productId) => ({ productId }));
     return client.recommend(positive, [], options);
   }
-  return client.findSimilar(toQuery(query), { ...options, excludeQuery: true });
+  return client.findSimilar(toQuery(query), options);
 }
 
 async function main() {
   const [address, ...rest] = process.argv.slice(2);
   const clauses = [];
   const queries = [];
+  const tls = {};
   for (let i = 0; i < rest.length; i += 1) {
     if (rest[i] === '--filter') clauses.push(toClause(rest[(i += 1)] ?? ''));
+    else if (TLS_FLAGS[rest[i]]) tls[TLS_FLAGS[rest[i]]] = rest[(i += 1)];
     else queries.push(rest[i]);
   }
   if (!address) {
     console.error(USAGE);
     process.exit(2);
   }
-  const client = new ImageSimilarityClient(address);
+  const client = new ImageSimilarityClient(address, tls);
   try {
     const info = await client.info();
     console.error(`serving ${info.version}: ${info.backbone}, ${info.productCount} products, ${info.imageCount} images`);
@@ -61,6 +67,8 @@ async function main() {
 }
 
 main().catch((error) => {
-  console.error(`error: ${error.code ?? ''} ${error.details ?? error.message}`);
+  // The status code by its name (UNAVAILABLE, NOT_FOUND, ...), as the other clients print it.
+  const code = Object.keys(grpc.status).find((name) => grpc.status[name] === error.code);
+  console.error(`error: ${code ?? ''}: ${error.details ?? error.message}`);
   process.exit(1);
 });

@@ -82,7 +82,9 @@ def test_every_call_of_the_sync_client(server, images, catalogue):
                                            client.embed(Image.open(path)))
         assert from_path.shape == (1, 128)
         assert np.allclose(from_path, from_bytes) and np.allclose(from_path, from_pil, atol=1e-5)
-        matches = client.find_similar(path, k=3)  # exclude_query defaults to True
+        matches = client.find_similar(path, k=3)  # exclude_query unset: the server keeps a photo's own product
+        assert images["product_id"][3] in [m.product_id for m in matches] and len(matches) == 3
+        matches = client.find_similar(path, k=3, exclude_query=True)
         assert images["product_id"][3] not in [m.product_id for m in matches] and len(matches) == 3
         with pytest.raises(InvalidArgumentError, match="INVALID_ARGUMENT"):
             client.find_similar(image_id=images["image_id"][0], k=5000)

@@ -1,19 +1,39 @@
-"""The Go and Java clients generated from protos/ (Debian's protoc plugins), and the compiled load
-generator, against one real server: the same answers as the Python client, the same status codes."""
+"""The clients in four languages (Python, Node, and Go and Java generated from protos/ with Debian's protoc
+plugins) and the compiled load generator: with the field unset, the same answers from a real server; the
+same status codes; the same retry policy and mTLS against a fake server on 127.0.0.1."""
 
+import contextlib
 import json
+import re
 import subprocess
+import threading
+import time
+from concurrent import futures
 
+import grpc
 import pandas as pd
 import pytest
 
-from client import ImageSimilarityClient
+from client import ImageSimilarityClient, LookalikeError
 from lookalike import artifacts
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from tests import helpers
+from tests.server.test_tls import pki  # noqa: F401  (the module fixture: a CA, a server and a client certificate)
 
 pytestmark = pytest.mark.e2e
 BIN = helpers.REPO / "build" / "clients" / "bin"
 EXAMPLES = {"go": "lookalike-example-go", "java": "lookalike-example-java"}
+LANGUAGES = ("python", "node", "go", "java")
+NODE_EXAMPLE = helpers.REPO / "client" / "node" / "example.js"
+# How each example takes a query and its TLS files (Go's flag package takes the double dash too).
+EXAMPLE_FLAGS = {"photo": "--image", "image_id": "--image-id", "product_id": "--product", "ca": "--ca",
+                 "cert": "--cert", "key": "--key"}
+NODE_FLAGS = {"photo": "{}", "image_id": "image:{}", "product_id": "product:{}", "ca": "--root-ca",
+              "cert": "--client-cert", "key": "--client-key"}
+PYTHON_QUERY = {"photo": "image", "image_id": "image_id", "product_id": "product_id"}
+RETRY_POLICY = json.loads((helpers.REPO / "protos" / "lookalike" / "v1" / "service_config.json").read_text())[
+    "methodConfig"][0]["retryPolicy"]
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +56,51 @@ def _run(clients, language: str, address: str, *args: str) -> subprocess.Complet
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("language", ["go", "java"])
-def test_generated_client_answers_what_the_python_client_answers(clients, server, built, catalogue, language):
+def _similar(language: str, address: str, kind: str, value: str, tls: dict | None = None,
+             timeout_s: float | None = None) -> tuple[str, list[tuple[str, str, float]]]:
+    """FindSimilar(k=5) from one client with exclude_query left unset: the status code's name and the
+    (product_id, image_id, distance) of each match. timeout_s: Python and Go only."""
+    tls = tls or {}
+    if language == "python":
+        try:
+            with ImageSimilarityClient(address, timeout_s=timeout_s or 10, root_ca=tls.get("ca"),
+                                       client_cert=tls.get("cert"), client_key=tls.get("key")) as client:
+                matches = client.find_similar(**{PYTHON_QUERY[kind]: value}, k=5)
+            return "OK", [(m.product_id, m.image_id, m.distance) for m in matches]
+        except LookalikeError as error:
+            return error.code.name, []
+    flags = NODE_FLAGS if language == "node" else EXAMPLE_FLAGS
+    tls_args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
+    if language == "node":
+        command = ["node", NODE_EXAMPLE, address, *tls_args, NODE_FLAGS[kind].format(value)]
+    else:
+        command = [BIN / EXAMPLES[language], "--address", address, *tls_args, EXAMPLE_FLAGS[kind], value, "--k", "5"]
+        command += ["--timeout", f"{timeout_s}s"] if timeout_s else []
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        code = re.search(r"\b([A-Z][A-Z_]{3,}): ", result.stderr)
+        return (code.group(1) if code else result.stderr), []
+    answer = json.loads(result.stdout.strip().splitlines()[-1] if language == "node" else result.stdout)
+    return "OK", [(m.get("product_id", m.get("productId")), m.get("image_id", m.get("imageId")), m["distance"])
+                  for m in answer["matches"]]
+
+
+def test_every_client_gives_the_same_answers_with_the_servers_defaults(clients, server, built, catalogue):
+    """exclude_query unset in all four: a photo's own product comes back, an id query's does not."""
     images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
-    python = ImageSimilarityClient(server)
-    for product_id in images["product_id"].drop_duplicates().iloc[[0, 7, 42]]:
-        result = _run(clients, language, server, "--product", product_id, "--k", "5")
-        assert result.returncode == 0, result.stderr
-        answer = json.loads(result.stdout)
-        expected = python.find_similar(product_id=product_id, k=5)
-        assert [m["product_id"] for m in answer["matches"]] == [m.product_id for m in expected]
-        assert [m["image_id"] for m in answer["matches"]] == [m.image_id for m in expected]
-        assert [m["distance"] for m in answer["matches"]] == pytest.approx([m.distance for m in expected], abs=1e-6)
-        assert answer["index_version"] == artifacts.read_current(built)
-    photo = images.iloc[11]
-    by_photo = _run(clients, language, server, "--image", str(catalogue / "small" / photo["path"]), "--k", "3")
-    assert by_photo.returncode == 0, by_photo.stderr
-    expected = python.find_similar(catalogue / "small" / photo["path"], k=3, exclude_query=False)
-    assert [m["product_id"] for m in json.loads(by_photo.stdout)["matches"]] == [m.product_id for m in expected]
-    python.close()
+    photo, image, product = images.iloc[11], images.iloc[7], images.iloc[42]
+    queries = [("photo", str(catalogue / "small" / photo["path"]), photo["product_id"]),
+               ("image_id", image["image_id"], image["product_id"]),
+               ("product_id", product["product_id"], product["product_id"])]
+    for kind, value, own_product in queries:
+        answers = {language: _similar(language, server, kind, value) for language in LANGUAGES}
+        code, python = answers.pop("python")
+        assert code == "OK" and len(python) == 5
+        for language, (code, answer) in answers.items():
+            assert code == "OK", (language, kind, code)
+            assert [m[:2] for m in answer] == [m[:2] for m in python], (language, kind)
+            assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), (language, kind)
+        assert (own_product in [m[0] for m in python]) == (kind == "photo"), kind
 
 
 @pytest.mark.parametrize("language", ["go", "java"])
@@ -94,3 +140,85 @@ def test_compiled_load_generator_reports_codes_and_percentiles(clients, server, 
         bad = subprocess.run([clients / "lookalike-loadgen", "--address", server, *flags], capture_output=True,
                              text=True, timeout=60)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+class _Fake(pb_grpc.ImageSimilarityServicer):
+    """Answers FindSimilar with one match after `failures` UNAVAILABLE answers (a draining server), each
+    after `delay_s`; keeps every attempt's request."""
+
+    def __init__(self, failures: int = 0, delay_s: float = 0.0) -> None:
+        self.failures, self.delay_s = failures, delay_s
+        self.requests: list[pb.FindSimilarRequest] = []
+        self._lock = threading.Lock()
+
+    def FindSimilar(self, request, context):  # noqa: N802
+        with self._lock:
+            self.requests.append(request)
+            attempt = len(self.requests)
+        time.sleep(self.delay_s)
+        if attempt <= self.failures:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+        return pb.FindSimilarResponse(index_version="fake", matches=[pb.Match(product_id="p1", image_id="i1")])
+
+    def GetInfo(self, request, context):  # noqa: N802
+        return pb.GetInfoResponse(version="fake")
+
+
+@contextlib.contextmanager
+def _fake_server(servicer: _Fake, credentials: grpc.ServerCredentials | None = None):
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_ImageSimilarityServicer_to_server(servicer, server)
+    port = (server.add_secure_port("127.0.0.1:0", credentials) if credentials
+            else server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def _built_if_needed(request, language: str) -> None:
+    if language in EXAMPLES:
+        request.getfixturevalue("clients")
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_client_retries_unavailable_under_the_shared_policy(request, language):
+    _built_if_needed(request, language)
+    draining = _Fake(failures=2)
+    with _fake_server(draining) as address:
+        code, matches = _similar(language, address, "product_id", "p0")
+    assert code == "OK" and [m[0] for m in matches] == ["p1"]
+    assert len(draining.requests) == 3  # two UNAVAILABLE answers, then the answer
+    assert not any(r.HasField("exclude_query") for r in draining.requests)  # the server decides
+    down = _Fake(failures=1_000)
+    with _fake_server(down) as address:
+        code, _ = _similar(language, address, "image_id", "i0")
+    assert code == "UNAVAILABLE" and len(down.requests) == RETRY_POLICY["maxAttempts"]
+
+
+@pytest.mark.parametrize("language", ["python", "go"])
+def test_retries_stay_within_the_calls_one_deadline(request, language):
+    """Each attempt takes 0.4 s: within a 1 s deadline there is no room for every attempt, and the call
+    ends with DEADLINE_EXCEEDED (a fresh deadline per attempt would end UNAVAILABLE after all of them)."""
+    _built_if_needed(request, language)
+    slow = _Fake(failures=1_000, delay_s=0.4)
+    with _fake_server(slow) as address:
+        code, _ = _similar(language, address, "product_id", "p0", timeout_s=1)
+    assert code == "DEADLINE_EXCEEDED" and len(slow.requests) < RETRY_POLICY["maxAttempts"]
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_client_speaks_mtls(request, language):
+    _built_if_needed(request, language)
+    certificates = request.getfixturevalue("pki")
+    ca, (server_cert, server_key), (client_cert, client_key) = (certificates[name] for name in ("ca", "server",
+                                                                                                "client"))
+    credentials = grpc.ssl_server_credentials([(server_key.read_bytes(), server_cert.read_bytes())],
+                                              root_certificates=ca.read_bytes(), require_client_auth=True)
+    with _fake_server(_Fake(), credentials) as address:
+        code, matches = _similar(language, address, "product_id", "p0",
+                                 tls={"ca": ca, "cert": client_cert, "key": client_key})
+        anonymous, _ = _similar(language, address, "product_id", "p0", tls={"ca": ca})
+    assert code == "OK" and [m[0] for m in matches] == ["p1"]
+    assert anonymous == "UNAVAILABLE"  # the server asks for a certificate this client does not have

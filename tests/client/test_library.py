@@ -1,14 +1,16 @@
 """Client misuse fails at once, before any network call; no TensorFlow or Spark import."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from client import ImageId, ImageSimilarityClient, any_of, none_of
-from client.library import _recommend_request, _similar_request, image_bytes
+from client.library import SERVICE_CONFIG, _recommend_request, _similar_request, image_bytes
 from client.loadgen import LoadConfig, parse_mix
 from lookalike.v1 import lookalike_pb2 as pb
 
@@ -94,3 +96,24 @@ def test_load_config_always_ends_and_mix_is_checked(tmp_path):
     with pytest.raises(ValueError, match="unknown operations"):
         LoadConfig("127.0.0.1:1", tmp_path, mix={"delete": 1})
     assert parse_mix("embed=1,id=3") == {"embed": 1.0, "id": 3.0}
+
+
+def test_exclude_query_is_left_unset_unless_asked():
+    """Unset, the server decides (own product out for id queries, kept for photos), as in every client."""
+    for query in ({"product_id": "P1"}, {"image_id": "I1"}, {"vector": [0.5, 0.5]}, {"image": b"x"}):
+        assert not _similar_request(**query).HasField("exclude_query")
+        for asked in (True, False):
+            request = _similar_request(**query, exclude_query=asked)
+            assert request.HasField("exclude_query") and request.exclude_query is asked
+
+
+def test_the_packaged_service_config_is_the_one_in_protos():
+    """`make protos` copies the one source into the package; the retry policy is what every client loads."""
+    repo = Path(__file__).resolve().parents[2]
+    source = repo / "protos" / "lookalike" / "v1" / "service_config.json"
+    assert (repo / "lookalike" / "v1" / "service_config.json").read_bytes() == source.read_bytes()
+    config = json.loads(SERVICE_CONFIG)
+    assert config == json.loads(source.read_text())
+    (method,) = config["methodConfig"]
+    assert method["name"] == [{"service": "lookalike.v1.ImageSimilarity"}]
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]

@@ -45,12 +45,16 @@ async def test_exclude_query_leaves_out_the_whole_product_for_every_query_kind(p
                "vector": pb.FindSimilarRequest(vector=vector),
                "product_id": pb.FindSimilarRequest(product_id="prod-005")}[query]
     request.k = 19
+    unset = await stub.FindSimilar(request)
+    request.exclude_query = False
     kept = await stub.FindSimilar(request)
     assert _products(kept)[0] == "prod-005" and len(kept.matches) == 19
     request.exclude_query = True
     excluded = await stub.FindSimilar(request)
     assert "prod-005" not in _products(excluded) and len(excluded.matches) == 19
     assert {m.image_id for m in excluded.matches}.isdisjoint({"item-005", "item-025"})
+    # Unset, the server decides: the own product is left out of an id query and kept for a photo or vector.
+    assert _products(unset) == _products(excluded if query.endswith("_id") else kept)
 
 
 async def test_group_size_lists_each_products_images_best_first(products):
@@ -67,7 +71,8 @@ async def test_group_size_lists_each_products_images_best_first(products):
 
 async def test_a_product_query_uses_all_of_its_images(products):
     stub, _, _ = products
-    response = await stub.FindSimilar(pb.FindSimilarRequest(product_id="prod-007", k=3, group_size=2))
+    response = await stub.FindSimilar(pb.FindSimilarRequest(product_id="prod-007", k=3, group_size=2,
+                                                            exclude_query=False))
     assert response.matches[0].product_id == "prod-007"
     # Both of its images are near the mean of the two: neither is at distance 0.
     assert {i.image_id for i in response.matches[0].images} == {"item-007", "item-027"}

@@ -1,5 +1,6 @@
 // Package client is a small idiomatic wrapper over the generated lookalike.v1 stubs: every call has
-// a deadline, UNAVAILABLE is retried with backoff, and TLS is one option.
+// one deadline, UNAVAILABLE is retried by gRPC itself under the service config every lookalike client
+// loads (protos/lookalike/v1/service_config.json), and TLS is one option.
 package client
 
 import (
@@ -9,27 +10,46 @@ import (
 	"errors"
 	"fmt"
 	"io/ioutil"
+	"os"
+	"strconv"
+	"strings"
 	"time"
 	"unicode"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
+	"lookalike/serviceconfig"
 	pb "lookalike/v1"
 )
 
 // Options say how to reach the server and how patient to be.
 type Options struct {
-	// Deadline of each attempt; 10 s when zero.
+	// Deadline of each call, its retries included; 10 s when zero. A context's earlier deadline wins.
 	Timeout time.Duration
-	// Attempts on UNAVAILABLE (a restarting or draining server); 3 when zero, 1 means no retry.
-	Attempts int
 	// PEM file of the CA that signed the server's certificate; empty means plaintext.
 	CAFile string
 	// PEM files of this client's certificate and key, for a server that requires mTLS.
 	CertFile, KeyFile string
+}
+
+// RetryEnv is the environment variable that turns gRPC's retries on in grpc-go before 1.40 (Debian
+// bookworm ships 1.33); grpc-go reads it once, when the process starts.
+const RetryEnv = "GRPC_GO_RETRY"
+
+// RetriesOn says whether grpc-go applies the service config's retry policy in this process: always from
+// grpc-go 1.40, before that only when the process started with GRPC_GO_RETRY=on.
+func RetriesOn() bool {
+	parts := strings.SplitN(grpc.Version, ".", 3)
+	if len(parts) >= 2 {
+		major, errMajor := strconv.Atoi(parts[0])
+		minor, errMinor := strconv.Atoi(parts[1])
+		if errMajor == nil && errMinor == nil && (major > 1 || minor >= 40) {
+			return true
+		}
+	}
+	return strings.EqualFold(os.Getenv(RetryEnv), "on")
 }
 
 // Client calls one lookalike server.
@@ -44,11 +64,8 @@ func Dial(address string, options Options) (*Client, error) {
 	if options.Timeout <= 0 {
 		options.Timeout = 10 * time.Second
 	}
-	if options.Attempts <= 0 {
-		options.Attempts = 3
-	}
 	dialOptions := []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20),
-		grpc.MaxCallSendMsgSize(64<<20))}
+		grpc.MaxCallSendMsgSize(64<<20)), grpc.WithDefaultServiceConfig(serviceconfig.JSON)}
 	if options.CAFile == "" {
 		dialOptions = append(dialOptions, grpc.WithInsecure())
 	} else {
@@ -91,33 +108,20 @@ func (c *Client) Close() error { return c.conn.Close() }
 // Stub is the generated client, for calls the wrapper does not cover.
 func (c *Client) Stub() pb.ImageSimilarityClient { return c.stub }
 
-// call runs one RPC with a deadline per attempt, retrying UNAVAILABLE with exponential backoff.
-func (c *Client) call(ctx context.Context, rpc func(context.Context) error) error {
-	backoff := 50 * time.Millisecond
-	var err error
-	for attempt := 1; attempt <= c.options.Attempts; attempt++ {
-		attemptCtx, cancel := context.WithTimeout(ctx, c.options.Timeout)
-		err = rpc(attemptCtx)
-		cancel()
-		if status.Code(err) != codes.Unavailable || attempt == c.options.Attempts {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(backoff):
-		}
-		backoff *= 2
-	}
-	return err
+// deadline bounds one call, its retries included.
+func (c *Client) deadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, c.options.Timeout)
 }
 
-// Query says what FindSimilar searches with; set exactly one of the fields.
+// Query says what FindSimilar searches with; set exactly one of ProductID, ImageID, Image, Vector.
 type Query struct {
 	ProductID string
 	ImageID   string
 	Image     []byte
 	Vector    []float32
+	// Whether the query's own product is left out; nil lets the server decide, as for every client:
+	// left out of a ProductID or ImageID query, kept for an Image or Vector.
+	ExcludeQuery *bool
 }
 
 func (q Query) apply(request *pb.FindSimilarRequest) error {
@@ -140,30 +144,23 @@ func (q Query) apply(request *pb.FindSimilarRequest) error {
 	return nil
 }
 
-// FindSimilar returns the k products most like the query. A product or image id query leaves out the
-// query's own product; a photo or vector query has none and keeps every product.
+// FindSimilar returns the k products most like the query (the query's own product left out or kept as
+// Query.ExcludeQuery says).
 func (c *Client) FindSimilar(ctx context.Context, query Query, k uint32, filter *pb.Filter) (*pb.FindSimilarResponse, error) {
-	byID := query.ProductID != "" || query.ImageID != ""
-	request := &pb.FindSimilarRequest{K: k, ExcludeQuery: byID, Filter: filter}
+	request := &pb.FindSimilarRequest{K: k, ExcludeQuery: query.ExcludeQuery, Filter: filter}
 	if err := query.apply(request); err != nil {
 		return nil, err
 	}
-	var response *pb.FindSimilarResponse
-	err := c.call(ctx, func(ctx context.Context) (err error) {
-		response, err = c.stub.FindSimilar(ctx, request)
-		return err
-	})
-	return response, err
+	ctx, cancel := c.deadline(ctx)
+	defer cancel()
+	return c.stub.FindSimilar(ctx, request)
 }
 
 // Embed returns one unit vector per encoded image.
 func (c *Client) Embed(ctx context.Context, images ...[]byte) (*pb.EmbedResponse, error) {
-	var response *pb.EmbedResponse
-	err := c.call(ctx, func(ctx context.Context) (err error) {
-		response, err = c.stub.Embed(ctx, &pb.EmbedRequest{Images: images})
-		return err
-	})
-	return response, err
+	ctx, cancel := c.deadline(ctx)
+	defer cancel()
+	return c.stub.Embed(ctx, &pb.EmbedRequest{Images: images})
 }
 
 // Recommend returns k products like the positive products and unlike the negative ones.
@@ -176,22 +173,16 @@ func (c *Client) Recommend(ctx context.Context, positive, negative []string, k u
 		return out
 	}
 	request := &pb.RecommendRequest{Positive: examples(positive), Negative: examples(negative), K: k, Filter: filter}
-	var response *pb.RecommendResponse
-	err := c.call(ctx, func(ctx context.Context) (err error) {
-		response, err = c.stub.Recommend(ctx, request)
-		return err
-	})
-	return response, err
+	ctx, cancel := c.deadline(ctx)
+	defer cancel()
+	return c.stub.Recommend(ctx, request)
 }
 
 // Info describes the served version.
 func (c *Client) Info(ctx context.Context) (*pb.GetInfoResponse, error) {
-	var response *pb.GetInfoResponse
-	err := c.call(ctx, func(ctx context.Context) (err error) {
-		response, err = c.stub.GetInfo(ctx, &pb.GetInfoRequest{})
-		return err
-	})
-	return response, err
+	ctx, cancel := c.deadline(ctx)
+	defer cancel()
+	return c.stub.GetInfo(ctx, &pb.GetInfoRequest{})
 }
 
 // CodeName is an error's gRPC status code as the gRPC specification and the other clients spell it

@@ -2,6 +2,10 @@
 //
 //	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -k 5
 //	lookalike-example -address 127.0.0.1:50051 -image photo.jpg -filter color=Red,Blue
+//	lookalike-example -address host:50051 -ca ca.pem -cert client.pem -key client.key -image-id IMG
+//
+// The query's own product is left out or kept as the server decides (out for -product and -image-id,
+// kept for -image).
 package main
 
 import (
@@ -12,6 +16,7 @@ import (
 	"io/ioutil"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc/status"
@@ -33,7 +38,21 @@ func fail(format string, args ...interface{}) {
 	os.Exit(2)
 }
 
+// retryOrRerun runs this program again with GRPC_GO_RETRY=on when its grpc-go (before 1.40) would
+// otherwise ignore the retry policy: grpc-go reads the variable once, at start. An explicit value is kept.
+func retryOrRerun() {
+	if _, set := os.LookupEnv(client.RetryEnv); set || client.RetriesOn() {
+		return
+	}
+	self, err := os.Executable()
+	if err != nil {
+		fail("%v", err)
+	}
+	fail("%v", syscall.Exec(self, os.Args, append(os.Environ(), client.RetryEnv+"=on")))
+}
+
 func main() {
+	retryOrRerun()
 	address := flag.String("address", "127.0.0.1:50051", "server host:port")
 	product := flag.String("product", "", "query: a product id")
 	imageID := flag.String("image-id", "", "query: an image id")
@@ -41,7 +60,9 @@ func main() {
 	k := flag.Uint("k", 10, "products to return")
 	filter := flag.String("filter", "", "KEY=V1,V2 (any of) or KEY!=V1,V2 (none of)")
 	caFile := flag.String("ca", "", "CA certificate (PEM) for TLS")
-	timeout := flag.Duration("timeout", 10*time.Second, "deadline of each attempt")
+	certFile := flag.String("cert", "", "client certificate (PEM) for mTLS, with -key")
+	keyFile := flag.String("key", "", "client key (PEM) for mTLS, with -cert")
+	timeout := flag.Duration("timeout", 10*time.Second, "deadline of the call, retries included")
 	flag.Parse()
 	query := client.Query{ProductID: *product, ImageID: *imageID}
 	if *image != "" {
@@ -67,7 +88,8 @@ func main() {
 		}
 		clauses = &pb.Filter{Clauses: []*pb.Clause{clause}}
 	}
-	lookalike, err := client.Dial(*address, client.Options{Timeout: *timeout, CAFile: *caFile})
+	lookalike, err := client.Dial(*address, client.Options{Timeout: *timeout, CAFile: *caFile, CertFile: *certFile,
+		KeyFile: *keyFile})
 	if err != nil {
 		fail("%v", err)
 	}

@@ -212,13 +212,13 @@ func (c *caller) one(op string, rng *rand.Rand) string {
 		_, err = stub.GetInfo(ctx, &pb.GetInfoRequest{})
 	case "id":
 		id := c.q.imageIDs[rng.Intn(len(c.q.imageIDs))]
-		_, err = stub.FindSimilar(ctx, &pb.FindSimilarRequest{Query: &pb.FindSimilarRequest_ImageId{ImageId: id}, K: c.k, ExcludeQuery: true})
+		_, err = stub.FindSimilar(ctx, &pb.FindSimilarRequest{Query: &pb.FindSimilarRequest_ImageId{ImageId: id}, K: c.k})
 	case "product":
 		id := c.q.products[rng.Intn(len(c.q.products))]
-		_, err = stub.FindSimilar(ctx, &pb.FindSimilarRequest{Query: &pb.FindSimilarRequest_ProductId{ProductId: id}, K: c.k, ExcludeQuery: true})
+		_, err = stub.FindSimilar(ctx, &pb.FindSimilarRequest{Query: &pb.FindSimilarRequest_ProductId{ProductId: id}, K: c.k})
 	case "image":
 		image := c.q.images[rng.Intn(len(c.q.images))]
-		_, err = stub.FindSimilar(ctx, &pb.FindSimilarRequest{Query: &pb.FindSimilarRequest_Image{Image: image}, K: c.k, ExcludeQuery: true})
+		_, err = stub.FindSimilar(ctx, &pb.FindSimilarRequest{Query: &pb.FindSimilarRequest_Image{Image: image}, K: c.k})
 	case "embed":
 		_, err = stub.Embed(ctx, &pb.EmbedRequest{Images: [][]byte{c.q.images[rng.Intn(len(c.q.images))]}})
 	case "recommend":

@@ -14,7 +14,11 @@ import java.time.Duration;
  * <pre>
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --k 5
  * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg
+ * lookalike-example-java --address host:50051 --ca ca.pem --cert client.pem --key client.key --image-id IMG
  * </pre>
+ *
+ * <p>The query's own product is left out or kept as the server decides (out for --product and
+ * --image-id, kept for --image).
  */
 public final class Example {
   private Example() {}
@@ -44,6 +48,8 @@ public final class Example {
     String imageId = null;
     String image = null;
     String ca = null;
+    String cert = null;
+    String key = null;
     int k = 10;
     for (int i = 0; i < args.length; i += 2) {
       if (i + 1 >= args.length) {
@@ -56,6 +62,8 @@ public final class Example {
         case "--image-id": imageId = value; break;
         case "--image": image = value; break;
         case "--ca": ca = value; break;
+        case "--cert": cert = value; break;
+        case "--key": key = value; break;
         case "--k":
           try {
             k = Integer.parseInt(value);
@@ -63,7 +71,8 @@ public final class Example {
             fail("--k " + value + " is not a number");
           }
           break;
-        default: fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --ca)");
+        default:
+          fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --ca, --cert, --key)");
       }
     }
     if ((product == null ? 0 : 1) + (imageId == null ? 0 : 1) + (image == null ? 0 : 1) != 1) {
@@ -72,6 +81,12 @@ public final class Example {
     LookalikeClient.Builder builder = LookalikeClient.newBuilder(address).timeout(Duration.ofSeconds(10));
     if (ca != null) {
       builder.tls(new File(ca));
+    }
+    if (cert != null || key != null) {
+      if (cert == null || key == null || ca == null) {
+        fail("mTLS needs --cert, --key and --ca");
+      }
+      builder.clientCertificate(new File(cert), new File(key));
     }
     try (LookalikeClient client = builder.build()) {
       FindSimilarResponse response;

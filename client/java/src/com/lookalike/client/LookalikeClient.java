@@ -1,5 +1,6 @@
 package com.lookalike.client;
 
+import com.google.gson.Gson;
 import com.google.protobuf.ByteString;
 import com.lookalike.v1.EmbedRequest;
 import com.lookalike.v1.EmbedResponse;
@@ -12,32 +13,51 @@ import com.lookalike.v1.ImageSimilarityGrpc;
 import com.lookalike.v1.RecommendRequest;
 import com.lookalike.v1.RecommendResponse;
 import io.grpc.ManagedChannel;
-import io.grpc.Status;
-import io.grpc.StatusRuntimeException;
 import io.grpc.netty.GrpcSslContexts;
 import io.grpc.netty.NettyChannelBuilder;
+import io.netty.handler.ssl.SslContextBuilder;
 import java.io.File;
+import java.io.IOException;
+import java.io.InputStream;
+import java.io.InputStreamReader;
+import java.io.Reader;
+import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.function.Function;
-import javax.net.ssl.SSLException;
 
 /**
- * A small wrapper over the generated lookalike.v1 stubs: every call has a deadline, UNAVAILABLE (a
- * restarting or draining server) is retried with exponential backoff, and TLS is one builder option.
+ * A small wrapper over the generated lookalike.v1 stubs: every call has one deadline, UNAVAILABLE (a
+ * restarting or draining server) is retried by gRPC itself under the service config every lookalike
+ * client loads (protos/lookalike/v1/service_config.json, a class-path resource here), and TLS and mTLS
+ * are builder options.
  */
 public final class LookalikeClient implements AutoCloseable {
+  /** The class-path resource holding the shared service config (retry policy). */
+  public static final String SERVICE_CONFIG_RESOURCE = "/lookalike/v1/service_config.json";
+
   private final ManagedChannel channel;
   private final ImageSimilarityGrpc.ImageSimilarityBlockingStub stub;
   private final Duration timeout;
-  private final int attempts;
 
-  private LookalikeClient(ManagedChannel channel, Duration timeout, int attempts) {
+  private LookalikeClient(ManagedChannel channel, Duration timeout) {
     this.channel = channel;
     this.stub = ImageSimilarityGrpc.newBlockingStub(channel);
     this.timeout = timeout;
-    this.attempts = attempts;
+  }
+
+  /** The shared service config, as the nested maps (numbers as Double) gRPC takes. */
+  @SuppressWarnings("unchecked")
+  public static Map<String, ?> serviceConfig() throws IOException {
+    try (InputStream in = LookalikeClient.class.getResourceAsStream(SERVICE_CONFIG_RESOURCE)) {
+      if (in == null) {
+        throw new IOException(SERVICE_CONFIG_RESOURCE + " is not on the class path");
+      }
+      Reader reader = new InputStreamReader(in, StandardCharsets.UTF_8);
+      return new Gson().fromJson(reader, Map.class);
+    }
   }
 
   public static Builder newBuilder(String target) {
@@ -48,25 +68,17 @@ public final class LookalikeClient implements AutoCloseable {
   public static final class Builder {
     private final String target;
     private Duration timeout = Duration.ofSeconds(10);
-    private int attempts = 3;
     private File caPem;
+    private File certPem;
+    private File keyPem;
 
     private Builder(String target) {
       this.target = target;
     }
 
-    /** Deadline of each attempt (10 s by default). */
+    /** Deadline of each call, its retries included (10 s by default). */
     public Builder timeout(Duration timeout) {
       this.timeout = timeout;
-      return this;
-    }
-
-    /** Attempts on UNAVAILABLE (3 by default; 1 means no retry). */
-    public Builder attempts(int attempts) {
-      if (attempts < 1) {
-        throw new IllegalArgumentException("attempts must be at least 1");
-      }
-      this.attempts = attempts;
       return this;
     }
 
@@ -76,56 +88,56 @@ public final class LookalikeClient implements AutoCloseable {
       return this;
     }
 
-    public LookalikeClient build() throws SSLException {
-      NettyChannelBuilder channel =
-          NettyChannelBuilder.forTarget(target).maxInboundMessageSize(64 << 20);
+    /** mTLS: this client's certificate and its PKCS#8 key, PEM files (with tls() for the server's CA). */
+    public Builder clientCertificate(File certPem, File keyPem) {
+      this.certPem = certPem;
+      this.keyPem = keyPem;
+      return this;
+    }
+
+    public LookalikeClient build() throws IOException {
+      if ((certPem != null || keyPem != null) && (certPem == null || keyPem == null || caPem == null)) {
+        throw new IllegalArgumentException("mTLS needs the client certificate, its key and tls(CA)");
+      }
+      NettyChannelBuilder channel = NettyChannelBuilder.forTarget(target).maxInboundMessageSize(64 << 20)
+          .defaultServiceConfig(serviceConfig()).enableRetry();
       if (caPem == null) {
         channel.usePlaintext();
       } else {
-        channel.sslContext(GrpcSslContexts.forClient().trustManager(caPem).build());
+        SslContextBuilder ssl = GrpcSslContexts.forClient().trustManager(caPem);
+        if (certPem != null) {
+          ssl.keyManager(certPem, keyPem);
+        }
+        channel.sslContext(ssl.build());
       }
-      return new LookalikeClient(channel.build(), timeout, attempts);
+      return new LookalikeClient(channel.build(), timeout);
     }
   }
 
   private <T> T call(Function<ImageSimilarityGrpc.ImageSimilarityBlockingStub, T> rpc) {
-    long backoffMillis = 50;
-    for (int attempt = 1; ; attempt++) {
-      try {
-        return rpc.apply(stub.withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS));
-      } catch (StatusRuntimeException error) {
-        if (error.getStatus().getCode() != Status.Code.UNAVAILABLE || attempt >= attempts) {
-          throw error;
-        }
-      }
-      try {
-        Thread.sleep(backoffMillis);
-      } catch (InterruptedException interrupted) {
-        Thread.currentThread().interrupt();
-        throw Status.CANCELLED.withDescription("interrupted").asRuntimeException();
-      }
-      backoffMillis *= 2;
-    }
+    return rpc.apply(stub.withDeadlineAfter(timeout.toMillis(), TimeUnit.MILLISECONDS));
   }
 
-  /** Any FindSimilar request (filters, thresholds, groups) built with the generated builder. */
+  /**
+   * Any FindSimilar request (filters, thresholds, groups) built with the generated builder. Leave
+   * exclude_query unset to let the server decide, as every client does: the query's own product is left
+   * out of an image id or product id query and kept for a photo or vector.
+   */
   public FindSimilarResponse findSimilar(FindSimilarRequest request) {
     return call(s -> s.findSimilar(request));
   }
 
-  /** The k products most like a product (the product itself left out). */
+  /** The k products most like a product (the server's default: the product itself left out). */
   public FindSimilarResponse findSimilarToProduct(String productId, int k) {
-    return findSimilar(
-        FindSimilarRequest.newBuilder().setProductId(productId).setK(k).setExcludeQuery(true).build());
+    return findSimilar(FindSimilarRequest.newBuilder().setProductId(productId).setK(k).build());
   }
 
-  /** The k products most like an image of the catalogue (its product left out). */
+  /** The k products most like an image of the catalogue (the server's default: its product left out). */
   public FindSimilarResponse findSimilarToImageId(String imageId, int k) {
-    return findSimilar(
-        FindSimilarRequest.newBuilder().setImageId(imageId).setK(k).setExcludeQuery(true).build());
+    return findSimilar(FindSimilarRequest.newBuilder().setImageId(imageId).setK(k).build());
   }
 
-  /** The k products most like a photo (encoded bytes: JPEG, PNG, WebP...). */
+  /** The k products most like a photo, encoded bytes: JPEG, PNG, WebP... (the server's default: all kept). */
   public FindSimilarResponse findSimilarToImage(byte[] image, int k) {
     return findSimilar(
         FindSimilarRequest.newBuilder().setImage(ByteString.copyFrom(image)).setK(k).build());
