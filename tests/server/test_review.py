@@ -1,0 +1,301 @@
+"""Review of 1f63124 and c0d6ac0 (the serving core split, the neighbour lists, the string columns): one test per
+finding, each failing on those commits (xfail strict until the lead fixes it)."""
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lookalike.artifacts import write_current
+from lookalike.availability import Availability
+from lookalike.leases import LEASES_DIR
+from lookalike.neighbours import NeighbourLists, exact_top_products, product_query_vectors
+from server.app import LookalikeServer, ServerConfig
+from server.core import CoreConfig, CoreObserver, Query, SearchOptions, SimilarityCore
+from server.engine import NEIGHBOUR_LIST
+from server.errors import InvalidArgument, Overloaded
+from server.filters import MAX_CLAUSES, MAX_EXCLUDED_PRODUCTS, MAX_VALUES_PER_CLAUSE, Clause, Filter
+from server.search import NearestScorer, SearchConfig
+from server.version import ListedNeighbours, ServedVersion
+from tests.server.fakes import FakeEmbedder, fake_version, make_search
+
+# 40 images, 20 products: product p owns images p (main) and p + 20 (a view of it).
+GROUPS = [[p, p + 20] for p in range(20)]
+CONFIG = CoreConfig(max_pixels=1_000_000, result_cache_size=0)
+
+
+class Plans(CoreObserver):
+    def __init__(self) -> None:
+        self.plans: list[str] = []
+
+    def plan_chosen(self, plan: str) -> None:
+        self.plans.append(plan)
+
+
+def _with_lists(version: ServedVersion, n: int) -> ServedVersion:
+    """The version with exact neighbour lists of n products, as the builder computes them."""
+    catalogue, vectors = version.catalogue, np.asarray(version.index.vectors)
+    products = exact_top_products(product_query_vectors(vectors, catalogue.first_row, catalogue.image_count),
+                                  vectors, catalogue.first_row, catalogue.image_count, n)
+    images = exact_top_products(vectors, vectors, catalogue.first_row, catalogue.image_count, n)
+    version.neighbours = ListedNeighbours(NeighbourLists(n, *products, *images))
+    return version
+
+
+class _FixedLists:
+    """Neighbour lists that name the same products 1..n for every query (enough to take the list path)."""
+
+    def __init__(self, n: int) -> None:
+        self._products = np.arange(1, n + 1, dtype=np.int32)
+        self._scores = np.linspace(0.99, 0.5, n).astype(np.float32)
+
+    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._products, self._scores
+
+
+def _wide_version(tmp_path, products: int = 20_000) -> tuple[ServedVersion, list[str]]:
+    """A catalogue of `products` one-image products whose ids are shop URLs (one of them longer than 64 bytes,
+    as URLs and SKUs of non-ABO catalogues often are), with a unique item_name each and 300 colours."""
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(products, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    product_ids = [f"https://shop.example.com/p/{i:08d}" for i in range(products)]
+    product_ids[-1] += "?variant=" + "x" * 40  # one id of 85 bytes
+    attributes = {"item_name": [f"Product number {i}, a descriptive title as shops write them, size {i % 7}"
+                                for i in range(products)],
+                  "color": [f"colour {i % 300}" for i in range(products)]}
+    index = make_search(tmp_path, vectors, [[i] for i in range(products)], product_ids=product_ids,
+                        attributes=attributes, name="wide")
+    manifest = {"backbone": "fake", "preprocessing": "thumbnail", "head": "none", "dimension": 8,
+                "metric": "euclidean", "index": {"search_k": 1000, "n_trees": 5, "recall_at_10": 1.0}}
+    return ServedVersion("wide", manifest, FakeEmbedder(), index, _FixedLists(100)), product_ids
+
+
+async def _longest_stall(work) -> tuple[object, float]:
+    """Runs `work` (a coroutine) while a ticker measures the event loop's longest stall, in seconds."""
+    stall = 0.0
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        nonlocal stall
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            stall = max(stall, time.perf_counter() - before - 0.001)
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0.01)
+    try:
+        result = await work
+    finally:
+        done.set()
+        await ticker
+    return result, stall
+
+
+# Finding 1 --------------------------------------------------------------------------------------------------
+
+class _GatedEmbedder:
+    """A version's embedder whose preprocessing waits until the test releases it."""
+
+    def __init__(self, embedder) -> None:
+        self._embedder = embedder
+        self.dimension = embedder.dimension
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        self.entered.set()
+        assert self.release.wait(10), "the test never released the preprocessing"
+        return self._embedder.preprocess(data)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        return self._embedder.embed(batch)
+
+    def warmup(self) -> None:
+        pass
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 1: image bytes in flight are counted per version, so a swap "
+                                       "resets the process-wide bound")
+async def test_image_bytes_in_flight_stay_bounded_across_a_swap(tmp_path):
+    version, images = fake_version(tmp_path, groups=GROUPS)
+    gated = _GatedEmbedder(version.embedder)
+    version.embedder = gated
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000, max_image_bytes_in_flight=2**20))
+    padding = b"\0" * (600 * 1024)  # two of these images are over the 1 MiB bound
+    first = asyncio.ensure_future(core.find_similar(Query(image=images[0] + padding)))
+    try:
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        other, _ = fake_version(tmp_path, name="fake-v2", groups=GROUPS)
+        await core.swap(other)  # the watch loop swaps while the first photo is still decoding
+        with pytest.raises(Overloaded, match="max_image_bytes_in_flight"):
+            await core.find_similar(Query(image=images[1] + padding))
+    finally:
+        gated.release.set()
+        await asyncio.gather(first, return_exceptions=True)
+        await core.close()
+
+
+# Finding 2 --------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="review finding 2: the lease renewal drops the version a reload is loading")
+async def test_the_lease_renewed_while_a_version_loads_still_names_it(tmp_path):
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    server = LookalikeServer(ServerConfig(artifacts=tmp_path, metrics_port=-1, lease_ttl_s=3))  # renewed every 1 s
+    server.core = SimilarityCore(version, CONFIG)
+    leased_during_load = []
+
+    async def load(name):
+        await asyncio.sleep(1.5)  # loading ABO's size takes about 14 s; the default lease is renewed every 20 s
+        lease = next((tmp_path / LEASES_DIR).glob("*.json"))
+        leased_during_load.append(json.loads(lease.read_text())["versions"])
+        other, _ = fake_version(tmp_path, name=name, groups=GROUPS)
+        return other
+
+    server._load = load
+    renewing = asyncio.ensure_future(server._renew_lease())
+    try:
+        await asyncio.sleep(0.1)
+        write_current(tmp_path, "fake-v2")
+        assert await server.reload()
+        # A prune running now would delete fake-v2 while this server maps it.
+        assert leased_during_load == [["fake-v1", "fake-v2"]]
+    finally:
+        server._stopped.set()
+        await renewing
+        await server.core.close()
+
+
+# Finding 3 --------------------------------------------------------------------------------------------------
+
+def _list_score_above_its_served_score(version: ServedVersion) -> tuple[int, int, float]:
+    """(query product, k, threshold): a product query whose k-th eligible list entry has a stored score above the
+    score the answer reports for it (the builder's blocked matrix product and the server's rounding differ)."""
+    catalogue, vectors = version.catalogue, np.asarray(version.index.vectors)
+    for product in range(catalogue.product_count):
+        query = vectors[catalogue.rows_of_product(product)].mean(axis=0, keepdims=True)
+        query /= max(float(np.linalg.norm(query)), 1e-12)
+        listed, stored = version.neighbours.list_of("product", product)
+        others = 0
+        for entry, score in zip(listed, stored, strict=True):
+            if entry == product:
+                continue
+            others += 1
+            served = version.index.describe(NearestScorer(query), np.asarray([entry]), 0)[0].score
+            if served < score:
+                return product, others, float(score)
+    raise AssertionError("no list score differs from its served score on this catalogue")
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 3: the list walk applies score_threshold to the builder's "
+                                       "stored scores, the answer reports the server's: a match below the threshold")
+async def test_a_list_answer_never_reports_a_match_below_the_score_threshold(tmp_path):
+    listed, _ = fake_version(tmp_path, name="listed", groups=GROUPS)
+    listed = _with_lists(listed, 8)
+    exact, _ = fake_version(tmp_path, name="exact", groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
+    product, k, threshold = _list_score_above_its_served_score(listed)
+    plans = Plans()
+    listed_core, exact_core = SimilarityCore(listed, CONFIG, plans), SimilarityCore(exact, CONFIG)
+    try:
+        query, options = Query(product_id=f"prod-{product:03d}"), SearchOptions(k=k, score_threshold=threshold)
+        answer = await listed_core.find_similar(query, options)
+        assert plans.plans == [NEIGHBOUR_LIST]
+        assert all(result.score >= threshold for result in answer.results), \
+            [(r.product_id, r.score, threshold) for r in answer.results]
+        expected = await exact_core.find_similar(query, options)
+        assert [r.product_id for r in answer.results] == [r.product_id for r in expected.results]
+    finally:
+        await listed_core.close()
+        await exact_core.close()
+
+
+# Finding 4 --------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="review finding 4: search_k is checked only when the query searches: a list "
+                                       "answer accepts any search_k, so the same request is OK or INVALID_ARGUMENT "
+                                       "depending on what is hidden")
+async def test_search_k_is_bounded_on_the_list_path_too(tmp_path):
+    listed, _ = fake_version(tmp_path, name="listed", groups=GROUPS)
+    core = SimilarityCore(_with_lists(listed, 8), CONFIG)
+    try:
+        limit = core.max_search_k(core.version)
+        with pytest.raises(InvalidArgument, match=f"search_k must be at most {limit}"):
+            await core.find_similar(Query(product_id="prod-004"), SearchOptions(k=3, search_k=2**31 - 1))
+    finally:
+        await core.close()
+
+
+# Finding 5 --------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="review finding 5: a column with one value longer than 64 bytes falls back "
+                                       "to one Python bisect per look-up (~70 us): hiding 10,000 products stalls the "
+                                       "event loop on swap for most of a second")
+async def test_a_swap_to_a_catalogue_with_long_ids_does_not_stall_the_event_loop(tmp_path):
+    small, _ = fake_version(tmp_path, groups=GROUPS)
+    wide, product_ids = _wide_version(tmp_path)
+    core = SimilarityCore(small, CONFIG)
+    try:
+        # 10,000 sold-out products (the MAX_EXCLUDED_PRODUCTS scale), applied while the small version serves.
+        core.set_availability(Availability(1, {product_id: {} for product_id in product_ids[::2]}))
+        _, stall = await _longest_stall(core.swap(wide))
+        assert stall < 0.1, f"swap stalled the event loop for {stall * 1000:.0f} ms"
+    finally:
+        await core.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 5: 10,000 excluded ids cost ~70 us each in a catalogue with "
+                                       "a long id")
+def test_excluded_ids_of_a_catalogue_with_long_ids_resolve_quickly(tmp_path):
+    wide, product_ids = _wide_version(tmp_path)
+    excluded = Filter(exclude_product_ids=tuple(product_ids[:MAX_EXCLUDED_PRODUCTS]))
+    started = time.perf_counter()
+    rows = wide.catalogue.filters.excluded_rows(excluded)
+    elapsed = time.perf_counter() - started
+    assert len(rows) == MAX_EXCLUDED_PRODUCTS
+    assert elapsed < 0.1, f"{elapsed * 1000:.0f} ms for one request's excluded ids"
+
+
+# Finding 6 --------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="review finding 6: a list answer compiles the request's filter on the event "
+                                       "loop, one scalar look-up per clause value: a legal filter stalls every "
+                                       "other request for hundreds of ms")
+async def test_a_list_answer_with_a_large_filter_does_not_stall_the_event_loop(tmp_path):
+    wide, product_ids = _wide_version(tmp_path)
+    plans = Plans()
+    core = SimilarityCore(wide, CONFIG, plans)
+    # The largest filter a request may send: 16 none_of clauses of 1,024 values (a shop's blocklists).
+    clauses = tuple(Clause("item_name" if c % 2 else "color",
+                           none_of=tuple(f"blocked value {c}-{v}" for v in range(MAX_VALUES_PER_CLAUSE)))
+                    for c in range(MAX_CLAUSES))
+    try:
+        answer, stall = await _longest_stall(core.find_similar(Query(product_id=product_ids[0]),
+                                                               SearchOptions(k=10, filter=Filter(clauses))))
+        assert plans.plans == [NEIGHBOUR_LIST] and len(answer.results) == 10
+        assert stall < 0.05, f"one request stalled the event loop for {stall * 1000:.0f} ms"
+    finally:
+        await core.close()
+
+
+# Finding 7 --------------------------------------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, reason="review finding 7: an empty attribute value is listed and returned but no "
+                                       "filter can match it (Strings.positions treats '' as absent)")
+async def test_an_empty_attribute_value_can_be_filtered_on(tmp_path):
+    brands = ["" if p % 2 else "Acme" for p in range(20)]
+    version, _ = fake_version(tmp_path, groups=GROUPS, attributes={"brand": brands})
+    core = SimilarityCore(version, CONFIG)
+    try:
+        assert version.catalogue.filters.lists("brand").value_counts() == {"Acme": 10, "": 10}
+        answer = await core.find_similar(Query(product_id="prod-000"), SearchOptions(
+            k=5, with_attributes=True, filter=Filter((Clause("brand", any_of=("",)),))))
+        assert len(answer.results) == 5 and all(r.attributes["brand"] == "" for r in answer.results)
+        answer = await core.find_similar(Query(product_id="prod-000"), SearchOptions(
+            k=5, with_attributes=True, filter=Filter((Clause("brand", none_of=("",)),))))
+        assert all(r.attributes["brand"] == "Acme" for r in answer.results)
+    finally:
+        await core.close()
