@@ -8,11 +8,13 @@ import gzip
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -120,6 +122,23 @@ def build(images: Path, out: Path, *extra: str, check: bool = True) -> subproces
     return subprocess.run([BIN / "lookalike-build", "build", "--images", images, "--out", out,
                            "--chunk-size", "64", *extra], check=check, env=env(), capture_output=True,
                           text=True, timeout=900)
+
+
+def copy_artifacts(source: Path, target: Path) -> Path:
+    """A private copy of ARTIFACTS (its versions and CURRENT; not the feature cache nor leases), for a test
+    that adds versions, moves CURRENT or breaks a file."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
+    return target
+
+
+class Served(NamedTuple):
+    """A running server: the process, its address, its metrics port and the health statuses seen while
+    it started."""
+
+    process: subprocess.Popen
+    address: str
+    metrics_port: int
+    health_seen: tuple[str, ...]
 
 
 @contextlib.contextmanager

@@ -1,9 +1,11 @@
 """The real build on the committed sample with banners and a corrupt file mixed in."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -15,6 +17,7 @@ from lookalike import artifacts
 from lookalike.preprocess import PreprocessConfig, Preprocessor
 from lookalike.runner import SavedModelEmbedder
 from tests import helpers
+from tests.builder import fake_build
 from tests.conftest import CATALOGUE_PRODUCTS
 
 pytestmark = pytest.mark.e2e
@@ -121,36 +124,44 @@ def test_sources_are_untouched(catalogue, built):
     assert len(list((catalogue / "small").rglob("*.png"))) == len(helpers.catalogue_images(catalogue)) + 1
 
 
-def test_a_killed_build_resumes_without_recomputing_and_never_moves_current(tmp_path, catalogue, built):
+def test_a_killed_build_resumes_without_recomputing_and_never_moves_current(tmp_path, catalogue):
+    """With the fake trunk (tests/builder/fake_build.py): resuming is the cache's logic, not the model's."""
     out = tmp_path / "ARTIFACTS"
     out.mkdir()
     artifacts.write_current(out, "v1")
-    # Kill the build once it has published some embedding jobs as cache shards (each holds a _SUCCESS).
-    process = subprocess.Popen([helpers.BIN / "lookalike-build", "build", "--images", catalogue, "--out", out,
-                                "--chunk-size", "32", "--head", "none", "--version", "v2"],
-                               env=helpers.env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        if len(list(out.glob(".features/models/*/shards/[!.]*/_SUCCESS"))) >= 2:
-            break
-        time.sleep(0.5)
-    assert process.poll() is None, "the build finished before it could be interrupted"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait(60)
+    # The build holds still once it has published two embedding jobs as cache shards (each holds a
+    # _SUCCESS) and is killed there: never too late, however fast the machine.
+    marker, log = tmp_path / "two-shards-published", tmp_path / "killed-build.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "tests.builder.fake_build", "--block-after-shards", "2",
+                                    marker, "build", "--images", catalogue, "--out", out, "--chunk-size", "32",
+                                    "--head", "none", "--version", "v2"], cwd=helpers.REPO, env=helpers.env(),
+                                   stdout=subprocess.DEVNULL, stderr=handle, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not marker.exists():
+            assert process.poll() is None, f"the build ended before two shards: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no two shards published in time"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(60)
+    shards = [path.parent for path in out.glob(".features/models/*/shards/[!.]*/_SUCCESS")]
+    assert len(shards) == 2
+    published = pd.concat([pd.read_parquet(shard) for shard in shards])["sha256"].nunique()
     assert artifacts.read_current(out) == "v1"
     assert not (out / "v2").exists()
-    resumed = helpers.build(catalogue, out, "--chunk-size", "32", "--head", "none", "--version", "v2b", "--json")
-    manifest = json.loads(resumed.stdout[resumed.stdout.index("{"):])
+    manifest = fake_build.run(catalogue, out, chunk_size=32, head="none", version="v2b")
     embedding = manifest["embedding"]
-    assert embedding["from_cache"] >= 64 and embedding["embedded"] > 0
+    assert embedding["from_cache"] == published >= 64 and embedding["embedded"] > 0
     assert embedding["embedded"] + embedding["from_cache"] == embedding["contents"]
     # Contents, not images: two images with the same bytes are embedded once.
     indexed = pd.read_parquet(out / "v2b" / artifacts.IMAGES_FILE).drop_duplicates("image_id")
     assert embedding["contents"] == indexed["sha256"].nunique() and len(indexed) == kept_image_count(catalogue)
     assert manifest["scan"]["decoded"] == 0  # the killed build's scan is cached too
     assert artifacts.read_current(out) == "v2b"
-    assert manifest["dimension"] == 1280
+    assert manifest["dimension"] == fake_build.FAKE_WIDTH  # --head none: the trunk's own features
 
 
 def test_a_failed_build_leaves_current_untouched(tmp_path, built):

@@ -1,8 +1,11 @@
-"""Rebuilds that cost what changed: scans and features cached by content, shared between catalogues."""
+"""Rebuilds that cost what changed: scans and features cached by content, shared between catalogues.
+
+Real Spark, the real feature cache and executors running an exported trunk SavedModel, but a fake trunk
+(tests/builder/fake_build.py): what is cached and reused does not depend on which network made it.
+"""
 
 import csv
 import gzip
-import json
 import shutil
 import subprocess
 
@@ -12,13 +15,13 @@ import pytest
 
 from lookalike import artifacts
 from tests import helpers
+from tests.builder import fake_build
 
 pytestmark = pytest.mark.e2e
 
 
-def _build(images, out, cache, *extra):
-    result = helpers.build(images, out, "--head", "none", "--feature-cache", cache, "--json", *extra)
-    return json.loads(result.stdout[result.stdout.index("{"):])
+def _build(images, out, cache, **options):
+    return fake_build.run(images, out, head="none", feature_cache=cache, chunk_size=64, **options)
 
 
 def _vectors_by_image(out) -> dict[str, np.ndarray]:
@@ -80,7 +83,7 @@ def test_a_rebuild_embeds_only_new_and_changed_contents(tmp_path):
     elsewhere = _build(catalogue, tmp_path / "OTHER", cache)
     assert elsewhere["embedding"]["embedded"] == 0
     # Another preprocessing is another model: it never reuses these features.
-    other_model = _build(catalogue, tmp_path / "GREY", cache, "--preprocessing", "clahe-grey")
+    other_model = _build(catalogue, tmp_path / "GREY", cache, preprocessing="clahe-grey")
     assert other_model["embedding"]["embedded"] == other_model["embedding"]["contents"]
     assert other_model["embedding"]["model_key"] != second["embedding"]["model_key"]
     assert len(list(cache.glob("models/*/trunk"))) == 2

@@ -28,9 +28,9 @@ NODE_DIR = helpers.REPO / "client" / "node"
 
 
 @pytest.fixture(scope="module")
-def server(built):
-    with helpers.serving(built) as (_, address, metrics_port):
-        yield address, metrics_port
+def server(served):
+    """The session's server on the shared build (conftest.served)."""
+    return served.address, served.metrics_port
 
 
 @pytest.fixture(scope="module")

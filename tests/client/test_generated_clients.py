@@ -46,9 +46,9 @@ def clients():
 
 
 @pytest.fixture(scope="module")
-def server(built):
-    with helpers.serving(built) as (_, address, _metrics):
-        yield address
+def server(served):
+    """The session's server on the shared build (conftest.served)."""
+    return served.address
 
 
 def _run(clients, language: str, address: str, *args: str) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -31,6 +32,10 @@ class FakeEmbedder:
         self.delay_s = delay_s
         self.max_pixels = max_pixels
         self.batches: list[int] = []
+        # Cleared by a test to hold the model on its current batch (a batch in flight, for as long as the
+        # test needs) until the test sets it again.
+        self.gate = threading.Event()
+        self.gate.set()
 
     def preprocess(self, data: bytes) -> np.ndarray:
         rgb = decode(data, self.max_pixels)
@@ -38,6 +43,8 @@ class FakeEmbedder:
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         self.batches.append(len(batch))
+        if not self.gate.wait(60):  # bounded: a test that forgets to open it fails instead of hanging
+            raise TimeoutError("the fake model's gate stayed closed")
         time.sleep(self.delay_s)
         flat = batch.reshape(len(batch), -1, 3).astype(np.float32)
         vectors = np.concatenate([flat.mean(1), flat.std(1), flat.max(1)[:, :2]], axis=1) + 1.0

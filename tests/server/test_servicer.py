@@ -42,6 +42,14 @@ async def harness(tmp_path):
     await h.core.close()
 
 
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    """Waits (bounded) for something the test can observe, instead of for a guessed time."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)
+
+
 async def _code(call) -> grpc.StatusCode:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
@@ -114,15 +122,25 @@ async def test_draining_is_unavailable(harness):
 async def test_full_queue_is_resource_exhausted_and_admitted_requests_succeed(tmp_path):
     config = CoreConfig(batcher=BatcherConfig(max_batch_size=4, max_wait_ms=0, max_queue=8),
                         max_images_per_request=8)
-    h, images, channel = await _start(tmp_path, delay_s=0.3, config=config)
+    h, images, channel = await _start(tmp_path, config=config)
+    embedder = h.core.version.embedder
     try:
-        calls = [h.stub.Embed(pb.EmbedRequest(images=images[i:i + 4])) for i in range(0, 24, 4)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        codes = [r.code() if isinstance(r, grpc.aio.AioRpcError) else grpc.StatusCode.OK for r in results]
-        assert codes.count(grpc.StatusCode.OK) == 2
-        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4
-        counted = h.metrics.requests.labels("Embed", "RESOURCE_EXHAUSTED")._value.get()
-        assert counted == 4
+        # One call on the model, held there: the queue is empty and nothing leaves it until the gate opens.
+        embedder.gate.clear()
+        first = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(images=images[:4])))
+        await _until(lambda: embedder.batches == [4])
+        calls = [asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(images=images[i:i + 4])))
+                 for i in range(4, 24, 4)]
+        # Each call is queued or answered at once, while the model is still held: wait until all five are.
+        await _until(lambda: h.core.queue_depth() + 4 * sum(call.done() for call in calls) == 20)
+        answered = [call for call in calls if call.done()]
+        assert len(answered) >= 3  # at most 8 images queued: at most two of the five fit
+        assert {call.exception().code() for call in answered} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        embedder.gate.set()
+        admitted = [call for call in calls if call not in answered]
+        assert all(result.model_version == "fake-v1" for result in await asyncio.gather(first, *admitted))
+        refused = h.metrics.requests.labels("Embed", "RESOURCE_EXHAUSTED")._value.get()
+        assert refused == len(answered)
     finally:
         await channel.close()
         await h.server.stop(0)
@@ -132,17 +150,20 @@ async def test_full_queue_is_resource_exhausted_and_admitted_requests_succeed(tm
 async def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(tmp_path):
     config = CoreConfig(batcher=BatcherConfig(max_batch_size=1, max_wait_ms=0, max_queue=16),
                         max_images_per_request=16)
-    h, images, channel = await _start(tmp_path, delay_s=0.5, config=config)
+    h, images, channel = await _start(tmp_path, config=config)
+    embedder = h.core.version.embedder
     try:
-        slow = h.stub.Embed(pb.EmbedRequest(images=[images[0]]), timeout=10)
-        await asyncio.sleep(0.1)
+        # The slow request is held on the model until the late one's deadline has passed in the queue.
+        embedder.gate.clear()
+        slow = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(images=[images[0]]), timeout=30))
+        await _until(lambda: embedder.batches == [1])
         late = h.stub.Embed(pb.EmbedRequest(images=[images[1]]), timeout=0.2)
         assert await _code(late) == grpc.StatusCode.DEADLINE_EXCEEDED
+        embedder.gate.set()
         await slow
-        await asyncio.sleep(0.6)
-        embedder = h.core.version.embedder
-        assert sum(embedder.batches) == 1  # only the slow request reached the model
-        assert h.metrics.dropped_expired._value.get() == 1
+        # The batcher takes the late request next and drops it: counted, never computed.
+        await _until(lambda: h.metrics.dropped_expired._value.get() == 1)
+        assert embedder.batches == [1]  # only the slow request reached the model
     finally:
         await channel.close()
         await h.server.stop(0)
@@ -150,12 +171,17 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(tmp_
 
 
 async def test_swap_finishes_in_flight_requests_on_the_old_version(tmp_path):
-    h, images, channel = await _start(tmp_path, delay_s=0.3)
+    h, images, channel = await _start(tmp_path)
+    embedder = h.core.version.embedder
     try:
+        embedder.gate.clear()
         in_flight = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(images=[images[0]])))
-        await asyncio.sleep(0.1)
+        await _until(lambda: embedder.batches == [1])  # on the old version's model, held there
         new_version, _ = fake_version(tmp_path, name="fake-v2")
-        await h.core.swap(new_version)
+        swapped = asyncio.ensure_future(h.core.swap(new_version))
+        await _until(lambda: h.core.version.name == "fake-v2")  # swapped while the request is on the model
+        embedder.gate.set()
+        await swapped
         assert (await in_flight).model_version == "fake-v1"
         after = await h.stub.FindSimilar(pb.FindSimilarRequest(item_id="item-001"))
         assert after.index_version == "fake-v2"
