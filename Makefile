@@ -64,9 +64,16 @@ lint: $(STAMP) $(NODE_STAMP)
 	cd protos && ../client/node/node_modules/.bin/buf breaking --against baselines/lookalike-v1-0.1.0.binpb
 
 # The Go and Java clients, their examples and the Go load generator, generated from protos/ with Debian's
-# protoc plugins (installed when missing, as root) into build/clients/bin.
-clients:
+# protoc plugins (installed when missing, as root) into build/clients/bin; built again only when protos/, a
+# client's sources or the script change (the stamp), so a second `make test` does not recompile them.
+CLIENTS_STAMP := build/clients/.stamp
+CLIENT_SOURCES := client/build-clients.sh $(shell find protos client/go client/java -type f 2>/dev/null)
+
+clients: $(CLIENTS_STAMP)
+
+$(CLIENTS_STAMP): $(CLIENT_SOURCES)
 	bash client/build-clients.sh
+	touch $@
 
 test: $(STAMP) $(NODE_STAMP) protos-check lint clients
 	$(PY) -m pytest -q --durations=15

@@ -38,9 +38,10 @@ RETRY_POLICY = json.loads((helpers.REPO / "protos" / "lookalike" / "v1" / "servi
 
 @pytest.fixture(scope="module")
 def clients():
-    """Builds both clients and the load generator (installing Debian's packages when missing, as root)."""
-    result = subprocess.run(["bash", helpers.REPO / "client" / "build-clients.sh"], capture_output=True, text=True,
-                            timeout=1200)
+    """Builds both clients and the load generator (installing Debian's packages when missing, as root) when
+    `make clients` has not built them from the current sources yet: under `make test`, never twice."""
+    result = subprocess.run(["make", "--no-print-directory", "clients"], cwd=helpers.REPO, capture_output=True,
+                            text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return BIN
 
