@@ -232,17 +232,20 @@ async def test_search_k_is_bounded_on_the_list_path_too(tmp_path):
 # Finding 5 --------------------------------------------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="review finding 5: a column with one value longer than 64 bytes falls back "
-                                       "to one Python bisect per look-up (~70 us): hiding 10,000 products stalls the "
-                                       "event loop on swap for most of a second")
-async def test_a_swap_to_a_catalogue_with_long_ids_does_not_stall_the_event_loop(tmp_path):
+                                       "to one Python bisect per look-up (~10 us of CPU): the hidden mask of a new "
+                                       "version is computed on the event loop inside swap()")
+async def test_a_swap_to_a_catalogue_with_long_ids_pauses_the_event_loop_at_most_10_ms(tmp_path):
     small, _ = fake_version(tmp_path, groups=GROUPS)
-    wide, product_ids = _wide_version(tmp_path)
+    wide, product_ids = _wide_version(tmp_path, products=40_000)
     core = SimilarityCore(small, CONFIG)
     try:
-        # 10,000 sold-out products (the MAX_EXCLUDED_PRODUCTS scale), applied while the small version serves.
+        # 20,000 sold-out products, applied while the small version serves.
         core.set_availability(Availability(1, {product_id: {} for product_id in product_ids[::2]}))
-        _, stall = await _longest_stall(core.swap(wide))
-        assert stall < 0.1, f"swap stalled the event loop for {stall * 1000:.0f} ms"
+        started = time.thread_time()  # the event loop's own CPU time: the machine's load does not count
+        await core.swap(wide)
+        paused = time.thread_time() - started
+        assert core.hidden.count(wide) == 20_000
+        assert paused < 0.01, f"swap held the event loop for {paused * 1000:.0f} ms of CPU (issue 17: 10 ms)"
     finally:
         await core.close()
 
@@ -252,31 +255,31 @@ async def test_a_swap_to_a_catalogue_with_long_ids_does_not_stall_the_event_loop
 def test_excluded_ids_of_a_catalogue_with_long_ids_resolve_quickly(tmp_path):
     wide, product_ids = _wide_version(tmp_path)
     excluded = Filter(exclude_product_ids=tuple(product_ids[:MAX_EXCLUDED_PRODUCTS]))
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time: the machine's load does not count
     rows = wide.catalogue.filters.excluded_rows(excluded)
-    elapsed = time.perf_counter() - started
+    elapsed = time.thread_time() - started
     assert len(rows) == MAX_EXCLUDED_PRODUCTS
-    assert elapsed < 0.1, f"{elapsed * 1000:.0f} ms for one request's excluded ids"
+    assert elapsed < 0.03, f"{elapsed * 1000:.0f} ms of CPU for one request's excluded ids"
 
 
 # Finding 6 --------------------------------------------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="review finding 6: a list answer compiles the request's filter on the event "
-                                       "loop, one scalar look-up per clause value: a legal filter stalls every "
-                                       "other request for hundreds of ms")
-async def test_a_list_answer_with_a_large_filter_does_not_stall_the_event_loop(tmp_path):
+                                       "loop, one scalar look-up per clause value: a legal filter holds every other "
+                                       "request for most of a second")
+async def test_a_list_answer_with_a_large_filter_does_not_hold_the_event_loop(tmp_path):
     wide, product_ids = _wide_version(tmp_path)
     plans = Plans()
     core = SimilarityCore(wide, CONFIG, plans)
-    # The largest filter a request may send: 16 none_of clauses of 1,024 values (a shop's blocklists).
-    clauses = tuple(Clause("item_name" if c % 2 else "color",
-                           none_of=tuple(f"blocked value {c}-{v}" for v in range(MAX_VALUES_PER_CLAUSE)))
+    # The largest filter a request may send: 16 none_of clauses of 1,024 values (a shop's blocklists of names).
+    clauses = tuple(Clause("item_name", none_of=tuple(f"blocked name {c}-{v}" for v in range(MAX_VALUES_PER_CLAUSE)))
                     for c in range(MAX_CLAUSES))
     try:
-        answer, stall = await _longest_stall(core.find_similar(Query(product_id=product_ids[0]),
-                                                               SearchOptions(k=10, filter=Filter(clauses))))
+        started = time.thread_time()  # the event loop's own CPU time: what the other requests wait for
+        answer = await core.find_similar(Query(product_id=product_ids[0]), SearchOptions(k=10, filter=Filter(clauses)))
+        held = time.thread_time() - started
         assert plans.plans == [NEIGHBOUR_LIST] and len(answer.results) == 10
-        assert stall < 0.05, f"one request stalled the event loop for {stall * 1000:.0f} ms"
+        assert held < 0.02, f"one request held the event loop for {held * 1000:.0f} ms of CPU"
     finally:
         await core.close()
 
@@ -363,7 +366,9 @@ async def test_loading_a_catalogue_of_abo_size_beside_the_served_one_does_not_st
 
     catalogue, stall = await _longest_stall(asyncio.to_thread(load))
     assert catalogue.rows_of_image(image_ids[5]).tolist() == [5]
-    assert stall < 0.1, f"loading the catalogue in a thread stalled the event loop for {stall * 1000:.0f} ms"
+    # 0.25 s, not the 10 ms a swap may pause: this machine is shared and busy (sorting ints instead stalls it
+    # 0.07 to 0.19 s here, the object sort 1.6 to 3 s; on a quiet machine the object sort alone holds the GIL 0.4 s).
+    assert stall < 0.25, f"loading the catalogue in a thread stalled the event loop for {stall * 1000:.0f} ms"
 
 
 # Finding 10 -------------------------------------------------------------------------------------------------
