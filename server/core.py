@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,11 +33,14 @@ from server.engine import (  # noqa: F401  (the core's public names: the service
 )
 from server.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from server.filters import check_size
-from server.result_cache import ResultCache
+from server.result_cache import ResultCache, key_bytes
 from server.version import ServedVersion
 from server.versions import VersionRuntime, Versions
 
 log = logging.getLogger(__name__)
+# Filter values (excluded ids and clause values) a neighbour-list answer may compile on the event loop; a request
+# with more is answered in the index pool, so it never holds up the others.
+MAX_LOOP_VALUES = 256
 
 
 class CoreObserver(BatchObserver):
@@ -100,7 +104,8 @@ class SimilarityCore:
     """What the servicer, the CLI and the tests call: no protobuf here."""
 
     def __init__(self, version: ServedVersion, config: CoreConfig = CoreConfig(),
-                 observer: CoreObserver | None = None) -> None:
+                 observer: CoreObserver | None = None,
+                 on_retired: Callable[[str, float], None] | None = None) -> None:
         self.config = config
         self._observer = observer or CoreObserver()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -108,9 +113,12 @@ class SimilarityCore:
         self._index_pool = ThreadPoolExecutor(config.index_threads, thread_name_prefix="index")
         self.engine = QueryEngine(config.product_query, self._observer)
         self._results = ResultCache(config.result_cache_size, config.result_cache_mb * 1024 * 1024)
-        self._versions = Versions(version, self._make_batcher)
+        # on_retired(version name, seconds): once a swapped-out version's last user has left, it is unloaded and freed.
+        self._versions = Versions(version, self._make_batcher, on_retired)
         self.hidden = HiddenProducts(Availability())
         self.draining = False
+        self.admitted_images = 0
+        self.admitted_bytes = 0
 
     def _make_batcher(self, version: ServedVersion) -> MicroBatcher:
         embedder = version.embedder
@@ -144,26 +152,35 @@ class SimilarityCore:
         return self.config.max_search_k_factor * max(1, version.search_k)
 
     def _acquire(self, images: list[bytes]) -> VersionRuntime:
+        """Admits a request on the served version, or refuses it at once. The image bounds are the process's,
+        whichever version the images are for: a swap does not make room."""
         if self.draining:
             raise Unavailable("the server is shutting down")
-        runtime = self._versions.current
         count, size = len(images), sum(len(image) for image in images)
-        if count and runtime.admitted_images + count > self.config.batcher.max_queue:
-            raise Overloaded(f"{runtime.admitted_images} images are queued (max_queue "
+        if count and self.admitted_images + count > self.config.batcher.max_queue:
+            raise Overloaded(f"{self.admitted_images} images are queued (max_queue "
                              f"{self.config.batcher.max_queue}): retry later")
-        if size and runtime.admitted_bytes + size > self.config.max_image_bytes_in_flight:
-            raise Overloaded(f"{runtime.admitted_bytes} image bytes are in flight (max_image_bytes_in_flight "
+        if size and self.admitted_bytes + size > self.config.max_image_bytes_in_flight:
+            raise Overloaded(f"{self.admitted_bytes} image bytes are in flight (max_image_bytes_in_flight "
                              f"{self.config.max_image_bytes_in_flight}): retry later")
+        runtime = self._versions.current
         runtime.enter()
-        runtime.admitted_images += count
-        runtime.admitted_bytes += size
+        self.admitted_images += count
+        self.admitted_bytes += size
         return runtime
 
-    @staticmethod
-    def _release(runtime: VersionRuntime, images: list[bytes]) -> None:
-        runtime.admitted_images -= len(images)
-        runtime.admitted_bytes -= sum(len(image) for image in images)
+    def _release(self, runtime: VersionRuntime, images: list[bytes]) -> None:
+        self.admitted_images -= len(images)
+        self.admitted_bytes -= sum(len(image) for image in images)
         runtime.leave()
+
+    def _check_search_k(self, version: ServedVersion, options: SearchOptions) -> None:
+        """The same bound whichever plan answers: a request is valid or not whatever is hidden meanwhile."""
+        limit = self.max_search_k(version)
+        if options.search_k > limit:
+            raise InvalidArgument(f"search_k must be at most {limit} on version {version.name} "
+                                  f"({self.config.max_search_k_factor} times its own {version.search_k}), "
+                                  f"not {options.search_k}")
 
     async def _embed_on(self, runtime: VersionRuntime, images: list[bytes], deadline: float | None) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -234,6 +251,7 @@ class SimilarityCore:
         try:
             version = runtime.version
             version.catalogue.filters.check(options.filter)
+            self._check_search_k(version, options)
             if images:
                 vector = (await self._embed_on(runtime, images, deadline))[0]
                 query = Query(vector=vector)
@@ -245,13 +263,16 @@ class SimilarityCore:
                 self._observer.result_cache(cached is not None)
                 if cached is not None:
                     return Answer(cached, version.name, hidden.version)
-            # A neighbour list answers on the event loop (a few microseconds of numpy); a search in a thread.
-            results = self.engine.from_list(version, hidden, query, options, k)
+            # A neighbour list answers on the event loop (tens of microseconds of numpy) unless the filter is
+            # large enough to take longer to compile; a search, or a large filter, in a thread.
+            on_loop = len(options.filter.exclude_product_ids) + sum(
+                len(clause.any_of) + len(clause.none_of) for clause in options.filter.clauses) <= MAX_LOOP_VALUES
+            results = self.engine.from_list(version, hidden, query, options, k) if on_loop else None
             if results is None:
                 results = await runtime.run_in(self._index_pool, self.engine.find, version, hidden, query, options,
-                                               k, self.max_search_k(version))
+                                               k, not on_loop)
             if key is not None:
-                self._results.put(key, results)
+                self._results.put(key, results, key_bytes(options))
             return Answer(results, version.name, hidden.version)
         finally:
             self._release(runtime, images)
@@ -281,13 +302,14 @@ class SimilarityCore:
         try:
             version = runtime.version
             version.catalogue.filters.check(options.filter)
+            self._check_search_k(version, options)
             if images:
                 embedded = iter(await self._embed_on(runtime, images, deadline))
                 positive, negative = ([Query(vector=next(embedded)) if e.image is not None else e for e in side]
                                       for side in (examples.positive, examples.negative))
                 examples = Examples(tuple(positive), tuple(negative), examples.strategy, examples.ignore_missing)
             return await runtime.run_in(self._index_pool, self.engine.recommend, version, self.hidden, examples,
-                                        options, k, self.max_search_k(version))
+                                        options, k)
         finally:
             self._release(runtime, images)
 

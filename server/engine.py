@@ -22,6 +22,9 @@ AVERAGE_VECTOR, BEST_SCORE = "average_vector", "best_score"
 STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE)
 # The plan of a query answered from the version's neighbour lists (the others are in server/search.py).
 NEIGHBOUR_LIST = "neighbour_list"
+# How far a list's stored score may be from the score served for the same row (float32 rounding of two
+# different matrix products of unit vectors: about 1e-7; kept far above it).
+SCORE_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -204,29 +207,40 @@ class QueryEngine:
         kind, row = resolved.list_position
         products, scores = version.neighbours.list_of(kind, row)
         mask = eligible_products(version, hidden, options.filter, resolved.own_products)
-        found = walk_list(products, scores, mask, k, options.score_threshold)
+        threshold = options.score_threshold
+        if threshold is None:
+            found = walk_list(products, scores, mask, k, None)
+        else:
+            # The builder's scores and the served ones may differ in the last bits (another matrix product): the
+            # walk also takes the entries this close to the threshold, and their served scores decide. At least
+            # k of what it takes are then clear of the threshold, unless the list ends first.
+            near = int(np.count_nonzero(np.abs(scores - threshold) < SCORE_TOLERANCE))
+            found = walk_list(products, scores, mask, k + near, threshold - SCORE_TOLERANCE)
         if found is None:
             return None
-        self._plan(NEIGHBOUR_LIST)
         hits = version.index.describe(NearestScorer(resolved.vectors), found, options.group_size)
+        if threshold is not None:
+            hits = [hit for hit in hits if hit.score >= threshold][:k]
+        self._plan(NEIGHBOUR_LIST)
         return [self.product_result(version, hit, options) for hit in hits]
 
     def find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
-             k: int, max_search_k: int) -> list[ProductResult]:
+             k: int, try_list: bool = True) -> list[ProductResult]:
+        """The answer from the neighbour lists when they can give it (unless the caller tried them already),
+        else from a search."""
+        results = self.from_list(version, hidden, query, options, k) if try_list else None
+        if results is not None:
+            return results
         # A hidden product still works as a query ("alternatives to this sold-out product").
         resolved = self.resolve(version, query, self._exclude(query, options))
-        return self.search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k,
-                           max_search_k)
+        return self.search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k)
 
     @staticmethod
     def _exclude(query: Query, options: SearchOptions) -> bool:
         return query.by_id if options.exclude_query is None else options.exclude_query
 
     def search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
-               options: SearchOptions, k: int, max_search_k: int) -> list[ProductResult]:
-        if options.search_k > max_search_k:
-            raise InvalidArgument(f"search_k must be at most {max_search_k} on version {version.name} (8 times its "
-                                  f"own {version.search_k}), not {options.search_k}")
+               options: SearchOptions, k: int) -> list[ProductResult]:
         mask = eligible_products(version, hidden, options.filter, own_products)
         result = version.index.search(scorer, k, allowed=mask, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
@@ -260,7 +274,7 @@ class QueryEngine:
         return _Resolved(vector[None, :], index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
 
     def recommend(self, version: ServedVersion, hidden: HiddenProducts, examples: Examples, options: SearchOptions,
-                  k: int, max_search_k: int) -> Answer:
+                  k: int) -> Answer:
         missing_products, missing_images, own = [], [], []
         sides = []
         for side in (examples.positive, examples.negative):
@@ -296,7 +310,7 @@ class QueryEngine:
                     return np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)
 
                 scorer = BestScoreScorer(stack(positive), stack(negative))
-            results = self.search(version, hidden, scorer, own, options, k, max_search_k)
+            results = self.search(version, hidden, scorer, own, options, k)
         return Answer(results, version.name, hidden.version, missing_products, missing_images)
 
     @staticmethod

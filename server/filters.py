@@ -70,15 +70,12 @@ class PostingLists:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.nbytes = self.codes.nbytes + self.uniques.nbytes + self.products.nbytes + self.offsets.nbytes
 
-    def code_of(self, value: str) -> int | None:
-        return self.uniques.position(value)
-
     def products_with(self, values: tuple[str, ...]) -> np.ndarray:
         """Product rows holding any of the values (unknown values hold none)."""
-        codes = [code for code in map(self.code_of, dict.fromkeys(values)) if code is not None]
-        if not codes:
+        codes = self.uniques.find(list(dict.fromkeys(values)))
+        if not len(codes):
             return np.zeros(0, np.int64)
-        return np.concatenate([self.products[self.offsets[c]:self.offsets[c + 1]] for c in codes])
+        return np.concatenate([self.products[self.offsets[c]:self.offsets[c + 1]] for c in codes.tolist()])
 
     def value_of(self, product_row: int) -> str | None:
         code = int(self.codes[product_row])

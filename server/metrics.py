@@ -50,6 +50,9 @@ class ServerMetrics(CoreObserver):
                                             "(applied, refused)", ["result"], registry=r)
         self.result_cache_lookups = Counter("lookalike_result_cache", "FindSimilar by id answers looked up in the "
                                             "result cache, by result (hit, miss)", ["result"], registry=r)
+        self.retire_collection_seconds = Histogram(
+            "lookalike_retire_collection_seconds", "the full garbage collection that frees a retired version (the "
+            "event loop waits for it)", buckets=_LATENCY_BUCKETS, registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (neighbour_list, "
                              "exact, annoy, annoy_then_exact)", ["plan"], registry=r)
 

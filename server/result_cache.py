@@ -12,6 +12,7 @@ _ENTRY_BYTES = 400
 _RESULT_BYTES = 350
 _IMAGE_BYTES = 300
 _ATTRIBUTE_BYTES = 150
+_STRING_BYTES = 60  # a str object's header and its slot in a tuple
 
 
 class _Image(Protocol):
@@ -34,6 +35,15 @@ def answer_bytes(results: Sequence[_Result]) -> int:
         total += sum(_IMAGE_BYTES + len(image.image_id) + len(image.path) for image in result.images)
         total += sum(_ATTRIBUTE_BYTES + len(key) + len(value) for key, value in result.attributes.items())
     return total
+
+
+def key_bytes(options) -> int:
+    """What a request's key holds besides a few small fields: its filter's strings (up to 10,000 excluded ids and
+    16 x 1,024 clause values), counted against the same bound as the answers."""
+    strings = [*options.filter.exclude_product_ids]
+    for clause in options.filter.clauses:
+        strings += [clause.key, *clause.any_of, *clause.none_of]
+    return _ENTRY_BYTES + sum(_STRING_BYTES + len(value) for value in strings)
 
 
 class ResultCache:
@@ -64,9 +74,10 @@ class ResultCache:
         self._entries.move_to_end(key)
         return entry[0]
 
-    def put(self, key: Hashable, results: list) -> bool:
-        """Keeps the answer unless it alone exceeds a tenth of the byte bound (it would flush the cache)."""
-        size = answer_bytes(results)
+    def put(self, key: Hashable, results: list, key_size: int = 0) -> bool:
+        """Keeps the answer unless it and its key (key_size bytes) exceed a tenth of the byte bound alone (they
+        would flush the cache)."""
+        size = answer_bytes(results) + key_size
         if not self.enabled or size > self.max_bytes // 10:
             return False
         old = self._entries.pop(key, None)

@@ -208,7 +208,12 @@ class ProductSearch:
         if found is None:
             plan = ANNOY_THEN_EXACT if plan == ANNOY else EXACT
             found = self._exact_search(scorer, k, mask, score_threshold)
-        return SearchResult(self.describe(scorer, found, group_size), plan)
+        hits = self.describe(scorer, found, group_size)
+        if score_threshold is not None:
+            # Scored again as served (another matrix product than the plan's): the threshold holds on what is
+            # reported, to the last bit.
+            hits = [hit for hit in hits if hit.score >= score_threshold]
+        return SearchResult(hits, plan)
 
     def _exact_search(self, scorer: Scorer, k: int, mask: np.ndarray | None,
                       score_threshold: float | None) -> np.ndarray:

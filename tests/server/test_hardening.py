@@ -129,7 +129,7 @@ def test_the_result_cache_is_bounded_in_bytes_as_well_as_entries(tmp_path):
 
     hidden = HiddenProducts(Availability())
     answer = engine.find(version, hidden, Query(product_id="prod-001"),
-                         SearchOptions(k=19, group_size=2, with_attributes=True), 19, 8000)
+                         SearchOptions(k=19, group_size=2, with_attributes=True), 19)
     size = answer_bytes(answer)
     assert size > 19 * 300
     cache = ResultCache(max_entries=1000, max_bytes=size * 10 + size // 2)
