@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from builder.model import LabelError
 from client.library import ImageSimilarityClient
 from lookalike import artifacts
 from tests import helpers
+from tests.builder import fake_build
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +47,8 @@ def test_gem_and_lda_are_served_exactly_as_built(gem_lda, catalogue):
 
 
 def test_a_supervised_head_refuses_a_catalogue_without_labels_and_huge_images_are_dropped(tmp_path):
+    """In process, with the fake trunk (tests/builder/fake_build.py): the refusal comes before any model runs
+    and the drop from the scan. That a build error is one line from the CLI: tests/test_cli_errors.py."""
     images = tmp_path / "photos"
     folder = images / "small" / "aa"
     folder.mkdir(parents=True)
@@ -54,18 +58,14 @@ def test_a_supervised_head_refuses_a_catalogue_without_labels_and_huge_images_ar
     # 49 MP of one grey: a few kB on disk, over the 40 MP a build (and the server) decodes.
     Image.new("L", (7000, 7000), 128).save(folder / "poster.png")
     out = tmp_path / "ARTIFACTS"
-    refused = helpers.build(images, out, "--head", "lda", check=False)
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    # Refused once the catalogue is read, before any image is embedded: one line names the problem.
-    errors = [line for line in refused.stderr.splitlines() if line.startswith("lookalike-build: ")]
-    assert len(errors) == 1 and "Traceback" not in refused.stderr
-    assert "'product_type', which this catalogue does not have (its attributes: none)" in errors[0]
+    with pytest.raises(LabelError) as refused:
+        fake_build.run(images, out, head="lda")
+    # Refused once the catalogue is read, before any image is embedded.
+    assert "'product_type', which this catalogue does not have (its attributes: none)" in str(refused.value)
     assert not (out / ".features" / "models").exists() or not any((out / ".features" / "models").rglob("*.parquet"))
     assert not (out / artifacts.CURRENT).exists()
-    built = helpers.build(images, out, check=False)
-    assert built.returncode == 0, built.stderr[-2000:]
+    manifest = fake_build.run(images, out)
     version_dir = out / artifacts.read_current(out)
-    manifest = json.loads((version_dir / artifacts.MANIFEST).read_text())
     assert manifest["counts"]["indexed"] == 6 and manifest["counts"]["dropped_by_reason"] == {"too large": 1}
     dataset = pd.read_parquet(version_dir / artifacts.DATASET_FILE).set_index("image_id")
     assert dataset.loc["poster", "drop_reason"] == "too large: 7000x7000 pixels (49.0 MP) is over the limit of 40 MP"
