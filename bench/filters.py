@@ -54,7 +54,7 @@ def _exact_truth(catalogue, vectors: np.ndarray, query: np.ndarray, allowed: np.
 
 def _naive(search: ProductSearch, query: np.ndarray, allowed: np.ndarray, own: int) -> list[int]:
     """What Annoy alone offers (spotify/annoy#263): the k nearest images at the served search_k, then filter."""
-    rows = search._annoy.get_nns_by_vector(query.tolist(), K, search_k=search.search_k)
+    rows = search.ann.nearest(query, K, search.search_k)[0]
     products = [int(search.catalogue.row_product[r]) for r in rows]
     return list(dict.fromkeys(p for p in products if allowed[p] and p != own))
 
@@ -116,10 +116,9 @@ def _crossover(search: ProductSearch, vectors: np.ndarray, products: np.ndarray)
     catalogue = search.catalogue
     queries = [vectors[int(catalogue.first_row[p])] for p in products]
     wanted = K * int(search.config.fanout)
-    budget = max(search.search_k * wanted // 10, wanted * search.n_trees)
     begin = time.perf_counter()
     for query in queries:
-        rows = np.asarray(search._annoy.get_nns_by_vector(query.tolist(), wanted, search_k=budget), np.int64)
+        rows = search.ann.nearest(query, wanted, search.search_k)[0]
         top_products(vectors[rows] @ query, catalogue.row_product[rows], K)
     annoy_ms = (time.perf_counter() - begin) / len(queries) * 1000
     out = []

@@ -1,15 +1,43 @@
-"""The Annoy index: build over unit vectors, measure recall@10 against exact search, pick search_k."""
+"""The index over unit vectors (Annoy, or hnswlib's HNSW): built, measured against exact search (recall@10
+and query time), and its query budget (Annoy's trees and search_k together, HNSW's ef) chosen from the figures."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 METRIC = "euclidean"
+ANNOY, HNSW = "annoy", "hnsw"
+INDEX_KINDS = (ANNOY, HNSW)
+# The tree counts tried run from --n-trees, doubling, up to this cap. At 128-d each tree adds about 12 bytes per
+# row to the mapped file (80 trees: the index is 2.3x the vectors' bytes) and build time grows with the trees;
+# at ABO's size (bench/index_scale.py) query time stopped falling well before 80 trees.
+MAX_N_TREES = 80
+# A tree count is kept only when it makes the cheapest query reaching the target this much faster than the
+# best fewer trees gave: timings here are noisy, and fewer trees are a smaller file and a faster build.
+MIN_GAIN = 0.10
+# Annoy's per-query budget: a search_k past this share of the rows is dearer than an exact scan of them all
+# (measured: 51,200 of 395,039 rows cost 8.9 ms against 20.9 ms for numpy's exact scan, issue 17).
+MAX_SEARCH_K_SHARE = 0.25
+# Below this many candidates a query costs a fraction of a millisecond whatever the trees: more trees are
+# tried only when the fewest need a larger search_k, and the budget is never smaller (the server answers a
+# catalogue of up to 4,096 rows exactly anyway). Small catalogues (the tests') then build one tree count.
+MIN_SEARCH_K_BUDGET = 4096
+# Rounds of the side-by-side timing of the tree counts that reached the target (the best of each kept).
+RUNOFF_ROUNDS = 3
+# HNSW's graph: M links per node (16: recall 0.95 at ef 10-16 at ABO's size; 32 bought no faster query for
+# 30% more memory and a slower build, bench/index_scale.py) and ef_construction, hnswlib's recommended 200.
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200
+HNSW_EFS = (10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
 
 @dataclass(frozen=True)
@@ -19,6 +47,26 @@ class IndexReport:
     recall_at_10: float
     recall_by_search_k: dict[int, float]
     queries: int
+    # Annoy or HNSW. For HNSW, n_trees is 0 and search_k is ef_search: the per-query budget in the index's unit.
+    kind: str = ANNOY
+    # Median single-thread milliseconds per 10-neighbour query at the chosen budget (noisy: a shared machine).
+    ms_per_query: float | None = None
+    # Every (n_trees, search_k) or ef pair measured, with its recall and query time, and why the choice won.
+    candidates: tuple[dict, ...] = ()
+    reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def manifest(self, file: str) -> dict:
+        """The manifest's `index` section: what was built, what was tried and why this budget."""
+        section = {"kind": self.kind, "file": file, "n_trees": self.n_trees, "search_k": self.search_k,
+                   "recall_at_10": round(self.recall_at_10, 4), "recall_queries": self.queries,
+                   "recall_by_search_k": {str(k): round(v, 4) for k, v in self.recall_by_search_k.items()},
+                   "ms_per_query": self.ms_per_query, "reason": self.reason,
+                   "candidates": [{**c, "recall_at_10": round(c["recall_at_10"], 4)} for c in self.candidates],
+                   **self.extra}
+        if self.kind == HNSW:
+            section["ef_search"] = self.search_k
+        return section
 
 
 def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -52,23 +100,194 @@ def recall_at_10(index, vectors: np.ndarray, query_ids: np.ndarray, search_k: in
 
 
 def build_with_recall(vectors: np.ndarray, path: str, n_trees: int, target_recall: float,
-                      sample_queries: int = 500, seed: int = 42) -> IndexReport:
-    """Builds the index, then finds the smallest search_k whose measured recall@10 meets the target.
+                      sample_queries: int = 500, seed: int = 42, max_n_trees: int = MAX_N_TREES) -> IndexReport:
+    """Annoy's trees and search_k chosen together: the pair whose measured query is the fastest to reach the
+    target recall@10, preferring pairs within the per-query budget (search_k at most MAX_SEARCH_K_SHARE of the
+    rows) under a size cap (at most max_n_trees trees).
 
-    When no search_k up to a full scan's worth meets it, the tree count doubles and it tries again.
+    Tree counts run from n_trees, doubling; for each, the smallest search_k (rising by sqrt(2) from n_trees * 10,
+    up to a full scan's worth) reaching the target. More trees stop being built once a doubling makes that
+    query less than MIN_GAIN faster, or once it needs no more than MIN_SEARCH_K_BUDGET. The tree counts are
+    then timed again side by side (RUNOFF_ROUNDS rounds, the best of each kept, so that a burst of load on a
+    shared host does not decide), and of those within the budget (all of them when none is) the fewest trees
+    within MIN_GAIN of the fastest win.
     """
+    query_ids, truth = _sample(vectors, sample_queries, seed)
+    k = truth.shape[1]
+    budget = max(int(len(vectors) * MAX_SEARCH_K_SHARE), n_trees * k, MIN_SEARCH_K_BUDGET)
+    max_n_trees = max(max_n_trees, n_trees)
+    target = Path(path)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    candidates: list[dict] = []
+    tried: list[dict] = []
+    try:
+        trees, fastest = n_trees, np.inf
+        while True:
+            built, points = _annoy_candidate(vectors, work / f"{trees}.ann", trees, seed, query_ids, truth,
+                                             target_recall)
+            candidates += [{"n_trees": trees, **point} for point in points]
+            tried.append({**built, **points[-1], "within_budget": points[-1]["search_k"] <= budget})
+            faster = points[-1]["ms_per_query"] < fastest * (1 - MIN_GAIN)
+            fastest = min(fastest, points[-1]["ms_per_query"])
+            if trees * 2 > max_n_trees or not faster or points[-1]["search_k"] <= MIN_SEARCH_K_BUDGET:
+                break
+            trees *= 2
+        chosen = _runoff([t for t in tried if t["within_budget"]] or tried, work, vectors, query_ids, k)
+        os.replace(work / f"{chosen['n_trees']}.ann", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    points = [p for p in candidates if p["n_trees"] == chosen["n_trees"]]
+    reason = (f"n_trees={chosen['n_trees']} search_k={chosen['search_k']}: of the (trees, search_k) pairs "
+              f"reaching recall@10 {target_recall} with search_k <= {budget} (the per-query budget: "
+              f"{MAX_SEARCH_K_SHARE:.0%} of the rows, past which an exact scan is cheaper, and at least "
+              f"{MIN_SEARCH_K_BUDGET}) and n_trees <= {max_n_trees}, the fewest trees whose query is "
+              f"within {MIN_GAIN:.0%} of the fastest measured (more trees: a bigger file, a slower build); trees "
+              f"doubled while that made the query {MIN_GAIN:.0%} faster and it needed search_k > "
+              f"{MIN_SEARCH_K_BUDGET}. Tried: "
+              + "; ".join(f"{t['n_trees']} trees ({t['bytes'] / 2**20:.1f} MB, built in {t['build_seconds']} s): "
+                          f"search_k {t['search_k']}, recall@10 {t['recall_at_10']:.4f}, {t['ms_per_query']} ms"
+                          for t in tried))
+    if not chosen["within_budget"]:
+        reason += "; no pair reached the target within the per-query budget: it was exceeded"
+        log.warning("no search_k up to %d reaches recall@10 %.3f with up to %d trees: search_k %d chosen", budget,
+                    target_recall, trees, chosen["search_k"])
+    log.info("index: %s", reason)
+    return IndexReport(chosen["n_trees"], chosen["search_k"], chosen["recall_at_10"],
+                       {p["search_k"]: p["recall_at_10"] for p in points}, len(query_ids), ANNOY,
+                       chosen["ms_per_query"], tuple(candidates), reason,
+                       {"max_search_k": budget, "max_n_trees": max_n_trees, "trees_tried": tried})
+
+
+def _annoy_candidate(vectors: np.ndarray, file: Path, trees: int, seed: int, query_ids: np.ndarray,
+                     truth: np.ndarray, target_recall: float) -> tuple[dict, list[dict]]:
+    """One tree count: built into `file`, then its search_k sweep until the target (a full scan's worth at most)."""
+    begin = time.perf_counter()
+    index = build_annoy(vectors, trees, str(file), seed)
+    built = {"n_trees": trees, "build_seconds": round(time.perf_counter() - begin, 2), "bytes": file.stat().st_size}
+    start = trees * truth.shape[1]
+    points = _search_k_sweep(index, vectors, query_ids, truth, start, max(len(vectors) * 4, start), target_recall)
+    index.unload()
+    return built, points
+
+
+def _runoff(reached: list[dict], work: Path, vectors: np.ndarray, query_ids: np.ndarray, k: int) -> dict:
+    """The tree counts, timed again in turns at their search_k (each its best of RUNOFF_ROUNDS medians); the
+    fewest trees within MIN_GAIN of the fastest."""
+    if len(reached) > 1:
+        indexes = [_load_annoy(work / f"{t['n_trees']}.ann", vectors.shape[1]) for t in reached]
+        best = [np.inf] * len(reached)
+        for _ in range(RUNOFF_ROUNDS):
+            for i, (index, t) in enumerate(zip(indexes, reached, strict=True)):
+                best[i] = min(best[i], _median_ms(lambda v, x=index, s=t["search_k"]: x.get_nns_by_vector(
+                    v, k, search_k=s), vectors[query_ids]))
+        for index in indexes:
+            index.unload()
+        for t, ms in zip(reached, best, strict=True):
+            t["ms_per_query"] = round(ms, 4)
+    fastest = min(t["ms_per_query"] for t in reached)
+    return next(t for t in reached if t["ms_per_query"] * (1 - MIN_GAIN) <= fastest)
+
+
+def build_hnsw_with_recall(vectors: np.ndarray, path: str, target_recall: float, sample_queries: int = 500,
+                           seed: int = 42, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION
+                           ) -> IndexReport:
+    """An hnswlib graph saved in hnswlib's own format, and the smallest ef_search whose recall@10 meets the
+    target. The server searches with k = max(n, ef) (hnswlib's search width is max(ef, k)), so no shared
+    ef setting changes between queries; the builder measures the same way."""
+    import hnswlib
+
+    query_ids, truth = _sample(vectors, sample_queries, seed)
+    k = truth.shape[1]
+    begin = time.perf_counter()
+    index = hnswlib.Index(space="l2", dim=int(vectors.shape[1]))
+    index.init_index(max_elements=len(vectors), ef_construction=ef_construction, M=m, random_seed=seed)
+    index.add_items(np.ascontiguousarray(vectors, np.float32), np.arange(len(vectors)),
+                    num_threads=os.cpu_count() or 1)
+    build_seconds = round(time.perf_counter() - begin, 2)
+    index.save_index(path)
+    index.set_num_threads(1)
+    points = []
+    efs = [ef for ef in HNSW_EFS if ef < len(vectors)] + [len(vectors)]
+    for ef in efs:
+        width = max(k, ef)
+        recall, ms = _measure(lambda v, w=width: index.knn_query(v, k=w)[0][0][:k], vectors, query_ids, truth)
+        points.append({"ef_search": ef, "recall_at_10": recall, "ms_per_query": ms})
+        log.info("hnsw M=%d ef=%d recall@10=%.4f %.3f ms", m, ef, recall, ms)
+        if recall >= target_recall:
+            break
+    chosen = points[-1]
+    reason = (f"ef_search={chosen['ef_search']}: the smallest ef whose recall@10 reaches {target_recall} "
+              f"(M={m}, ef_construction={ef_construction})")
+    return IndexReport(0, chosen["ef_search"], chosen["recall_at_10"],
+                       {p["ef_search"]: p["recall_at_10"] for p in points}, len(query_ids), HNSW,
+                       chosen["ms_per_query"], tuple(points), reason,
+                       {"M": m, "ef_construction": ef_construction, "build_seconds": build_seconds,
+                        "bytes": Path(path).stat().st_size})
+
+
+def build_index(kind: str, vectors: np.ndarray, folder: Path, n_trees: int, target_recall: float,
+                sample_queries: int = 500, seed: int = 42) -> tuple[str, IndexReport]:
+    """The version's index of the given kind in `folder`: its file name (as the manifest lists it) and report."""
+    from lookalike import artifacts
+
+    if kind == ANNOY:
+        return artifacts.INDEX_FILE, build_with_recall(vectors, str(folder / artifacts.INDEX_FILE), n_trees,
+                                                       target_recall, sample_queries, seed)
+    if kind == HNSW:
+        return artifacts.HNSW_INDEX_FILE, build_hnsw_with_recall(vectors, str(folder / artifacts.HNSW_INDEX_FILE),
+                                                                 target_recall, sample_queries, seed)
+    raise ValueError(f"index must be one of {INDEX_KINDS}, not {kind!r}")
+
+
+def _sample(vectors: np.ndarray, sample_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Catalogue rows to measure with, and their exact top 10."""
     rng = np.random.default_rng(seed)
     query_ids = rng.choice(len(vectors), size=min(sample_queries, len(vectors)), replace=False)
-    while True:
-        index = build_annoy(vectors, n_trees, path, seed)
-        k = min(10, len(vectors))
-        measured: dict[int, float] = {}
-        search_k = n_trees * k
-        while search_k <= max(len(vectors) * 4, n_trees * k):
-            measured[search_k] = recall_at_10(index, vectors, query_ids, search_k)
-            log.info("n_trees=%d search_k=%d recall@10=%.4f", n_trees, search_k, measured[search_k])
-            if measured[search_k] >= target_recall:
-                return IndexReport(n_trees, search_k, measured[search_k], measured, len(query_ids))
-            search_k *= 2
-        index.unload()
-        n_trees *= 2
+    return query_ids, exact_neighbours(vectors, vectors[query_ids], min(10, len(vectors)))
+
+
+def _median_ms(query, queries: np.ndarray) -> float:
+    """Median milliseconds of query(vector) over the queries, on this thread."""
+    ms = np.empty(len(queries))
+    for i, vector in enumerate(queries):
+        begin = time.perf_counter()
+        query(vector)
+        ms[i] = time.perf_counter() - begin
+    return float(np.median(ms)) * 1000
+
+
+def _measure(query, vectors: np.ndarray, query_ids: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """recall@10 of query(vector) -> rows against the truth, and its median milliseconds (this thread only)."""
+    hits, ms = 0, np.empty(len(query_ids))
+    for i, (row, expected) in enumerate(zip(query_ids, truth, strict=True)):
+        begin = time.perf_counter()
+        found = query(vectors[row])
+        ms[i] = time.perf_counter() - begin
+        hits += len(np.intersect1d(np.asarray(found, np.int64), expected))
+    return hits / truth.size, round(float(np.median(ms)) * 1000, 4)
+
+
+def _search_k_sweep(index, vectors: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, start: int, stop: int,
+                    target_recall: float) -> list[dict]:
+    """search_k from start rising by sqrt(2) (at least one), up to stop or the first that reaches the target."""
+    k = truth.shape[1]
+    points = []
+    for step in range(200):
+        search_k = round(start * 2 ** (step / 2))
+        if step and search_k > stop:
+            break
+        recall, ms = _measure(lambda v, s=search_k: index.get_nns_by_vector(v, k, search_k=s), vectors, query_ids,
+                              truth)
+        points.append({"search_k": search_k, "recall_at_10": recall, "ms_per_query": ms})
+        log.info("n_trees=%d search_k=%d recall@10=%.4f %.3f ms", index.get_n_trees(), search_k, recall, ms)
+        if recall >= target_recall:
+            break
+    return points
+
+
+def _load_annoy(path: Path, dimension: int):
+    from annoy import AnnoyIndex
+
+    index = AnnoyIndex(dimension, METRIC)
+    index.load(str(path))
+    return index

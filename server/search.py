@@ -1,4 +1,4 @@
-"""Product search: a plan per query (exact or Annoy), results grouped until k distinct products."""
+"""Product search: a plan per query (exact or the version's index), results grouped until k distinct products."""
 
 from __future__ import annotations
 
@@ -12,10 +12,96 @@ import numpy as np
 from lookalike import artifacts
 from server.catalogue import Catalogue
 
-# Plans, in the order a query may go through them; each choice is counted in a metric.
+# Plans, in the order a query may go through them; each choice is counted in a metric. "annoy" is the plan that
+# searches the version's index, whichever it is (Annoy or HNSW): the metric's label values stay as they were.
 EXACT, ANNOY, ANNOY_THEN_EXACT = "exact", "annoy", "annoy_then_exact"
 PLANS = (EXACT, ANNOY, ANNOY_THEN_EXACT)
 MAX_NODE_BUDGET = 2**31 - 1
+
+
+class NearestIndex(Protocol):
+    """A version's approximate nearest-neighbour index over its rows, Annoy or HNSW: what the plans need of it."""
+
+    def nearest(self, vector: np.ndarray, n: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to n rows nearest the unit vector, nearest first, and their euclidean distances. `budget` is the
+        version's per-query budget for 10 neighbours in the index's own unit (Annoy's search_k, HNSW's ef),
+        the manifest's or a request's; the index scales it for n."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def unload(self) -> None: ...
+
+
+class AnnoyNeighbours:
+    """Annoy's file, memory-mapped: replicas on one host share its pages."""
+
+    def __init__(self, path: Path, dimension: int, n_trees: int, metric: str = "euclidean") -> None:
+        from annoy import AnnoyIndex
+
+        self.n_trees = n_trees
+        self._annoy = AnnoyIndex(dimension, metric)
+        # prefault: read the pages in now, so the first queries do not pay for page faults.
+        if not self._annoy.load(str(path), prefault=True):
+            raise artifacts.ArtifactError(f"annoy could not load {path}")
+
+    def __len__(self) -> int:
+        return self._annoy.get_n_items()
+
+    def nearest(self, vector: np.ndarray, n: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        # search_k reaches the target recall for 10 neighbours; Annoy counts nodes in a C int: a budget past it
+        # would overflow (and cost seconds anyway).
+        node_budget = min(max(budget * n // 10, n * self.n_trees), MAX_NODE_BUDGET)
+        rows, distances = self._annoy.get_nns_by_vector(np.asarray(vector, np.float32).tolist(), n,
+                                                        search_k=node_budget, include_distances=True)
+        return np.asarray(rows, np.int64), np.asarray(distances, np.float32)
+
+    def unload(self) -> None:
+        self._annoy.unload()
+
+
+class HnswNeighbours:
+    """hnswlib's graph, read into this process's memory (hnswlib cannot map it: every worker holds a copy)."""
+
+    def __init__(self, path: Path, dimension: int, rows: int) -> None:
+        import hnswlib
+
+        self._hnsw = hnswlib.Index(space="l2", dim=dimension)
+        try:
+            self._hnsw.load_index(str(path), max_elements=rows)
+        except RuntimeError as error:
+            raise artifacts.ArtifactError(f"hnswlib could not load {path}: {error}") from error
+        # One query is one search on the calling thread: the index pool's threads are the parallelism.
+        self._hnsw.set_num_threads(1)
+
+    def __len__(self) -> int:
+        return self._hnsw.get_current_count()
+
+    def nearest(self, vector: np.ndarray, n: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        # hnswlib searches max(ef, k) wide: asking for ef neighbours and keeping n is a search at ef with no
+        # shared ef setting to change under another thread's query.
+        width = min(len(self), max(n, budget * n // 10))
+        try:
+            labels, squared = self._hnsw.knn_query(np.asarray(vector, np.float32), k=width)
+        except RuntimeError:
+            # The graph could not return `width` rows (a very wide query on a small graph): a short answer,
+            # which the plans treat as such and complete with an exact scan.
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return labels[0, :n].astype(np.int64), np.sqrt(np.maximum(squared[0, :n], 0)).astype(np.float32)
+
+    def unload(self) -> None:
+        # The graph is this process's memory: dropping the last reference frees it.
+        self._hnsw = None
+
+
+def open_index(kind: str, path: Path, dimension: int, rows: int, n_trees: int,
+               metric: str = "euclidean") -> NearestIndex:
+    """The index a version's manifest names: "annoy" (every version before HNSW) or "hnsw"."""
+    if kind == "annoy":
+        return AnnoyNeighbours(path, dimension, n_trees, metric)
+    if kind == "hnsw":
+        return HnswNeighbours(path, dimension, rows)
+    raise artifacts.ArtifactError(f"unknown index kind {kind!r} (annoy or hnsw)")
 
 
 @dataclass(frozen=True)
@@ -155,12 +241,10 @@ def top_products(scores: np.ndarray, products: np.ndarray, k: int) -> tuple[np.n
 
 
 class ProductSearch:
-    """The index of one version: Annoy over the unit vectors, the vectors themselves, the catalogue."""
+    """The index of one version: Annoy or HNSW over the unit vectors, the vectors themselves, the catalogue."""
 
     def __init__(self, catalogue: Catalogue, vectors: np.ndarray, index_path: Path, search_k: int, n_trees: int,
-                 config: SearchConfig = SearchConfig(), metric: str = "euclidean") -> None:
-        from annoy import AnnoyIndex
-
+                 config: SearchConfig = SearchConfig(), metric: str = "euclidean", kind: str = "annoy") -> None:
         self.catalogue = catalogue
         # A plain ndarray over the same mapped pages: numpy's memmap subclass costs more per slice than
         # the slice itself (measured: a fifth of a by-product query's time).
@@ -169,13 +253,11 @@ class ProductSearch:
         self.search_k = search_k
         self.n_trees = n_trees
         self.config = config
-        self._annoy = AnnoyIndex(self.dimension, metric)
-        # prefault: read the pages in now, so the first queries do not pay for page faults.
-        if not self._annoy.load(str(index_path), prefault=True):
-            raise artifacts.ArtifactError(f"annoy could not load {index_path}")
-        if self._annoy.get_n_items() != len(vectors):
-            raise artifacts.ArtifactError(f"index has {self._annoy.get_n_items()} images, the tables "
-                                          f"{len(vectors)}")
+        # search_k is the per-query budget in this index's unit: Annoy's search_k, HNSW's ef.
+        self.kind = kind
+        self.ann = open_index(kind, index_path, self.dimension, len(vectors), n_trees, metric)
+        if len(self.ann) != len(vectors):
+            raise artifacts.ArtifactError(f"index has {len(self.ann)} images, the tables {len(vectors)}")
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -244,15 +326,12 @@ class ProductSearch:
         it: rows not fetched are farther still (as far as Annoy can tell), so they are below it too."""
         wanted = min(len(self), max(k, math.ceil(k * self.config.fanout / selectivity)))
         for _ in range(self.config.annoy_rounds):
-            # The manifest's search_k is what reaches the target recall for 10 neighbours.
-            # Annoy counts nodes in a C int: a budget past it would overflow (and cost seconds anyway).
-            node_budget = min(max(search_k * wanted // 10, wanted * self.n_trees), MAX_NODE_BUDGET)
+            # The manifest's search_k is what reaches the target recall for 10 neighbours; the index scales it.
             candidates: set[int] = set()
             reach = -np.inf  # the best similarity a row that no probe fetched can have
             for probe in scorer.probes:
-                found_rows, distances = self._annoy.get_nns_by_vector(probe.tolist(), wanted, search_k=node_budget,
-                                                                      include_distances=True)
-                candidates.update(found_rows)
+                found_rows, distances = self.ann.nearest(probe, wanted, search_k)
+                candidates.update(found_rows.tolist())
                 # A probe that came back short says nothing of the rows it did not reach.
                 reach = max(reach, 1 - distances[-1] ** 2 / 2 if len(found_rows) == wanted else np.inf)
             rows = np.fromiter(candidates, np.int64, len(candidates))
@@ -298,9 +377,9 @@ class ProductSearch:
         if len(self) <= self.config.exact_max_rows:
             rows = np.arange(len(self))
         else:
-            rows = np.asarray(self._annoy.get_nns_by_vector(vector.tolist(), 16, search_k=self.search_k), np.int64)
+            rows = self.ann.nearest(vector, 16, self.search_k)[0]
         close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
         return sorted({int(p) for p in self.catalogue.row_product[close]})
 
     def unload(self) -> None:
-        self._annoy.unload()
+        self.ann.unload()

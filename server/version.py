@@ -122,9 +122,11 @@ def load_version(artifacts_dir: Path, version: str, max_pixels: int,
     catalogue, vectors = load_catalogue(version_dir, manifest)
     if vectors.shape[1] != dimension:
         raise artifacts.ArtifactError(f"the index's vectors are {vectors.shape[1]}-d, the manifest says {dimension}")
-    index = ProductSearch(catalogue, vectors, version_dir / artifacts.INDEX_FILE,
+    # The index the manifest names: Annoy (every version before HNSW) or HNSW; search_k is its budget (ef for HNSW).
+    index = ProductSearch(catalogue, vectors, version_dir / artifacts.index_file(manifest),
                           search_k=int(manifest["index"]["search_k"]), n_trees=int(manifest["index"]["n_trees"]),
-                          config=search, metric=manifest.get("metric", "euclidean"))
+                          config=search, metric=manifest.get("metric", "euclidean"),
+                          kind=manifest["index"].get("kind", "annoy"))
     lists = load_neighbours(version_dir, manifest)
     backend.warmup()
     return ServedVersion(version, manifest, backend, index, None if lists is None else ListedNeighbours(lists))

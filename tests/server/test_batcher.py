@@ -13,13 +13,24 @@ class Recorder:
         self.batches: list[list[int]] = []
         self.delay_s = delay_s
         self.fail = fail
+        self.gate = asyncio.Event()  # cleared by a test to hold a batch on the "model" until it is set
+        self.gate.set()
 
     async def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
+        await asyncio.wait_for(self.gate.wait(), 30)
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise ValueError("model exploded")
         return [item * 10 for item in items]
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    """Waits (bounded) for something the test can observe, instead of for a guessed time."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
 
 
 async def test_batches_up_to_max_batch_size_and_returns_each_its_own_result():
@@ -43,7 +54,7 @@ async def test_items_arriving_while_a_batch_runs_form_the_next_batch():
     run = Recorder(delay_s=0.2)
     batcher = MicroBatcher(run, BatcherConfig(max_batch_size=8, max_wait_ms=0, max_queue=64))
     first = asyncio.ensure_future(batcher.submit(0))
-    await asyncio.sleep(0.05)
+    await _until(lambda: run.batches)  # the first batch is on the model (for 0.2 s)
     rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 6)]
     await asyncio.gather(first, *rest)
     assert run.batches == [[0], [1, 2, 3, 4, 5]]
@@ -54,7 +65,7 @@ async def test_queue_full_refuses_at_once_and_whole():
     run = Recorder(delay_s=0.3)
     batcher = MicroBatcher(run, BatcherConfig(max_batch_size=2, max_wait_ms=0, max_queue=4))
     running = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
-    await asyncio.sleep(0.05)  # the first batch is in flight; the queue is empty again
+    await _until(lambda: run.batches)  # the first batch is in flight; the queue is empty again
     queued = batcher.submit_many([10, 11, 12])
     with pytest.raises(QueueFull):
         batcher.submit_many([20, 21])
@@ -81,7 +92,8 @@ async def test_wrong_result_count_fails_the_batch():
 
 
 async def test_cancelled_and_expired_waiters_are_never_computed():
-    run = Recorder(delay_s=0.2)
+    run = Recorder()
+    run.gate.clear()
     expired = []
     from server.batcher import BatchObserver
 
@@ -91,12 +103,15 @@ async def test_cancelled_and_expired_waiters_are_never_computed():
 
     batcher = MicroBatcher(run, BatcherConfig(max_batch_size=8, max_wait_ms=0, max_queue=64), Observer())
     blocker = asyncio.ensure_future(batcher.submit(0))
-    await asyncio.sleep(0.05)
+    await _until(lambda: run.batches)  # the blocker is on the model, held there
     cancelled = asyncio.ensure_future(batcher.submit(1))
-    late = asyncio.ensure_future(batcher.submit(2, deadline=time.monotonic() + 0.05))
+    late_deadline = time.monotonic() + 0.05
+    late = asyncio.ensure_future(batcher.submit(2, deadline=late_deadline))
     alive = asyncio.ensure_future(batcher.submit(3))
-    await asyncio.sleep(0.01)
+    await _until(lambda: batcher.depth == 3)
     cancelled.cancel()
+    await _until(lambda: time.monotonic() > late_deadline)  # passed while queued
+    run.gate.set()
     assert await blocker == 0 and await alive == 30
     with pytest.raises(Expired):
         await late
