@@ -174,6 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("retrieval quality")
     results["quality"] = quality.evaluate(config["catalogue"], config["queries"], config["backbones"],
                                           config["mirror_backbones"], config["colour_set"])
+    if profile == "quick":
+        from bench import scale
+
+        # make bench-scale's code at a few thousand images, so that it stays tested (figures: bench/work/scale).
+        log.info("scale: a small version of ABO's shape, its lists by reindex, served beside the sample build")
+        results["scale_quick"] = {"seconds": scale.run("quick", demo=(catalogue, out))["seconds"]}
     results["targets"] = targets(results)
     results["seconds"] = round(time.perf_counter() - started, 1)
     (RESULTS / f"{profile}.json").write_text(json.dumps(results, indent=2))
