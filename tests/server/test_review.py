@@ -213,6 +213,30 @@ async def test_a_list_answer_never_reports_a_match_below_the_score_threshold(tmp
         await exact_core.close()
 
 
+@pytest.mark.xfail(strict=True, reason="review finding 3: the exact plan applies score_threshold to the scores of "
+                                       "one matrix product and reports those of another (describe)")
+async def test_an_exact_answer_never_reports_a_match_below_the_score_threshold(tmp_path):
+    exact, _ = fake_version(tmp_path, name="exact", groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
+    catalogue, vectors = exact.catalogue, np.asarray(exact.index.vectors)
+    core = SimilarityCore(exact, CONFIG)
+    below = []
+    try:
+        for product in range(catalogue.product_count):
+            query = vectors[catalogue.rows_of_product(product)].mean(axis=0, keepdims=True)
+            query /= max(float(np.linalg.norm(query)), 1e-12)
+            every = NearestScorer(query).scores(vectors)  # what the exact plan thresholds
+            for other in range(catalogue.product_count):
+                if other == product:
+                    continue
+                threshold = float(every[catalogue.rows_of_product(other)].max())
+                answer = await core.find_similar(Query(product_id=f"prod-{product:03d}"),
+                                                 SearchOptions(k=19, score_threshold=threshold))
+                below += [(r.product_id, r.score, threshold) for r in answer.results if r.score < threshold]
+        assert not below, f"{len(below)} matches below their threshold, e.g. {below[0]}"
+    finally:
+        await core.close()
+
+
 # Finding 4 --------------------------------------------------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, reason="review finding 4: search_k is checked only when the query searches: a list "
