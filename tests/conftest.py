@@ -19,16 +19,25 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 CATALOGUE_PRODUCTS = 200
 
 
+# For iterating on end-to-end tests by hand: LOOKALIKE_TEST_REUSE=DIR makes the catalogue and the build in DIR
+# once and reuses them in later runs (remove DIR when the builder or the sample changes). make test never sets it.
+REUSE = os.environ.get("LOOKALIKE_TEST_REUSE")
+
+
 @pytest.fixture(scope="session")
 def catalogue(tmp_path_factory) -> Path:
-    return helpers.make_catalogue(tmp_path_factory.mktemp("catalogue"), CATALOGUE_PRODUCTS)
+    if REUSE and (Path(REUSE) / "catalogue" / "images.csv.gz").exists():
+        return Path(REUSE) / "catalogue"
+    folder = Path(REUSE) / "catalogue" if REUSE else tmp_path_factory.mktemp("catalogue")
+    return helpers.make_catalogue(folder, CATALOGUE_PRODUCTS)
 
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, catalogue) -> Path:
     """ARTIFACTS built by the real CLI from the test catalogue; tests must not modify it."""
-    out = tmp_path_factory.mktemp("artifacts") / "ARTIFACTS"
-    helpers.build(catalogue, out)
+    out = Path(REUSE) / "ARTIFACTS" if REUSE else tmp_path_factory.mktemp("artifacts") / "ARTIFACTS"
+    if not (REUSE and (out / "CURRENT").exists()):
+        helpers.build(catalogue, out)
     return out
 
 

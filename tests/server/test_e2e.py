@@ -73,66 +73,65 @@ def _add_version(artifacts_dir, name: str, corrupt: bool = False, created_at: st
     return name
 
 
-def test_embed_and_find_similar_match_the_builder(served_copy, catalogue):
-    items = _images(served_copy)
-    helpers.SEEN_HEALTH.clear()
-    with helpers.serving(served_copy) as (_, address, _metrics):
-        # The port opens before the model loads: health says NOT_SERVING until warm-up is done.
-        assert helpers.SEEN_HEALTH[0] == "NOT_SERVING" and helpers.SEEN_HEALTH[-1] == "SERVING"
-        client = ImageSimilarityClient(address)
-        rows = items.iloc[[0, 17, 123]]
-        vectors = client.embed([catalogue / "small" / p for p in rows["path"]])
-        assert np.allclose(vectors, np.stack(rows["vector"].to_numpy()), atol=1e-4)
-        query = rows.iloc[1]
-        by_image = client.find_similar(catalogue / "small" / query["path"], k=5, exclude_query=False)
-        assert by_image[0].item_id == query["image_id"] and by_image[0].distance < 1e-3
-        assert by_image[0].label == query["label_name"]
-        by_id = client.find_similar(image_id=query["image_id"], k=5)
-        assert query["product_id"] not in [m.product_id for m in by_id]
-        # The image's stored vector and its re-embedded image find the same products (approximately).
-        assert len(by_id) == 5 and len({m.product_id for m in by_id} & {m.product_id for m in by_image[1:]}) >= 3
-        by_vector = client.find_similar(vector=query["vector"], k=3, exclude_query=False)
-        assert by_vector[0].item_id == query["image_id"]
-        # Real neighbours, not noise: over 30 products, most results share the query's class (chance: 0.1).
-        products = items.drop_duplicates("product_id").iloc[:30]
-        same_class = [m.label == row["label_name"] for _, row in products.iterrows()
-                      for m in client.find_similar(product_id=row["product_id"], k=5)]
-        assert np.mean(same_class) > 0.4
-        info = client.info()
-        assert info["item_count"] == info["image_count"] == len(items) and info["dimension"] == 128
-        assert info["product_count"] == items["product_id"].nunique()
-        assert info["backbone"] == "efficientnet_lite0" and info["preprocessing"] == "plain"
-        with pytest.raises(InvalidArgumentError):
-            client.embed(b"definitely not an image")
-        with pytest.raises(NotFoundError):
-            client.find_similar(image_id="no-such-image")
-        with pytest.raises(NotFoundError):
-            client.find_similar(product_id="no-such-product")
-        client.close()
+def test_embed_and_find_similar_match_the_builder(served, built, catalogue):
+    items = _images(built)
+    address = served.address  # the session's server on the shared build (conftest.served)
+    # The port opens before the model loads: health says NOT_SERVING until warm-up is done.
+    assert served.health_seen[0] == "NOT_SERVING" and served.health_seen[-1] == "SERVING"
+    client = ImageSimilarityClient(address)
+    rows = items.iloc[[0, 17, 123]]
+    vectors = client.embed([catalogue / "small" / p for p in rows["path"]])
+    assert np.allclose(vectors, np.stack(rows["vector"].to_numpy()), atol=1e-4)
+    query = rows.iloc[1]
+    by_image = client.find_similar(catalogue / "small" / query["path"], k=5, exclude_query=False)
+    assert by_image[0].item_id == query["image_id"] and by_image[0].distance < 1e-3
+    assert by_image[0].label == query["label_name"]
+    by_id = client.find_similar(image_id=query["image_id"], k=5)
+    assert query["product_id"] not in [m.product_id for m in by_id]
+    # The image's stored vector and its re-embedded image find the same products (approximately).
+    assert len(by_id) == 5 and len({m.product_id for m in by_id} & {m.product_id for m in by_image[1:]}) >= 3
+    by_vector = client.find_similar(vector=query["vector"], k=3, exclude_query=False)
+    assert by_vector[0].item_id == query["image_id"]
+    # Real neighbours, not noise: over 30 products, most results share the query's class (chance: 0.1).
+    products = items.drop_duplicates("product_id").iloc[:30]
+    same_class = [m.label == row["label_name"] for _, row in products.iterrows()
+                  for m in client.find_similar(product_id=row["product_id"], k=5)]
+    assert np.mean(same_class) > 0.4
+    info = client.info()
+    assert info["item_count"] == info["image_count"] == len(items) and info["dimension"] == 128
+    assert info["product_count"] == items["product_id"].nunique()
+    assert info["backbone"] == "efficientnet_lite0" and info["preprocessing"] == "plain"
+    with pytest.raises(InvalidArgumentError):
+        client.embed(b"definitely not an image")
+    with pytest.raises(NotFoundError):
+        client.find_similar(image_id="no-such-image")
+    with pytest.raises(NotFoundError):
+        client.find_similar(product_id="no-such-product")
+    client.close()
 
 
-def test_products_come_back_distinct_grouped_and_with_attributes(served_copy, catalogue):
+def test_products_come_back_distinct_grouped_and_with_attributes(served, catalogue):
     listing = helpers.first_listing(catalogue)
     product = listing["item_id"]
     own_images = [listing["main_image_id"], *listing.get("other_image_id", [])]
-    with helpers.serving(served_copy) as (_, address, _metrics):
-        with ImageSimilarityClient(address) as client:
-            with_own = client.find_similar(product_id=product, k=10, exclude_query=False, group_size=4,
-                                           with_attributes=True)
-            # The shared product owns the main image too, so it ties with the product itself.
-            first_two = {m.product_id: m for m in with_own[:2]}
-            assert set(first_two) == {product, helpers.SHARED_PRODUCT}
-            assert sorted(i.image_id for i in first_two[product].images) == sorted(own_images)
-            assert first_two[product].attributes["product_type"] == listing["product_type"][0]["value"]
-            others = client.find_similar(product_id=product, k=10)
-            ids = [m.product_id for m in others]
-            assert product not in ids and len(ids) == len(set(ids)) == 10
-            assert ids[:5] == [m.product_id for m in with_own if m.product_id != product][:5]
-            # An image query leaves out every product that owns the image (it is shared by two).
-            by_image = client.find_similar(image_id=listing["main_image_id"], k=10)
-            assert {product, helpers.SHARED_PRODUCT}.isdisjoint(m.product_id for m in by_image)
-            shared = client.find_similar(image_id=listing["main_image_id"], k=2, exclude_query=False)
-            assert {m.product_id for m in shared} == {product, helpers.SHARED_PRODUCT}
+    # The session's server on the shared build (conftest.served).
+    with ImageSimilarityClient(served.address) as client:
+        with_own = client.find_similar(product_id=product, k=10, exclude_query=False, group_size=4,
+                                       with_attributes=True)
+        # The shared product owns the main image too, so it ties with the product itself.
+        first_two = {m.product_id: m for m in with_own[:2]}
+        assert set(first_two) == {product, helpers.SHARED_PRODUCT}
+        assert sorted(i.image_id for i in first_two[product].images) == sorted(own_images)
+        assert first_two[product].attributes["product_type"] == listing["product_type"][0]["value"]
+        others = client.find_similar(product_id=product, k=10)
+        ids = [m.product_id for m in others]
+        assert product not in ids and len(ids) == len(set(ids)) == 10
+        assert ids[:5] == [m.product_id for m in with_own if m.product_id != product][:5]
+        # An image query leaves out every product that owns the image (it is shared by two).
+        by_image = client.find_similar(image_id=listing["main_image_id"], k=10)
+        assert {product, helpers.SHARED_PRODUCT}.isdisjoint(m.product_id for m in by_image)
+        shared = client.find_similar(image_id=listing["main_image_id"], k=2, exclude_query=False)
+        assert {m.product_id for m in shared} == {product, helpers.SHARED_PRODUCT}
 
 
 def test_a_01_client_and_a_01_version_are_served_as_before(served_copy):
@@ -158,7 +157,8 @@ def test_a_01_client_and_a_01_version_are_served_as_before(served_copy):
 
 def test_sigterm_finishes_requests_in_flight_and_exits_zero(served_copy, catalogue):
     paths = [catalogue / "small" / p for p in _images(served_copy)["path"][:8]]
-    with helpers.serving(served_copy, "--grace-s", "30") as (process, address, _metrics):
+    with helpers.serving(served_copy, "--grace-s", "30") as (process, address, metrics_port):
+        computed_before = helpers.scrape(metrics_port).get("lookalike_batch_size_sum{}", 0)
         channel = grpc.insecure_channel(address)
         statuses = []
         watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -185,7 +185,9 @@ def test_sigterm_finishes_requests_in_flight_and_exits_zero(served_copy, catalog
         callers = [threading.Thread(target=call) for _ in range(6)]
         for caller in callers:
             caller.start()
-        time.sleep(0.5)  # the calls are admitted and queued on the model
+        # Every call admitted: all 6 x 8 images are queued for the model or computed already (the batch on
+        # the model is in neither count until it is done, so the sum reaches 48 only once all are queued).
+        _until(lambda: _admitted_images(metrics_port) - computed_before == 6 * len(paths), 120)
         process.send_signal(signal.SIGTERM)
         for caller in callers:
             caller.join(120)
@@ -241,6 +243,12 @@ def test_server_refuses_to_start_without_current(tmp_path):
                              "--metrics-port", "-1", "--log-format", "text"], env=helpers.env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "CURRENT does not exist" in result.stderr
+
+
+def _admitted_images(metrics_port: int) -> float:
+    """Images queued for the model plus images it has computed, from the server's metrics."""
+    metrics = helpers.scrape(metrics_port)
+    return metrics.get("lookalike_queue_depth{}", 0) + metrics.get("lookalike_batch_size_sum{}", 0)
 
 
 def _build_cli(*args):
