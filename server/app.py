@@ -260,6 +260,7 @@ class LookalikeServer:
                 return False
             finally:
                 self._loading = None
+            await self.core.prepare(version)
             await self.core.swap(version)
             self._write_lease(self._leased_versions())
             self.metrics.hidden_products.set(self.core.hidden.count(version))

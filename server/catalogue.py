@@ -102,16 +102,25 @@ def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.nda
     products = pq.read_table(version_dir / artifacts.PRODUCTS_FILE)
     keys = [key for key in manifest.get("attribute_keys", []) if key in products.column_names]
     catalogue = Catalogue(
-        image_ids=images.column("image_id").to_pylist(), paths=images.column("path").to_pylist(),
-        labels=[name or "" for name in images.column("label_name").to_pylist()],
-        roles=images.column("role").to_pylist(), row_product=images.column("product_row").to_numpy(),
-        product_ids=products.column("product_id").to_pylist(), first_row=products.column("first_row").to_numpy(),
+        image_ids=_pylist(images.column("image_id")), paths=_pylist(images.column("path")),
+        labels=[name or "" for name in _pylist(images.column("label_name"))],
+        roles=_pylist(images.column("role")), row_product=images.column("product_row").to_numpy(),
+        product_ids=_pylist(products.column("product_id")), first_row=products.column("first_row").to_numpy(),
         image_count=products.column("image_count").to_numpy(),
-        attributes={key: products.column(key).to_pylist() for key in keys})
+        attributes={key: _pylist(products.column(key)) for key in keys})
     vectors = np.load(version_dir / artifacts.VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != len(catalogue.image_ids):
         raise artifacts.ArtifactError(f"{artifacts.VECTORS_FILE} is not float32 [{len(catalogue.image_ids)}, D]")
     return catalogue, vectors
+
+
+def _pylist(column, chunk_rows: int = 16_384) -> list:
+    """A column's values, converted a slice at a time: pyarrow holds the interpreter for a whole conversion, and
+    a version loads in a thread beside the served one, whose event loop must keep answering meanwhile."""
+    values: list = []
+    for start in range(0, len(column), chunk_rows):
+        values += column.slice(start, chunk_rows).to_pylist()
+    return values
 
 
 def _load_legacy(version_dir: Path) -> tuple[Catalogue, np.ndarray]:

@@ -313,9 +313,14 @@ class SimilarityCore:
         finally:
             self._release(runtime, images)
 
+    async def prepare(self, version: ServedVersion) -> None:
+        """Works out, in a thread, what serving `version` needs besides its files (which of its products are
+        hidden), so that the swap itself is a pointer change on the event loop."""
+        await asyncio.get_running_loop().run_in_executor(self._index_pool, self.hidden.mask, version)
+
     async def swap(self, version: ServedVersion) -> ServedVersion:
-        """Serves `version` from now on; the old one finishes what uses it (threads included), then is unloaded."""
-        self.hidden.mask(version)
+        """Serves `version` from now on; the old one finishes what uses it (threads included), then is unloaded.
+        Call prepare(version) first: what it does not find ready is worked out by the first requests."""
         return self._versions.swap(version)
 
     async def drain(self, grace_s: float) -> None:
