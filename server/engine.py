@@ -98,7 +98,7 @@ class ProductResult:
 
 @dataclass(frozen=True)
 class Answer:
-    """Matches, the index version and the availability version that answered, the plan that found them; from
+    """Matches, the index version and the availability version that answered; from
     Recommend, also the example ids the version does not hold (with ignore_missing)."""
 
     results: list[ProductResult]
@@ -106,7 +106,6 @@ class Answer:
     availability_version: int = 0
     missing_product_ids: list[str] = field(default_factory=list)
     missing_image_ids: list[str] = field(default_factory=list)
-    plan: str = ""
 
 
 class HiddenProducts:
