@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from builder import __version__
@@ -30,7 +28,7 @@ from builder.catalogue import (
     read_listings,
     read_products_csv,
 )
-from builder.index import ANNOY, INDEX_KINDS, METRIC, build_index
+from builder.index import METRIC, build_with_recall
 from builder.model import (
     AUTO_HEAD,
     DEFAULT_TYPE_WEIGHT,
@@ -45,11 +43,12 @@ from builder.model import (
     l2_normalise,
 )
 from builder.sample import LABELS_FILE
-from lookalike import artifacts
+from lookalike import artifacts, tables
 from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS, TOO_LARGE
-from lookalike.tables import DATASET_COLUMNS
 
 log = logging.getLogger(__name__)
+# The catalogue root's folder of image files (ABO's small/): paths in the tables are relative to it.
+IMAGE_FOLDER = "small"
 IMAGE_GLOB = "*.{jpg,jpeg,png,webp,gif,bmp,tif,tiff,JPG,JPEG,PNG,WEBP,GIF,BMP,TIF,TIFF}"
 
 
@@ -88,13 +87,9 @@ class BuildConfig:
     # product-type similarity (the rest is look similarity).
     label_key: str = "product_type"
     type_weight: float = DEFAULT_TYPE_WEIGHT
-    # "annoy" (mapped, shared by every worker) or "hnsw" (hnswlib: several times faster per query at ABO's
-    # size, but each worker holds its own copy in memory; bench/index_scale.py).
-    index: str = ANNOY
-    # Annoy's fewest trees: the builder tries this many, doubling up to builder.index.MAX_N_TREES, and keeps
-    # the pair (trees, search_k) whose measured query reaches target_recall fastest.
+    # Trees: more = better recall at a given search_k, larger index file, slower build.
     n_trees: int = 10
-    # recall@10 against exact search that the chosen budget (Annoy's trees and search_k, HNSW's ef) reaches.
+    # The builder picks the smallest search_k whose recall@10 against exact search reaches this.
     target_recall: float = 0.95
     # Images per resumable unit of embedding work: smaller = less lost on interruption, more jobs.
     chunk_size: int = 1024
@@ -121,8 +116,6 @@ class BuildConfig:
             raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}")
         if not 0 < self.target_recall <= 1:
             raise ValueError("target_recall must be in (0, 1]")
-        if self.index not in INDEX_KINDS:
-            raise ValueError(f"index must be one of {INDEX_KINDS}")
         for name in ("n_trees", "chunk_size", "batch_size", "dimension", "max_aspect_difference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -188,7 +181,7 @@ def scan_files(spark, config: BuildConfig, cache: FeatureCache) -> tuple[object,
 
     from builder.spark_jobs import SCAN_SCHEMA, scan_batches
 
-    small = (config.images / "small").resolve()
+    small = (config.images / IMAGE_FOLDER).resolve()
     if not small.is_dir():
         raise FileNotFoundError(f"{small} does not exist: --images must hold small/<2 hex>/<file> "
                                 f"(the ABO layout)")
@@ -222,7 +215,7 @@ def scan_and_filter(spark, config: BuildConfig, cache: FeatureCache) -> tuple[ob
     scan went (files, decoded, from_cache)."""
     from pyspark.sql import functions as F
 
-    small = (config.images / "small").resolve()
+    small = (config.images / IMAGE_FOLDER).resolve()
     files, scan_report = scan_files(spark, config, cache)
     root_uri = small.as_uri().replace("file:///", "file:/") + "/"
     scanned = files.withColumn("path", F.expr(f"substring(uri, {len(root_uri) + 1})"))
@@ -440,15 +433,21 @@ def run_build(config: BuildConfig) -> BuildResult:
     position = {image_id: n for n, image_id in enumerate(ids)}
     vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
     with clock.stage("index"):
-        index_file, report = build_index(config.index, vectors, staging, config.n_trees, config.target_recall)
+        report = build_with_recall(vectors, str(staging / artifacts.INDEX_FILE), config.n_trees,
+                                   config.target_recall)
     write_tables(staging, catalogue, vectors)
     dropped = scanned[~scanned["kept"]]
+    root = config.images.resolve()
+    embed_report["cache"] = _relative(cache.root, root)
     manifest = {
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": __version__,
         "libraries": _library_versions(),
-        "images": str(config.images.resolve()),
+        # The one absolute path of the build host; every other path is relative to it, and the tables'
+        # image paths are relative to its image folder (what ImageMatch.path carries).
+        "catalogue_root": str(root),
+        "image_folder": IMAGE_FOLDER,
         "spark_master": config.spark_master,
         "backbone": config.backbone,
         "backbone_weights": SPECS[config.backbone].source,
@@ -471,10 +470,15 @@ def run_build(config: BuildConfig) -> BuildResult:
         "embedding_failures": embed_errors,
         "embedding": embed_report,
         "scan": scan_report,
-        "index": report.manifest(index_file),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "index": {"n_trees": report.n_trees, "search_k": report.search_k,
+                  "recall_at_10": round(report.recall_at_10, 4), "recall_queries": report.queries,
+                  "recall_by_search_k": {str(k): round(v, 4) for k, v in report.recall_by_search_k.items()}},
+        "config": _recorded_config(config, root),
         "timings_seconds": clock.seconds,
     }
+    # Files TensorFlow, Annoy and pyarrow wrote, readable by a server running as another user, on disk
+    # before CURRENT can name them.
+    artifacts.settle_folder(staging)
     manifest["files"] = artifacts.checksums(staging)
     artifacts.write_json_atomic(staging / artifacts.MANIFEST, manifest)
     os.rename(staging, final)
@@ -487,34 +491,29 @@ def run_build(config: BuildConfig) -> BuildResult:
 def write_tables(staging: Path, catalogue: Catalogue, vectors: np.ndarray) -> None:
     """images.parquet and vectors.npy in index row order, products.parquet, and the dataset table."""
     rows = catalogue.rows
-    images = pa.table({
-        "row": pa.array(rows["row"], pa.int32()),
-        "image_id": pa.array(rows["image_id"], pa.string()),
-        "product_row": pa.array(rows["product_row"], pa.int32()),
-        "product_id": pa.array(rows["product_id"], pa.string()),
-        "role": pa.array(rows["role"], pa.string()),
-        "path": pa.array(rows["path"], pa.string()),
-        "label": pa.array([_int_or_none(v) for v in rows["label"]], pa.int32()),
-        "label_name": pa.array([_str_or_none(v) for v in rows["label_name"]], pa.string()),
-        "sha256": pa.array(rows["sha256"], pa.string()),
-    })
-    pq.write_table(images, staging / artifacts.IMAGES_FILE)
+    tables.write_table(staging / artifacts.IMAGES_FILE, {
+        "row": rows["row"], "image_id": rows["image_id"], "product_row": rows["product_row"],
+        "product_id": rows["product_id"], "role": rows["role"], "path": rows["path"],
+        "label": [_int_or_none(v) for v in rows["label"]],
+        "label_name": [_str_or_none(v) for v in rows["label_name"]], "sha256": rows["sha256"],
+    }, tables.IMAGES_SCHEMA)
     products = catalogue.products
-    columns = {
-        "product_row": pa.array(products["product_row"], pa.int32()),
-        "product_id": pa.array(products["product_id"], pa.string()),
-        "main_image_id": pa.array(products["main_image_id"], pa.string()),
-        "first_row": pa.array(products["first_row"], pa.int32()),
-        "image_count": pa.array(products["image_count"], pa.int32()),
-    }
+    columns = {name: products[name] for name in tables.PRODUCT_COLUMNS}
     for key in catalogue.attribute_keys:
-        columns[key] = pa.array([_str_or_none(v) for v in products[key]], pa.string())
-    pq.write_table(pa.table(columns), staging / artifacts.PRODUCTS_FILE)
+        columns[key] = [_str_or_none(v) for v in products[key]]
+    tables.write_table(staging / artifacts.PRODUCTS_FILE, columns, tables.products_schema(catalogue.attribute_keys))
     np.save(staging / artifacts.VECTORS_FILE, np.ascontiguousarray(vectors, np.float32), allow_pickle=False)
-    dataset = catalogue.dataset.copy()
-    for column in ("width", "height", "bytes", "label"):
-        dataset[column] = dataset[column].astype("Int64")
-    dataset[[c for c in DATASET_COLUMNS if c in dataset]].to_parquet(staging / artifacts.DATASET_FILE, index=False)
+    tables.write_table(staging / artifacts.DATASET_FILE, catalogue.dataset, tables.DATASET_SCHEMA)
+
+
+def _relative(path: Path | str, root: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), root)).as_posix()
+
+
+def _recorded_config(config: BuildConfig, root: Path) -> dict:
+    """The configuration as the manifest records it: paths relative to the catalogue root."""
+    return {key: (_relative(value, root) if isinstance(value, Path) or (key == "weights_file" and value)
+                  else value) for key, value in asdict(config).items()}
 
 
 def _reason_counts(reasons) -> dict[str, int]:

@@ -71,12 +71,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="the product attribute a supervised head (lda) learns from")
     build.add_argument("--type-weight", type=float, default=env_default("type_weight", defaults.type_weight),
                        help="lda head: share of similarity that is product type (the rest is look), in (0, 1)")
-    build.add_argument("--index", default=env_default("index", defaults.index), choices=["annoy", "hnsw"],
-                       help="annoy (default; memory-mapped, shared by every worker) or hnsw (hnswlib: faster per "
-                            "query at ABO's size; every worker holds its own copy in memory)")
     build.add_argument("--n-trees", type=int, default=env_default("n_trees", defaults.n_trees),
-                       help="Annoy's fewest trees: the builder tries this many, doubling up to 80, and keeps the "
-                            "trees and search_k whose query reaches --target-recall fastest")
+                       help="Annoy trees: more = better recall per search_k, bigger index")
     build.add_argument("--target-recall", type=float, default=env_default("target_recall", defaults.target_recall),
                        help="recall@10 the chosen search_k must reach against exact search")
     build.add_argument("--chunk-size", type=int, default=env_default("chunk_size", defaults.chunk_size),
@@ -94,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="CPU niceness of the build and its Spark workers, so that a server on the same host "
                             "keeps its latency (0 to run at normal priority)")
     build.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")
+    _add_file_mode(build)
 
     for name, text in (("hide", "stop serving products (out of stock, delisted, blocked) without a rebuild"),
                        ("unhide", "serve hidden products again")):
@@ -103,18 +100,35 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--file", type=Path, help="a file of product ids, one per line")
         if name == "hide":
             command.add_argument("--reason", default="out_of_stock", choices=["out_of_stock", "delisted", "blocked"])
+        _add_file_mode(command)
     versions = commands.add_parser("versions", help="published versions, oldest first; CURRENT and leased marked")
     versions.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
     versions.add_argument("--json", action="store_true")
     rollback = commands.add_parser("rollback", help="point CURRENT at the previous (or the named) version")
     rollback.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
     rollback.add_argument("version", nargs="?", help="the version to serve (default: the one before CURRENT)")
+    _add_file_mode(rollback)
     prune = commands.add_parser("prune", help="remove old versions and the cached features no kept version uses")
     prune.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
     prune.add_argument("--keep", type=int, required=True, help="how many of the newest versions to keep")
     prune.add_argument("--cache-grace-s", type=float, default=3600.0,
                        help="leave cached features and leftovers younger than this (a build may be using them)")
+    _add_file_mode(prune)
     return parser
+
+
+def _add_file_mode(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--file-mode", type=_octal_mode, default=env_default("file_mode", None),
+                         help="mode of the files this command writes in ARTIFACTS, e.g. 0640 (folders get the "
+                              "matching search bits); default: what the umask gives (0644 under umask 022), so "
+                              "servers running as another user can read them")
+
+
+def _octal_mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal file mode such as 0644") from None
 
 
 def _product_ids(args: argparse.Namespace) -> list[str]:
@@ -190,13 +204,12 @@ def _operate(args: argparse.Namespace) -> int:
 
 def _unknown_products(out: Path, ids: list[str]) -> list[str]:
     """The ids the served version does not hold (a typo, or a product not built yet)."""
-    import pyarrow.parquet as pq
-
     from lookalike import artifacts
+    from lookalike.tables import read_products
 
     try:
         version_dir = out / artifacts.read_current(out)
-        known = set(pq.read_table(version_dir / artifacts.PRODUCTS_FILE, columns=["product_id"])
+        known = set(read_products(version_dir / artifacts.PRODUCTS_FILE, columns=["product_id"])
                     .column("product_id").to_pylist())
     except (artifacts.ArtifactError, OSError, ValueError):  # no readable served version: nothing to say
         return []
@@ -230,6 +243,10 @@ class UsageError(ValueError):
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "file_mode", None) is not None:
+        from lookalike.artifacts import use_file_mode
+
+        use_file_mode(args.file_mode)
     if args.command == "sample":
         from builder.sample import write_sample
 
@@ -252,8 +269,7 @@ def _run(args: argparse.Namespace) -> int:
                          preprocessing=args.preprocessing, head=args.head, dimension=args.dimension,
                          pooling=args.pooling, mirror=args.mirror, label_key=args.label_key,
                          type_weight=args.type_weight,
-                         index=args.index, n_trees=args.n_trees, target_recall=args.target_recall,
-                         chunk_size=args.chunk_size,
+                         n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
                          batch_size=args.batch_size, threads_per_task=args.threads_per_task,
                          weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache)
     result = run_build(config)
@@ -262,14 +278,9 @@ def _run(args: argparse.Namespace) -> int:
     else:
         counts, index = result.manifest["counts"], result.manifest["index"]
         print(f"published {result.version}: {counts['products']} products with {counts['images_indexed']} images "
-              f"indexed (kept {counts['kept']}, dropped {counts['dropped']}); " + _index_summary(index))
+              f"indexed (kept {counts['kept']}, dropped {counts['dropped']}); n_trees {index['n_trees']}, "
+              f"search_k {index['search_k']}, recall@10 {index['recall_at_10']}")
     return 0
-
-
-def _index_summary(index: dict) -> str:
-    if index.get("kind") == "hnsw":
-        return f"hnsw M {index['M']}, ef_search {index['ef_search']}, recall@10 {index['recall_at_10']}"
-    return f"n_trees {index['n_trees']}, search_k {index['search_k']}, recall@10 {index['recall_at_10']}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from builder.cache import DEFAULT_CACHE, FeatureCache
 from lookalike import artifacts
 from lookalike.leases import leased_versions
+from lookalike.tables import read_images
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def _prune_cache(out: Path, kept: list[VersionInfo], grace_s: float) -> dict:
     for version in kept:
         if version.model_key is None:
             continue
-        images = pq.read_table(out / version.name / artifacts.IMAGES_FILE, columns=["sha256"])
+        images = read_images(out / version.name / artifacts.IMAGES_FILE, columns=["sha256"])
         used.setdefault(version.model_key, set()).update(images.column("sha256").to_pylist())
     report = {"cache": str(cache.root), "present": True, "models_removed": [], "features_before": 0,
               "features_after": 0, "tmp_removed": cache.remove_stale_tmp(grace_s)}

@@ -13,8 +13,6 @@ CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 INDEX_FILE = "index.ann"
-# A version built with --index hnsw has hnswlib's graph instead (manifest: index.kind "hnsw", index.file).
-HNSW_INDEX_FILE = "index.hnsw"
 DATASET_FILE = "dataset.parquet"
 IMAGES_FILE = "images.parquet"
 PRODUCTS_FILE = "products.parquet"
@@ -65,26 +63,95 @@ def read_current(artifacts: Path) -> str:
 def write_current(artifacts: Path, version: str) -> None:
     """Points CURRENT at a version atomically: readers see the old name or the new, never half."""
     check_version_name(version)
-    fd, tmp = tempfile.mkstemp(prefix=".CURRENT.", dir=artifacts)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(version + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, artifacts / CURRENT)
+    write_atomic(artifacts / CURRENT, version + "\n")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    write_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def default_file_mode() -> int:
+    """The mode a plain open() gives a new file: 0o666 less the process umask (umask 022: 0o644)."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    # Linux reports it in /proc; elsewhere it can only be read by setting it (and back at once).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def folder_mode(file_mode: int) -> int:
+    """A folder's mode to go with a file mode: whoever may read the files may also enter the folder."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def use_file_mode(file_mode: int) -> None:
+    """Makes `file_mode` the mode of every file this process creates from now on, and folder_mode() that
+    of every folder, by setting the umask: Spark, pyarrow, TensorFlow and Annoy follow it too, as do
+    child processes. For command lines (--file-mode), before they write anything."""
+    if file_mode & ~0o666 or file_mode & 0o600 != 0o600:
+        raise ValueError(f"file mode {file_mode:04o} must let the owner read and write and nobody execute "
+                         f"(e.g. 0644, 0640)")
+    os.umask(0o777 & ~folder_mode(file_mode))
+
+
+def write_atomic(path: Path, data: str | bytes, mode: int | None = None, durable: bool = True) -> None:
+    """Replaces `path` with `data` in one step: written beside it, fsynced, given `mode` (default: what
+    the umask gives a new file, so another user can read it as they could any file; a temporary file
+    would be 0o600), then renamed over it. `durable` also fsyncs the folder, so the rename survives a
+    crash; a file rewritten every few seconds (a lease) can skip both fsyncs."""
+    content = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fchmod(handle.fileno(), default_file_mode() if mode is None else mode)
+            if durable:
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_folder(path.parent)
 
 
-def index_file(manifest: dict) -> str:
-    """The version's index file: the one its manifest names, else Annoy's (every version before HNSW)."""
-    index = manifest.get("index")
-    return str(index.get("file", INDEX_FILE)) if isinstance(index, dict) else INDEX_FILE
+def fsync_folder(folder: Path) -> None:
+    """Makes the names created or renamed in a folder durable (a rename is only in the folder's data)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def settle_folder(folder: Path, file_mode: int | None = None) -> None:
+    """Makes a finished folder what its readers rely on: every file and folder below it, and itself, given
+    `file_mode` (default: what the umask gives, whatever mode a library chose) or the folder_mode() to go
+    with it, and flushed to disk."""
+    file_mode = default_file_mode() if file_mode is None else file_mode
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, folder_mode(file_mode))
+            fsync_folder(path)
+            continue
+        os.chmod(path, file_mode)
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.chmod(folder, folder_mode(file_mode))
+    fsync_folder(folder)
 
 
 def load_manifest(version_dir: Path, verify: bool = True) -> dict:
@@ -99,7 +166,7 @@ def load_manifest(version_dir: Path, verify: bool = True) -> dict:
     expected = manifest.get("files")
     if not isinstance(expected, dict) or not expected:
         raise ArtifactError(f"{manifest_path} lists no files")
-    for required in (f"{MODEL_DIR}/saved_model.pb", index_file(manifest)):
+    for required in (f"{MODEL_DIR}/saved_model.pb", INDEX_FILE):
         if required not in expected:
             raise ArtifactError(f"{manifest_path} does not list {required}")
     if LEGACY_ITEMS_FILE not in expected and not {IMAGES_FILE, PRODUCTS_FILE, VECTORS_FILE} <= set(expected):

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+from lookalike.artifacts import write_atomic
 
 AVAILABILITY_FILE = "availability.json"
 LOCK_FILE = ".availability.lock"
@@ -68,17 +68,7 @@ def _locked(artifacts: Path):
 def _write(artifacts: Path, availability: Availability) -> None:
     payload = {"version": availability.version, "updated_at": availability.updated_at,
                "hidden": dict(sorted(availability.hidden.items()))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{AVAILABILITY_FILE}.", dir=artifacts)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, artifacts / AVAILABILITY_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(artifacts / AVAILABILITY_FILE, json.dumps(payload, indent=1) + "\n")
 
 
 def change_availability(artifacts: Path, hide: Iterable[str] = (), show: Iterable[str] = (),

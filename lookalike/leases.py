@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
+
+from lookalike.artifacts import write_atomic
 
 LEASES_DIR = ".leases"
 
@@ -25,11 +26,9 @@ def write_lease(artifacts: Path, holder: str, versions: list[str], ttl_s: float)
     folder.mkdir(exist_ok=True)
     payload = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "versions": sorted(versions),
                "expires_at": time.time() + ttl_s}
-    fd, tmp = tempfile.mkstemp(prefix=".lease.", dir=folder)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle)
     path = folder / f"{holder}.json"
-    os.replace(tmp, path)
+    # Renewed every few seconds and worthless after a crash of its host: no fsync.
+    write_atomic(path, json.dumps(payload), durable=False)
     return path
 
 
