@@ -94,7 +94,11 @@ def read_images(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
 def read_products(path: Path, attribute_keys: Sequence[str] = (), columns: Sequence[str] | None = None) -> pa.Table:
     """A version's products.parquet, checked against products_schema(attribute_keys) (pass the manifest's
     attribute_keys): the fixed columns, then one string column per key. Only `columns` when given."""
-    return _read(Path(path), products_schema(attribute_keys), columns)
+    try:
+        schema = products_schema(attribute_keys)
+    except ValueError as error:  # the manifest names a key no builder would write
+        raise ArtifactError(f"{path}: {error}") from None
+    return _read(Path(path), schema, columns)
 
 
 def read_dataset(path: Path, columns: Sequence[str] | None = None) -> pa.Table:

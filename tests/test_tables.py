@@ -48,6 +48,8 @@ def test_a_missing_column_is_refused_with_its_name(tmp_path):
     tables.write_table(tmp_path / artifacts.PRODUCTS_FILE, _products(), tables.products_schema(["brand"]))
     with pytest.raises(ArtifactError, match=r"products\.parquet has no column 'material'"):
         tables.read_products(tmp_path / artifacts.PRODUCTS_FILE, ["brand", "material"])
+    with pytest.raises(ArtifactError, match=r"products\.parquet: attribute name 'first_row' is reserved"):
+        tables.read_products(tmp_path / artifacts.PRODUCTS_FILE, ["first_row"])
 
 
 def test_a_mistyped_column_is_refused_with_its_name_and_types(tmp_path):
