@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.index import exact_neighbours
+from builder.index import build_hnsw_with_recall, build_with_recall, exact_neighbours
 
 log = logging.getLogger("bench.index_scale")
 RESULTS = Path(__file__).parent / "results" / "index-scale.json"
@@ -171,6 +171,18 @@ def cheapest(rows: list[dict], target: float) -> list[dict]:
     return sorted(best.values(), key=lambda row: row["p50_ms"])
 
 
+def builder_choice(vectors: np.ndarray, work: Path, target_recall: float = 0.95) -> dict:
+    """What `lookalike-build build` chooses on these vectors (its manifest's index section), for each index kind."""
+    chosen = {}
+    for kind, build in (("annoy", lambda: build_with_recall(vectors, str(work / "builder.ann"), 10, target_recall)),
+                        ("hnsw", lambda: build_hnsw_with_recall(vectors, str(work / "builder.hnsw"), target_recall))):
+        begin = time.perf_counter()
+        report = build()
+        chosen[kind] = {**report.manifest(f"builder.{kind}"), "seconds": round(time.perf_counter() - begin, 1)}
+        log.info("builder's %s: %s", kind, report.reason)
+    return chosen
+
+
 def run(rows: int, query_count: int, trees: tuple[int, ...], ms_: tuple[int, ...], ef_construction: int,
         max_search_k: int, work: Path) -> dict:
     begin = time.perf_counter()
@@ -220,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=ABO_IMAGES, help="catalogue rows (default: ABO's small set)")
     parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--trees", type=int, nargs="+", default=[10, 20, 40, 80])
-    parser.add_argument("--m", type=int, nargs="+", default=[16, 32], help="hnswlib M values")
+    parser.add_argument("--trees", type=int, nargs="*", default=[10, 20, 40, 80])
+    parser.add_argument("--m", type=int, nargs="*", default=[16, 32], help="hnswlib M values")
+    parser.add_argument("--builder-choice", action="store_true",
+                        help="also run the builder's own choice (Annoy's trees and search_k, HNSW's ef) and record "
+                             "its manifest section")
     parser.add_argument("--ef-construction", type=int, default=100)
     parser.add_argument("--max-search-k", type=int, default=128_000,
                         help="the largest Annoy search_k tried (bounds the run)")
@@ -231,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="index-scale-") as work:
         result = run(args.rows, args.queries, tuple(args.trees), tuple(args.m), args.ef_construction,
                      args.max_search_k, Path(work))
+        if args.builder_choice:
+            result["builder_choice"] = builder_choice(abo_like_vectors(args.rows)[0], Path(work))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))

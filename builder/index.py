@@ -19,8 +19,8 @@ METRIC = "euclidean"
 ANNOY, HNSW = "annoy", "hnsw"
 INDEX_KINDS = (ANNOY, HNSW)
 # The tree counts tried run from --n-trees, doubling, up to this cap. At 128-d each tree adds about 12 bytes per
-# row to the mapped file (80 trees: the index is 2.3x the vectors' bytes) and build time grows with the trees;
-# at ABO's size (bench/index_scale.py) query time stopped falling well before 80 trees.
+# row to the mapped file and build time grows with the trees: at ABO's size (bench/index_scale.py) 80 trees are
+# 556 MB against 245 MB for 10 and took 9x as long to build, and reached recall@10 0.95 at the same search_k.
 MAX_N_TREES = 80
 # A tree count is kept only when it makes the cheapest query reaching the target this much faster than the
 # best fewer trees gave: timings here are noisy, and fewer trees are a smaller file and a faster build.
@@ -34,9 +34,10 @@ MAX_SEARCH_K_SHARE = 0.25
 MIN_SEARCH_K_BUDGET = 4096
 # Rounds of the side-by-side timing of the tree counts that reached the target (the best of each kept).
 RUNOFF_ROUNDS = 3
-# HNSW's graph: M links per node (16: recall 0.95 at ef 10-16 at ABO's size; 32 bought no faster query for
-# 30% more memory and a slower build, bench/index_scale.py) and ef_construction, hnswlib's recommended 200.
-HNSW_M, HNSW_EF_CONSTRUCTION = 16, 200
+# HNSW's graph, as measured at ABO's size (bench/index_scale.py): M = 16 links per node reached recall@10 0.95 at
+# ef 48 as fast as M = 32 did, with 289 MB per worker against 338; ef_construction 100 (hnswlib suggests 200,
+# which about doubles the build, already minutes at that size).
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 100
 HNSW_EFS = (10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
 
