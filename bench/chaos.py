@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 from google.protobuf import text_format
 
-from lookalike import artifacts
+from lookalike import artifacts, neighbours
 from lookalike.availability import change_availability, read_availability
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
@@ -68,7 +68,7 @@ class ChaosConfig:
     slow_cancel_share: float = 0.7
     # The derived version: this share of the given version's products plus this many synthetic ones.
     keep_share: float = 2 / 3
-    synthetic_products: int = 20_000
+    synthetic_products: int = 12_000
     seed: int = 0
     watch_interval_s: float = 0.2
     # Small, so that an oversized message is cheap to send.
@@ -111,6 +111,10 @@ def derive_version(artifacts_dir: Path, source: str, name: str, keep_share: floa
     from annoy import AnnoyIndex
 
     src, dst = artifacts_dir / source, artifacts_dir / name
+    manifest = json.loads((src / artifacts.MANIFEST).read_text())
+    if manifest["index"].get("kind", "annoy") != "annoy":
+        raise ValueError(f"{source} has a {manifest['index']['kind']} index; the chaos run derives Annoy versions")
+    index_file = manifest["index"].get("file", artifacts.INDEX_FILE)
     rng = np.random.default_rng(seed)
     image_table = pq.read_table(src / artifacts.IMAGES_FILE)
     product_table = pq.read_table(src / artifacts.PRODUCTS_FILE)
@@ -140,21 +144,22 @@ def derive_version(artifacts_dir: Path, source: str, name: str, keep_share: floa
         _append_product(products, images, product, [dict(row_dict(old_images, r), image_id=f"{name}-i{j:05d}-{m}")
                                                      for m, r in enumerate(rows)])
     vectors = np.ascontiguousarray(np.concatenate(vectors), np.float32)
+    # The neighbour lists are left out (the server searches instead): exact lists of 40,000 rows cost minutes.
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(
-        artifacts.IMAGES_FILE, artifacts.PRODUCTS_FILE, artifacts.VECTORS_FILE, artifacts.INDEX_FILE,
-        artifacts.MANIFEST))
+        artifacts.IMAGES_FILE, artifacts.PRODUCTS_FILE, artifacts.VECTORS_FILE, index_file, artifacts.MANIFEST,
+        neighbours.NEIGHBOURS_DIR))
     pq.write_table(pa.table(images, schema=image_table.schema), dst / artifacts.IMAGES_FILE)
     pq.write_table(pa.table(products, schema=product_table.schema), dst / artifacts.PRODUCTS_FILE)
     np.save(dst / artifacts.VECTORS_FILE, vectors, allow_pickle=False)
-    manifest = json.loads((src / artifacts.MANIFEST).read_text())
     index = AnnoyIndex(vectors.shape[1], manifest.get("metric", "euclidean"))
     index.set_seed(seed)
     for row, vector in enumerate(vectors):
         index.add_item(row, vector)
     index.build(int(manifest["index"]["n_trees"]))
-    index.save(str(dst / artifacts.INDEX_FILE))
+    index.save(str(dst / index_file))
     index.unload()
     manifest.update(version=name, created_at=datetime.now(UTC).isoformat(timespec="seconds"), derived_from=source)
+    manifest.pop(neighbours.MANIFEST_KEY, None)
     manifest.setdefault("counts", {}).update(indexed=len(vectors), images_indexed=len(vectors),
                                              products=len(products["product_id"]))
     manifest["files"] = artifacts.checksums(dst)
@@ -213,6 +218,8 @@ class VersionView:
 
     def hidden_mask(self, availability_version: int, hidden: frozenset[str]) -> np.ndarray:
         if availability_version not in self._hidden:
+            if len(self._hidden) >= 64:  # a soak writes thousands of versions; answers name recent ones
+                del self._hidden[next(iter(self._hidden))]
             self._hidden[availability_version] = np.isin(self.product_array, list(hidden))
         return self._hidden[availability_version]
 

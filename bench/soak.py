@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from bench import reliability
+from bench import chaos, reliability
 from bench.serving import server
 from client import ImageSimilarityClient, LookalikeError
 from lookalike.v1 import lookalike_pb2 as pb
@@ -89,7 +90,19 @@ def sigkill_restart(artifacts: Path, cycles: int) -> dict:
     return {"cycles": cycles, "restart_to_serving_s": times}
 
 
-def run(artifacts: Path, catalogue: Path, overload_s: float, cycles: int, command: str) -> dict:
+def chaos_run(artifacts: Path, catalogue: Path, duration_s: float) -> dict:
+    """The chaos test's run (bench/chaos.py) for longer, on a fresh private copy of ARTIFACTS."""
+    work = artifacts.parent / "chaos"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    copy = chaos.private_copy(artifacts, work / "ARTIFACTS")
+    figures = chaos.run(copy, catalogue, chaos.ChaosConfig(duration_s=duration_s))
+    if tail := figures.pop("server_log_tail", None):
+        log.error("chaos: %s; the server's log ends:\n%s", "; ".join(figures["problems"]), tail)
+    return figures
+
+
+def run(artifacts: Path, catalogue: Path, overload_s: float, cycles: int, command: str, chaos_s: float = 0.0) -> dict:
     figures = {"command": command, "started_at": datetime.now(UTC).isoformat(timespec="seconds")}
     with server(artifacts, "--max-queue", "32", "--max-images-per-request", "16") as (address, _metrics, process):
         figures["bad_input"] = bad_input(address, process.pid)
@@ -97,6 +110,8 @@ def run(artifacts: Path, catalogue: Path, overload_s: float, cycles: int, comman
                                                    overload_s=overload_s)
     figures["sigterm_under_load"] = sigterm_under_load(artifacts, catalogue, cycles)
     figures["restart_after_sigkill"] = sigkill_restart(artifacts, cycles)
+    if chaos_s > 0:
+        figures["chaos"] = chaos_run(artifacts, catalogue, chaos_s)
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "reliability.json").write_text(json.dumps(figures, indent=2))
     return figures
@@ -106,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--overload-s", type=float, default=60.0)
     parser.add_argument("--cycles", type=int, default=5)
+    parser.add_argument("--chaos-s", type=float, default=1800.0,
+                        help="seconds of chaos (tests/server/test_chaos.py runs 60); 0: none")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO")
     from bench.run import WORK, _build
 
     catalogue, artifacts, _manifest, _seconds = _build(300, WORK)
-    command = f"python -m bench.soak --overload-s {args.overload_s:g} --cycles {args.cycles}"
-    print(json.dumps(run(artifacts, catalogue, args.overload_s, args.cycles, command), indent=2))
+    command = f"python -m bench.soak --overload-s {args.overload_s:g} --cycles {args.cycles} --chaos-s {args.chaos_s:g}"
+    print(json.dumps(run(artifacts, catalogue, args.overload_s, args.cycles, command, args.chaos_s), indent=2))
     return 0
 
 
