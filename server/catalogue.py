@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike import artifacts
+from lookalike import artifacts, tables
 from server.columns import Codes, Strings
 from server.filters import AttributeIndex
 
@@ -89,18 +89,18 @@ class Catalogue:
 
 
 def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.ndarray]:
-    """The catalogue and the index's vectors ([N, D] float32, memory-mapped) of a version."""
-    import pyarrow.parquet as pq
-
+    """The catalogue and the index's vectors ([N, D] float32, memory-mapped) of a version; its tables are checked
+    against the schemas the builder wrote them with (lookalike/tables.py): a missing or mistyped column is an
+    ArtifactError naming it."""
     files = manifest["files"]
     if artifacts.IMAGES_FILE not in files:
         return _load_legacy(version_dir)
-    images = pq.read_table(version_dir / artifacts.IMAGES_FILE,
-                           columns=["row", "image_id", "product_row", "role", "path", "label_name"])
+    images = tables.read_images(version_dir / artifacts.IMAGES_FILE,
+                                columns=["row", "image_id", "product_row", "role", "path", "label_name"])
     if not np.array_equal(images.column("row").to_numpy(), np.arange(images.num_rows)):
         raise artifacts.ArtifactError(f"{artifacts.IMAGES_FILE} rows are not in index order")
-    products = pq.read_table(version_dir / artifacts.PRODUCTS_FILE)
-    keys = [key for key in manifest.get("attribute_keys", []) if key in products.column_names]
+    keys = list(manifest.get("attribute_keys", []))
+    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, keys)
     catalogue = Catalogue(
         image_ids=_pylist(images.column("image_id")), paths=_pylist(images.column("path")),
         labels=[name or "" for name in _pylist(images.column("label_name"))],

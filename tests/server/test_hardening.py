@@ -210,3 +210,22 @@ async def test_a_version_is_leased_before_it_is_loaded_on_reload(tmp_path):
         assert np.isfinite(server.core.version.index.vectors).all()
     finally:
         await server.core.close()
+
+
+@pytest.mark.parametrize("table, column", [("images.parquet", "product_row"), ("products.parquet", "first_row")])
+def test_a_version_whose_table_lacks_a_column_is_refused_naming_it(built, tmp_path, table, column):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from lookalike import artifacts
+    from server.catalogue import load_catalogue
+
+    name = artifacts.read_current(built)
+    version_dir = tmp_path / name
+    shutil.copytree(built / name, version_dir)
+    manifest = artifacts.load_manifest(version_dir, verify=False)
+    assert load_catalogue(version_dir, manifest)[0].product_count > 0
+    pq.write_table(pq.read_table(version_dir / table).drop_columns([column]), version_dir / table)
+    with pytest.raises(artifacts.ArtifactError, match=f"{table} has no column '{column}'"):
+        load_catalogue(version_dir, manifest)
