@@ -250,7 +250,7 @@ def _scale(scale: dict) -> list[str]:
                   [[name, r["products"], r["images"], r["types"], r["views_of_one_product"],
                     r["products_of_one_type"], r["different_types"], r["nearest_other_product_median"],
                     r["effective_dimension"], r["search_k"], r["recall_at_10"]]
-                   for name, r in scale["realism"].items()]), ""]
+                   for name, r in (scale.get("realism") or {}).items()]), ""]
     section = lists.get("section") or {}
     recall = lists.get("recall", {})
     if "overrun" in lists:
@@ -258,8 +258,10 @@ def _scale(scale: dict) -> list[str]:
                 f"of {lists['budget_s']} s and was stopped ({lists['overrun']}); the ABO version was served without "
                 "lists, so its by-id figures below are searches.", ""]
     else:
-        out += [f"**Neighbour lists**: `lookalike-build reindex --neighbours 100` on that version took "
-                f"**{lists['seconds']} s** end to end (Spark start-up included; stages: "
+        how = (f"by {lists['seconds_from']}" if "seconds_from" in lists
+               else "end to end, Spark start-up included")
+        out += [f"**Neighbour lists**: `lookalike-build reindex --neighbours 100 --nice 0` on that version took "
+                f"**{lists['seconds']} s** ({how}; stages: "
                 + ", ".join(f"{k} {v}" for k, v in (lists.get("stage_seconds") or {}).items())
                 + f"); embedding {abo['images']:,} images at {scale['embedding_images_per_s']} images/s would take "
                 f"{abo['images'] / scale['embedding_images_per_s']:,.0f} s. recall@10 of the stored lists against a "
@@ -267,9 +269,10 @@ def _scale(scale: dict) -> list[str]:
                 f"{recall.get('image_recall_at_10')} ({recall.get('product_queries')} queries each); the manifest's "
                 f"own figure: {section.get('recall_at_10', '-')}.", ""]
     build = scale.get("build")
-    if build and "overrun" in build:
-        out += [f"**A real `lookalike-build build`** of {build['products']:,} products from cached features did not "
-                f"finish within its budget and was stopped ({build['overrun']}).", ""]
+    errors = scale.get("errors", {})
+    if "build" in errors:
+        out += [f"**A real `lookalike-build build`** of {scale['config']['build_products']:,} products from cached "
+                f"features did not complete: {errors['build']}.", ""]
     elif build:
         first, again = build["first"], build["plus_1pct"]
         rows = [[name, b["products"], b["images"], b["embedded"], b["from_cache"], b["decoded"], b["seconds"],
@@ -321,13 +324,16 @@ def _scale(scale: dict) -> list[str]:
     swap = serving.get("swap")
     if swap:
         rows = [[name.replace("_", " "), v.get("calls"), v.get("p50_ms"), v.get("p99_ms"), v.get("max_ms")]
-                for name, v in swap.items() if isinstance(v, dict)]
+                for name, v in swap.items() if isinstance(v, dict) and "calls" in v]
         out += [f"**Swap pause**: CURRENT alternated {swap['swaps']} times between the ABO version with lists and "
                 "without (each load took " + ", ".join(f"{s} s" for s in swap["load_to_swap_s"]) + " from CURRENT "
                 "to the first answer from the new version) under by-product load (2 callers), a probe calling "
                 "GetInfo every 2 ms; at swap is within 100 ms of the first answer from the new version. "
-                f"Failed probes: {swap['errors']}.", "",
+                f"Failed probes: {swap['errors']}. The server's own count of the full collections that freed a "
+                f"retired version: {swap.get('retire_collections')}.", "",
                 _table(["GetInfo probe", "calls", "p50 ms", "p99 ms", "max ms"], rows), ""]
+    if errors:
+        out += ["Parts that failed in this run: " + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ".", ""]
     return [*out, SCALE_END]
 
 

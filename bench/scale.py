@@ -360,8 +360,9 @@ def run_bounded(command: list, log_path: Path, timeout_s: float) -> float:
 def reindex(out: Path, source: str, neighbours: int = 100, timeout_s: float = 3600) -> tuple[str, dict, float]:
     """`lookalike-build reindex`, the operator's path to lists for a version that has none: (the new version,
     its manifest, wall seconds). CURRENT names the new version."""
+    # --nice 0: the figure is the work's, measured with no server beside it (a build's default is 10).
     seconds = run_bounded([BIN / "lookalike-build", "--log-level", "INFO", "reindex", "--out", out, "--version", source,
-                           "--neighbours", neighbours], out.parent / f"reindex-{source}.log", timeout_s)
+                           "--neighbours", neighbours, "--nice", 0], out.parent / f"reindex-{source}.log", timeout_s)
     version = artifacts.read_current(out)
     return version, artifacts.load_manifest(out / version, verify=False), seconds
 
@@ -508,8 +509,8 @@ def fill_cache(cache_root: Path, catalogue: Path, written: pd.DataFrame, vectors
 def real_build(out: Path, catalogue: Path, version: str, neighbours: int, timeout_s: float) -> tuple[dict, float]:
     """`lookalike-build build` end to end; (manifest, wall seconds)."""
     seconds = run_bounded([BIN / "lookalike-build", "--log-level", "INFO", "build", "--images", catalogue, "--out", out,
-                           "--version", version, "--neighbours", neighbours], out.parent / f"build-{version}.log",
-                          timeout_s)
+                           "--version", version, "--neighbours", neighbours, "--nice", 0],
+                          out.parent / f"build-{version}.log", timeout_s)
     return artifacts.load_manifest(out / version, verify=False), seconds
 
 
@@ -593,14 +594,27 @@ def memory_of(pid: int) -> dict:
     return {"processes": len(pids), "rss_mb": round(rss / 1024, 1), "pss_mb": round(pss / 1024, 1)}
 
 
-def plans(metrics_port: int) -> dict:
+def _samples(metrics_port: int) -> list:
     import urllib.request
 
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return {sample.labels["plan"]: int(sample.value) for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == "lookalike_query_plans_total"}
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def plans(metrics_port: int) -> dict:
+    return {sample.labels["plan"]: int(sample.value) for sample in _samples(metrics_port)
+            if sample.name == "lookalike_query_plans_total"}
+
+
+def retire_collections(metrics_port: int) -> dict:
+    """The server's own account of the full collections that freed retired versions (count, mean ms)."""
+    found = {sample.name: sample.value for sample in _samples(metrics_port)
+             if sample.name.startswith("lookalike_retire_collection_seconds_")}
+    count = found.get("lookalike_retire_collection_seconds_count", 0)
+    mean = found.get("lookalike_retire_collection_seconds_sum", 0) / count * 1000 if count else None
+    return {"count": int(count), "mean_ms": None if mean is None else round(mean, 1)}
 
 
 def _point(report: dict, operation: str) -> dict:
@@ -642,7 +656,7 @@ def workers_memory(artifacts_dir: Path, catalogue: Path) -> dict:
         with server(artifacts_dir, "--workers", str(count), "--result-cache-size", "0") as (address, _, process):
             ready_s = time.perf_counter() - begin
             compiled_load(address, catalogue, "product=1,id=1", 2.0, 8)
-            out[count] = {"ready_s": round(ready_s, 1), **memory_of(process.pid)}
+            out[str(count)] = {"ready_s": round(ready_s, 1), **memory_of(process.pid)}
     return out
 
 
@@ -716,7 +730,7 @@ def swap_pause(artifacts_dir: Path, catalogue: Path, versions: tuple[str, str], 
     from bench.serving import server
 
     artifacts.write_current(artifacts_dir, versions[0])
-    with server(artifacts_dir, "--result-cache-size", "0", "--watch-interval-s", "0.2") as (address, _, _), \
+    with server(artifacts_dir, "--result-cache-size", "0", "--watch-interval-s", "0.2") as (address, metrics, _), \
             background_load(address, catalogue, "product=1", 2), InfoProbe(address) as probe:
         time.sleep(settle_s)
         quiet_until = time.perf_counter()
@@ -733,13 +747,14 @@ def swap_pause(artifacts_dir: Path, catalogue: Path, versions: tuple[str, str], 
             swapped = next((t for t, _, v in reversed(probe.samples) if v != target), requested)
             events.append((requested, swapped))
             time.sleep(settle_s)
+        collections = retire_collections(metrics)
     samples = probe.samples
     quiet = [s for s in samples if s[0] < quiet_until]
     loading = [s for s in samples if any(start <= s[0] < end - 0.1 for start, end in events)]
     at_swap = [s for s in samples if any(abs(s[0] - end) <= 0.1 for _, end in events)]
     return {"swaps": len(events), "load_to_swap_s": [round(end - start, 1) for start, end in events],
             "without_swaps": _latency(quiet), "while_loading": _latency(loading), "at_swap": _latency(at_swap),
-            "errors": sum(1 for s in samples if s[2].startswith("error"))}
+            "errors": sum(1 for s in samples if s[2].startswith("error")), "retire_collections": collections}
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -821,11 +836,12 @@ def targets(results: dict) -> list[dict]:
     def add(name, value, goal, passed):
         rows.append({"target": name, "measured": value, "goal": goal, "met": bool(passed)})
 
-    serving = results["serving"]
-    abo, demo = serving["abo"], serving["demo"]
-    ratio = abo["product"]["qps"] / max(abo["info"]["qps"], 1e-9)
-    add("ABO shape: by-product QPS / GetInfo ceiling", round(ratio, 3), ">= 0.8", ratio >= 0.8)
-    for name, label in (("product", "by-product"), ("id", "by-image-id")):
+    serving = results.get("serving", {})
+    abo, demo = serving.get("abo"), serving.get("demo")
+    if abo:
+        ratio = abo["product"]["qps"] / max(abo["info"]["qps"], 1e-9)
+        add("ABO shape: by-product QPS / GetInfo ceiling", round(ratio, 3), ">= 0.8", ratio >= 0.8)
+    for name, label in (("product", "by-product"), ("id", "by-image-id")) if abo else ():
         if demo:
             ratio = abo[name]["qps"] / max(demo[name]["qps"], 1e-9)
             add(f"{label} QPS, ABO shape / demo sample", round(ratio, 3), ">= 0.9", ratio >= 0.9)
@@ -845,7 +861,7 @@ def targets(results: dict) -> list[dict]:
             f"{lists['seconds']} / {round(embedding)}", "<= 1", lists["seconds"] <= embedding)
     memory = serving.get("workers")
     if memory:
-        added = {name: memory[name][2]["pss_mb"] - memory[name][1]["pss_mb"] for name in ("abo", "demo")}
+        added = {name: memory[name]["2"]["pss_mb"] - memory[name]["1"]["pss_mb"] for name in ("abo", "demo")}
         beyond = round(added["abo"] - added["demo"], 1)
         add("ABO shape: PSS a second worker adds beyond the demo's (the model's share)", beyond, "<= 150 MB",
             beyond <= 150)
@@ -856,26 +872,54 @@ def targets(results: dict) -> list[dict]:
     return rows
 
 
-def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_per_s: float = 30.0) -> dict:
-    """The whole scale bench; writes bench/results/scale.json (the quick run: bench/work/scale/scale-quick.json)."""
+PARTS = ("lists", "serving", "workers", "swap", "realism", "build")
+
+
+def listed_version(out: Path, source: str) -> tuple[str, dict] | None:
+    """A version of `out` that reindex derived from `source` with lists, if one is there."""
+    for folder in sorted(out.iterdir()):
+        manifest_path = folder / artifacts.MANIFEST
+        if folder.name != source and manifest_path.is_file():
+            manifest = artifacts.load_manifest(folder, verify=False)
+            if manifest.get("neighbours") and manifest["counts"]["products"] > 0:
+                return folder.name, manifest
+    return None
+
+
+def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_per_s: float = 30.0,
+        parts: tuple[str, ...] = PARTS, resume: bool = False) -> dict:
+    """The scale bench; writes bench/results/scale.json (the quick run: bench/work/scale/scale-quick.json). With
+    `resume`, the version of ABO's shape and its lists already in the work folder are used again, and the results
+    of the parts not run are kept from the last run."""
     config = PROFILES[profile]
     work = WORK / profile
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results: dict = {"profile": profile, "config": config,
-                     "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                     "machine": {"cores": os.cpu_count()}, "embedding_images_per_s": embedding_images_per_s,
-                     "seconds_by_part": {}}
-
     # The quick run's figures mean little and change every make test: they stay in the work folder.
     path = RESULTS / "scale.json" if profile == "full" else WORK / f"scale-{profile}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.json")
+    previous = next((json.loads(p.read_text()) for p in (partial, path) if resume and p.exists()), {})
+    results: dict = {**previous, "profile": profile, "config": config,
+                     "started_at": previous.get("started_at", datetime.now(UTC).isoformat(timespec="seconds")),
+                     "machine": {"cores": os.cpu_count()}, "embedding_images_per_s": embedding_images_per_s,
+                     "seconds_by_part": previous.get("seconds_by_part", {}),
+                     "errors": {k: v for k, v in previous.get("errors", {}).items() if k not in parts}}
+
+    def guarded(name: str, step, *args):
+        """A part whose failure is recorded in the results rather than ending the run."""
+        try:
+            return step(*args)
+        except Exception as error:  # noqa: BLE001 - the run goes on; the error is in the results
+            log.exception("%s failed", name)
+            results["errors"][name] = f"{type(error).__name__}: {error}"
+            return None
 
     def part(name: str, begin: float) -> None:
         results["seconds_by_part"][name] = round(time.perf_counter() - begin, 1)
         log.info("%s done in %.0f s", name, time.perf_counter() - begin)
         # What is done so far is kept, should a later part fail or be stopped.
-        path.with_suffix(".partial.json").write_text(json.dumps(results, indent=2, default=_plain))
+        partial.write_text(json.dumps(results, indent=2, default=_plain))
 
     begin = time.perf_counter()
     demo_catalogue, demo_out = demo or demo_build(WORK, config["demo_products"])
@@ -885,69 +929,86 @@ def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_pe
     begin = time.perf_counter()
     shape = make_shape(config["products"], config["images"], config["types"])
     vectors = make_vectors(shape)
-    results["abo"] = shape_summary(shape)
+    results["abo"] = {**results.get("abo", {}), **shape_summary(shape)}
     part("shape_and_vectors", begin)
 
-    begin = time.perf_counter()
     abo_out = work / "abo-artifacts"
-    shutil.rmtree(abo_out, ignore_errors=True)
-    abo_out.mkdir(parents=True)
-    manifest = write_version(abo_out, "abo-shape", shape, vectors, demo_out / demo_version)
-    results["abo"]["write_seconds"] = manifest["timings_seconds"]
-    results["abo"]["index"] = manifest["index"]
-    part("write_version", begin)
+    if resume and (abo_out / "abo-shape" / artifacts.MANIFEST).is_file():
+        manifest = artifacts.load_manifest(abo_out / "abo-shape", verify=False)
+    else:
+        begin = time.perf_counter()
+        shutil.rmtree(abo_out, ignore_errors=True)
+        abo_out.mkdir(parents=True)
+        manifest = write_version(abo_out, "abo-shape", shape, vectors, demo_out / demo_version)
+        results["abo"]["write_seconds"] = manifest["timings_seconds"]
+        results["abo"]["index"] = manifest["index"]
+        part("write_version", begin)
 
-    begin = time.perf_counter()
     served = "abo-shape"
-    try:
-        served, listed, seconds = reindex(abo_out, "abo-shape", timeout_s=config["reindex_budget_s"])
-        results["lists"] = {"version": served, "seconds": round(seconds, 1), "section": listed.get("neighbours"),
-                            "stage_seconds": listed.get("timings_seconds")}
-        results["lists"]["recall"] = list_recall(abo_out / served, listed, config["recall_queries"])
-    except Overrun as overrun:
-        # Served without lists then: every by-id query searches, and the figures say so (plans).
-        results["lists"] = {"overrun": str(overrun), "budget_s": config["reindex_budget_s"]}
-    part("lists", begin)
-
-    begin = time.perf_counter()
-    queries = query_catalogue(work / "abo-queries", abo_out / served, demo_catalogue)
-    artifacts.write_current(abo_out, served)
-    full = config["full_serving"]
-    # The quick run's sample build was just served by the rest of make bench-quick.
-    results["serving"] = {"demo": serving_runs(demo_out, demo_catalogue, config["duration_s"]) if full else None,
-                          "abo": serving_runs(abo_out, queries, config["duration_s"], full)}
-    part("serving", begin)
-    if full:
-        begin = time.perf_counter()
-        results["serving"]["workers"] = {"demo": workers_memory(demo_out, demo_catalogue),
-                                         "abo": workers_memory(abo_out, queries)}
-        part("workers", begin)
-    if config["swaps"] and served != "abo-shape":
-        begin = time.perf_counter()
-        results["serving"]["swap"] = swap_pause(abo_out, queries, (served, "abo-shape"), config["swaps"])
-        artifacts.write_current(abo_out, served)
-        part("swap", begin)
-
-    begin = time.perf_counter()
-    abo_search_k = {"rows": len(vectors), "n_trees": manifest["index"]["n_trees"],
-                    "search_k": manifest["index"]["search_k"], "recall_at_10": manifest["index"]["recall_at_10"],
-                    "seconds": manifest["timings_seconds"]["index"]}
-    results["realism"] = realism(demo_out / demo_version, vectors, shape, abo_search_k, work,
-                                 config["recall_queries"])
-    part("realism", begin)
-
-    if config["build_products"]:
+    found = listed_version(abo_out, "abo-shape") if resume else None
+    if found is not None:
+        served, listed = found
+        if results.get("lists", {}).get("version") != served:
+            # The reindex ran beyond a run that was stopped: its own stage times are the figure.
+            results["lists"] = {"version": served, "section": listed.get("neighbours"),
+                                "stage_seconds": listed.get("timings_seconds"),
+                                "seconds": round(sum(listed.get("timings_seconds", {}).values()), 1),
+                                "seconds_from": "the manifest's stage times (the run that started it was stopped)"}
+        if "recall" not in results["lists"]:
+            results["lists"]["recall"] = list_recall(abo_out / served, listed, config["recall_queries"])
+    elif "lists" in parts:
         begin = time.perf_counter()
         try:
-            results["build"] = build_runs(work, shape, vectors, config["build_products"], 100,
-                                          config["build_budget_s"])
+            served, listed, seconds = reindex(abo_out, "abo-shape", timeout_s=config["reindex_budget_s"])
+            results["lists"] = {"version": served, "seconds": round(seconds, 1), "section": listed.get("neighbours"),
+                                "stage_seconds": listed.get("timings_seconds")}
+            results["lists"]["recall"] = list_recall(abo_out / served, listed, config["recall_queries"])
         except Overrun as overrun:
-            results["build"] = {"overrun": str(overrun), "products": config["build_products"]}
+            # Served without lists then: every by-id query searches, and the figures say so (plans).
+            results["lists"] = {"overrun": str(overrun), "budget_s": config["reindex_budget_s"]}
+        part("lists", begin)
+
+    full = config["full_serving"]
+    results.setdefault("serving", {})
+    if {"serving", "workers", "swap"} & set(parts):
+        queries = query_catalogue(work / "abo-queries", abo_out / served, demo_catalogue)
+        artifacts.write_current(abo_out, served)
+    if "serving" in parts:
+        begin = time.perf_counter()
+        # The quick run's sample build was just served by the rest of make bench-quick.
+        results["serving"].update({
+            "served_version": served,
+            "demo": serving_runs(demo_out, demo_catalogue, config["duration_s"]) if full else None,
+            "abo": serving_runs(abo_out, queries, config["duration_s"], full)})
+        part("serving", begin)
+    if full and "workers" in parts:
+        begin = time.perf_counter()
+        results["serving"]["workers"] = guarded("workers", lambda: {"demo": workers_memory(demo_out, demo_catalogue),
+                                                                    "abo": workers_memory(abo_out, queries)})
+        part("workers", begin)
+    if config["swaps"] and served != "abo-shape" and "swap" in parts:
+        begin = time.perf_counter()
+        results["serving"]["swap"] = guarded("swap", swap_pause, abo_out, queries, (served, "abo-shape"),
+                                             config["swaps"])
+        artifacts.write_current(abo_out, served)
+        part("swap", begin)
+    if "realism" in parts:
+        begin = time.perf_counter()
+        abo_search_k = {"rows": len(vectors), "n_trees": manifest["index"]["n_trees"],
+                        "search_k": manifest["index"]["search_k"], "recall_at_10": manifest["index"]["recall_at_10"],
+                        "seconds": manifest["timings_seconds"]["index"]}
+        results["realism"] = guarded("realism", realism, demo_out / demo_version, vectors, shape, abo_search_k, work,
+                                     config["recall_queries"])
+        part("realism", begin)
+    if config["build_products"] and "build" in parts:
+        begin = time.perf_counter()
+        results["build"] = guarded("build", build_runs, work, shape, vectors, config["build_products"], 100,
+                                   config["build_budget_s"])
         part("build", begin)
     results["targets"] = targets(results)
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["seconds"] = round(previous.get("seconds", 0) + time.perf_counter() - started, 1)
     path.write_text(json.dumps(results, indent=2, default=_plain))
-    path.with_suffix(".partial.json").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     for row in results["targets"]:
         log.info("%s %s: %s (goal %s)", "MET " if row["met"] else "MISS", row["target"], row["measured"], row["goal"])
     log.info("bench scale %s done in %.0f s -> %s", profile, results["seconds"], path)
@@ -967,13 +1028,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="products of the real build's catalogue (full: 10,000; ABO's own size needs the time "
                              "and memory a shared 2-core host does not have)")
     parser.add_argument("--no-report", action="store_true", help="leave BENCHMARKS.md as it is")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"the parts to run, of {','.join(PARTS)} (the version of ABO's shape is always there)")
+    parser.add_argument("--resume", action="store_true",
+                        help="use the version of ABO's shape and its lists from the last run again, keep its results")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     profile = "quick" if args.quick else "full"
     if args.build_products is not None:
         PROFILES[profile]["build_products"] = args.build_products
-    results = run(profile)
+    parts = tuple(part for part in args.only.split(",") if part)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; the parts are {', '.join(PARTS)}")
+    results = run(profile, parts=parts, resume=args.resume)
     if profile == "full" and not args.no_report:
         from bench.report import write_scale_section
 

@@ -50,3 +50,41 @@ def test_cache_holds_every_written_image(tmp_path):
     assert len(position) == 45 and features.shape == (45, 1280) and not errors
     scans = cache.read_scans()
     assert len(scans) == 45 and scans["uri"].str.startswith("file:/").all()
+
+
+def _results() -> dict:
+    point = {"qps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0, "codes": {"OK": 10}}
+    served = {"ready_s": 9.0, "memory": {"rss_mb": 900.0}, "memory_after_load": {"rss_mb": 950.0}, "plans": {},
+              **{name: dict(point) for name in ("info", "product", "id", "image")},
+              **{f"{name}_open_{share}": {"rate": 50.0, **point} for name in ("product", "id") for share in (50, 80)}}
+    memory = {"1": {"ready_s": 9.0, "processes": 1, "rss_mb": 900.0, "pss_mb": 600.0},
+              "2": {"ready_s": 12.0, "processes": 3, "rss_mb": 1800.0, "pss_mb": 700.0}}
+    shape = scale.shape_summary(scale.make_shape(products=50, images=120, types=5))
+    return {"started_at": "2026-12-01T06:00:00+00:00", "machine": {"cores": 2}, "seconds": 100.0,
+            "config": {"duration_s": 6.0, "build_products": 10}, "embedding_images_per_s": 30.0, "abo": shape,
+            "realism": {"demo": {"products": 1, "images": 2, "types": 1, "views_of_one_product": 0.9,
+                                 "products_of_one_type": 0.7, "different_types": 0.0,
+                                 "nearest_other_product_median": 0.9, "effective_dimension": 6.0, "search_k": 100,
+                                 "recall_at_10": 1.0}},
+            "lists": {"seconds": 50.0, "section": {"recall_at_10": 1.0}, "stage_seconds": {"neighbours": 40.0},
+                      "recall": {"product_recall_at_10": 1.0, "product_queries": 10, "image_recall_at_10": 1.0,
+                                 "image_queries": 10}},
+            "serving": {"demo": served, "abo": served, "workers": {"demo": memory, "abo": memory},
+                        "swap": {"swaps": 2, "load_to_swap_s": [5.0, 6.0], "errors": 0,
+                                 "without_swaps": {"calls": 5, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0}}},
+            "errors": {"build": "Overrun: stopped"}}
+
+
+def test_scale_section_replaces_itself_and_keeps_the_rest(tmp_path):
+    from bench.report import SCALE_BEGIN, write_scale_section
+
+    results = _results()
+    results["targets"] = scale.targets(results)
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# lookalike benchmarks\n\n## Serving\n\nfigures\n\n## Builder\n\nbuild figures\n")
+    write_scale_section(results, path)
+    write_scale_section(results, path)
+    text = path.read_text()
+    assert text.count(SCALE_BEGIN) == 1 and "## At ABO's size" in text
+    assert text.index("## Serving") < text.index("## At ABO's size") < text.index("## Builder")
+    assert "build figures" in text and "did not complete" in text
