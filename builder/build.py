@@ -44,6 +44,8 @@ from builder.model import (
 )
 from builder.sample import LABELS_FILE
 from lookalike import artifacts, tables
+from lookalike.neighbours import DEFAULT_N, check_neighbours
+from lookalike.neighbours import MANIFEST_KEY as NEIGHBOURS_KEY
 from lookalike.preprocess import INPUT_SIZE, PREPROCESSINGS, TOO_LARGE
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,9 @@ class BuildConfig:
     n_trees: int = 10
     # The builder picks the smallest search_k whose recall@10 against exact search reaches this.
     target_recall: float = 0.95
+    # Exact top-N products of every product and image, served by lookup (0: none; queries then search).
+    # About a quarter of an hour on this 2-core host at ABO's size; 4 x 3 x N bytes per product and image.
+    neighbours: int = DEFAULT_N
     # Images per resumable unit of embedding work: smaller = less lost on interruption, more jobs.
     chunk_size: int = 1024
     # Images per model call inside an executor; 8 was the fastest on a 2-core CPU (BENCHMARKS.md).
@@ -119,6 +124,7 @@ class BuildConfig:
         for name in ("n_trees", "chunk_size", "batch_size", "dimension", "max_aspect_difference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        check_neighbours(self.neighbours)
         check_language(self.language)
 
 
@@ -143,11 +149,16 @@ class Stopwatch:
 
 
 def _spark(config: BuildConfig):
+    return spark_session(config.spark_master, config.extra_spark_conf, config.batch_size * 4)
+
+
+def spark_session(spark_master: str, extra_conf: dict | None = None, records_per_batch: int = 32):
+    """The builder's Spark session (arrow batches of `records_per_batch` rows into Python workers)."""
     from pyspark.sql import SparkSession
 
-    builder = (SparkSession.builder.master(config.spark_master).appName("lookalike-build")
+    builder = (SparkSession.builder.master(spark_master).appName("lookalike-build")
                .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(config.batch_size * 4))
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(records_per_batch))
                .config("spark.python.worker.reuse", "true")
                .config("spark.ui.enabled", "false")
                .config("spark.driver.host", os.environ.get("SPARK_LOCAL_IP", "127.0.0.1"))
@@ -155,7 +166,7 @@ def _spark(config: BuildConfig):
                .config("spark.sql.shuffle.partitions", "8")
                # Product photos are small files: count each as 1 MiB so a job spreads over many tasks.
                .config("spark.sql.files.openCostInBytes", str(1 << 20)))
-    for key, value in config.extra_spark_conf.items():
+    for key, value in (extra_conf or {}).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -375,7 +386,7 @@ def _new_version() -> str:
     return f"{stamp}-{os.urandom(3).hex()}"
 
 
-def _library_versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
@@ -391,13 +402,7 @@ def run_build(config: BuildConfig) -> BuildResult:
     """Builds a new version; CURRENT moves to it only when every stage succeeded."""
     clock = Stopwatch()
     requested_head = config.head
-    config.out.mkdir(parents=True, exist_ok=True)
-    version = artifacts.check_version_name(config.version or _new_version())
-    staging = config.out / f".staging-{version}"
-    final = config.out / version
-    if final.exists():
-        raise FileExistsError(f"{final} exists already: versions are never overwritten")
-    staging.mkdir()
+    version, staging = open_version(config.out, config.version)
     spark = _spark(config)
     cache = cache_of(config)
     try:
@@ -436,6 +441,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         report = build_with_recall(vectors, str(staging / artifacts.INDEX_FILE), config.n_trees,
                                    config.target_recall)
     write_tables(staging, catalogue, vectors)
+    neighbours = neighbour_stage(clock, staging, config.neighbours, config.spark_master, config.extra_spark_conf)
     dropped = scanned[~scanned["kept"]]
     root = config.images.resolve()
     embed_report["cache"] = _relative(cache.root, root)
@@ -443,7 +449,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         "version": version,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "code_version": __version__,
-        "libraries": _library_versions(),
+        "libraries": library_versions(),
         # The one absolute path of the build host; every other path is relative to it, and the tables'
         # image paths are relative to its image folder (what ImageMatch.path carries).
         "catalogue_root": str(root),
@@ -476,16 +482,47 @@ def run_build(config: BuildConfig) -> BuildResult:
         "config": _recorded_config(config, root),
         "timings_seconds": clock.seconds,
     }
+    if neighbours:
+        manifest[NEIGHBOURS_KEY] = neighbours
+    final = publish_version(config.out, version, staging, manifest)
+    log.info("published %s: %d products, %d images, recall@10 %.3f", version, len(catalogue.products),
+             len(catalogue.rows), report.recall_at_10)
+    return BuildResult(version, final, manifest)
+
+
+def open_version(out: Path, version: str | None) -> tuple[str, Path]:
+    """A new version's name (given, or the time and a random suffix) and its staging folder, created."""
+    out.mkdir(parents=True, exist_ok=True)
+    version = artifacts.check_version_name(version or _new_version())
+    if (out / version).exists():
+        raise FileExistsError(f"{out / version} exists already: versions are never overwritten")
+    staging = out / f".staging-{version}"
+    staging.mkdir()
+    return version, staging
+
+
+def neighbour_stage(clock: Stopwatch, staging: Path, n: int, spark_master: str, extra_spark_conf: dict) -> dict | None:
+    """The version's neighbour lists, from the vectors and products already in staging (None when n is 0)."""
+    if not n:
+        return None
+    from builder.neighbours import build_lists
+
+    with clock.stage("neighbours"):
+        return build_lists(staging, n, spark_master, extra_spark_conf)
+
+
+def publish_version(out: Path, version: str, staging: Path, manifest: dict) -> Path:
+    """Checksums every file of the staging folder into its manifest, renames it to the version, and only
+    then points CURRENT at it: a failure before the rename leaves the served version as it was."""
     # Files TensorFlow, Annoy and pyarrow wrote, readable by a server running as another user, on disk
     # before CURRENT can name them.
     artifacts.settle_folder(staging)
     manifest["files"] = artifacts.checksums(staging)
     artifacts.write_json_atomic(staging / artifacts.MANIFEST, manifest)
+    final = out / version
     os.rename(staging, final)
-    artifacts.write_current(config.out, version)
-    log.info("published %s: %d products, %d images, recall@10 %.3f", version, len(catalogue.products),
-             len(catalogue.rows), report.recall_at_10)
-    return BuildResult(version, final, manifest)
+    artifacts.write_current(out, version)
+    return final
 
 
 def write_tables(staging: Path, catalogue: Catalogue, vectors: np.ndarray) -> None:

@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="Annoy trees: more = better recall per search_k, bigger index")
     build.add_argument("--target-recall", type=float, default=env_default("target_recall", defaults.target_recall),
                        help="recall@10 the chosen search_k must reach against exact search")
+    _add_neighbours(build, defaults.neighbours)
     build.add_argument("--chunk-size", type=int, default=env_default("chunk_size", defaults.chunk_size),
                        help="images per resumable unit: less is lost on interruption, more Spark jobs")
     build.add_argument("--batch-size", type=int, default=env_default("batch_size", defaults.batch_size),
@@ -114,7 +115,35 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--cache-grace-s", type=float, default=3600.0,
                        help="leave cached features and leftovers younger than this (a build may be using them)")
     _add_file_mode(prune)
+
+    reindex = commands.add_parser("reindex", help="a new version from an existing one's vectors and tables, with "
+                                                  "its index and neighbour lists derived again (nothing embedded)")
+    reindex.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
+    reindex.add_argument("--version", default=None,
+                         help="the version whose vectors and tables to reuse (default: the one CURRENT names)")
+    reindex.add_argument("--new-version", default=None,
+                         help="the new version's name (default: UTC time + random suffix)")
+    reindex.add_argument("--index", default=env_default("index", None), choices=["annoy", "hnsw"],
+                         help="the index to build (default: the kind the version has)")
+    reindex.add_argument("--n-trees", type=int, default=env_default("n_trees", defaults.n_trees),
+                         help="Annoy trees: more = better recall per search_k, bigger index")
+    reindex.add_argument("--target-recall", type=float,
+                         default=env_default("target_recall", defaults.target_recall),
+                         help="recall@10 the chosen search_k must reach against exact search")
+    _add_neighbours(reindex, defaults.neighbours)
+    reindex.add_argument("--spark-master", default=env_default("spark_master", defaults.spark_master),
+                         help="any Spark master URL; the lists are computed in its executors")
+    reindex.add_argument("--nice", type=int, default=env_default("nice", 10),
+                         help="CPU niceness of the reindex and its Spark workers (0: normal priority)")
+    reindex.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")
+    _add_file_mode(reindex)
     return parser
+
+
+def _add_neighbours(command: argparse.ArgumentParser, default: int) -> None:
+    command.add_argument("--neighbours", type=int, default=env_default("neighbours", default),
+                         help="each product's and image's exact top-N products, computed on Spark and served by "
+                              "lookup (0: no lists; about a quarter of an hour here at ABO's size)")
 
 
 def _add_file_mode(command: argparse.ArgumentParser) -> None:
@@ -255,12 +284,12 @@ def _run(args: argparse.Namespace) -> int:
         products, images = write_sample(args.out, args.limit, args.split, args.max_images_per_product)
         print(f"wrote {products} products with {images} images to {args.out}")
         return 0
+    if args.command == "reindex":
+        return _reindex(args)
     if args.command != "build":
         return _operate(args)
     _check_build_inputs(args)
-    if args.nice:
-        # Spark's JVM and its Python workers inherit it: a server on this host keeps the CPU it needs.
-        os.nice(args.nice)
+    _be_nice(args.nice)
     from builder.build import BuildConfig, run_build
 
     config = BuildConfig(images=args.images, out=args.out, listings=args.listings, products_csv=args.products_csv,
@@ -271,7 +300,8 @@ def _run(args: argparse.Namespace) -> int:
                          type_weight=args.type_weight,
                          n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
                          batch_size=args.batch_size, threads_per_task=args.threads_per_task,
-                         weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache)
+                         weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache,
+                         neighbours=args.neighbours)
     result = run_build(config)
     if args.json:
         print(json.dumps(result.manifest, indent=2))
@@ -281,6 +311,31 @@ def _run(args: argparse.Namespace) -> int:
               f"indexed (kept {counts['kept']}, dropped {counts['dropped']}); n_trees {index['n_trees']}, "
               f"search_k {index['search_k']}, recall@10 {index['recall_at_10']}")
     return 0
+
+
+def _reindex(args: argparse.Namespace) -> int:
+    """reindex: Spark for the lists, Annoy for the index; no TensorFlow."""
+    out = _artifacts_folder(args.out)
+    _be_nice(args.nice)
+    from builder.reindex import ReindexConfig, run_reindex
+
+    result = run_reindex(ReindexConfig(out=out, source=args.version, index=args.index, n_trees=args.n_trees,
+                                       target_recall=args.target_recall, neighbours=args.neighbours,
+                                       spark_master=args.spark_master, version=args.new_version))
+    if args.json:
+        print(json.dumps(result.manifest, indent=2))
+        return 0
+    index, lists = result.manifest["index"], result.manifest.get("neighbours")
+    print(f"published {result.version} from {result.manifest['reindexed_from']['version']}: {index['kind']} index "
+          f"with recall@10 {index['recall_at_10']}; "
+          + (f"neighbour lists of {lists['n']} (recall@10 {lists['recall_at_10']})" if lists else "no neighbour lists"))
+    return 0
+
+
+def _be_nice(nice: int) -> None:
+    if nice:
+        # Spark's JVM and its Python workers inherit it: a server on this host keeps the CPU it needs.
+        os.nice(nice)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,8 @@ from lookalike.artifacts import VECTORS_FILE, ArtifactError
 NEIGHBOURS_DIR = "neighbours"
 MANIFEST_KEY = "neighbours"
 DEFAULT_N = 100
+# A request asks for at most 1,000 products; a longer list would only cost disk.
+MAX_N = 1000
 METHOD = "exact"
 # Padding of a list when the catalogue has fewer than N products.
 NO_PRODUCT = -1
@@ -90,6 +92,13 @@ def _load(path: Path, rel: str) -> np.ndarray:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
         raise ArtifactError(f"{rel} is not a readable .npy array: {error}") from None
+
+
+def check_neighbours(n: int) -> int:
+    """A list length a build may ask for: 0 (no lists) to MAX_N."""
+    if not 0 <= n <= MAX_N:
+        raise ValueError(f"neighbours must be between 0 (no lists) and {MAX_N}, not {n}")
+    return n
 
 
 def check_products(first_row: np.ndarray, image_count: np.ndarray, rows: int) -> None:

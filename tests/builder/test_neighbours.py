@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from builder.cli import main
+from builder.neighbours import product_runs
+from lookalike import artifacts
 from lookalike.artifacts import VECTORS_FILE, ArtifactError
 from lookalike.neighbours import (
     ARRAY_FIELDS,
+    DEFAULT_N,
     NEIGHBOURS_DIR,
     NeighbourLists,
     check_products,
@@ -16,6 +25,7 @@ from lookalike.neighbours import (
     load_neighbours,
     product_query_vectors,
 )
+from tests import helpers
 
 
 def tie_catalogue(products: int, seed: int = 7, dimension: int = 8):
@@ -168,3 +178,111 @@ def test_load_neighbours_names_a_missing_or_unreadable_file(tmp_path):
     np.save(tmp_path / file_path("image_neighbour_rows"), np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ArtifactError, match="image_neighbour_rows.npy is not a readable"):
         load_neighbours(tmp_path, manifest)
+
+
+# -- reindex ----------------------------------------------------------------------------------------------------
+
+REINDEX_WITHOUT_TENSORFLOW = """
+import sys
+from builder.cli import main
+status = main(sys.argv[1:])
+assert "tensorflow" not in sys.modules, "reindex imported TensorFlow"
+sys.exit(status)
+"""
+
+
+def served_lists(out: Path) -> tuple[Path, dict, NeighbourLists | None]:
+    version_dir = out / artifacts.read_current(out)
+    manifest = artifacts.load_manifest(version_dir, verify=True)
+    return version_dir, manifest, load_neighbours(version_dir, manifest)
+
+
+def reference_lists(version_dir: Path, n: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    vectors = np.load(version_dir / artifacts.VECTORS_FILE, allow_pickle=False)
+    first_row, image_count = product_runs(version_dir)
+    queries = product_query_vectors(vectors, first_row, image_count)
+    return (exact_top_products(queries, vectors, first_row, image_count, n),
+            exact_top_products(vectors, vectors, first_row, image_count, n))
+
+
+def assert_lists_are_the_reference(version_dir: Path, lists: NeighbourLists) -> None:
+    products, images = reference_lists(version_dir, lists.n)
+    assert_lists_equal((lists.product_neighbours, lists.product_neighbour_rows, lists.product_neighbour_scores),
+                       products)
+    assert_lists_equal((lists.image_neighbours, lists.image_neighbour_rows, lists.image_neighbour_scores), images)
+    # And against the definition in float64 on the real vectors: each listed product's score is its best
+    # row's, and nothing left out scores above the last listed (both up to float32 rounding).
+    vectors = np.load(version_dir / artifacts.VECTORS_FILE, allow_pickle=False).astype(np.float64)
+    first_row, image_count = product_runs(version_dir)
+    best = np.maximum.reduceat(vectors @ vectors.T, first_row, axis=1)
+    listed = lists.image_neighbours
+    assert np.allclose(np.take_along_axis(best, listed.astype(np.int64), axis=1), lists.image_neighbour_scores,
+                       atol=1e-6)
+    left_out = best.copy()
+    np.put_along_axis(left_out, listed.astype(np.int64), -np.inf, axis=1)
+    assert (left_out.max(axis=1) <= lists.image_neighbour_scores[:, -1] + 1e-6).all()
+
+
+# The session's real build (the fixture) may be the first to run on a busy host.
+@pytest.mark.timeout(1800)
+def test_a_build_computes_lists_by_default(built):
+    version_dir, manifest, lists = served_lists(built)
+    assert lists is not None and lists.n == DEFAULT_N == manifest["neighbours"]["n"]
+    assert manifest["neighbours"]["recall_at_10"] == 1.0
+    assert "neighbours" in manifest["timings_seconds"]
+    assert {file_path(name) for name in ARRAY_FIELDS} <= set(manifest["files"])
+    assert (lists.product_neighbours >= 0).all(), "the catalogue has more products than a list holds"
+    assert_lists_are_the_reference(version_dir, lists)
+
+
+# The session's real build (the fixture) may be the first to run on a busy host.
+@pytest.mark.timeout(1800)
+def test_reindex_gives_a_version_without_lists_its_lists_and_changes_nothing_else(built, tmp_path):
+    out = tmp_path / "ARTIFACTS"
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases"))
+    # A version like every one built before lists: reindex with --neighbours 0 (no Spark) drops them.
+    assert main(["reindex", "--out", str(out), "--new-version", "old", "--neighbours", "0", "--nice", "0"]) == 0
+    old_dir, old, no_lists = served_lists(out)
+    assert old_dir.name == "old" and no_lists is None and "neighbours" not in old
+    done = subprocess.run([sys.executable, "-c", REINDEX_WITHOUT_TENSORFLOW, "reindex", "--out", str(out),
+                           "--version", "old", "--new-version", "listed", "--neighbours", "7", "--n-trees", "5",
+                           "--nice", "0"], env=helpers.env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "published listed from old" in done.stdout
+    new_dir, new, lists = served_lists(out)
+    assert new_dir.name == "listed" and new["reindexed_from"]["version"] == "old"
+    assert lists is not None and lists.n == 7 and new["neighbours"]["recall_at_10"] == 1.0
+    assert_lists_are_the_reference(new_dir, lists)
+    # Everything but the index and the lists is the old version's, byte for byte.
+    derived = {artifacts.INDEX_FILE} | {file_path(name) for name in ARRAY_FIELDS}
+    kept = {rel: digest for rel, digest in old["files"].items() if rel not in derived}
+    assert {rel: digest for rel, digest in new["files"].items() if rel not in derived} == kept
+    assert set(kept) >= {artifacts.VECTORS_FILE, artifacts.IMAGES_FILE, artifacts.PRODUCTS_FILE, "model/saved_model.pb"}
+    assert new["index"]["n_trees"] >= 5 and new["config"]["n_trees"] == 5
+    for key in ("counts", "catalogue", "attribute_keys", "embedding", "dimension", "head"):
+        assert new[key] == old[key]
+    assert sorted(p.relative_to(new_dir).as_posix() for p in (new_dir / artifacts.MODEL_DIR).rglob("*")) == \
+        sorted(p.relative_to(old_dir).as_posix() for p in (old_dir / artifacts.MODEL_DIR).rglob("*"))
+
+
+@pytest.mark.parametrize(("arguments", "problem"), [
+    (["--neighbours", "-1"], "neighbours must be between 0"),
+    (["--version", "nope"], "has no version 'nope'"),
+    (["--version", "../elsewhere"], "invalid version name"),
+    (["--n-trees", "0"], "n_trees must be at least 1"),
+])
+def test_reindex_mistakes_are_one_line(tmp_path, capsys, arguments, problem):
+    out = tmp_path / "ARTIFACTS"
+    out.mkdir()
+    artifacts.write_current(out, "v1")
+    assert main(["reindex", "--out", str(out), "--nice", "0", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert problem in error and error.count("\n") == 1 and "Traceback" not in error
+    assert [p.name for p in out.iterdir()] == ["CURRENT"], "a refused reindex leaves nothing behind"
+
+
+def test_reindex_without_a_served_version_or_folder(tmp_path, capsys):
+    assert main(["reindex", "--out", str(tmp_path / "missing"), "--nice", "0"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["reindex", "--out", str(tmp_path), "--nice", "0"]) == 2
+    assert "CURRENT does not exist" in capsys.readouterr().err
