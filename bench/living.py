@@ -106,7 +106,8 @@ def _hide_to_effect(address: str, out: Path, catalogue: Path, rounds: int) -> di
 
 
 def evaluate(work: Path, images: int, hide_rounds: int = 5, watch_interval_s: float = 0.5, added: int = ADDED,
-             removed: int = REMOVED) -> dict:
+             removed: int = REMOVED, window_s: float = 5.0) -> dict:
+    """window_s: how long serving latency is measured idle and during the rebuild."""
     catalogue, out = work / f"living-catalogue-{images}", work / f"living-artifacts-{images}"
     shutil.rmtree(catalogue, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -117,7 +118,7 @@ def evaluate(work: Path, images: int, hide_rounds: int = 5, watch_interval_s: fl
     shutil.copytree(catalogue, query_catalogue)  # the old version's queries, from files that stay put
     _change(catalogue, added, removed)
     with server(out, "--watch-interval-s", str(watch_interval_s)) as (address, _, _process):
-        idle = _latency_during(address, query_catalogue, 5.0)
+        idle = _latency_during(address, query_catalogue, window_s)
         rebuild: dict = {}
 
         def rebuild_now() -> None:
@@ -126,7 +127,7 @@ def evaluate(work: Path, images: int, hide_rounds: int = 5, watch_interval_s: fl
         builder = threading.Thread(target=rebuild_now)
         builder.start()
         time.sleep(3.0)  # Spark and the model are starting: the busiest part of a small rebuild
-        during = _latency_during(address, query_catalogue, 5.0)
+        during = _latency_during(address, query_catalogue, window_s)
         builder.join()
         from client import ImageSimilarityClient
 
