@@ -367,6 +367,94 @@ def reindex(out: Path, source: str, neighbours: int = 100, timeout_s: float = 36
     return version, artifacts.load_manifest(out / version, verify=False), seconds
 
 
+def lists_for_queries(out: Path, source: str, version: str, queries: Path, n: int = 100) -> dict:
+    """A version beside `source` (its files hard-linked) whose neighbour lists are exact, by the library's own kernel
+    (lookalike.neighbours.exact_top_products, what reindex runs in its executors), for exactly the products and images
+    the load generator draws from `queries`, every other row padded as a list with no entry (the server would search
+    for those). The files have their full size, so loading and checking the version costs what full lists cost, and
+    every query the load makes is answered from a list exactly as with full lists: the serving figures of a version
+    with lists, while reindex is far too slow on this shared host. Returns what was computed."""
+    from lookalike.neighbours import (
+        ARRAY_FIELDS,
+        MANIFEST_KEY,
+        NEIGHBOURS_DIR,
+        NO_PRODUCT,
+        NO_SCORE,
+        exact_top_products,
+        expected_dtype,
+        file_path,
+        product_query_vectors,
+    )
+
+    begin = time.perf_counter()
+    source_dir, staging = out / source, out / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out / version, ignore_errors=True)
+    manifest = artifacts.load_manifest(source_dir, verify=False)
+    for rel in manifest["files"]:
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.link(source_dir / rel, staging / rel)
+    vectors = np.load(source_dir / artifacts.VECTORS_FILE)
+    products = tables.read_products(source_dir / artifacts.PRODUCTS_FILE,
+                                    columns=["product_id", "first_row", "image_count"]).to_pandas()
+    image_ids = tables.read_images(source_dir / artifacts.IMAGES_FILE, columns=["image_id"]).column("image_id")
+    row_of_image = pd.Series(np.arange(len(image_ids)), index=image_ids.to_pandas())
+    wanted_images = row_of_image[pd.read_csv(queries / "images.csv.gz")["image_id"]].to_numpy()
+    with gzip.open(queries / "listings" / "metadata" / "listings_0.json.gz", "rt") as handle:
+        wanted_ids = [json.loads(line)["item_id"] for line in handle]
+    wanted_products = pd.Series(np.arange(len(products)), index=products["product_id"])[wanted_ids].to_numpy()
+    first_row = products["first_row"].to_numpy().astype(np.int64)
+    image_count = products["image_count"].to_numpy().astype(np.int64)
+    (staging / NEIGHBOURS_DIR).mkdir()
+    arrays = {}
+    for name in ARRAY_FIELDS:
+        shape = (len(products) if name.startswith("product_") else len(vectors), n)
+        arrays[name] = np.lib.format.open_memmap(staging / file_path(name), mode="w+", dtype=expected_dtype(name),
+                                                 shape=shape)
+        arrays[name][:] = NO_SCORE if name.endswith("_scores") else NO_PRODUCT
+    for kind, rows, query_vectors in (
+            ("product", wanted_products, product_query_vectors(vectors, first_row[wanted_products],
+                                                               image_count[wanted_products])),
+            ("image", wanted_images, vectors[wanted_images])):
+        found = exact_top_products(query_vectors, vectors, first_row, image_count, n)
+        for part, values in zip(("neighbours", "neighbour_rows", "neighbour_scores"), found, strict=True):
+            arrays[f"{kind}_{part}"][rows] = values
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    manifest = {key: value for key, value in manifest.items() if key != "files"}
+    manifest.update({"version": version, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                     MANIFEST_KEY: {"n": n, "products": len(products), "rows": len(vectors), "method": "exact",
+                                    "only_rows": "the load generator's queries (bench/scale.py); others empty"}})
+    artifacts.settle_folder(staging)
+    manifest["files"] = artifacts.checksums(staging)
+    artifacts.write_json_atomic(staging / artifacts.MANIFEST, manifest)
+    os.rename(staging, out / version)
+    return {"version": version, "products_listed": len(wanted_products), "images_listed": len(wanted_images),
+            "seconds": round(time.perf_counter() - begin, 1)}
+
+
+def reindex_progress(log_path: Path) -> dict | None:
+    """How far a reindex still running (or stopped) has come, from its log: the neighbour tasks done out of all,
+    the seconds since its neighbours stage began, and the whole stage's time at that rate."""
+    import re
+
+    if not log_path.is_file():
+        return None
+    text = log_path.read_text(errors="replace")
+    started = re.search(r"^(\S+ \S+),\d+ INFO builder.build: stage neighbours \.\.\.", text, re.M)
+    tasks = re.findall(r"\((\d+) \+ \d+\) / (\d+)\]", text)
+    if not started or not tasks:
+        return None
+    done, total = (int(value) for value in tasks[-1])
+    began = datetime.strptime(started.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    elapsed = (datetime.now(UTC) - began).total_seconds()
+    stages = dict(re.findall(r"stage (\w+) done in ([\d.]+) s", text))
+    return {"tasks_done": done, "tasks": total, "neighbours_stage_s_so_far": round(elapsed),
+            "neighbours_stage_s_at_this_rate": round(elapsed * total / done) if done else None,
+            "stages_done_s": {key: float(value) for key, value in stages.items()}}
+
+
 def list_recall(version_dir: Path, manifest: dict, queries: int, k: int = 10, seed: int = 3) -> dict:
     """recall@k of the stored lists against a dense brute-force scan (each product scored by its best row), for
     product and image queries drawn at random; the query's own product is left out on both sides, as the server
@@ -859,6 +947,13 @@ def targets(results: dict) -> list[dict]:
         embedding = results["abo"]["images"] / results["embedding_images_per_s"]
         add(f"ABO shape: list build (reindex) s / embedding s at {results['embedding_images_per_s']} images/s",
             f"{lists['seconds']} / {round(embedding)}", "<= 1", lists["seconds"] <= embedding)
+    progress = results.get("reindex_progress")
+    if "seconds" not in lists and progress and progress.get("neighbours_stage_s_at_this_rate"):
+        embedding = results["abo"]["images"] / results["embedding_images_per_s"]
+        estimate = progress["neighbours_stage_s_at_this_rate"] + sum(progress["stages_done_s"].values())
+        add(f"ABO shape: list build (reindex, extrapolated from {progress['tasks_done']} of {progress['tasks']} "
+            f"tasks) s / embedding s at {results['embedding_images_per_s']} images/s",
+            f"~{estimate} / {round(embedding)}", "<= 1", estimate <= embedding)
     memory = serving.get("workers")
     if memory:
         added = {name: memory[name]["2"]["pss_mb"] - memory[name]["1"]["pss_mb"] for name in ("abo", "demo")}
@@ -873,6 +968,8 @@ def targets(results: dict) -> list[dict]:
 
 
 PARTS = ("lists", "serving", "workers", "swap", "realism", "build")
+# Not run by default: exact lists for the load's queries only, when reindex cannot finish in the time there is.
+EXTRA_PARTS = ("query_lists",)
 
 
 def listed_version(out: Path, source: str) -> tuple[str, dict] | None:
@@ -956,6 +1053,13 @@ def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_pe
                                 "seconds_from": "the manifest's stage times (the run that started it was stopped)"}
         if "recall" not in results["lists"]:
             results["lists"]["recall"] = list_recall(abo_out / served, listed, config["recall_queries"])
+    elif "query_lists" in parts:
+        begin = time.perf_counter()
+        results["reindex_progress"] = reindex_progress(work / "reindex-abo-shape.log")
+        queries = query_catalogue(work / "abo-queries", abo_out / "abo-shape", demo_catalogue)
+        results["query_lists"] = lists_for_queries(abo_out, "abo-shape", "abo-query-lists", queries)
+        served = "abo-query-lists"
+        part("query_lists", begin)
     elif "lists" in parts:
         begin = time.perf_counter()
         try:
@@ -1039,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_products is not None:
         PROFILES[profile]["build_products"] = args.build_products
     parts = tuple(part for part in args.only.split(",") if part)
-    unknown = set(parts) - set(PARTS)
+    unknown = set(parts) - set(PARTS) - set(EXTRA_PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; the parts are {', '.join(PARTS)}")
     results = run(profile, parts=parts, resume=args.resume)
