@@ -1,7 +1,11 @@
 """Annoy against hnswlib at ABO's size: recall@10, query latency, build time, bytes on disk and in memory.
 
-    python -m bench.index_scale                 # 398,212 rows (ABO's small set), a few minutes
-    python -m bench.index_scale --rows 20000    # a smoke size
+    python -m bench.index_scale                 # 398,212 rows (ABO's small set)
+    python -m bench.index_scale --rows 20000    # a smoke size (under a minute)
+
+At full size the builds dominate: 150 Annoy trees and two HNSW graphs took 25 minutes on this 2-core host at
+load average 15 to 30 (other builds and tests beside it); the queries themselves take about two minutes.
+--trees and --m choose what is built (`--trees 10 20 --m 16` for a shorter run).
 
 The vectors are synthetic (bench/scale.py's generator had not landed when this was written, so a small one
 is here): 576 product types drawn with Zipf frequencies, each type a centre, each product a point near its

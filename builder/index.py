@@ -127,10 +127,11 @@ def build_with_recall(vectors: np.ndarray, path: str, n_trees: int, target_recal
             built, points = _annoy_candidate(vectors, work / f"{trees}.ann", trees, seed, query_ids, truth,
                                              target_recall)
             candidates += [{"n_trees": trees, **point} for point in points]
-            tried.append({**built, **points[-1], "within_budget": points[-1]["search_k"] <= budget})
-            faster = points[-1]["ms_per_query"] < fastest * (1 - MIN_GAIN)
-            fastest = min(fastest, points[-1]["ms_per_query"])
-            if trees * 2 > max_n_trees or not faster or points[-1]["search_k"] <= MIN_SEARCH_K_BUDGET:
+            cheapest = reaching(points, target_recall)
+            tried.append({**built, **cheapest, "within_budget": cheapest["search_k"] <= budget})
+            faster = cheapest["ms_per_query"] < fastest * (1 - MIN_GAIN)
+            fastest = min(fastest, cheapest["ms_per_query"])
+            if trees * 2 > max_n_trees or not faster or cheapest["search_k"] <= MIN_SEARCH_K_BUDGET:
                 break
             trees *= 2
         chosen = _runoff([t for t in tried if t["within_budget"]] or tried, work, vectors, query_ids, k)
@@ -270,20 +271,32 @@ def _measure(query, vectors: np.ndarray, query_ids: np.ndarray, truth: np.ndarra
 
 def _search_k_sweep(index, vectors: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, start: int, stop: int,
                     target_recall: float) -> list[dict]:
-    """search_k from start rising by sqrt(2) (at least one), up to stop or the first that reaches the target."""
+    """search_k from start rising by sqrt(2) (at least one), up to stop or the first that reaches the target, then
+    once halfway (geometrically) back towards the last that did not; by search_k. The chosen one is the first
+    reaching the target (`reaching`)."""
     k = truth.shape[1]
     points = []
+
+    def measure(search_k: int) -> dict:
+        recall, ms = _measure(lambda v: index.get_nns_by_vector(v, k, search_k=search_k), vectors, query_ids, truth)
+        log.info("n_trees=%d search_k=%d recall@10=%.4f %.3f ms", index.get_n_trees(), search_k, recall, ms)
+        return {"search_k": search_k, "recall_at_10": recall, "ms_per_query": ms}
+
     for step in range(200):
         search_k = round(start * 2 ** (step / 2))
         if step and search_k > stop:
             break
-        recall, ms = _measure(lambda v, s=search_k: index.get_nns_by_vector(v, k, search_k=s), vectors, query_ids,
-                              truth)
-        points.append({"search_k": search_k, "recall_at_10": recall, "ms_per_query": ms})
-        log.info("n_trees=%d search_k=%d recall@10=%.4f %.3f ms", index.get_n_trees(), search_k, recall, ms)
-        if recall >= target_recall:
+        points.append(measure(search_k))
+        if points[-1]["recall_at_10"] >= target_recall:
+            if len(points) > 1:
+                points.insert(-1, measure(round((points[-2]["search_k"] * search_k) ** 0.5)))
             break
     return points
+
+
+def reaching(points: list[dict], target_recall: float) -> dict:
+    """The first point (the smallest search_k or ef) reaching the target, else the last (the best tried)."""
+    return next((p for p in points if p["recall_at_10"] >= target_recall), points[-1])
 
 
 def _load_annoy(path: Path, dimension: int):

@@ -50,8 +50,8 @@ def test_trees_and_search_k_are_chosen_together_and_every_candidate_is_recorded(
     # Each tree count's search_k is the smallest measured reaching the target, and its cost is recorded.
     for t in tried:
         points = [c for c in section["candidates"] if c["n_trees"] == t["n_trees"]]
-        assert points[-1]["search_k"] == t["search_k"] and t["recall_at_10"] >= 0.95 and t["ms_per_query"] > 0
-        assert all(c["recall_at_10"] < 0.95 for c in points[:-1]) and t["bytes"] > 0
+        assert t["recall_at_10"] >= 0.95 and t["ms_per_query"] > 0 and t["bytes"] > 0
+        assert all(c["recall_at_10"] < 0.95 for c in points if c["search_k"] < t["search_k"])
     # The chosen count is the fewest within 10% of the fastest measured.
     fastest = min(t["ms_per_query"] for t in tried)
     assert report.n_trees == next(t["n_trees"] for t in tried if t["ms_per_query"] * 0.9 <= fastest)
