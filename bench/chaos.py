@@ -61,11 +61,12 @@ class ChaosConfig:
     max_calls_per_caller: int = 200_000
     swap_every_s: float = 1.0
     sighup_every_s: float = 1.0
-    hide_every_s: float = 0.25
+    # Often: two availability files read at once by the watch loop and a SIGHUP must not apply out of order.
+    hide_every_s: float = 0.1
     # Share of ordinary calls with a deadline of a few milliseconds, and of calls cancelled by the caller.
     short_deadline_share: float = 0.25
     cancel_share: float = 0.15
-    slow_cancel_share: float = 0.7
+    slow_cancel_share: float = 0.9
     # The derived version: this share of the given version's products plus this many synthetic ones.
     keep_share: float = 2 / 3
     synthetic_products: int = 12_000
@@ -771,6 +772,10 @@ class Chaos:
             self.counts["products_shown"] += len(show)
             self.counts["availability_changes"] += 1
             self.hidden_now = set(expected)
+            if rng.random() < 0.3 and self.process.poll() is None:
+                # As an operator applies a hide at once: the SIGHUP's read races the watch loop's and the last one's.
+                self.process.send_signal(signal.SIGHUP)
+                self.counts["sighups"] += 1
 
     async def watchdog(self) -> None:
         """Polls the server process throughout: an exit (-11 is a segfault) ends the run at once."""
