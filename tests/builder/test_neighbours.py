@@ -286,3 +286,39 @@ def test_reindex_without_a_served_version_or_folder(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert main(["reindex", "--out", str(tmp_path), "--nice", "0"]) == 2
     assert "CURRENT does not exist" in capsys.readouterr().err
+
+
+def test_blocks_computed_apart_assemble_into_the_lists(tmp_path):
+    """The executors' side (block_task over spark.range ids) and the driver's (assemble), without Spark:
+    uneven blocks of both kinds, written as Spark would write them, make the same lists as one call."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from builder.neighbours import BLOCK_SCHEMA, assemble, block_task, plan_blocks
+
+    vectors, first_row, image_count = tie_catalogue(50, seed=5)
+    np.save(tmp_path / VECTORS_FILE, vectors, allow_pickle=False)
+    pq.write_table(pa.table({"first_row": pa.array(first_row, pa.int32()),
+                             "image_count": pa.array(image_count, pa.int32())}), tmp_path / artifacts.PRODUCTS_FILE)
+    blocks = plan_blocks(len(first_row), len(vectors), task_queries=16)
+    assert [b for b in blocks if b[0] == "product"][-1] == ("product", 48, 50)
+    task = block_task(str(tmp_path), 9, blocks)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ids = list(range(len(blocks)))
+    for part, batch in enumerate((ids[::2], ids[1::2])):
+        rows = pd.concat(task(iter([pd.DataFrame({"id": batch})])), ignore_index=True)
+        assert list(rows.columns) == [column.split()[0] for column in BLOCK_SCHEMA.split(", ")]
+        rows.to_parquet(scratch / f"part-{part:05d}.parquet")
+    assemble(scratch, tmp_path, 9, {"product": len(first_row), "image": len(vectors)})
+    lists = load_neighbours(tmp_path, {"counts": {"products": len(first_row)}, "neighbours": {"n": 9}})
+    queries = product_query_vectors(vectors, first_row, image_count)
+    assert_lists_equal((lists.product_neighbours, lists.product_neighbour_rows, lists.product_neighbour_scores),
+                       exact_top_products(queries, vectors, first_row, image_count, 9))
+    assert_lists_equal((lists.image_neighbours, lists.image_neighbour_rows, lists.image_neighbour_scores),
+                       brute_force(vectors, vectors, first_row, image_count, 9))
+    # A block that never came back is an error, not a list of zeros.
+    (scratch / "part-00001.parquet").unlink()
+    with pytest.raises(RuntimeError, match="came back from no task"):
+        assemble(scratch, tmp_path, 9, {"product": len(first_row), "image": len(vectors)})
