@@ -28,7 +28,7 @@ from builder.catalogue import (
     read_listings,
     read_products_csv,
 )
-from builder.index import METRIC, build_with_recall
+from builder.index import ANNOY, INDEX_KINDS, METRIC, build_index
 from builder.model import (
     AUTO_HEAD,
     DEFAULT_TYPE_WEIGHT,
@@ -89,9 +89,13 @@ class BuildConfig:
     # product-type similarity (the rest is look similarity).
     label_key: str = "product_type"
     type_weight: float = DEFAULT_TYPE_WEIGHT
-    # Trees: more = better recall at a given search_k, larger index file, slower build.
+    # "annoy" (mapped, shared by every worker) or "hnsw" (hnswlib: several times faster per query at ABO's
+    # size, but each worker holds its own copy in memory; bench/index_scale.py).
+    index: str = ANNOY
+    # Annoy's fewest trees: the builder tries this many, doubling up to builder.index.MAX_N_TREES, and keeps
+    # the pair (trees, search_k) whose measured query reaches target_recall fastest.
     n_trees: int = 10
-    # The builder picks the smallest search_k whose recall@10 against exact search reaches this.
+    # recall@10 against exact search that the chosen budget (Annoy's trees and search_k, HNSW's ef) reaches.
     target_recall: float = 0.95
     # Exact top-N products of every product and image, served by lookup (0: none; queries then search).
     # About a quarter of an hour on this 2-core host at ABO's size; 4 x 3 x N bytes per product and image.
@@ -121,6 +125,8 @@ class BuildConfig:
             raise ValueError(f"preprocessing must be one of {PREPROCESSINGS}")
         if not 0 < self.target_recall <= 1:
             raise ValueError("target_recall must be in (0, 1]")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS}")
         for name in ("n_trees", "chunk_size", "batch_size", "dimension", "max_aspect_difference"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -438,8 +444,7 @@ def run_build(config: BuildConfig) -> BuildResult:
     position = {image_id: n for n, image_id in enumerate(ids)}
     vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
     with clock.stage("index"):
-        report = build_with_recall(vectors, str(staging / artifacts.INDEX_FILE), config.n_trees,
-                                   config.target_recall)
+        index_file, report = build_index(config.index, vectors, staging, config.n_trees, config.target_recall)
     write_tables(staging, catalogue, vectors)
     neighbours = neighbour_stage(clock, staging, config.neighbours, config.spark_master, config.extra_spark_conf)
     dropped = scanned[~scanned["kept"]]
@@ -476,9 +481,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         "embedding_failures": embed_errors,
         "embedding": embed_report,
         "scan": scan_report,
-        "index": {"n_trees": report.n_trees, "search_k": report.search_k,
-                  "recall_at_10": round(report.recall_at_10, 4), "recall_queries": report.queries,
-                  "recall_by_search_k": {str(k): round(v, 4) for k, v in report.recall_by_search_k.items()}},
+        "index": report.manifest(index_file),
         "config": _recorded_config(config, root),
         "timings_seconds": clock.seconds,
     }

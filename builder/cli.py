@@ -71,8 +71,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="the product attribute a supervised head (lda) learns from")
     build.add_argument("--type-weight", type=float, default=env_default("type_weight", defaults.type_weight),
                        help="lda head: share of similarity that is product type (the rest is look), in (0, 1)")
+    build.add_argument("--index", default=env_default("index", defaults.index), choices=["annoy", "hnsw"],
+                       help="annoy (default; memory-mapped, shared by every worker) or hnsw (hnswlib: faster per "
+                            "query at ABO's size; every worker holds its own copy in memory)")
     build.add_argument("--n-trees", type=int, default=env_default("n_trees", defaults.n_trees),
-                       help="Annoy trees: more = better recall per search_k, bigger index")
+                       help="Annoy's fewest trees: the builder tries this many, doubling up to 80, and keeps the "
+                            "trees and search_k whose query reaches --target-recall fastest")
     build.add_argument("--target-recall", type=float, default=env_default("target_recall", defaults.target_recall),
                        help="recall@10 the chosen search_k must reach against exact search")
     _add_neighbours(build, defaults.neighbours)
@@ -298,7 +302,8 @@ def _run(args: argparse.Namespace) -> int:
                          preprocessing=args.preprocessing, head=args.head, dimension=args.dimension,
                          pooling=args.pooling, mirror=args.mirror, label_key=args.label_key,
                          type_weight=args.type_weight,
-                         n_trees=args.n_trees, target_recall=args.target_recall, chunk_size=args.chunk_size,
+                         index=args.index, n_trees=args.n_trees, target_recall=args.target_recall,
+                         chunk_size=args.chunk_size,
                          batch_size=args.batch_size, threads_per_task=args.threads_per_task,
                          weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache,
                          neighbours=args.neighbours)
@@ -308,8 +313,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         counts, index = result.manifest["counts"], result.manifest["index"]
         print(f"published {result.version}: {counts['products']} products with {counts['images_indexed']} images "
-              f"indexed (kept {counts['kept']}, dropped {counts['dropped']}); n_trees {index['n_trees']}, "
-              f"search_k {index['search_k']}, recall@10 {index['recall_at_10']}")
+              f"indexed (kept {counts['kept']}, dropped {counts['dropped']}); " + _index_summary(index))
     return 0
 
 
@@ -336,6 +340,12 @@ def _be_nice(nice: int) -> None:
     if nice:
         # Spark's JVM and its Python workers inherit it: a server on this host keeps the CPU it needs.
         os.nice(nice)
+
+
+def _index_summary(index: dict) -> str:
+    if index.get("kind") == "hnsw":
+        return f"hnsw M {index['M']}, ef_search {index['ef_search']}, recall@10 {index['recall_at_10']}"
+    return f"n_trees {index['n_trees']}, search_k {index['search_k']}, recall@10 {index['recall_at_10']}"
 
 
 def main(argv: list[str] | None = None) -> int:

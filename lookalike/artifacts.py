@@ -13,6 +13,8 @@ CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 MODEL_DIR = "model"
 INDEX_FILE = "index.ann"
+# A version built with --index hnsw has hnswlib's graph instead (manifest: index.kind "hnsw", index.file).
+HNSW_INDEX_FILE = "index.hnsw"
 DATASET_FILE = "dataset.parquet"
 IMAGES_FILE = "images.parquet"
 PRODUCTS_FILE = "products.parquet"
@@ -154,6 +156,12 @@ def settle_folder(folder: Path, file_mode: int | None = None) -> None:
     fsync_folder(folder)
 
 
+def index_file(manifest: dict) -> str:
+    """The version's index file: the one its manifest names, else Annoy's (every version before HNSW)."""
+    index = manifest.get("index")
+    return str(index.get("file", INDEX_FILE)) if isinstance(index, dict) else INDEX_FILE
+
+
 def load_manifest(version_dir: Path, verify: bool = True) -> dict:
     """Reads a version's manifest and, with `verify`, checks every file's sha256 against it."""
     manifest_path = version_dir / MANIFEST
@@ -166,7 +174,7 @@ def load_manifest(version_dir: Path, verify: bool = True) -> dict:
     expected = manifest.get("files")
     if not isinstance(expected, dict) or not expected:
         raise ArtifactError(f"{manifest_path} lists no files")
-    for required in (f"{MODEL_DIR}/saved_model.pb", INDEX_FILE):
+    for required in (f"{MODEL_DIR}/saved_model.pb", index_file(manifest)):
         if required not in expected:
             raise ArtifactError(f"{manifest_path} does not list {required}")
     if LEGACY_ITEMS_FILE not in expected and not {IMAGES_FILE, PRODUCTS_FILE, VECTORS_FILE} <= set(expected):
