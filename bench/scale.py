@@ -978,13 +978,14 @@ def listed_version(out: Path, source: str) -> tuple[str, dict] | None:
         manifest_path = folder / artifacts.MANIFEST
         if folder.name != source and manifest_path.is_file():
             manifest = artifacts.load_manifest(folder, verify=False)
-            if manifest.get("neighbours") and manifest["counts"]["products"] > 0:
+            section = manifest.get("neighbours") or {}
+            if section and "only_rows" not in section:
                 return folder.name, manifest
     return None
 
 
 def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_per_s: float = 30.0,
-        parts: tuple[str, ...] = PARTS, resume: bool = False) -> dict:
+        parts: tuple[str, ...] = PARTS, resume: bool = False, command: str = "make bench-scale") -> dict:
     """The scale bench; writes bench/results/scale.json (the quick run: bench/work/scale/scale-quick.json). With
     `resume`, the version of ABO's shape and its lists already in the work folder are used again, and the results
     of the parts not run are kept from the last run."""
@@ -1001,6 +1002,7 @@ def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_pe
                      "started_at": previous.get("started_at", datetime.now(UTC).isoformat(timespec="seconds")),
                      "machine": {"cores": os.cpu_count()}, "embedding_images_per_s": embedding_images_per_s,
                      "seconds_by_part": previous.get("seconds_by_part", {}),
+                     "commands": [*previous.get("commands", []), command],
                      "errors": {k: v for k, v in previous.get("errors", {}).items() if k not in parts}}
 
     def guarded(name: str, step, *args):
@@ -1146,7 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(parts) - set(PARTS) - set(EXTRA_PARTS)
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}; the parts are {', '.join(PARTS)}")
-    results = run(profile, parts=parts, resume=args.resume)
+    command = " ".join(["python -m bench.scale", *(sys.argv[1:] if argv is None else argv)])
+    results = run(profile, parts=parts, resume=args.resume, command=command)
     if profile == "full" and not args.no_report:
         from bench.report import write_scale_section
 
