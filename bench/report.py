@@ -368,8 +368,9 @@ def _build_at_abo(scale: dict, first: dict, again: dict, factor: float) -> list[
         parts[name] = (linear, fixed, embed, linear + fixed + embed + index + lists)
     first_total, again_total = parts["first"][3], parts["again"][3]
     return [f"At ABO's size ({factor:.1f}x these images), stage by stage: scan and catalogue linearly "
-            f"({parts['first'][0]:,.0f} s, an upper bound: it scales Spark's start-up too), the trunk and head exports as measured ({parts['first'][1]:,.0f} s; the "
-            f"head's fit grows with the catalogue but is a small part of it here), the index as measured on the ABO "
+            f"({parts['first'][0]:,.0f} s, an upper bound: it scales Spark's start-up too), the trunk and head "
+            f"exports as measured ({parts['first'][1]:,.0f} s; the head's fit grows with the catalogue but is a "
+            "small part of it here), the index as measured on the ABO "
             f"version ({index:,.0f} s) and the lists at the reindex's rate ({lists:,.0f} s): a first build from "
             f"cached features about **{first_total:,.0f} s**, a rebuild after +1% products (about "
             f"{scale['abo']['images'] // 100:,} images embedded at {scale['embedding_images_per_s']} images/s) about "
