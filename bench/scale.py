@@ -162,7 +162,7 @@ def make_vectors(shape: Shape, model: VectorModel = VectorModel(), dimension: in
     """Unit vectors [R, dimension], float32, in index row order."""
     rng = np.random.default_rng(seed)
     types = int(shape.product_types.max()) + 1
-    type_axes = min(max(types - 1, 1), MAX_TYPE_AXES)
+    type_axes = min(max(types - 1, 1), MAX_TYPE_AXES, dimension // 2)
     look_axes = dimension - type_axes
     row_product = shape.row_product
     row_type = shape.product_types[row_product]
@@ -889,7 +889,7 @@ def realism(demo_version: Path, abo_vectors: np.ndarray, abo_shape: Shape, abo_s
     recall@10 0.95 with 10 trees."""
     vectors, row_product, row_type, counts = version_vectors(demo_version)
     twin = make_shape(counts["products"], counts["images"], counts["types"], seed=19)
-    twin_vectors = make_vectors(twin)
+    twin_vectors = make_vectors(twin, dimension=vectors.shape[1])
     rows = {"demo (real lda vectors)": {**counts, **vector_statistics(vectors, row_product, row_type),
                                         **search_k_for_recall(vectors, work, queries=queries)},
             "synthetic at the demo's shape": {**counts, **vector_statistics(twin_vectors, twin.row_product,
@@ -1027,7 +1027,9 @@ def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_pe
 
     begin = time.perf_counter()
     shape = make_shape(config["products"], config["images"], config["types"])
-    vectors = make_vectors(shape)
+    # The copied model's dimension: a tiny sample build's head has fewer than 128 axes.
+    vectors = make_vectors(shape, dimension=int(artifacts.load_manifest(demo_out / demo_version,
+                                                                        verify=False)["dimension"]))
     results["abo"] = {**results.get("abo", {}), **shape_summary(shape)}
     part("shape_and_vectors", begin)
 
