@@ -145,7 +145,7 @@ def test_a_version_names_its_index_file_and_every_earlier_one_is_annoy():
 @pytest.mark.e2e
 def test_a_build_with_index_hnsw_is_checked_loaded_and_served_like_exact_search(tmp_path, catalogue):
     out = tmp_path / "ARTIFACTS"
-    manifest = fake_build.run(catalogue, out, head="none", index="hnsw", chunk_size=64)
+    manifest = fake_build.run(catalogue, out, head="none", index="hnsw", chunk_size=64, neighbours=0)
     index = manifest["index"]
     assert index["kind"] == "hnsw" and index["file"] == artifacts.HNSW_INDEX_FILE
     assert index["recall_at_10"] >= 0.95 and index["ef_search"] == index["search_k"] >= 10 and index["M"] == 16
