@@ -69,6 +69,18 @@ def abo_like_vectors(rows: int = ABO_IMAGES, dimension: int = 128, types: int = 
     return np.ascontiguousarray(vectors, np.float32), row_product
 
 
+def scale_vectors(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """bench/scale.py's vectors (an lda head's layout, landed after this bench was written), for comparison."""
+    from bench.scale import make_shape, make_vectors
+
+    shape = make_shape(max(1, round(rows * ABO_PRODUCTS / ABO_IMAGES)), rows, ABO_TYPES)
+    vectors = np.ascontiguousarray(make_vectors(shape), np.float32)
+    return vectors, np.repeat(np.arange(len(shape.image_counts)), shape.image_counts)
+
+
+GENERATORS = {"own": abo_like_vectors, "scale": scale_vectors}
+
+
 def _recall(found: list[np.ndarray], truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(f, t)) / len(t) for f, t in zip(found, truth, strict=True)]))
 
@@ -188,9 +200,9 @@ def builder_choice(vectors: np.ndarray, work: Path, target_recall: float = 0.95)
 
 
 def run(rows: int, query_count: int, trees: tuple[int, ...], ms_: tuple[int, ...], ef_construction: int,
-        max_search_k: int, work: Path) -> dict:
+        max_search_k: int, work: Path, generator: str = "own") -> dict:
     begin = time.perf_counter()
-    vectors, row_product = abo_like_vectors(rows)
+    vectors, row_product = GENERATORS[generator](rows)
     log.info("%d vectors of %d products in %.1f s", len(vectors), row_product.max() + 1, time.perf_counter() - begin)
     rng = np.random.default_rng(7)
     queries = vectors[rng.choice(len(vectors), size=min(query_count, len(vectors)), replace=False)]
@@ -203,7 +215,8 @@ def run(rows: int, query_count: int, trees: tuple[int, ...], ms_: tuple[int, ...
     hnsw = measure_hnsw(vectors, queries, truth, work, ms_, ef_construction,
                         (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512), stop)
     return {
-        "rows": len(vectors), "products": int(row_product.max() + 1), "dimension": int(vectors.shape[1]),
+        "rows": len(vectors), "products": int(row_product.max() + 1), "generator": generator,
+        "dimension": int(vectors.shape[1]),
         "queries": len(queries), "vectors_bytes": int(vectors.nbytes),
         "exact": {"p50_ms": round(float(np.median(exact_ms)), 3),
                   "p99_ms": round(float(np.percentile(exact_ms, 99)), 3),
@@ -238,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--trees", type=int, nargs="*", default=[10, 20, 40, 80])
     parser.add_argument("--m", type=int, nargs="*", default=[16, 32], help="hnswlib M values")
+    parser.add_argument("--generator", choices=sorted(GENERATORS), default="own",
+                        help="own: this module's vectors; scale: bench/scale.py's")
     parser.add_argument("--builder-choice", action="store_true",
                         help="also run the builder's own choice (Annoy's trees and search_k, HNSW's ef) and record "
                              "its manifest section")
@@ -249,9 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(asctime)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="index-scale-") as work:
         result = run(args.rows, args.queries, tuple(args.trees), tuple(args.m), args.ef_construction,
-                     args.max_search_k, Path(work))
+                     args.max_search_k, Path(work), args.generator)
         if args.builder_choice:
-            result["builder_choice"] = builder_choice(abo_like_vectors(args.rows)[0], Path(work))
+            result["builder_choice"] = builder_choice(GENERATORS[args.generator](args.rows)[0], Path(work))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
