@@ -277,7 +277,8 @@ def _scale(scale: dict) -> list[str]:
                 f"{abo['images'] / scale['embedding_images_per_s']:,.0f} s. recall@10 of the stored lists against a "
                 f"dense brute-force scan: products {recall.get('product_recall_at_10')}, images "
                 f"{recall.get('image_recall_at_10')} ({recall.get('product_queries')} queries each); the manifest's "
-                f"own figure: {section.get('recall_at_10', '-')}.", ""]
+                f"own figure: {section.get('recall_at_10', '-')}." + (f" {lists['note']}." if "note" in lists else ""),
+                ""]
     build = scale.get("build")
     errors = scale.get("errors", {})
     if "build" in errors:
