@@ -3,8 +3,8 @@
     python -m bench.index_scale                 # 398,212 rows (ABO's small set)
     python -m bench.index_scale --rows 20000    # a smoke size (under a minute)
 
-At full size the builds dominate: 150 Annoy trees and two HNSW graphs took 25 minutes on this 2-core host at
-load average 15 to 30 (other builds and tests beside it); the queries themselves take about two minutes.
+At full size the builds dominate: 150 Annoy trees and two HNSW graphs; the whole run took 6.5 minutes on this
+2-core host at load average 3 to 6, and 25 minutes at 15 to 30 (other engineers' builds and tests beside it).
 --trees and --m choose what is built (`--trees 10 20 --m 16` for a shorter run).
 
 The vectors are synthetic (bench/scale.py's generator had not landed when this was written, so a small one

@@ -20,7 +20,7 @@ ANNOY, HNSW = "annoy", "hnsw"
 INDEX_KINDS = (ANNOY, HNSW)
 # The tree counts tried run from --n-trees, doubling, up to this cap. At 128-d each tree adds about 12 bytes per
 # row to the mapped file and build time grows with the trees: at ABO's size (bench/index_scale.py) 80 trees are
-# 556 MB against 245 MB for 10 and took 9x as long to build, and reached recall@10 0.95 at the same search_k.
+# 556 MB against 245 MB for 10 and took 6x as long to build, and reached recall@10 0.95 at about the same search_k.
 MAX_N_TREES = 80
 # Trees double while a doubling cuts the search_k reaching the target by this much (a count, so that noisy
 # timings do not decide when to stop building), and more trees win only when their query is measured this
@@ -36,8 +36,8 @@ MIN_SEARCH_K_BUDGET = 4096
 # Rounds of the side-by-side timing of the tree counts that reached the target (the best of each kept).
 RUNOFF_ROUNDS = 3
 # HNSW's graph, as measured at ABO's size (bench/index_scale.py): M = 16 links per node reached recall@10 0.95 at
-# ef 48 as fast as M = 32 did, with 289 MB per worker against 338; ef_construction 100 (hnswlib suggests 200,
-# which about doubles the build, already minutes at that size).
+# ef 48 to 64 in the 0.18 ms M = 32 took at ef 48, with 289 MB per worker against 338; ef_construction 100
+# (hnswlib suggests 200, which about doubles a build that already takes two minutes at that size).
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 100
 HNSW_EFS = (10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024)
 
