@@ -121,3 +121,16 @@ async def close_in_process(parts):
     await channel.close()
     await server.stop(0)
     await core.close()
+
+
+def with_lists(version: ServedVersion, n: int) -> ServedVersion:
+    """The version with exact neighbour lists of n products, as the builder computes them."""
+    from lookalike.neighbours import NeighbourLists, exact_top_products, product_query_vectors
+    from server.version import ListedNeighbours
+
+    catalogue, vectors = version.catalogue, np.asarray(version.index.vectors)
+    products = exact_top_products(product_query_vectors(vectors, catalogue.first_row, catalogue.image_count),
+                                  vectors, catalogue.first_row, catalogue.image_count, n)
+    images = exact_top_products(vectors, vectors, catalogue.first_row, catalogue.image_count, n)
+    version.neighbours = ListedNeighbours(NeighbourLists(n, *products, *images))
+    return version

@@ -4,13 +4,11 @@ import numpy as np
 import pytest
 
 from lookalike.availability import Availability
-from lookalike.neighbours import NeighbourLists, exact_top_products, product_query_vectors
 from server.core import CoreConfig, CoreObserver, Query, SearchOptions, SimilarityCore
 from server.engine import NEIGHBOUR_LIST
 from server.filters import Clause, Filter
 from server.search import SearchConfig
-from server.version import ListedNeighbours
-from tests.server.fakes import fake_version
+from tests.server.fakes import fake_version, with_lists
 
 # 40 images, 20 products: product p owns images p (main) and p + 20 (a view of it).
 GROUPS = [[p, p + 20] for p in range(20)]
@@ -25,13 +23,6 @@ class Plans(CoreObserver):
         self.plans.append(plan)
 
 
-def _with_lists(version, n: int):
-    catalogue, vectors = version.catalogue, np.asarray(version.index.vectors)
-    products = exact_top_products(product_query_vectors(vectors, catalogue.first_row, catalogue.image_count),
-                                  vectors, catalogue.first_row, catalogue.image_count, n)
-    images = exact_top_products(vectors, vectors, catalogue.first_row, catalogue.image_count, n)
-    version.neighbours = ListedNeighbours(NeighbourLists(n, *products, *images))
-    return version
 
 
 @pytest.fixture
@@ -45,7 +36,7 @@ def cores(tmp_path):
                                 config=SearchConfig(exact_max_rows=10_000))
         plans = Plans()
         config = CoreConfig(max_pixels=1_000_000, result_cache_size=0)
-        pair = SimilarityCore(_with_lists(listed, n), config, plans), SimilarityCore(exact, config), plans
+        pair = SimilarityCore(with_lists(listed, n), config, plans), SimilarityCore(exact, config), plans
         made.append(pair)
         return pair
 

@@ -12,15 +12,14 @@ import pytest
 from lookalike.artifacts import write_current
 from lookalike.availability import Availability
 from lookalike.leases import LEASES_DIR
-from lookalike.neighbours import NeighbourLists, exact_top_products, product_query_vectors
 from server.app import LookalikeServer, ServerConfig
 from server.core import CoreConfig, CoreObserver, Query, SearchOptions, SimilarityCore
 from server.engine import NEIGHBOUR_LIST
 from server.errors import InvalidArgument, Overloaded
 from server.filters import MAX_CLAUSES, MAX_EXCLUDED_PRODUCTS, MAX_VALUES_PER_CLAUSE, Clause, Filter
 from server.search import NearestScorer, SearchConfig
-from server.version import ListedNeighbours, ServedVersion
-from tests.server.fakes import FakeEmbedder, fake_version, make_search
+from server.version import ServedVersion
+from tests.server.fakes import FakeEmbedder, fake_version, make_search, with_lists
 
 # 40 images, 20 products: product p owns images p (main) and p + 20 (a view of it).
 GROUPS = [[p, p + 20] for p in range(20)]
@@ -35,14 +34,6 @@ class Plans(CoreObserver):
         self.plans.append(plan)
 
 
-def _with_lists(version: ServedVersion, n: int) -> ServedVersion:
-    """The version with exact neighbour lists of n products, as the builder computes them."""
-    catalogue, vectors = version.catalogue, np.asarray(version.index.vectors)
-    products = exact_top_products(product_query_vectors(vectors, catalogue.first_row, catalogue.image_count),
-                                  vectors, catalogue.first_row, catalogue.image_count, n)
-    images = exact_top_products(vectors, vectors, catalogue.first_row, catalogue.image_count, n)
-    version.neighbours = ListedNeighbours(NeighbourLists(n, *products, *images))
-    return version
 
 
 class _FixedLists:
@@ -189,7 +180,7 @@ def _list_score_above_its_served_score(version: ServedVersion) -> tuple[int, int
 
 async def test_a_list_answer_never_reports_a_match_below_the_score_threshold(tmp_path):
     listed, _ = fake_version(tmp_path, name="listed", groups=GROUPS)
-    listed = _with_lists(listed, 8)
+    listed = with_lists(listed, 8)
     exact, _ = fake_version(tmp_path, name="exact", groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
     product, k, threshold = _list_score_above_its_served_score(listed)
     plans = Plans()
@@ -233,7 +224,7 @@ async def test_an_exact_answer_never_reports_a_match_below_the_score_threshold(t
 
 async def test_search_k_is_bounded_on_the_list_path_too(tmp_path):
     listed, _ = fake_version(tmp_path, name="listed", groups=GROUPS)
-    core = SimilarityCore(_with_lists(listed, 8), CONFIG)
+    core = SimilarityCore(with_lists(listed, 8), CONFIG)
     try:
         limit = core.max_search_k(core.version)
         with pytest.raises(InvalidArgument, match=f"search_k must be at most {limit}"):
