@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import ImageSimilarityClient, InvalidArgumentError, NotFoundError
-from lookalike import artifacts
+from lookalike import artifacts, neighbours
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from tests import helpers
@@ -49,9 +49,10 @@ def _legacy_version(artifacts_dir, name: str) -> str:
     items.to_parquet(target / "items.parquet", index=False)
     for new_file in ("images.parquet", "products.parquet", "vectors.npy"):
         (target / new_file).unlink()
+    shutil.rmtree(target / neighbours.NEIGHBOURS_DIR, ignore_errors=True)  # 0.1 had no neighbour lists
     manifest = json.loads((target / "manifest.json").read_text())
-    for key in ("catalogue", "attribute_keys"):
-        manifest.pop(key)
+    for key in ("catalogue", "attribute_keys", neighbours.MANIFEST_KEY):
+        manifest.pop(key, None)
     manifest.update(version=name, files=artifacts.checksums(target))
     (target / "manifest.json").write_text(json.dumps(manifest))
     return name
