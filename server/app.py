@@ -101,9 +101,13 @@ class LookalikeServer:
 
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, load_version, self.config.artifacts, version,
-                                          self.config.core.max_pixels, self.config.search,
-                                          self.config.model_threads)
+        served = self.core.version if self.core is not None else None
+        loaded = await loop.run_in_executor(None, load_version, self.config.artifacts, version,
+                                            self.config.core.max_pixels, self.config.search,
+                                            self.config.model_threads, served)
+        if loaded.model_of == loaded.name:
+            self.metrics.model_loads.inc()
+        return loaded
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):

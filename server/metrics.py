@@ -35,6 +35,8 @@ class ServerMetrics(CoreObserver):
         self.dropped_expired = Counter("lookalike_dropped_expired", "queued images dropped because their "
                                        "deadline passed or their caller cancelled", registry=r)
         self.reloads = Counter("lookalike_reloads", "version reload attempts by result", ["result"], registry=r)
+        self.model_loads = Counter("lookalike_model_loads", "SavedModels loaded (a version with the served "
+                                   "version's model shares it instead)", registry=r)
         if self.multiprocess:  # Info does not work across processes: one gauge per (worker, version)
             self.version = Gauge("lookalike_served_info", "the artifact version being served", ["version"],
                                  registry=r, multiprocess_mode="liveall")

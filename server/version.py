@@ -89,6 +89,11 @@ class ServedVersion:
     index: ProductSearch
     # None for a version built without neighbour lists: every query then searches.
     neighbours: Neighbours | None = None
+    # The version whose load read the model in `embedder`: this one, or the served version it shares it with.
+    model_of: str = ""
+
+    def __post_init__(self) -> None:
+        self.model_of = self.model_of or self.name
 
     @property
     def catalogue(self) -> Catalogue:
@@ -102,18 +107,32 @@ class ServedVersion:
         self.index.unload()
 
 
+def model_identity(manifest: dict) -> tuple:
+    """What decides the vectors a version's model gives: its SavedModel's files (by checksum), its
+    preprocessing and dimension. Two versions with the same identity embed every image alike."""
+    model_files = tuple(sorted((rel, digest) for rel, digest in manifest["files"].items()
+                               if rel.startswith(f"{artifacts.MODEL_DIR}/")))
+    return manifest["preprocessing"], int(manifest["dimension"]), model_files
+
+
 def load_version(artifacts_dir: Path, version: str, max_pixels: int,
-                 search: SearchConfig = SearchConfig(), model_threads: int = 0) -> ServedVersion:
-    """Checks and loads a version; raises ArtifactError saying what is wrong."""
+                 search: SearchConfig = SearchConfig(), model_threads: int = 0,
+                 served: ServedVersion | None = None) -> ServedVersion:
+    """Checks and loads a version; raises ArtifactError saying what is wrong.
+
+    When `served` (the version being served now) has the same model (model_identity), its loaded model is
+    shared instead of loaded again: a daily build or a reindex keeps the model, so its swap neither loads
+    TensorFlow a second time nor leaves a model's reference cycles behind to collect (server/versions.py)."""
     version = artifacts.check_version_name(version)
     version_dir = artifacts_dir / version
     if not version_dir.is_dir():
         raise artifacts.ArtifactError(f"version {version} named by CURRENT has no folder {version_dir}")
     manifest = artifacts.load_manifest(version_dir, verify=True)
     dimension = int(manifest["dimension"])
+    shared = served is not None and model_identity(served.manifest) == model_identity(manifest)
     try:
-        backend = SavedModelBackend(version_dir / artifacts.MODEL_DIR, manifest["preprocessing"], max_pixels,
-                                    model_threads)
+        backend = served.embedder if shared else SavedModelBackend(
+            version_dir / artifacts.MODEL_DIR, manifest["preprocessing"], max_pixels, model_threads)
     except Exception as error:
         raise artifacts.ArtifactError(f"the model of {version} does not load: {error}") from error
     if backend.dimension != dimension:
@@ -128,5 +147,9 @@ def load_version(artifacts_dir: Path, version: str, max_pixels: int,
                           config=search, metric=manifest.get("metric", "euclidean"),
                           kind=manifest["index"].get("kind", "annoy"))
     lists = load_neighbours(version_dir, manifest)
-    backend.warmup()
-    return ServedVersion(version, manifest, backend, index, None if lists is None else ListedNeighbours(lists))
+    if shared:
+        log.info("version %s has the model of %s: sharing it, not loading it again", version, served.name)
+    else:
+        backend.warmup()
+    return ServedVersion(version, manifest, backend, index, None if lists is None else ListedNeighbours(lists),
+                         model_of=served.model_of if shared else version)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
@@ -106,8 +107,16 @@ class Versions:
         version.close()
         self._retiring.discard(runtime)
         name = version.name
-        del runtime, version  # the last references to the old model: the collection below can free it
-        freed, seconds = free_frozen_cycles()
+        # A version whose model lives on in another (server/version.py shares an unchanged model) leaves only
+        # arrays and plain objects, freed by their reference counts as they go: then no collection, and no
+        # pause. The weak references say whether that held; anything kept alive by a cycle gets collected.
+        model_in_use = any(version.embedder is other.version.embedder for other in (self.current, *self._retiring))
+        parts = [weakref.ref(version), weakref.ref(version.index), weakref.ref(version.catalogue)]
+        del runtime, version  # the last references to the old version: the collection below can free it
+        if model_in_use and all(part() is None for part in parts):
+            freed, seconds = 0, 0.0
+        else:
+            freed, seconds = free_frozen_cycles()
         log.info("unloaded version %s (%d objects freed in %.0f ms)", name, freed, seconds * 1000)
         if self._on_retired is not None:
             self._on_retired(name, seconds)

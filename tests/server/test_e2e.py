@@ -216,6 +216,8 @@ def test_reload_while_requests_run_changes_version_without_failures(served_copy)
                 failures += 1
         assert failures == 0
         assert versions[0] == first and versions[-1] == second
+        # The new version has the same model: shared, not loaded again (and no collection to free it).
+        assert helpers.scrape(metrics_port)["lookalike_model_loads_total{}"] == 1
         # Broken: the index does not match its checksum. Refused; the old version keeps serving.
         broken = _add_version(served_copy, "v-broken", corrupt=True)
         artifacts.write_current(served_copy, broken)

@@ -4,6 +4,7 @@ availability going back in time, a version mapped before it is leased. Each test
 import asyncio
 import json
 import threading
+import weakref
 
 import grpc
 import numpy as np
@@ -229,3 +230,36 @@ def test_a_version_whose_table_lacks_a_column_is_refused_naming_it(built, tmp_pa
     pq.write_table(pq.read_table(version_dir / table).drop_columns([column]), version_dir / table)
     with pytest.raises(artifacts.ArtifactError, match=f"{table} has no column '{column}'"):
         load_catalogue(version_dir, manifest)
+
+
+@pytest.mark.parametrize("same_model", [True, False])
+async def test_a_swap_to_a_version_with_the_same_model_frees_the_old_one_without_a_collection(
+        tmp_path, monkeypatch, same_model):
+    """The swap's one pause was the full collection that frees a retired model's reference cycles. A version that
+    shares the served model (server/version.py: load_version) leaves none: it is freed as its last user leaves."""
+    from server import versions
+
+    collections = []
+    monkeypatch.setattr(versions, "free_frozen_cycles", lambda: collections.append(1) or (0, 0.0))
+    retired = []
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), on_retired=lambda n, s: retired.append(n))
+    try:
+        (tmp_path / "next").mkdir()
+        following, _ = fake_version(tmp_path / "next", name="fake-v2", groups=GROUPS)
+        if same_model:
+            following.embedder = version.embedder
+        await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3))
+        old = weakref.ref(version)
+        del version
+        await core.swap(following)
+        for _ in range(200):
+            if retired:
+                break
+            await asyncio.sleep(0.01)
+        assert retired == ["fake-v1"] and old() is None and core.loaded_versions() == ["fake-v2"]
+        assert collections == ([] if same_model else [1])
+        answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3))
+        assert answer.version == "fake-v2" and len(answer.results) == 3
+    finally:
+        await core.close()
