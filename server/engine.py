@@ -165,15 +165,15 @@ def eligible_products(version: ServedVersion, hidden: HiddenProducts, filter_: F
 
 def walk_list(products: np.ndarray, scores: np.ndarray, mask: np.ndarray | None, k: int,
               score_threshold: float | None) -> np.ndarray | None:
-    """The first k eligible products of a neighbour list (best first), or None when the list cannot tell: it
-    runs out before k and the products past its end might qualify."""
+    """The positions in a neighbour list of its first k eligible products (best first), or None when the list
+    cannot tell: it runs out before k and the products past its end might qualify."""
     present = products >= 0
     eligible = present.copy()
     if mask is not None:
         eligible[present] = mask[products[present]]
     if score_threshold is not None:
         eligible &= scores >= score_threshold
-    found = products[eligible][:k]
+    found = np.flatnonzero(eligible)[:k]
     if len(found) >= k:
         return found
     # A padded list holds every product; past a threshold nothing further can pass.
@@ -204,7 +204,7 @@ class QueryEngine:
         if resolved.list_position is None:
             return None
         kind, row = resolved.list_position
-        products, scores = version.neighbours.list_of(kind, row)
+        products, best_rows, scores = version.neighbours.list_of(kind, row)
         mask = eligible_products(version, hidden, options.filter, resolved.own_products)
         threshold = options.score_threshold
         if threshold is None:
@@ -217,7 +217,12 @@ class QueryEngine:
             found = walk_list(products, scores, mask, k + near, threshold - SCORE_TOLERANCE)
         if found is None:
             return None
-        hits = version.index.describe(NearestScorer(resolved.vectors), found, options.group_size)
+        scorer = NearestScorer(resolved.vectors)
+        if options.group_size <= 1:
+            # The list names each product's best image: scored again exactly, no other image of it is read.
+            hits = version.index.describe_rows(scorer, products[found], best_rows[found])
+        else:
+            hits = version.index.describe(scorer, products[found], options.group_size)
         if threshold is not None:
             hits = [hit for hit in hits if hit.score >= threshold][:k]
         self._plan(NEIGHBOUR_LIST)
@@ -315,9 +320,10 @@ class QueryEngine:
     @staticmethod
     def product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:
         catalogue = version.catalogue
-        images = [ImageResult(catalogue.image_ids[row], float(distance), float(score), catalogue.paths[row],
-                              catalogue.labels[row], catalogue.roles[row])
-                  for row, score, distance in zip(hit.rows, hit.scores, hit.distances, strict=True)]
+        ids, paths, labels, roles = catalogue.image_ids, catalogue.paths, catalogue.labels, catalogue.roles
+        images = [ImageResult(ids[row], distance, score, paths[row], labels[row], roles[row])
+                  for row, score, distance in zip(hit.rows.tolist(), hit.scores.tolist(), hit.distances.tolist(),
+                                                  strict=True)]
         return ProductResult(
             product_id=catalogue.product_ids[hit.product_row] if catalogue.has_products else "",
             image=images[0], images=images[:options.group_size],

@@ -138,6 +138,12 @@ class Scorer(Protocol):
         ...
 
 
+def similarities(vectors: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """[rows, probes] dot products, each summed on its own: a row's score does not depend on which other rows
+    are scored with it (a matrix product's rounding does), so every plan reports the same score for a row."""
+    return np.einsum("ij,kj->ik", np.asarray(vectors, np.float32), probes)
+
+
 class NearestScorer:
     """Cosine similarity to the nearest of the probes (one probe: a plain nearest-neighbour query)."""
 
@@ -145,7 +151,7 @@ class NearestScorer:
         self.probes = np.atleast_2d(np.asarray(probes, np.float32))
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
-        return (np.asarray(vectors, np.float32) @ self.probes.T).max(axis=1)
+        return similarities(vectors, self.probes).max(axis=1)
 
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         return nearest_distances(vectors, self.probes)
@@ -165,8 +171,8 @@ class BestScoreScorer:
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         vectors = np.asarray(vectors, np.float32)
         worst = np.full(len(vectors), -np.inf, np.float32)
-        positive = (vectors @ self.probes.T).max(axis=1) if len(self.probes) else worst
-        negative = (vectors @ self.negatives.T).max(axis=1) if len(self.negatives) else worst
+        positive = similarities(vectors, self.probes).max(axis=1) if len(self.probes) else worst
+        negative = similarities(vectors, self.negatives).max(axis=1) if len(self.negatives) else worst
         return np.where(positive > negative, positive, -np.square(negative)).astype(np.float32)
 
     def distances(self, vectors: np.ndarray) -> np.ndarray:
@@ -363,14 +369,26 @@ class ProductSearch:
         rows = csr_rows(self.catalogue.first_row[products], counts)
         vectors = self.vectors[rows]
         scores, distances = scorer.scores(vectors), scorer.distances(vectors)
-        hits = []
-        for product, end, count in zip(products, np.cumsum(counts), counts, strict=True):
-            segment = slice(int(end - count), int(end))
-            order = np.argsort(-scores[segment], kind="stable")[:max(1, group_size)]
-            hits.append(ProductHit(int(product), rows[segment][order], scores[segment][order],
-                                   distances[segment][order]))
-        hits.sort(key=lambda hit: -hit.score)
-        return hits
+        # One sort for every product: by product, then best score first (lexsort is stable, so equal scores keep
+        # row order); each product's rows are then a run of `order` starting where its rows start.
+        order = np.lexsort((-scores, np.repeat(np.arange(len(products)), counts)))
+        rows, scores, distances = rows[order], scores[order], distances[order]
+        starts = (np.cumsum(counts) - counts).tolist()
+        ends = np.minimum(np.asarray(starts) + max(1, group_size), np.cumsum(counts)).tolist()
+        ranked = np.argsort(-scores[starts], kind="stable").tolist()  # products by their best score
+        product_rows = products.tolist()
+        return [ProductHit(product_rows[n], rows[starts[n]:ends[n]], scores[starts[n]:ends[n]],
+                           distances[starts[n]:ends[n]]) for n in ranked]
+
+    def describe_rows(self, scorer: Scorer, products: np.ndarray, rows: np.ndarray) -> list[ProductHit]:
+        """Each found product by one given row (its best image, named by a neighbour list), scored exactly, best
+        first: describe's answer for a group of one, without scoring the products' other images."""
+        rows = np.asarray(rows, np.int64)
+        vectors = self.vectors[rows]
+        scores, distances = scorer.scores(vectors), scorer.distances(vectors)
+        product_rows = products.tolist()
+        return [ProductHit(product_rows[n], rows[n:n + 1], scores[n:n + 1], distances[n:n + 1])
+                for n in np.argsort(-scores, kind="stable").tolist()]
 
     def products_at(self, vector: np.ndarray, max_distance: float) -> list[int]:
         """Products owning an image within max_distance of the vector: an image query's own products."""

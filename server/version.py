@@ -55,9 +55,9 @@ class SavedModelBackend:
 class Neighbours(Protocol):
     """A version's neighbour lists: the exact top products of each product and of each index row."""
 
-    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Product rows (-1 past the end) and their scores, best first, of product `row` ("product") or of
-        index row `row` ("image")."""
+    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Product rows (-1 past the end), each one's best index row and its score, best first, of product
+        `row` ("product") or of index row `row` ("image")."""
         ...
 
 
@@ -67,12 +67,15 @@ class ListedNeighbours:
 
     def __init__(self, lists: NeighbourLists) -> None:
         self.n = lists.n
-        self._lists = {"product": (_plain(lists.product_neighbours), _plain(lists.product_neighbour_scores)),
-                       "image": (_plain(lists.image_neighbours), _plain(lists.image_neighbour_scores))}
+        self._lists = {
+            "product": (_plain(lists.product_neighbours), _plain(lists.product_neighbour_rows),
+                        _plain(lists.product_neighbour_scores)),
+            "image": (_plain(lists.image_neighbours), _plain(lists.image_neighbour_rows),
+                      _plain(lists.image_neighbour_scores))}
 
-    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray]:
-        products, scores = self._lists[kind]
-        return products[row], scores[row]
+    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        products, rows, scores = self._lists[kind]
+        return products[row], rows[row], scores[row]
 
 
 def _plain(array: np.ndarray) -> np.ndarray:

@@ -109,9 +109,9 @@ def test_lists_of_a_padded_catalogue_say_when_they_are_exhausted():
 
     products = np.asarray([3, 1, 2, -1, -1], np.int32)
     scores = np.asarray([0.9, 0.8, 0.5, -np.inf, -np.inf], np.float32)
-    assert list(walk_list(products, scores, None, 2, None)) == [3, 1]
+    assert list(products[walk_list(products, scores, None, 2, None)]) == [3, 1]
     mask = np.asarray([True, False, True, True])
-    assert list(walk_list(products, scores, mask, 5, None)) == [3, 2]  # padded: nothing past the end
+    assert list(products[walk_list(products, scores, mask, 5, None)]) == [3, 2]  # padded: nothing past the end
     full = np.asarray([3, 1, 2], np.int32)
     assert walk_list(full, scores[:3], mask, 5, None) is None  # products past the end may qualify
-    assert list(walk_list(full, scores[:3], None, 5, 0.7)) == [3, 1]  # past the threshold none can
+    assert list(full[walk_list(full, scores[:3], None, 5, 0.7)]) == [3, 1]  # past the threshold none can

@@ -43,8 +43,8 @@ class _FixedLists:
         self._products = np.arange(1, n + 1, dtype=np.int32)
         self._scores = np.linspace(0.99, 0.5, n).astype(np.float32)
 
-    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray]:
-        return self._products, self._scores
+    def list_of(self, kind: str, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._products, self._products, self._scores  # one-image products: product row = index row
 
 
 def _wide_version(tmp_path, products: int = 20_000) -> tuple[ServedVersion, list[str]]:
@@ -166,7 +166,7 @@ def _list_score_above_its_served_score(version: ServedVersion) -> tuple[int, int
     for product in range(catalogue.product_count):
         query = vectors[catalogue.rows_of_product(product)].mean(axis=0, keepdims=True)
         query /= max(float(np.linalg.norm(query)), 1e-12)
-        listed, stored = version.neighbours.list_of("product", product)
+        listed, _, stored = version.neighbours.list_of("product", product)
         others = 0
         for entry, score in zip(listed, stored, strict=True):
             if entry == product:

@@ -198,3 +198,17 @@ def test_average_vector_is_twice_the_positive_mean_less_the_negative_mean():
     assert np.allclose(average_vector(positives, np.zeros((0, 8))), unit(positives.mean(0)), atol=1e-6)
     with pytest.raises(ValueError, match="cancel out"):
         average_vector(positives[:1], 2 * positives[:1])
+
+
+def test_a_rows_score_does_not_depend_on_the_rows_scored_with_it():
+    """A neighbour-list answer scores 10 rows, a search hundreds: the same row must get the same score in both, or
+    a threshold at that score keeps it in one plan and drops it in the other."""
+    from server.search import similarities
+
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((500, 64)).astype(np.float32)
+    probes = rng.standard_normal((3, 64)).astype(np.float32)
+    together = similarities(vectors, probes)
+    assert all(np.array_equal(similarities(vectors[n:n + 1], probes), together[n:n + 1]) for n in range(500))
+    assert all(np.array_equal(similarities(vectors[n:n + 7], probes), together[n:n + 7]) for n in range(0, 490, 7))
+    assert np.allclose(together, vectors @ probes.T, atol=1e-4)
