@@ -108,9 +108,14 @@ def _image_match(image: ImageResult) -> pb.ImageMatch:
 
 def _match(result: ProductResult) -> pb.Match:
     best = result.image
-    return pb.Match(item_id=best.image_id, image_id=best.image_id, product_id=result.product_id,
-                    distance=best.distance, score=best.score, path=best.path, label=best.label,
-                    images=[_image_match(image) for image in result.images], attributes=result.attributes)
+    match = pb.Match(item_id=best.image_id, image_id=best.image_id, product_id=result.product_id,
+                     distance=best.distance, score=best.score, path=best.path, label=best.label)
+    # Only when asked for (group_size, with_attributes): an empty list or map still costs a call each.
+    if result.images:
+        match.images.extend(_image_match(image) for image in result.images)
+    if result.attributes:
+        match.attributes.update(result.attributes)
+    return match
 
 
 class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
