@@ -862,9 +862,20 @@ def _figures(chaos: Chaos, config: ChaosConfig, metrics: dict[str, float]) -> di
                                            if any(code == "OK" or code == "INTERNAL" for code in by_code)}},
         "crashes": int(chaos.exit_code is not None), "server_exit_code": chaos.exit_code,
         "crashed_after_s": chaos.crashed_after_s,
-        "rss_mib": {"first": rss[0], "last": rss[-1], "max": max(rss),
-                    "growth_pct": round(100 * (rss[-1] - rss[0]) / rss[0], 1)} if rss else {},
+        "rss_mib": rss_figures(rss),
     }
+
+
+def rss_figures(rss: list[float]) -> dict:
+    """RSS samples (every 5 s) summed up: first, last, max and growth, from the start and from the end of the
+    first tenth of the run (when both versions' columns, caches and arenas have been touched: steady state)."""
+    if not rss:
+        return {}
+    settled = rss[len(rss) // 10]
+    return {"first": rss[0], "settled": settled, "last": rss[-1], "max": max(rss),
+            "growth_pct": round(100 * (rss[-1] - rss[0]) / rss[0], 1),
+            "growth_after_settled_pct": round(100 * (rss[-1] - settled) / settled, 1),
+            "samples": len(rss)}
 
 
 def _problems(figures: dict) -> list[str]:
