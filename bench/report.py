@@ -10,6 +10,9 @@ ROOT = HERE.parent
 PLOTS = HERE / "plots"
 
 
+RELIABILITY_BEGIN = "## Reliability\n"
+
+
 def _table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
     lines += ["| " + " | ".join("-" if v is None else str(v) for v in row) + " |" for row in rows]
@@ -407,6 +410,62 @@ def write_scale_section(scale: dict, path: Path = ROOT / "BENCHMARKS.md") -> Pat
     return path
 
 
+def _chaos(chaos: dict) -> list[str]:
+    hostile, rss = chaos.get("hostile", {}), chaos.get("rss_mib", {})
+    rows = [
+        ["requests (OK, each checked against the version and availability it names)",
+         f"{chaos['requests']:,} ({chaos['ok']:,}, {chaos['answers_checked']:,} checked)"],
+        ["wrong answers / unexpected errors / availability going back", f"{chaos['wrong_answers']} / "
+         f"{chaos['unexpected_errors']} / {chaos['availability_went_back']}"],
+        ["crashes (server exit code)", f"{chaos['crashes']} ({chaos['server_exit_code']})"],
+        ["cancelled mid-flight", f"{chaos['cancelled_mid_flight']:,}"],
+        ["answers by code", ", ".join(f"{code} {n:,}" for code, n in chaos["codes"].items())],
+        ["CURRENT written / swaps applied / reloads refused", f"{chaos['swaps_written']:,} / {chaos['swaps_applied']:,}"
+         f" / {chaos['reloads_refused']}"],
+        ["SIGHUPs / availability changes", f"{chaos['sighups']:,} / {chaos['availability_changes']:,}"],
+        ["products hidden / shown again", f"{chaos['products_hidden']:,} / {chaos['products_shown']:,}"],
+        ["hostile requests (kinds): refused clearly / unclear",
+         f"{hostile.get('requests', 0):,} ({hostile.get('kinds', 0)}): "
+         f"{hostile.get('requests', 0) - hostile.get('unclear', 0):,} / {hostile.get('unclear', 0)}"],
+    ]
+    if rss:
+        rows.append(["RSS MiB: first, after the first tenth, last, max", f"{rss['first']:,.0f}, "
+                     f"{rss.get('settled', rss['first']):,.0f}, {rss['last']:,.0f}, {rss['max']:,.0f} (growth "
+                     f"{rss['growth_pct']}% from the first sample, {rss.get('growth_after_settled_pct', '-')}% "
+                     f"after the first tenth)"])
+    return [f"Chaos for {chaos['duration_s']:g} s ({chaos['callers']} callers with short deadlines and cancels, "
+            f"{chaos['slow_callers']} slow ones; CURRENT swapped between two versions, SIGHUP, hides and unhides, "
+            "oversized and hostile requests mixed in; bench/chaos.py, the test's driver):", "",
+            _table(["", "figure"], rows)]
+
+
+def _reliability(rel: dict) -> list[str]:
+    """The reliability section from bench/results/reliability.json (make soak, or make bench's short runs)."""
+    parts = [RELIABILITY_BEGIN, f"From `{rel.get('command', 'make soak')}` on {rel.get('started_at')}.", ""]
+    if "chaos" in rel:
+        parts += [*_chaos(rel["chaos"]), ""]
+    rest = {k: v for k, v in rel.items() if k not in ("command", "started_at", "chaos")}
+    if rest:
+        parts += ["The other scenarios (bad input, overload, SIGTERM under load, restart after SIGKILL):", "",
+                  "```json", json.dumps(rest, indent=2), "```"]
+    return parts
+
+
+def write_reliability_section(rel: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
+    """Puts the reliability section (make soak's figures) into BENCHMARKS.md in place of the previous one,
+    leaving every other figure as the last full run wrote it."""
+    text = path.read_text() if path.exists() else "# lookalike benchmarks\n"
+    section = "\n".join(_reliability(rel)) + "\n"
+    if RELIABILITY_BEGIN in text:
+        before, rest = text.split(RELIABILITY_BEGIN, 1)
+        following = rest.find("\n## ")
+        text = before + section + (rest[following:] if following >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    return path
+
+
 def _scale_from_file() -> list[str]:
     found = HERE / "results" / "scale.json"
     return [*_scale(json.loads(found.read_text())), ""] if found.exists() else []
@@ -487,10 +546,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
     ]
     reliability = HERE / "results" / "reliability.json"
     if reliability.exists():
-        rel = json.loads(reliability.read_text())
-        parts += ["## Reliability", "", f"From `{rel.get('command', 'make soak')}` on {rel.get('started_at')}.", "",
-                  "```json", json.dumps({k: v for k, v in rel.items() if k not in ("command", "started_at")},
-                                        indent=2), "```", ""]
+        parts += [*_reliability(json.loads(reliability.read_text())), ""]
     notes = HERE / "NOTES.md"
     if notes.exists():
         parts += [notes.read_text().strip(), ""]

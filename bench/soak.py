@@ -129,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
 
     catalogue, artifacts, _manifest, _seconds = _build(300, WORK)
     command = f"python -m bench.soak --overload-s {args.overload_s:g} --cycles {args.cycles} --chaos-s {args.chaos_s:g}"
-    print(json.dumps(run(artifacts, catalogue, args.overload_s, args.cycles, command, args.chaos_s), indent=2))
+    figures = run(artifacts, catalogue, args.overload_s, args.cycles, command, args.chaos_s)
+    print(json.dumps(figures, indent=2))
+    from bench.report import write_reliability_section
+
+    write_reliability_section(figures)
     return 0
 
 

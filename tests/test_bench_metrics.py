@@ -25,3 +25,25 @@ def test_map_rewards_relevant_items_ranked_first():
     last = precision_and_map_at_10(catalogue, labels, relevant_last, np.array([0]))
     assert first[0] == last[0] == 0.5
     assert first[1] == 1.0 and last[1] < first[1]
+
+
+def test_the_reliability_section_replaces_its_predecessor_and_reads_the_chaos_figures(tmp_path):
+    from bench.report import write_reliability_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# b\n\n## Serving\n\nkept\n\n## Reliability\n\nold figures\n\n"
+                    "## Reading the figures\n\nkept too\n")
+    chaos = {"duration_s": 1800.0, "callers": 6, "slow_callers": 2, "requests": 52_000, "ok": 30_100,
+             "answers_checked": 30_100, "wrong_answers": 0, "unexpected_errors": 0, "availability_went_back": 0,
+             "crashes": 0, "server_exit_code": None, "cancelled_mid_flight": 9_000, "codes": {"OK": 30_100},
+             "swaps_written": 1_700, "swaps_applied": 160, "reloads_refused": 0, "sighups": 5_000,
+             "availability_changes": 40, "products_hidden": 11_000, "products_shown": 10_900,
+             "hostile": {"requests": 7_000, "kinds": 12, "unclear": 0},
+             "rss_mib": {"first": 1000.0, "settled": 1100.0, "last": 1120.0, "max": 1150.0, "growth_pct": 12.0,
+                         "growth_after_settled_pct": 1.8, "samples": 360}}
+    write_reliability_section({"command": "python -m bench.soak", "started_at": "2026-12-01", "chaos": chaos}, path)
+    text = path.read_text()
+    assert "old figures" not in text and text.count("## Reliability") == 1
+    assert "kept\n" in text and text.endswith("## Reading the figures\n\nkept too\n")
+    assert "| wrong answers / unexpected errors / availability going back | 0 / 0 / 0 |" in text
+    assert "1,000, 1,100, 1,120, 1,150 (growth 12.0% from the first sample, 1.8% after the first tenth)" in text
