@@ -1,0 +1,71 @@
+"""`python -m bench.swap`: the event loop's pause at a swap, with the served model shared against a model of its own.
+
+One demo build (the committed Fashion-MNIST sample, with lists), then two more versions of it: a `reindex` (the
+same SavedModel, so the server shares the loaded model: server/version.py load_version) and a `build --head pca`
+of the same catalogue (features from the cache, a head of its own: a new model to load and an old one to free by
+a full collection). CURRENT alternates between the first version and each of the others under by-product load,
+while a probe calls GetInfo every 2 ms (bench/scale.py swap_pause). Writes bench/results/swap.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.scale import BIN, RESULTS, WORK, _env, demo_build, ensure_lists, reindex, swap_pause
+from lookalike import artifacts
+
+log = logging.getLogger("bench.swap")
+
+
+def own_model_version(out: Path, catalogue: Path, name: str = "demo-pca") -> str:
+    """The catalogue built again with another head: the same images and features (cached), another model."""
+    if not (out / name).is_dir():
+        current = artifacts.read_current(out)
+        with open(out.parent / f"build-{name}.log", "w") as log_file:
+            subprocess.run([BIN / "lookalike-build", "--log-level", "WARNING", "build", "--images", catalogue,
+                            "--out", out, "--version", name, "--head", "pca"], check=True, env=_env(),
+                           stdout=log_file, stderr=subprocess.STDOUT)
+        artifacts.write_current(out, current)
+    return name
+
+
+def run(products: int, swaps: int) -> dict:
+    work = WORK / "swap"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    catalogue, out = demo_build(work, products)
+    base = ensure_lists(out)
+    shared = next((folder.name for folder in sorted(out.iterdir()) if (folder / artifacts.MANIFEST).is_file()
+                   and artifacts.load_manifest(folder, verify=False).get("reindexed_from", {}).get("version") == base),
+                  None) or reindex(out, base)[0]
+    artifacts.write_current(out, base)
+    own = own_model_version(out, catalogue)
+    results = {"command": f"python -m bench.swap --products {products} --swaps {swaps}", "products": products,
+               "versions": {"served": base, "same_model": shared, "own_model": own}}
+    for label, other in (("same_model", shared), ("own_model", own)):
+        log.info("swaps between %s and %s (%s)", base, other, label)
+        results[label] = swap_pause(out, catalogue, (base, other), swaps)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "swap.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--products", type=int, default=300, help="products of the demo sample")
+    parser.add_argument("--swaps", type=int, default=4, help="swaps each way")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
+    print(json.dumps(run(args.products, args.swaps), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
