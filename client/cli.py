@@ -44,7 +44,9 @@ def _add_result_options(command: argparse.ArgumentParser) -> None:
                               "clauses")
     command.add_argument("--exclude-product", dest="exclude_products", action="append", default=[], metavar="ID",
                          help="never return this product (repeatable)")
-    command.add_argument("--score-threshold", type=float, help="leave out matches scoring below this (-1..1)")
+    command.add_argument("--score-threshold", type=float,
+                         help="leave out matches scoring below this (-1..1; with --strategy sum_scores, "
+                              "-(P + N)..P + N for P positive and N negative examples)")
     command.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
     command.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
     command.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),

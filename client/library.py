@@ -139,7 +139,8 @@ class ImageId(str):
     """A recommendation example that is a catalogue image id; a plain str example is a product id."""
 
 
-STRATEGIES = {"average_vector": pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR, "best_score": pb.RECOMMEND_STRATEGY_BEST_SCORE}
+STRATEGIES = {"average_vector": pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR, "best_score": pb.RECOMMEND_STRATEGY_BEST_SCORE,
+              "sum_scores": pb.RECOMMEND_STRATEGY_SUM_SCORES}
 
 
 def image_bytes(image) -> bytes:
@@ -187,8 +188,10 @@ def _filter(filters, exclude_products: Iterable[str]) -> pb.Filter:
     return message
 
 
-def _set_options(request, k: int, group_size: int, filters, exclude_products, score_threshold) -> None:
-    """The options FindSimilar and Recommend share, checked before any call."""
+def _set_options(request, k: int, group_size: int, filters, exclude_products, score_threshold,
+                 score_bound: int = 1) -> None:
+    """The options FindSimilar and Recommend share, checked before any call. Scores are in [-score_bound,
+    score_bound]: 1 but for sum_scores (one per example)."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, not {k!r}")
     if not isinstance(group_size, int) or group_size < 0:
@@ -196,8 +199,8 @@ def _set_options(request, k: int, group_size: int, filters, exclude_products, sc
     request.k, request.group_size = k, group_size
     request.filter.CopyFrom(_filter(filters, exclude_products))
     if score_threshold is not None:
-        if not -1 <= float(score_threshold) <= 1:
-            raise ValueError(f"score_threshold must be in -1..1, not {score_threshold!r}")
+        if not -score_bound <= float(score_threshold) <= score_bound:
+            raise ValueError(f"score_threshold must be in {-score_bound}..{score_bound}, not {score_threshold!r}")
         request.score_threshold = float(score_threshold)
 
 
@@ -223,11 +226,12 @@ def _recommend_request(positive, negative, strategy: str, k: int, filters, exclu
     positive, negative = ([value] if isinstance(value, (str, bytes, os.PathLike, np.ndarray)) else list(value)
                           for value in (positive, negative))
     if not positive and not negative:
-        raise ValueError("recommend needs at least one positive (or, with best_score, negative) example")
+        raise ValueError("recommend needs at least one positive (or, with best_score or sum_scores, negative) example")
     request = pb.RecommendRequest(positive=[_example(e) for e in positive], negative=[_example(e) for e in negative],
                                   strategy=STRATEGIES[strategy], ignore_missing=ignore_missing, search_k=search_k,
                                   with_attributes=with_attributes)
-    _set_options(request, k, group_size, filters, exclude_products, score_threshold)
+    bound = len(positive) + len(negative) if strategy == "sum_scores" else 1
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold, bound)
     return request
 
 
@@ -349,8 +353,9 @@ class ImageSimilarityClient(_Base):
                   ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
                   search_k: int = 0, timeout_s: float | None = None) -> Matches:
         """The k products most like the positive examples and least like the negative ones. An example is a
-        product id (str), an ImageId, an image (path, bytes, PIL) or a vector; strategy average_vector or
-        best_score. With ignore_missing, unknown ids are left out and listed on the result."""
+        product id (str), an ImageId, an image (path, bytes, PIL) or a vector; strategy average_vector,
+        best_score or sum_scores (a sum of similarities: its scores and threshold span -(P + N)..P + N). With
+        ignore_missing, unknown ids are left out and listed on the result."""
         request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
                                      ignore_missing, group_size, with_attributes, search_k)
         return _matches(self._call(self._stub.Recommend, request, timeout_s))

@@ -22,6 +22,7 @@ from server.engine import (  # noqa: F401  (the core's public names: the service
     EXCLUDE_DISTANCE,
     PRODUCT_QUERIES,
     STRATEGIES,
+    SUM_SCORES,
     Answer,
     Examples,
     HiddenProducts,
@@ -223,13 +224,14 @@ class SimilarityCore:
         finally:
             self._release(runtime, images)
 
-    def _check_options(self, options: SearchOptions) -> int:
-        """k, checked; every other option checked that needs no version (the filter's keys need one)."""
+    def _check_options(self, options: SearchOptions, score_bound: int = 1) -> int:
+        """k, checked; every other option checked that needs no version (the filter's keys need one). Scores are
+        in [-score_bound, score_bound]: 1 but for a sum of similarities (sum_scores: one per example)."""
         if not 0 <= options.group_size <= self.config.max_group_size:
             raise InvalidArgument(f"group_size must be in 0..{self.config.max_group_size}, not {options.group_size}")
         threshold = options.score_threshold
-        if threshold is not None and not (math.isfinite(threshold) and -1 <= threshold <= 1):
-            raise InvalidArgument(f"score_threshold must be in -1..1, not {threshold}")
+        if threshold is not None and not (math.isfinite(threshold) and -score_bound <= threshold <= score_bound):
+            raise InvalidArgument(f"score_threshold must be in {-score_bound}..{score_bound}, not {threshold}")
         if options.search_k < 0:
             raise InvalidArgument(f"search_k must not be negative, not {options.search_k}")
         check_size(options.filter)
@@ -281,12 +283,13 @@ class SimilarityCore:
                         deadline: float | None = None) -> Answer:
         """The k products most like the positive examples and least like the negative ones; the examples'
         own products never come back."""
-        k = self._check_options(options)
         if examples.strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {examples.strategy!r}")
         every = examples.positive + examples.negative
+        k = self._check_options(options, max(1, len(every)) if examples.strategy == SUM_SCORES else 1)
         if not every:
-            raise InvalidArgument("no examples: give at least one positive (or, with best_score, negative) example")
+            raise InvalidArgument("no examples: give at least one positive (or, with best_score or sum_scores, "
+                                  "negative) example")
         if examples.strategy == AVERAGE_VECTOR and not examples.positive:
             raise InvalidArgument("average_vector needs at least one positive example")
         if len(every) > self.config.max_examples:

@@ -10,7 +10,7 @@ import numpy as np
 from lookalike.availability import Availability
 from server.errors import InvalidArgument, NotFound
 from server.filters import Filter
-from server.search import BestScoreScorer, NearestScorer, ProductHit, Scorer, average_vector
+from server.search import BestScoreScorer, NearestScorer, ProductHit, Scorer, SumScoresScorer, average_vector
 from server.version import ServedVersion
 
 EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue image is that image
@@ -18,8 +18,8 @@ EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue ima
 # a probe; a candidate's score is its best match with any of them). Chosen by measurement (BENCHMARKS.md).
 PRODUCT_QUERIES = ("mean", "max")
 # Recommendation strategies, as Qdrant defines them (server/search.py).
-AVERAGE_VECTOR, BEST_SCORE = "average_vector", "best_score"
-STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE)
+AVERAGE_VECTOR, BEST_SCORE, SUM_SCORES = "average_vector", "best_score", "sum_scores"
+STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE, SUM_SCORES)
 # The plan of a query answered from the version's neighbour lists (the others are in server/search.py).
 NEIGHBOUR_LIST = "neighbour_list"
 # How far a list's stored score may be from the score served for the same row (float32 rounding of two
@@ -295,7 +295,7 @@ class QueryEngine:
             raise NotFound(f"examples not in index version {version.name}: {', '.join(named)}")
         positive, negative = sides
         results: list[ProductResult] = []
-        if positive or (negative and examples.strategy == BEST_SCORE):
+        if positive or (negative and examples.strategy != AVERAGE_VECTOR):
             dimension = version.index.dimension
             if examples.strategy == AVERAGE_VECTOR:
                 # Each example weighs the same, however many images a product example has.
@@ -304,6 +304,8 @@ class QueryEngine:
                     scorer = NearestScorer(average_vector(np.asarray(means[0]), np.asarray(means[1])))
                 except ValueError as error:
                     raise InvalidArgument(str(error)) from None
+            elif examples.strategy == SUM_SCORES:
+                scorer = SumScoresScorer(positive, negative, dimension)
             else:
                 def stack(vs: list[np.ndarray]) -> np.ndarray:
                     return np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)

@@ -15,6 +15,7 @@ from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import (
     AVERAGE_VECTOR,
     BEST_SCORE,
+    SUM_SCORES,
     Examples,
     ImageResult,
     ProductResult,
@@ -91,7 +92,7 @@ def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
 
 
 _STRATEGIES = {pb.RECOMMEND_STRATEGY_UNSPECIFIED: AVERAGE_VECTOR, pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR: AVERAGE_VECTOR,
-               pb.RECOMMEND_STRATEGY_BEST_SCORE: BEST_SCORE}
+               pb.RECOMMEND_STRATEGY_BEST_SCORE: BEST_SCORE, pb.RECOMMEND_STRATEGY_SUM_SCORES: SUM_SCORES}
 
 
 def _examples(request: pb.RecommendRequest) -> Examples:

@@ -92,7 +92,8 @@ class ImageSimilarityClient {
 
   /**
    * The k products most like the positive examples and least like the negative ones. An example is
-   * {productId}, {imageId}, {image: Buffer} or {vector: number[]}; strategy 'average_vector' or 'best_score'.
+   * {productId}, {imageId}, {image: Buffer} or {vector: number[]}; strategy 'average_vector', 'best_score' or
+   * 'sum_scores'.
    * @param {object[]} positive
    * @param {object[]} negative
    * @param {object} [options] the findSimilar options plus strategy and ignoreMissing

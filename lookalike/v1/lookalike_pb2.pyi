@@ -12,9 +12,11 @@ class RecommendStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECOMMEND_STRATEGY_UNSPECIFIED: _ClassVar[RecommendStrategy]
     RECOMMEND_STRATEGY_AVERAGE_VECTOR: _ClassVar[RecommendStrategy]
     RECOMMEND_STRATEGY_BEST_SCORE: _ClassVar[RecommendStrategy]
+    RECOMMEND_STRATEGY_SUM_SCORES: _ClassVar[RecommendStrategy]
 RECOMMEND_STRATEGY_UNSPECIFIED: RecommendStrategy
 RECOMMEND_STRATEGY_AVERAGE_VECTOR: RecommendStrategy
 RECOMMEND_STRATEGY_BEST_SCORE: RecommendStrategy
+RECOMMEND_STRATEGY_SUM_SCORES: RecommendStrategy
 
 class EmbedRequest(_message.Message):
     __slots__ = ("images",)

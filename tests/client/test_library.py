@@ -87,7 +87,14 @@ def test_filter_and_recommend_misuse_fails_fast():
         client.recommend()
     with pytest.raises(ValueError, match="strategy"):
         client.recommend(["P1"], strategy="sum")
+    with pytest.raises(ValueError, match=r"score_threshold must be in -2..2"):
+        client.recommend(["P1"], ["P2"], strategy="sum_scores", score_threshold=2.5)
     client.close()
+
+
+def test_sum_scores_thresholds_span_the_examples():
+    request = _recommend_request(["P1", "P2"], "P9", "sum_scores", 5, (), (), 2.5, False, 0, False, 0)
+    assert request.strategy == pb.RECOMMEND_STRATEGY_SUM_SCORES and request.score_threshold == 2.5
 
 
 def test_load_config_always_ends_and_mix_is_checked(tmp_path):
