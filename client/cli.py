@@ -47,6 +47,12 @@ def _add_result_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--score-threshold", type=float,
                          help="leave out matches scoring below this (-1..1; with --strategy sum_scores, "
                               "-(P + N)..P + N for P positive and N negative examples)")
+    command.add_argument("--diversity", type=float, metavar="D",
+                         help="0..1: choose results unlike each other (maximal marginal relevance); 0, the default, "
+                              "is the plain ranking")
+    command.add_argument("--candidates", type=int, default=0, metavar="N",
+                         help="with --diversity: how many of the most relevant products to choose among (default: "
+                              "the server's, 4 x k)")
     command.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
     command.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
     command.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
@@ -131,7 +137,7 @@ def _labels(catalogue: Path | None) -> dict[str, str]:
 def _result_options(args) -> dict:
     return {"k": args.k, "group_size": args.group_size, "with_attributes": args.with_attributes,
             "filters": args.filters, "exclude_products": args.exclude_products,
-            "score_threshold": args.score_threshold}
+            "score_threshold": args.score_threshold, "diversity": args.diversity, "candidates": args.candidates}
 
 
 def _show(client: ImageSimilarityClient, args, matches) -> int:

@@ -189,7 +189,7 @@ def _filter(filters, exclude_products: Iterable[str]) -> pb.Filter:
 
 
 def _set_options(request, k: int, group_size: int, filters, exclude_products, score_threshold,
-                 score_bound: int = 1) -> None:
+                 diversity: float | None, candidates: int, score_bound: int = 1) -> None:
     """The options FindSimilar and Recommend share, checked before any call. Scores are in [-score_bound,
     score_bound]: 1 but for sum_scores (one per example)."""
     if not isinstance(k, int) or k < 1:
@@ -202,6 +202,13 @@ def _set_options(request, k: int, group_size: int, filters, exclude_products, sc
         if not -score_bound <= float(score_threshold) <= score_bound:
             raise ValueError(f"score_threshold must be in {-score_bound}..{score_bound}, not {score_threshold!r}")
         request.score_threshold = float(score_threshold)
+    if diversity is not None:  # unset: the plain ranking, as 0
+        if not 0 <= float(diversity) <= 1:
+            raise ValueError(f"diversity must be in 0..1, not {diversity!r}")
+        request.diversity = float(diversity)
+    if not isinstance(candidates, int) or candidates < 0:
+        raise ValueError(f"candidates must be a non-negative integer (0: the server's default), not {candidates!r}")
+    request.candidates = candidates
 
 
 def _example(value) -> pb.Example:
@@ -219,8 +226,8 @@ def _example(value) -> pb.Example:
 
 
 def _recommend_request(positive, negative, strategy: str, k: int, filters, exclude_products, score_threshold,
-                       ignore_missing: bool, group_size: int, with_attributes: bool,
-                       search_k: int) -> pb.RecommendRequest:
+                       ignore_missing: bool, group_size: int, with_attributes: bool, search_k: int,
+                       diversity: float | None = None, candidates: int = 0) -> pb.RecommendRequest:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
     positive, negative = ([value] if isinstance(value, (str, bytes, os.PathLike, np.ndarray)) else list(value)
@@ -231,14 +238,15 @@ def _recommend_request(positive, negative, strategy: str, k: int, filters, exclu
                                   strategy=STRATEGIES[strategy], ignore_missing=ignore_missing, search_k=search_k,
                                   with_attributes=with_attributes)
     bound = len(positive) + len(negative) if strategy == "sum_scores" else 1
-    _set_options(request, k, group_size, filters, exclude_products, score_threshold, bound)
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold, diversity, candidates, bound)
     return request
 
 
 def _similar_request(image=None, image_id: str | None = None, product_id: str | None = None, vector=None,
                      item_id: str | None = None, k: int = 10, exclude_query: bool | None = None, search_k: int = 0,
                      group_size: int = 0, with_attributes: bool = False, filters=(), exclude_products=(),
-                     score_threshold: float | None = None) -> pb.FindSimilarRequest:
+                     score_threshold: float | None = None, diversity: float | None = None,
+                     candidates: int = 0) -> pb.FindSimilarRequest:
     if item_id is not None:  # the 0.1 name of image_id
         if image_id is not None:
             raise ValueError("item_id is the old name of image_id: give one of them")
@@ -251,7 +259,7 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
     request = pb.FindSimilarRequest(search_k=search_k, with_attributes=with_attributes)
     if exclude_query is not None:  # unset: the server decides, the same for every client
         request.exclude_query = bool(exclude_query)
-    _set_options(request, k, group_size, filters, exclude_products, score_threshold)
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold, diversity, candidates)
     if image is not None:
         request.image = image_bytes(image)
     elif vector is not None:
@@ -338,26 +346,31 @@ class ImageSimilarityClient(_Base):
                      k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
                      with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                      score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
-                     timeout_s: float | None = None) -> Matches:
+                     diversity: float | None = None, candidates: int = 0, timeout_s: float | None = None) -> Matches:
         """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
         vector. `exclude_query`: None (the default) lets the server decide, as for every client: the query's
         own product is left out of an image_id or product_id query and kept for a photo or vector; True or
         False asks for one. `filters`: [any_of(key, ...), none_of(key, ...)] (all must hold) or
-        {key: values}. `item_id` is the 0.1 name of image_id."""
+        {key: values}. `diversity` in 0..1 (None or 0: the plain ranking) has MMR choose the k among the
+        `candidates` most relevant products (0: the server's default, 4 x k). `item_id` is the 0.1 name of
+        image_id."""
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
-                                   group_size, with_attributes, filters, exclude_products, score_threshold)
+                                   group_size, with_attributes, filters, exclude_products, score_threshold,
+                                   diversity, candidates)
         return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
 
     def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10, filters=(),
                   exclude_products: Iterable[str] = (), score_threshold: float | None = None,
                   ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
-                  search_k: int = 0, timeout_s: float | None = None) -> Matches:
+                  search_k: int = 0, diversity: float | None = None, candidates: int = 0,
+                  timeout_s: float | None = None) -> Matches:
         """The k products most like the positive examples and least like the negative ones. An example is a
         product id (str), an ImageId, an image (path, bytes, PIL) or a vector; strategy average_vector,
         best_score or sum_scores (a sum of similarities: its scores and threshold span -(P + N)..P + N). With
-        ignore_missing, unknown ids are left out and listed on the result."""
+        ignore_missing, unknown ids are left out and listed on the result. `diversity` and `candidates` as in
+        find_similar."""
         request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
-                                     ignore_missing, group_size, with_attributes, search_k)
+                                     ignore_missing, group_size, with_attributes, search_k, diversity, candidates)
         return _matches(self._call(self._stub.Recommend, request, timeout_s))
 
     def info(self, timeout_s: float | None = None) -> dict:
@@ -405,17 +418,20 @@ class AsyncImageSimilarityClient(_Base):
                            vector=None, k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
                            with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                            score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
+                           diversity: float | None = None, candidates: int = 0,
                            timeout_s: float | None = None) -> Matches:
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
-                                   group_size, with_attributes, filters, exclude_products, score_threshold)
+                                   group_size, with_attributes, filters, exclude_products, score_threshold,
+                                   diversity, candidates)
         return _matches(await self._call(self._stub.FindSimilar, request, timeout_s))
 
     async def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10,
                         filters=(), exclude_products: Iterable[str] = (), score_threshold: float | None = None,
                         ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
-                        search_k: int = 0, timeout_s: float | None = None) -> Matches:
+                        search_k: int = 0, diversity: float | None = None, candidates: int = 0,
+                        timeout_s: float | None = None) -> Matches:
         request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
-                                     ignore_missing, group_size, with_attributes, search_k)
+                                     ignore_missing, group_size, with_attributes, search_k, diversity, candidates)
         return _matches(await self._call(self._stub.Recommend, request, timeout_s))
 
     async def info(self, timeout_s: float | None = None) -> dict:

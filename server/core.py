@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -80,6 +80,10 @@ class CoreConfig:
     product_query: str = "mean"
     # Positive plus negative examples per Recommend request.
     max_examples: int = 64
+    # Most products MMR may choose among (a request's `candidates`): its cost is k x candidates dot products.
+    max_candidates: int = 2000
+    # MMR's candidates when a request leaves them at 0: this many times k (up to max_candidates).
+    candidates_per_result: int = 4
     # Answers to FindSimilar by image id or product id kept per (version, availability, request): a
     # product page asks the same question many times. 0 turns the cache off.
     result_cache_size: int = 4096
@@ -97,6 +101,8 @@ class CoreConfig:
             raise ValueError("max_images_per_request must not exceed max_queue")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError("default_k must be in 1..max_k")
+        if not self.max_k <= self.max_candidates or self.candidates_per_result < 1:
+            raise ValueError("max_candidates must be at least max_k and candidates_per_result at least 1")
         if self.max_search_k_factor < 1 or self.max_image_bytes_in_flight < 1024 * 1024:
             raise ValueError("max_search_k_factor must be at least 1 and max_image_bytes_in_flight at least 1 MiB")
 
@@ -224,9 +230,10 @@ class SimilarityCore:
         finally:
             self._release(runtime, images)
 
-    def _check_options(self, options: SearchOptions, score_bound: int = 1) -> int:
-        """k, checked; every other option checked that needs no version (the filter's keys need one). Scores are
-        in [-score_bound, score_bound]: 1 but for a sum of similarities (sum_scores: one per example)."""
+    def _check_options(self, options: SearchOptions, score_bound: int = 1) -> tuple[int, SearchOptions]:
+        """k and the options, checked, with MMR's candidates resolved; every option checked that needs no version
+        (the filter's keys need one). Scores are in [-score_bound, score_bound]: 1 but for a sum of similarities
+        (sum_scores: one per example)."""
         if not 0 <= options.group_size <= self.config.max_group_size:
             raise InvalidArgument(f"group_size must be in 0..{self.config.max_group_size}, not {options.group_size}")
         threshold = options.score_threshold
@@ -238,7 +245,19 @@ class SimilarityCore:
         k = options.k or self.config.default_k
         if not 1 <= k <= self.config.max_k:
             raise InvalidArgument(f"k must be in 1..{self.config.max_k}, not {k}")
-        return k
+        return k, self._check_diversity(options, k)
+
+    def _check_diversity(self, options: SearchOptions, k: int) -> SearchOptions:
+        """The options with MMR's candidates resolved: 0 without diversity (the same request, and cache key, as
+        before diversity existed), else the request's or the default."""
+        diversity, limit = options.diversity, self.config.max_candidates
+        if not (math.isfinite(diversity) and 0 <= diversity <= 1):
+            raise InvalidArgument(f"diversity must be in 0..1, not {diversity}")
+        if options.candidates and not k <= options.candidates <= limit:
+            raise InvalidArgument(f"candidates must be in k..{limit} ({k}..{limit}), not {options.candidates}")
+        if diversity == 0:
+            return replace(options, diversity=0.0, candidates=0)
+        return replace(options, candidates=options.candidates or min(limit, self.config.candidates_per_result * k))
 
     async def find_similar(self, query: Query, options: SearchOptions = SearchOptions(),
                            deadline: float | None = None) -> Answer:
@@ -247,7 +266,7 @@ class SimilarityCore:
                  query.vector is not None]
         if sum(given) != 1:
             raise InvalidArgument("set exactly one of image, image_id, product_id or vector")
-        k = self._check_options(options)
+        k, options = self._check_options(options)
         images = [query.image] if query.image is not None else []
         runtime = self._acquire(images)
         try:
@@ -286,7 +305,7 @@ class SimilarityCore:
         if examples.strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {examples.strategy!r}")
         every = examples.positive + examples.negative
-        k = self._check_options(options, max(1, len(every)) if examples.strategy == SUM_SCORES else 1)
+        k, options = self._check_options(options, max(1, len(every)) if examples.strategy == SUM_SCORES else 1)
         if not every:
             raise InvalidArgument("no examples: give at least one positive (or, with best_score or sum_scores, "
                                   "negative) example")

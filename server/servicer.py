@@ -88,7 +88,8 @@ def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
     threshold = request.score_threshold if request.HasField("score_threshold") else None
     return SearchOptions(k=request.k, exclude_query=exclude_query, search_k=request.search_k,
                          group_size=request.group_size, with_attributes=request.with_attributes,
-                         filter=_filter(request.filter), score_threshold=threshold)
+                         filter=_filter(request.filter), score_threshold=threshold, diversity=request.diversity,
+                         candidates=request.candidates)
 
 
 _STRATEGIES = {pb.RECOMMEND_STRATEGY_UNSPECIFIED: AVERAGE_VECTOR, pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR: AVERAGE_VECTOR,

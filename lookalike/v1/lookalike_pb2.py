@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clookalike/v1/lookalike.proto\x12\x0clookalike.v1\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"M\n\rEmbedResponse\x12%\n\x07vectors\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xe7\x02\n\x12\x46indSimilarRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x15\n\x07item_id\x18\x02 \x01(\tB\x02\x18\x01H\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.lookalike.v1.VectorH\x00\x12\x12\n\x08image_id\x18\x07 \x01(\tH\x00\x12\x14\n\nproduct_id\x18\x08 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x1a\n\rexclude_query\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x08search_k\x18\x06 \x01(\r\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x17\n\x0fwith_attributes\x18\n \x01(\x08\x12$\n\x06\x66ilter\x18\x0b \x01(\x0b\x32\x14.lookalike.v1.Filter\x12\x1c\n\x0fscore_threshold\x18\x0c \x01(\x02H\x02\x88\x01\x01\x42\x07\n\x05queryB\x10\n\x0e_exclude_queryB\x12\n\x10_score_threshold\"L\n\x06\x46ilter\x12%\n\x07\x63lauses\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Clause\x12\x1b\n\x13\x65xclude_product_ids\x18\x02 \x03(\t\"6\n\x06\x43lause\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\x12\x0f\n\x07none_of\x18\x03 \x03(\t\"w\n\x07\x45xample\x12\x14\n\nproduct_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.lookalike.v1.VectorH\x00\x12\x0f\n\x05image\x18\x04 \x01(\x0cH\x00\x42\t\n\x07\x65xample\"\xd1\x02\n\x10RecommendRequest\x12\'\n\x08positive\x18\x01 \x03(\x0b\x32\x15.lookalike.v1.Example\x12\'\n\x08negative\x18\x02 \x03(\x0b\x32\x15.lookalike.v1.Example\x12\x31\n\x08strategy\x18\x03 \x01(\x0e\x32\x1f.lookalike.v1.RecommendStrategy\x12\t\n\x01k\x18\x04 \x01(\r\x12$\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x14.lookalike.v1.Filter\x12\x1c\n\x0fscore_threshold\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0eignore_missing\x18\x07 \x01(\x08\x12\x10\n\x08search_k\x18\x08 \x01(\r\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x17\n\x0fwith_attributes\x18\n \x01(\x08\x42\x12\n\x10_score_threshold\"\xa6\x01\n\x11RecommendResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x1b\n\x13missing_product_ids\x18\x03 \x03(\t\x12\x19\n\x11missing_image_ids\x18\x04 \x03(\t\x12\x1c\n\x14\x61vailability_version\x18\x05 \x01(\x04\"\x96\x02\n\x05Match\x12\x13\n\x07item_id\x18\x01 \x01(\tB\x02\x18\x01\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05label\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12\x12\n\nproduct_id\x18\x07 \x01(\t\x12(\n\x06images\x18\x08 \x03(\x0b\x32\x18.lookalike.v1.ImageMatch\x12\x37\n\nattributes\x18\t \x03(\x0b\x32#.lookalike.v1.Match.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\nImageMatch\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\"p\n\x13\x46indSimilarResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x1c\n\x14\x61vailability_version\x18\x03 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xa8\x03\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x15\n\rpreprocessing\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x16\n\nitem_count\x18\x07 \x01(\x04\x42\x02\x18\x01\x12\x10\n\x08search_k\x18\x08 \x01(\r\x12\x0f\n\x07n_trees\x18\t \x01(\r\x12\x14\n\x0crecall_at_10\x18\n \x01(\x02\x12\x12\n\ninput_size\x18\x0b \x01(\r\x12\r\n\x05max_k\x18\x0c \x01(\r\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r\x12\x16\n\x0eserver_version\x18\x0e \x01(\t\x12\x13\n\x0bimage_count\x18\x0f \x01(\x04\x12\x15\n\rproduct_count\x18\x10 \x01(\x04\x12\x16\n\x0e\x61ttribute_keys\x18\x11 \x03(\t\x12\x1c\n\x14hidden_product_count\x18\x12 \x01(\x04\x12\x1c\n\x14\x61vailability_version\x18\x13 \x01(\x04*\xa4\x01\n\x11RecommendStrategy\x12\"\n\x1eRECOMMEND_STRATEGY_UNSPECIFIED\x10\x00\x12%\n!RECOMMEND_STRATEGY_AVERAGE_VECTOR\x10\x01\x12!\n\x1dRECOMMEND_STRATEGY_BEST_SCORE\x10\x02\x12!\n\x1dRECOMMEND_STRATEGY_SUM_SCORES\x10\x03\x32\xbd\x02\n\x0fImageSimilarity\x12@\n\x05\x45mbed\x12\x1a.lookalike.v1.EmbedRequest\x1a\x1b.lookalike.v1.EmbedResponse\x12R\n\x0b\x46indSimilar\x12 .lookalike.v1.FindSimilarRequest\x1a!.lookalike.v1.FindSimilarResponse\x12L\n\tRecommend\x12\x1e.lookalike.v1.RecommendRequest\x1a\x1f.lookalike.v1.RecommendResponse\x12\x46\n\x07GetInfo\x12\x1c.lookalike.v1.GetInfoRequest\x1a\x1d.lookalike.v1.GetInfoResponseB.\n\x10\x63om.lookalike.v1P\x01Z\x18lookalike/v1;lookalikev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1clookalike/v1/lookalike.proto\x12\x0clookalike.v1\"\x1e\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1c\n\x06Vector\x12\x12\n\x06values\x18\x01 \x03(\x02\x42\x02\x10\x01\"M\n\rEmbedResponse\x12%\n\x07vectors\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Vector\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xa1\x03\n\x12\x46indSimilarRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x15\n\x07item_id\x18\x02 \x01(\tB\x02\x18\x01H\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.lookalike.v1.VectorH\x00\x12\x12\n\x08image_id\x18\x07 \x01(\tH\x00\x12\x14\n\nproduct_id\x18\x08 \x01(\tH\x00\x12\t\n\x01k\x18\x04 \x01(\r\x12\x1a\n\rexclude_query\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x10\n\x08search_k\x18\x06 \x01(\r\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x17\n\x0fwith_attributes\x18\n \x01(\x08\x12$\n\x06\x66ilter\x18\x0b \x01(\x0b\x32\x14.lookalike.v1.Filter\x12\x1c\n\x0fscore_threshold\x18\x0c \x01(\x02H\x02\x88\x01\x01\x12\x16\n\tdiversity\x18\r \x01(\x02H\x03\x88\x01\x01\x12\x12\n\ncandidates\x18\x0e \x01(\rB\x07\n\x05queryB\x10\n\x0e_exclude_queryB\x12\n\x10_score_thresholdB\x0c\n\n_diversity\"L\n\x06\x46ilter\x12%\n\x07\x63lauses\x18\x01 \x03(\x0b\x32\x14.lookalike.v1.Clause\x12\x1b\n\x13\x65xclude_product_ids\x18\x02 \x03(\t\"6\n\x06\x43lause\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06\x61ny_of\x18\x02 \x03(\t\x12\x0f\n\x07none_of\x18\x03 \x03(\t\"w\n\x07\x45xample\x12\x14\n\nproduct_id\x18\x01 \x01(\tH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x12&\n\x06vector\x18\x03 \x01(\x0b\x32\x14.lookalike.v1.VectorH\x00\x12\x0f\n\x05image\x18\x04 \x01(\x0cH\x00\x42\t\n\x07\x65xample\"\x8b\x03\n\x10RecommendRequest\x12\'\n\x08positive\x18\x01 \x03(\x0b\x32\x15.lookalike.v1.Example\x12\'\n\x08negative\x18\x02 \x03(\x0b\x32\x15.lookalike.v1.Example\x12\x31\n\x08strategy\x18\x03 \x01(\x0e\x32\x1f.lookalike.v1.RecommendStrategy\x12\t\n\x01k\x18\x04 \x01(\r\x12$\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x14.lookalike.v1.Filter\x12\x1c\n\x0fscore_threshold\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x16\n\x0eignore_missing\x18\x07 \x01(\x08\x12\x10\n\x08search_k\x18\x08 \x01(\r\x12\x12\n\ngroup_size\x18\t \x01(\r\x12\x17\n\x0fwith_attributes\x18\n \x01(\x08\x12\x16\n\tdiversity\x18\x0b \x01(\x02H\x01\x88\x01\x01\x12\x12\n\ncandidates\x18\x0c \x01(\rB\x12\n\x10_score_thresholdB\x0c\n\n_diversity\"\xa6\x01\n\x11RecommendResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x1b\n\x13missing_product_ids\x18\x03 \x03(\t\x12\x19\n\x11missing_image_ids\x18\x04 \x03(\t\x12\x1c\n\x14\x61vailability_version\x18\x05 \x01(\x04\"\x96\x02\n\x05Match\x12\x13\n\x07item_id\x18\x01 \x01(\tB\x02\x18\x01\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\r\n\x05label\x18\x05 \x01(\t\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12\x12\n\nproduct_id\x18\x07 \x01(\t\x12(\n\x06images\x18\x08 \x03(\x0b\x32\x18.lookalike.v1.ImageMatch\x12\x37\n\nattributes\x18\t \x03(\x0b\x32#.lookalike.v1.Match.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\nImageMatch\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x10\n\x08\x64istance\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0c\n\x04role\x18\x05 \x01(\t\"p\n\x13\x46indSimilarResponse\x12$\n\x07matches\x18\x01 \x03(\x0b\x32\x13.lookalike.v1.Match\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12\x1c\n\x14\x61vailability_version\x18\x03 \x01(\x04\"\x10\n\x0eGetInfoRequest\"\xa8\x03\n\x0fGetInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61\x63kbone\x18\x02 \x01(\t\x12\x15\n\rpreprocessing\x18\x03 \x01(\t\x12\x0c\n\x04head\x18\x04 \x01(\t\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x0e\n\x06metric\x18\x06 \x01(\t\x12\x16\n\nitem_count\x18\x07 \x01(\x04\x42\x02\x18\x01\x12\x10\n\x08search_k\x18\x08 \x01(\r\x12\x0f\n\x07n_trees\x18\t \x01(\r\x12\x14\n\x0crecall_at_10\x18\n \x01(\x02\x12\x12\n\ninput_size\x18\x0b \x01(\r\x12\r\n\x05max_k\x18\x0c \x01(\r\x12\x1e\n\x16max_images_per_request\x18\r \x01(\r\x12\x16\n\x0eserver_version\x18\x0e \x01(\t\x12\x13\n\x0bimage_count\x18\x0f \x01(\x04\x12\x15\n\rproduct_count\x18\x10 \x01(\x04\x12\x16\n\x0e\x61ttribute_keys\x18\x11 \x03(\t\x12\x1c\n\x14hidden_product_count\x18\x12 \x01(\x04\x12\x1c\n\x14\x61vailability_version\x18\x13 \x01(\x04*\xa4\x01\n\x11RecommendStrategy\x12\"\n\x1eRECOMMEND_STRATEGY_UNSPECIFIED\x10\x00\x12%\n!RECOMMEND_STRATEGY_AVERAGE_VECTOR\x10\x01\x12!\n\x1dRECOMMEND_STRATEGY_BEST_SCORE\x10\x02\x12!\n\x1dRECOMMEND_STRATEGY_SUM_SCORES\x10\x03\x32\xbd\x02\n\x0fImageSimilarity\x12@\n\x05\x45mbed\x12\x1a.lookalike.v1.EmbedRequest\x1a\x1b.lookalike.v1.EmbedResponse\x12R\n\x0b\x46indSimilar\x12 .lookalike.v1.FindSimilarRequest\x1a!.lookalike.v1.FindSimilarResponse\x12L\n\tRecommend\x12\x1e.lookalike.v1.RecommendRequest\x1a\x1f.lookalike.v1.RecommendResponse\x12\x46\n\x07GetInfo\x12\x1c.lookalike.v1.GetInfoRequest\x1a\x1d.lookalike.v1.GetInfoResponseB.\n\x10\x63om.lookalike.v1P\x01Z\x18lookalike/v1;lookalikev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,8 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATCH'].fields_by_name['item_id']._serialized_options = b'\030\001'
   _globals['_GETINFORESPONSE'].fields_by_name['item_count']._loaded_options = None
   _globals['_GETINFORESPONSE'].fields_by_name['item_count']._serialized_options = b'\030\001'
-  _globals['_RECOMMENDSTRATEGY']._serialized_start=2247
-  _globals['_RECOMMENDSTRATEGY']._serialized_end=2411
+  _globals['_RECOMMENDSTRATEGY']._serialized_start=2363
+  _globals['_RECOMMENDSTRATEGY']._serialized_end=2527
   _globals['_EMBEDREQUEST']._serialized_start=46
   _globals['_EMBEDREQUEST']._serialized_end=76
   _globals['_VECTOR']._serialized_start=78
@@ -51,29 +51,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDRESPONSE']._serialized_start=108
   _globals['_EMBEDRESPONSE']._serialized_end=185
   _globals['_FINDSIMILARREQUEST']._serialized_start=188
-  _globals['_FINDSIMILARREQUEST']._serialized_end=547
-  _globals['_FILTER']._serialized_start=549
-  _globals['_FILTER']._serialized_end=625
-  _globals['_CLAUSE']._serialized_start=627
-  _globals['_CLAUSE']._serialized_end=681
-  _globals['_EXAMPLE']._serialized_start=683
-  _globals['_EXAMPLE']._serialized_end=802
-  _globals['_RECOMMENDREQUEST']._serialized_start=805
-  _globals['_RECOMMENDREQUEST']._serialized_end=1142
-  _globals['_RECOMMENDRESPONSE']._serialized_start=1145
-  _globals['_RECOMMENDRESPONSE']._serialized_end=1311
-  _globals['_MATCH']._serialized_start=1314
-  _globals['_MATCH']._serialized_end=1592
-  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_start=1543
-  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_end=1592
-  _globals['_IMAGEMATCH']._serialized_start=1594
-  _globals['_IMAGEMATCH']._serialized_end=1685
-  _globals['_FINDSIMILARRESPONSE']._serialized_start=1687
-  _globals['_FINDSIMILARRESPONSE']._serialized_end=1799
-  _globals['_GETINFOREQUEST']._serialized_start=1801
-  _globals['_GETINFOREQUEST']._serialized_end=1817
-  _globals['_GETINFORESPONSE']._serialized_start=1820
-  _globals['_GETINFORESPONSE']._serialized_end=2244
-  _globals['_IMAGESIMILARITY']._serialized_start=2414
-  _globals['_IMAGESIMILARITY']._serialized_end=2731
+  _globals['_FINDSIMILARREQUEST']._serialized_end=605
+  _globals['_FILTER']._serialized_start=607
+  _globals['_FILTER']._serialized_end=683
+  _globals['_CLAUSE']._serialized_start=685
+  _globals['_CLAUSE']._serialized_end=739
+  _globals['_EXAMPLE']._serialized_start=741
+  _globals['_EXAMPLE']._serialized_end=860
+  _globals['_RECOMMENDREQUEST']._serialized_start=863
+  _globals['_RECOMMENDREQUEST']._serialized_end=1258
+  _globals['_RECOMMENDRESPONSE']._serialized_start=1261
+  _globals['_RECOMMENDRESPONSE']._serialized_end=1427
+  _globals['_MATCH']._serialized_start=1430
+  _globals['_MATCH']._serialized_end=1708
+  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_start=1659
+  _globals['_MATCH_ATTRIBUTESENTRY']._serialized_end=1708
+  _globals['_IMAGEMATCH']._serialized_start=1710
+  _globals['_IMAGEMATCH']._serialized_end=1801
+  _globals['_FINDSIMILARRESPONSE']._serialized_start=1803
+  _globals['_FINDSIMILARRESPONSE']._serialized_end=1915
+  _globals['_GETINFOREQUEST']._serialized_start=1917
+  _globals['_GETINFOREQUEST']._serialized_end=1933
+  _globals['_GETINFORESPONSE']._serialized_start=1936
+  _globals['_GETINFORESPONSE']._serialized_end=2360
+  _globals['_IMAGESIMILARITY']._serialized_start=2530
+  _globals['_IMAGESIMILARITY']._serialized_end=2847
 # @@protoc_insertion_point(module_scope)

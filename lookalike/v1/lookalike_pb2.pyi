@@ -39,7 +39,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class FindSimilarRequest(_message.Message):
-    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold")
+    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold", "diversity", "candidates")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class FindSimilarRequest(_message.Message):
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     vector: Vector
@@ -64,7 +66,9 @@ class FindSimilarRequest(_message.Message):
     with_attributes: bool
     filter: Filter
     score_threshold: float
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+    diversity: float
+    candidates: int
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("clauses", "exclude_product_ids")
@@ -97,7 +101,7 @@ class Example(_message.Message):
     def __init__(self, product_id: _Optional[str] = ..., image_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image: _Optional[bytes] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("positive", "negative", "strategy", "k", "filter", "score_threshold", "ignore_missing", "search_k", "group_size", "with_attributes")
+    __slots__ = ("positive", "negative", "strategy", "k", "filter", "score_threshold", "ignore_missing", "search_k", "group_size", "with_attributes", "diversity", "candidates")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +112,8 @@ class RecommendRequest(_message.Message):
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     positive: _containers.RepeatedCompositeFieldContainer[Example]
     negative: _containers.RepeatedCompositeFieldContainer[Example]
     strategy: RecommendStrategy
@@ -118,7 +124,9 @@ class RecommendRequest(_message.Message):
     search_k: int
     group_size: int
     with_attributes: bool
-    def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+    diversity: float
+    candidates: int
+    def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids", "availability_version")
