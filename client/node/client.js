@@ -35,9 +35,12 @@ function credentialsFrom({ rootCa, clientCert, clientKey }) {
 }
 
 // What FindSimilar and Recommend share, as request fields.
-function sharedOptions({ k = 10, searchK = 0, groupSize = 0, withAttributes = false, scoreThreshold, filter } = {}) {
-  const request = { k, searchK, groupSize, withAttributes, filter: filter ?? {} };
+function sharedOptions({
+  k = 10, searchK = 0, groupSize = 0, withAttributes = false, scoreThreshold, diversity, candidates = 0, filter,
+} = {}) {
+  const request = { k, searchK, groupSize, withAttributes, candidates, filter: filter ?? {} };
   if (scoreThreshold !== undefined) request.scoreThreshold = scoreThreshold;
+  if (diversity !== undefined) request.diversity = diversity;
   return request;
 }
 
@@ -75,8 +78,10 @@ class ImageSimilarityClient {
   /**
    * The k products most like one query: an encoded image, a catalogue image id, a product id or a vector.
    * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
-   * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, and filter:
-   *   {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}], excludeProductIds: [...]} (clauses AND together).
+   * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, diversity
+   *   (0..1: MMR among the `candidates` most relevant products; unset or 0: the plain ranking), candidates (0:
+   *   the server's default, 4 x k), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}],
+   *   excludeProductIds: [...]} (clauses AND together).
    *   excludeQuery unset lets the server decide, as for every client: the query's own product is left out of
    *   an imageId or productId query and kept for an image or vector; true or false asks for one.
    */

@@ -1,5 +1,5 @@
 'use strict';
-// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...]
+// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...] [--diversity D [--candidates N]]
 //          [--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]]
 //          [image:IMAGE_ID | product:PRODUCT_ID | recommend:PRODUCT_ID,PRODUCT_ID | IMAGE_FILE ...]
 // Prints the served version and, for each query, the products most like it as JSON lines; every query
@@ -8,7 +8,7 @@
 const fs = require('fs');
 const { ImageSimilarityClient, grpc } = require('./client');
 
-const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] '
+const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] [--diversity D [--candidates N]] '
   + '[--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]] '
   + '[image:IMAGE_ID | product:PRODUCT_ID | recommend:ID,ID | IMAGE_FILE ...]';
 const TLS_FLAGS = { '--root-ca': 'rootCa', '--client-cert': 'clientCert', '--client-key': 'clientKey' };
@@ -39,8 +39,11 @@ async function main() {
   const clauses = [];
   const queries = [];
   const tls = {};
+  const ranking = {};
   for (let i = 0; i < rest.length; i += 1) {
     if (rest[i] === '--filter') clauses.push(toClause(rest[(i += 1)] ?? ''));
+    else if (rest[i] === '--diversity') ranking.diversity = Number(rest[(i += 1)]);
+    else if (rest[i] === '--candidates') ranking.candidates = Number(rest[(i += 1)]);
     else if (TLS_FLAGS[rest[i]]) tls[TLS_FLAGS[rest[i]]] = rest[(i += 1)];
     else queries.push(rest[i]);
   }
@@ -52,7 +55,7 @@ async function main() {
   try {
     const info = await client.info();
     console.error(`serving ${info.version}: ${info.backbone}, ${info.productCount} products, ${info.imageCount} images`);
-    const options = { k: 5, withAttributes: clauses.length > 0, filter: { clauses } };
+    const options = { k: 5, withAttributes: clauses.length > 0, filter: { clauses }, ...ranking };
     for (const query of queries) {
       const response = await answer(client, query, options);
       const matches = response.matches.map((m) => ({

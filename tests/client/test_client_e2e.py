@@ -270,3 +270,26 @@ def test_cli_filters_and_recommend_print_the_library_answers(server, reference):
         bad = _cli("--address", address, *args, check=False)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_diversity_and_sum_scores_print_the_library_answers(server, reference):
+    address, _ = server
+    products, _ = reference
+    first, second, third = products["product_id"][:3]
+    similar = json.loads(_cli("--address", address, "similar", "--product", first, "--diversity", "0.5",
+                              "--candidates", "20", "-k", "4", "--json").stdout)
+    recommended = json.loads(_cli("--address", address, "recommend", "--positive", first, "--positive", second,
+                                  "--negative", third, "--strategy", "sum_scores", "--diversity", "0.3",
+                                  "--score-threshold", "1.2", "-k", "4", "--json").stdout)
+    with ImageSimilarityClient(address) as client:
+        assert [m["product_id"] for m in similar["matches"]] == [m.product_id for m in client.find_similar(
+            product_id=first, k=4, diversity=0.5, candidates=20)]
+        assert [m["product_id"] for m in recommended["matches"]] == [m.product_id for m in client.recommend(
+            [first, second], [third], strategy="sum_scores", diversity=0.3, score_threshold=1.2, k=4)]
+    assert all(m["score"] >= 1.2 for m in recommended["matches"])
+    for args, message in ((["similar", "--product", first, "--diversity", "2"], "diversity must be in 0..1"),
+                          (["similar", "--product", first, "--diversity", "0.5", "--candidates", "3"],
+                           "candidates must be in k..2000")):
+        bad = _cli("--address", address, *args, check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
