@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from lookalike.availability import Availability
-from lookalike.preprocess import ImageError
+from lookalike.preprocess import ImageError, Region, check_region
 from server.batcher import BatcherClosed, BatcherConfig, BatchObserver, Expired, MicroBatcher, QueueFull
 from server.engine import (  # noqa: F401  (the core's public names: the servicer, CLI and tests use them)
     AVERAGE_VECTOR,
@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 # Filter values (excluded ids and clause values) a neighbour-list answer may compile on the event loop; a request
 # with more is answered in the index pool, so it never holds up the others.
 MAX_LOOP_VALUES = 256
+
+
+def _checked_region(region: Region, prefix: str = "") -> Region:
+    try:
+        return check_region(region)
+    except ValueError as error:
+        raise InvalidArgument(f"{prefix}{error}") from None
 
 
 class CoreObserver(BatchObserver):
@@ -189,11 +196,15 @@ class SimilarityCore:
                                   f"({self.config.max_search_k_factor} times its own {version.search_k}), "
                                   f"not {options.search_k}")
 
-    async def _embed_on(self, runtime: VersionRuntime, images: list[bytes], deadline: float | None) -> np.ndarray:
+    async def _embed_on(self, runtime: VersionRuntime, images: list[bytes], deadline: float | None,
+                        regions: list[Region | None] | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
         embedder = runtime.version.embedder
+        regions = regions or [None] * len(images)
         preprocessed = await asyncio.gather(
-            *(loop.run_in_executor(self._preprocess_pool, embedder.preprocess, data) for data in images),
+            *(loop.run_in_executor(self._preprocess_pool, embedder.preprocess, data, *([] if region is None else
+                                                                                     [region]))
+              for data, region in zip(images, regions, strict=True)),
             return_exceptions=True)
         for position, result in enumerate(preprocessed):
             if isinstance(result, ImageError):
@@ -217,16 +228,22 @@ class SimilarityCore:
             for future in futures:
                 future.cancel()  # a no-op for finished ones; drops the rest from the batch
 
-    async def embed(self, images: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, str]:
-        """Unit vectors for encoded images, and the version that made them."""
+    async def embed(self, images: list[bytes], deadline: float | None = None,
+                    regions: list[Region] | None = None) -> tuple[np.ndarray, str]:
+        """Unit vectors for encoded images (or for the part of each that its relative region covers), and the
+        version that made them."""
         if not images:
             raise InvalidArgument("no images: send at least one")
         if len(images) > self.config.max_images_per_request:
             raise InvalidArgument(f"{len(images)} images in one request; at most "
                                   f"{self.config.max_images_per_request}")
+        if regions and len(regions) != len(images):
+            raise InvalidArgument(f"{len(regions)} regions for {len(images)} images: send none or one per image")
+        regions = [_checked_region(region, f"region {position}: " if len(images) > 1 else "")
+                   for position, region in enumerate(regions or [])]
         runtime = self._acquire(images)
         try:
-            return await self._embed_on(runtime, images, deadline), runtime.version.name
+            return await self._embed_on(runtime, images, deadline, regions), runtime.version.name
         finally:
             self._release(runtime, images)
 
@@ -266,6 +283,9 @@ class SimilarityCore:
                  query.vector is not None]
         if sum(given) != 1:
             raise InvalidArgument("set exactly one of image, image_id, product_id or vector")
+        if query.region is not None and query.image is None:
+            raise InvalidArgument("a region applies to an image query only")
+        region = None if query.region is None else _checked_region(query.region)
         k, options = self._check_options(options)
         images = [query.image] if query.image is not None else []
         runtime = self._acquire(images)
@@ -274,7 +294,7 @@ class SimilarityCore:
             version.catalogue.filters.check(options.filter)
             self._check_search_k(version, options)
             if images:
-                vector = (await self._embed_on(runtime, images, deadline))[0]
+                vector = (await self._embed_on(runtime, images, deadline, [region]))[0]
                 query = Query(vector=vector)
             hidden = self.hidden
             key = None
@@ -317,7 +337,11 @@ class SimilarityCore:
             set_ = [v is not None for v in (example.image, example.image_id, example.product_id, example.vector)]
             if sum(set_) != 1:
                 raise InvalidArgument(f"example {position}: set exactly one of image, image_id, product_id or vector")
+            if example.region is not None and example.image is None:
+                raise InvalidArgument(f"example {position}: a region applies to an image example only")
         images = [example.image for example in every if example.image is not None]
+        regions = [None if example.region is None else _checked_region(example.region, f"example {position}: ")
+                   for position, example in enumerate(every) if example.image is not None]
         if len(images) > self.config.max_images_per_request:
             raise InvalidArgument(f"{len(images)} image examples; at most {self.config.max_images_per_request}")
         runtime = self._acquire(images)
@@ -326,7 +350,7 @@ class SimilarityCore:
             version.catalogue.filters.check(options.filter)
             self._check_search_k(version, options)
             if images:
-                embedded = iter(await self._embed_on(runtime, images, deadline))
+                embedded = iter(await self._embed_on(runtime, images, deadline, regions))
                 positive, negative = ([Query(vector=next(embedded)) if e.image is not None else e for e in side]
                                       for side in (examples.positive, examples.negative))
                 examples = Examples(tuple(positive), tuple(negative), examples.strategy, examples.ignore_missing)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lookalike.availability import Availability
+from lookalike.preprocess import Region
 from server.diversity import mmr
 from server.errors import InvalidArgument, NotFound
 from server.filters import Filter
@@ -30,12 +31,13 @@ SCORE_TOLERANCE = 1e-5
 
 @dataclass(frozen=True)
 class Query:
-    """Exactly one of image, image_id, product_id or vector."""
+    """Exactly one of image, image_id, product_id or vector; with an image, optionally the region to use."""
 
     image: bytes | None = None
     image_id: str | None = None
     product_id: str | None = None
     vector: np.ndarray | None = None
+    region: Region | None = None
 
     @property
     def by_id(self) -> bool:
