@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # Filter values (excluded ids and clause values) a neighbour-list answer may compile on the event loop; a request
 # with more is answered in the index pool, so it never holds up the others.
 MAX_LOOP_VALUES = 256
+# MMR's work (k x candidates similarities) a neighbour-list answer may do on the event loop: k = 10 among the
+# default 40 is a few tens of microseconds; a request asking for more is answered in the index pool.
+MAX_LOOP_MMR = 4096
 
 
 def _checked_region(region: Region, prefix: str = "") -> Region:
@@ -305,9 +308,10 @@ class SimilarityCore:
                 if cached is not None:
                     return Answer(cached, version.name, hidden.version)
             # A neighbour list answers on the event loop (tens of microseconds of numpy) unless the filter is
-            # large enough to take longer to compile; a search, or a large filter, in a thread.
+            # large enough to take longer to compile or MMR has much to do; a search, or either of those, in a thread.
             on_loop = len(options.filter.exclude_product_ids) + sum(
                 len(clause.any_of) + len(clause.none_of) for clause in options.filter.clauses) <= MAX_LOOP_VALUES
+            on_loop = on_loop and (options.diversity == 0 or k * options.candidates <= MAX_LOOP_MMR)
             results = self.engine.from_list(version, hidden, query, options, k) if on_loop else None
             if results is None:
                 results = await runtime.run_in(self._index_pool, self.engine.find, version, hidden, query, options,
