@@ -73,7 +73,8 @@ def _similar(language: str, address: str, kind: str, value: str, tls: dict | Non
             return error.code.name, []
     flags = NODE_FLAGS if language == "node" else EXAMPLE_FLAGS
     tls_args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
-    tls_args += [arg for name, number in ranking.items() for arg in (f"--{name}", str(number))]
+    tls_args += [arg for name, value in ranking.items()
+                 for arg in (f"--{name}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
     if language == "node":
         command = ["node", NODE_EXAMPLE, address, *tls_args, NODE_FLAGS[kind].format(value)]
     else:
@@ -121,6 +122,24 @@ def test_every_client_sends_diversity_and_candidates(clients, server, built):
         assert [m[:2] for m in answer] == [m[:2] for m in python], language
     for language in LANGUAGES[1:]:
         code, _ = _similar(language, server, "product_id", product, ranking={"diversity": 0.5, "candidates": 3})
+        assert code == "INVALID_ARGUMENT", language
+
+
+def test_every_client_sends_a_region(clients, server, built, catalogue):
+    """A photo query with a region: the same answer from all four, unlike the whole photo's."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    photo = str(catalogue / "small" / images.iloc[11]["path"])
+    _, whole = _similar("python", server, "photo", photo)
+    answers = {language: _similar(language, server, "photo", photo, ranking={"region": (0.1, 0.2, 0.6, 0.9)})
+               for language in LANGUAGES}
+    code, python = answers.pop("python")
+    assert code == "OK" and len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in whole])
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
+    for language in LANGUAGES[1:]:
+        code, _ = _similar(language, server, "photo", photo, ranking={"region": (0.6, 0.2, 0.1, 0.9)})
         assert code == "INVALID_ARGUMENT", language
 
 

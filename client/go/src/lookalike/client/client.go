@@ -126,6 +126,8 @@ type Query struct {
 	// products; nil or 0 is the plain ranking. Candidates 0 is the server's default, 4 x k.
 	Diversity  *float32
 	Candidates uint32
+	// With an Image: the part of it to search with, relative to its size (nil: the whole image).
+	Region *pb.Region
 }
 
 func (q Query) apply(request *pb.FindSimilarRequest) error {
@@ -152,7 +154,7 @@ func (q Query) apply(request *pb.FindSimilarRequest) error {
 // Query.ExcludeQuery says).
 func (c *Client) FindSimilar(ctx context.Context, query Query, k uint32, filter *pb.Filter) (*pb.FindSimilarResponse, error) {
 	request := &pb.FindSimilarRequest{K: k, ExcludeQuery: query.ExcludeQuery, Filter: filter,
-		Diversity: query.Diversity, Candidates: query.Candidates}
+		Diversity: query.Diversity, Candidates: query.Candidates, Region: query.Region}
 	if err := query.apply(request); err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import com.google.protobuf.ByteString;
 import com.lookalike.v1.FindSimilarRequest;
 import com.lookalike.v1.FindSimilarResponse;
 import com.lookalike.v1.Match;
+import com.lookalike.v1.Region;
 import io.grpc.StatusRuntimeException;
 import java.io.File;
 import java.nio.file.Files;
@@ -17,6 +18,7 @@ import java.time.Duration;
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --k 5
  * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --diversity 0.3 --candidates 40
+ * lookalike-example-java --address 127.0.0.1:50051 --image room.jpg --region 0.1,0.2,0.6,0.9
  * lookalike-example-java --address host:50051 --ca ca.pem --cert client.pem --key client.key --image-id IMG
  * </pre>
  *
@@ -45,6 +47,22 @@ public final class Example {
     return out.append('"').toString();
   }
 
+  private static Region region(String value) {
+    String[] parts = value.split(",");
+    if (parts.length != 4) {
+      fail("--region " + value + " is not X_MIN,Y_MIN,X_MAX,Y_MAX");
+    }
+    float[] box = new float[4];
+    for (int i = 0; i < 4; i++) {
+      try {
+        box[i] = Float.parseFloat(parts[i]);
+      } catch (NumberFormatException error) {
+        fail("--region " + value + " is not X_MIN,Y_MIN,X_MAX,Y_MAX");
+      }
+    }
+    return Region.newBuilder().setXMin(box[0]).setYMin(box[1]).setXMax(box[2]).setYMax(box[3]).build();
+  }
+
   private static int number(String flag, String value) {
     try {
       return Integer.parseInt(value);
@@ -65,6 +83,7 @@ public final class Example {
     int k = 10;
     Float diversity = null;
     int candidates = 0;
+    Region region = null;
     for (int i = 0; i < args.length; i += 2) {
       if (i + 1 >= args.length) {
         fail(args[i] + " needs a value");
@@ -84,6 +103,9 @@ public final class Example {
         case "--candidates":
           candidates = number(args[i], value);
           break;
+        case "--region":
+          region = region(value);
+          break;
         case "--diversity":
           try {
             diversity = Float.parseFloat(value);
@@ -93,7 +115,7 @@ public final class Example {
           break;
         default:
           fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --diversity, "
-              + "--candidates, --ca, --cert, --key)");
+              + "--candidates, --region, --ca, --cert, --key)");
       }
     }
     if ((product == null ? 0 : 1) + (imageId == null ? 0 : 1) + (image == null ? 0 : 1) != 1) {
@@ -117,6 +139,9 @@ public final class Example {
         request.setImageId(imageId);
       } else {
         request.setImage(ByteString.copyFrom(Files.readAllBytes(Path.of(image))));
+      }
+      if (region != null) {
+        request.setRegion(region);
       }
       if (diversity != null) {
         request.setDiversity(diversity);
