@@ -466,6 +466,59 @@ def write_reliability_section(rel: dict, path: Path = ROOT / "BENCHMARKS.md") ->
     return path
 
 
+RANKING_BEGIN = "<!-- ranking section: written by python -m bench.diversity and bench.region (bench/report.py) -->"
+RANKING_END = "<!-- end of the ranking section -->"
+
+
+def _ranking(diversity: dict | None, region: dict | None) -> list[str]:
+    """Diversity (bench/results/diversity.json) and query regions (region.json), measured apart from make bench."""
+    out = [RANKING_BEGIN, "## Diversity and regions", ""]
+    if diversity:
+        out += [f"`python -m bench.diversity`: FindSimilar by product id (k = 10) for {diversity['queries']} products "
+                f"of the bench sample ({diversity['products']} products, {diversity['images']} images), in-process "
+                "through the query engine as the server answers it"
+                + (" (neighbour lists first)" if diversity.get("neighbour_lists") else "")
+                + ". precision@10: share of the 10 with the query's product type; similarity: mean cosine similarity "
+                "of the 10 results' best images, pair by pair; candidates: the server's default, 4 x k."
+                + (f" {diversity['note']}." if "note" in diversity else ""), "",
+                _table(["diversity", "candidates", "precision@10 (product type)", "mean pairwise similarity",
+                        "distinct product types in the 10", "p50 ms", "p99 ms"],
+                       [[r["diversity"], r["candidates"], r["precision_at_10"], r["mean_pairwise_similarity"],
+                         r["distinct_product_types"], r["p50_ms"], r["p99_ms"]] for r in diversity["rows"]]), ""]
+    if region:
+        out += [f"`python -m bench.region`: {region['pairs']} composed photos, each two main images of products of "
+                "different types side by side, asked whole and by the region of each half (k = 10, the served model "
+                "and engine in-process). own product: share of the images whose product is among the 10; precision@10: "
+                "share of the 10 with that image's product type. Each half is one catalogue image, so a region on it "
+                "finds its product by construction; the figure to read is what the whole photo returns instead.", "",
+                _table(["query", "own product in the 10", "precision@10 (its product type)"],
+                       [[r["query"], r["own_product_in_10"], r["precision_at_10"]] for r in region["rows"]]), ""]
+    return [*out, RANKING_END, ""]
+
+
+def _ranking_from_file() -> list[str]:
+    found = [HERE / "results" / name for name in ("diversity.json", "region.json")]
+    loaded = [json.loads(path.read_text()) if path.exists() else None for path in found]
+    return _ranking(*loaded) if any(loaded) else []
+
+
+def write_ranking_section(path: Path = ROOT / "BENCHMARKS.md") -> Path:
+    """Puts the ranking section into BENCHMARKS.md in place of the previous one (or before "A living
+    catalogue"), leaving every other figure as the last full run wrote it."""
+    text = path.read_text()
+    section = "\n".join(_ranking_from_file())
+    if RANKING_BEGIN in text and RANKING_END in text:
+        before, rest = text.split(RANKING_BEGIN, 1)
+        text = before + section.rstrip("\n") + rest.split(RANKING_END, 1)[1]
+    elif "\n## A living catalogue\n" in text:
+        before, after = text.split("\n## A living catalogue\n", 1)
+        text = before + "\n" + section + "\n## A living catalogue\n" + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+    return path
+
+
 def _scale_from_file() -> list[str]:
     found = HERE / "results" / "scale.json"
     return [*_scale(json.loads(found.read_text())), ""] if found.exists() else []
@@ -500,6 +553,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
         "",
         *_products(results),
         *_filters(results),
+        *_ranking_from_file(),
         *_living(results),
         "## Serving",
         "",

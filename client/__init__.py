@@ -3,6 +3,7 @@
 from client.library import (
     AsyncImageSimilarityClient,
     Clause,
+    Cropped,
     DeadlineError,
     ImageId,
     ImageMatch,
@@ -18,6 +19,6 @@ from client.library import (
     none_of,
 )
 
-__all__ = ["AsyncImageSimilarityClient", "Clause", "DeadlineError", "ImageId", "ImageMatch", "ImageSimilarityClient",
-           "InvalidArgumentError", "LookalikeError", "Match", "Matches", "NotFoundError", "OverloadedError",
-           "UnavailableError", "any_of", "none_of"]
+__all__ = ["AsyncImageSimilarityClient", "Clause", "Cropped", "DeadlineError", "ImageId", "ImageMatch",
+           "ImageSimilarityClient", "InvalidArgumentError", "LookalikeError", "Match", "Matches", "NotFoundError",
+           "OverloadedError", "UnavailableError", "any_of", "none_of"]

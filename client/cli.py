@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from client.library import STRATEGIES, Clause, ImageSimilarityClient, LookalikeError
+from client.library import STRATEGIES, Clause, Cropped, ImageSimilarityClient, LookalikeError
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -35,6 +35,22 @@ def _clause(text: str) -> Clause:
     return Clause(key, none_of=values) if operator == "!=" else Clause(key, any_of=values)
 
 
+def _region(text: str) -> tuple[float, ...]:
+    """X_MIN,Y_MIN,X_MAX,Y_MAX, relative to the image's width and height."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not X_MIN,Y_MIN,X_MAX,Y_MAX (four numbers in 0..1)")
+    return values
+
+
+def _add_region(command: argparse.ArgumentParser, which: str) -> None:
+    command.add_argument("--region", type=_region, metavar="X_MIN,Y_MIN,X_MAX,Y_MAX",
+                         help=f"use only this box of {which}, relative to its width and height, e.g. 0.1,0.2,0.6,0.9")
+
+
 def _add_result_options(command: argparse.ArgumentParser) -> None:
     """What similar and recommend share: k, filters, threshold, groups, attributes, output."""
     command.add_argument("-k", type=int, default=10, help="how many products")
@@ -44,7 +60,15 @@ def _add_result_options(command: argparse.ArgumentParser) -> None:
                               "clauses")
     command.add_argument("--exclude-product", dest="exclude_products", action="append", default=[], metavar="ID",
                          help="never return this product (repeatable)")
-    command.add_argument("--score-threshold", type=float, help="leave out matches scoring below this (-1..1)")
+    command.add_argument("--score-threshold", type=float,
+                         help="leave out matches scoring below this (-1..1; with --strategy sum_scores, "
+                              "-(P + N)..P + N for P positive and N negative examples)")
+    command.add_argument("--diversity", type=float, metavar="D",
+                         help="0..1: choose results unlike each other (maximal marginal relevance); 0, the default, "
+                              "is the plain ranking")
+    command.add_argument("--candidates", type=int, default=0, metavar="N",
+                         help="with --diversity: how many of the most relevant products to choose among (default: "
+                              "the server's, 4 x k)")
     command.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
     command.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
     command.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
@@ -72,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="print the vectors of image files")
     embed.add_argument("images", nargs="+", type=Path)
     embed.add_argument("--json", action="store_true", help="full vectors as JSON")
+    _add_region(embed, "every image")
     similar = commands.add_parser("similar", help="the catalogue products nearest to an image, a catalogue "
                                                   "image, a product or a vector")
     query = similar.add_mutually_exclusive_group(required=True)
@@ -86,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
                           "out of an --image-id or --product query and keeps it for a photo or vector)")
     own.add_argument("--exclude-query", dest="exclude_query", action="store_const", const=True,
                      help="leave the query's own product out, also for a photo or vector matching a catalogue image")
+    _add_region(similar, "the query image")
     _add_result_options(similar)
     recommend = commands.add_parser("recommend", help="products like the positive examples and unlike the negative "
                                                       "ones")
@@ -100,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--strategy", choices=sorted(STRATEGIES), default="average_vector")
     recommend.add_argument("--ignore-missing", action="store_true",
                            help="leave out example ids the server does not hold instead of failing")
+    _add_region(recommend, "every --positive-image and --negative-image")
     _add_result_options(recommend)
     bench = commands.add_parser("bench", help="load generator (closed or open loop) against --address")
     bench.add_argument("--catalogue", type=Path, required=True, help="catalogue root to draw queries from")
@@ -129,7 +156,7 @@ def _labels(catalogue: Path | None) -> dict[str, str]:
 def _result_options(args) -> dict:
     return {"k": args.k, "group_size": args.group_size, "with_attributes": args.with_attributes,
             "filters": args.filters, "exclude_products": args.exclude_products,
-            "score_threshold": args.score_threshold}
+            "score_threshold": args.score_threshold, "diversity": args.diversity, "candidates": args.candidates}
 
 
 def _show(client: ImageSimilarityClient, args, matches) -> int:
@@ -149,13 +176,20 @@ def _show(client: ImageSimilarityClient, args, matches) -> int:
 def _similar(client: ImageSimilarityClient, args) -> int:
     vector = json.loads(args.vector) if args.vector else None
     matches = client.find_similar(args.image, image_id=args.image_id, product_id=args.product, vector=vector,
-                                  exclude_query=args.exclude_query, **_result_options(args))
+                                  exclude_query=args.exclude_query, region=args.region, **_result_options(args))
     return _show(client, args, matches)
 
 
 def _recommend(client: ImageSimilarityClient, args) -> int:
-    matches = client.recommend([*args.positive, *args.positive_image], [*args.negative, *args.negative_image],
-                               strategy=args.strategy, ignore_missing=args.ignore_missing, **_result_options(args))
+    if args.region is not None and not (args.positive_image or args.negative_image):
+        raise ValueError("--region applies to --positive-image and --negative-image examples only")
+
+    def images(paths: list[Path]) -> list:
+        return paths if args.region is None else [Cropped(path, args.region) for path in paths]
+
+    matches = client.recommend([*args.positive, *images(args.positive_image)],
+                               [*args.negative, *images(args.negative_image)], strategy=args.strategy,
+                               ignore_missing=args.ignore_missing, **_result_options(args))
     for kind, ids in (("products", matches.missing_product_ids), ("images", matches.missing_image_ids)):
         if ids and not args.json:
             print(f"left out, not in index {matches.version}: {kind} {', '.join(ids)}", file=sys.stderr)
@@ -209,7 +243,10 @@ def _sheet(client: ImageSimilarityClient, args, matches) -> None:
         caption = ["query", _query_name(args), own[0].label if own else ""]
     neighbours = [(small / m.path if small else None, [m.product_id or m.image_id, m.label, f"score {m.score:.3f}"])
                   for m in matches]
-    out = contact_sheet(query_image, caption, neighbours, args.sheet)
+    # The region outlined on the query's tile: on a photo query, or on a recommendation's first image.
+    region = args.region if (args.command == "recommend" and args.positive_image) or (
+        args.command == "similar" and args.image) else None
+    out = contact_sheet(query_image, caption, neighbours, args.sheet, query_region=region)
     print(f"contact sheet: {out.resolve()}")
 
 
@@ -243,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(status)
                 return 0 if status == "SERVING" else 1
             elif args.command == "embed":
-                vectors = client.embed(args.images)
+                vectors = client.embed(args.images, regions=None if args.region is None else
+                                       [args.region] * len(args.images))
                 for path, vector in zip(args.images, vectors, strict=True):
                     print(json.dumps({"image": str(path), "vector": vector.tolist()}) if args.json else
                           f"{path}: {len(vector)}-d [{', '.join(f'{v:.4f}' for v in vector[:4])}, ...]")

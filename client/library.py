@@ -139,7 +139,8 @@ class ImageId(str):
     """A recommendation example that is a catalogue image id; a plain str example is a product id."""
 
 
-STRATEGIES = {"average_vector": pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR, "best_score": pb.RECOMMEND_STRATEGY_BEST_SCORE}
+STRATEGIES = {"average_vector": pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR, "best_score": pb.RECOMMEND_STRATEGY_BEST_SCORE,
+              "sum_scores": pb.RECOMMEND_STRATEGY_SUM_SCORES}
 
 
 def image_bytes(image) -> bytes:
@@ -167,6 +168,38 @@ def _images_list(images) -> list[bytes]:
     return [image_bytes(image) for image in images]
 
 
+def region_message(region) -> pb.Region:
+    """A Region from (x_min, y_min, x_max, y_max), relative to the image's width and height, checked."""
+    try:
+        x_min, y_min, x_max, y_max = (float(v) for v in region)
+    except (TypeError, ValueError):
+        raise ValueError(f"a region is four numbers x_min, y_min, x_max, y_max, not {region!r}") from None
+    if not all(0 <= v <= 1 for v in (x_min, y_min, x_max, y_max)):
+        raise ValueError(f"region {region!r} is out of range: every coordinate is relative, in 0..1")
+    if not (x_min < x_max and y_min < y_max):
+        raise ValueError(f"region {region!r} is empty: x_min < x_max and y_min < y_max")
+    return pb.Region(x_min=x_min, y_min=y_min, x_max=x_max, y_max=y_max)
+
+
+def _embed_request(images, regions) -> pb.EmbedRequest:
+    request = pb.EmbedRequest(images=_images_list(images))
+    if regions is not None:
+        regions = [region_message(region) for region in regions]
+        if len(regions) != len(request.images):
+            raise ValueError(f"{len(regions)} regions for {len(request.images)} images: give one per image")
+        request.regions.extend(regions)
+    return request
+
+
+@dataclass(frozen=True)
+class Cropped:
+    """A recommendation example that is the part of an image (path, bytes or PIL) a relative region covers:
+    Cropped("room.jpg", (0.1, 0.2, 0.6, 0.9))."""
+
+    image: object
+    region: tuple[float, float, float, float]
+
+
 _QUERIES = ("image", "image_id", "product_id", "vector")
 
 
@@ -187,8 +220,10 @@ def _filter(filters, exclude_products: Iterable[str]) -> pb.Filter:
     return message
 
 
-def _set_options(request, k: int, group_size: int, filters, exclude_products, score_threshold) -> None:
-    """The options FindSimilar and Recommend share, checked before any call."""
+def _set_options(request, k: int, group_size: int, filters, exclude_products, score_threshold,
+                 diversity: float | None, candidates: int, score_bound: int = 1) -> None:
+    """The options FindSimilar and Recommend share, checked before any call. Scores are in [-score_bound,
+    score_bound]: 1 but for sum_scores (one per example)."""
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, not {k!r}")
     if not isinstance(group_size, int) or group_size < 0:
@@ -196,13 +231,22 @@ def _set_options(request, k: int, group_size: int, filters, exclude_products, sc
     request.k, request.group_size = k, group_size
     request.filter.CopyFrom(_filter(filters, exclude_products))
     if score_threshold is not None:
-        if not -1 <= float(score_threshold) <= 1:
-            raise ValueError(f"score_threshold must be in -1..1, not {score_threshold!r}")
+        if not -score_bound <= float(score_threshold) <= score_bound:
+            raise ValueError(f"score_threshold must be in {-score_bound}..{score_bound}, not {score_threshold!r}")
         request.score_threshold = float(score_threshold)
+    if diversity is not None:  # unset: the plain ranking, as 0
+        if not 0 <= float(diversity) <= 1:
+            raise ValueError(f"diversity must be in 0..1, not {diversity!r}")
+        request.diversity = float(diversity)
+    if not isinstance(candidates, int) or candidates < 0:
+        raise ValueError(f"candidates must be a non-negative integer (0: the server's default), not {candidates!r}")
+    request.candidates = candidates
 
 
 def _example(value) -> pb.Example:
-    """A product id (str), ImageId, image (path, bytes or PIL) or vector (a sequence of numbers)."""
+    """A product id (str), ImageId, image (path, bytes or PIL), Cropped image or vector (a sequence of numbers)."""
+    if isinstance(value, Cropped):
+        return pb.Example(image=image_bytes(value.image), region=region_message(value.region))
     if isinstance(value, ImageId):
         return pb.Example(image_id=str(value))
     if isinstance(value, str):
@@ -216,25 +260,27 @@ def _example(value) -> pb.Example:
 
 
 def _recommend_request(positive, negative, strategy: str, k: int, filters, exclude_products, score_threshold,
-                       ignore_missing: bool, group_size: int, with_attributes: bool,
-                       search_k: int) -> pb.RecommendRequest:
+                       ignore_missing: bool, group_size: int, with_attributes: bool, search_k: int,
+                       diversity: float | None = None, candidates: int = 0) -> pb.RecommendRequest:
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
-    positive, negative = ([value] if isinstance(value, (str, bytes, os.PathLike, np.ndarray)) else list(value)
-                          for value in (positive, negative))
+    single = (str, bytes, os.PathLike, np.ndarray, Cropped)
+    positive, negative = ([value] if isinstance(value, single) else list(value) for value in (positive, negative))
     if not positive and not negative:
-        raise ValueError("recommend needs at least one positive (or, with best_score, negative) example")
+        raise ValueError("recommend needs at least one positive (or, with best_score or sum_scores, negative) example")
     request = pb.RecommendRequest(positive=[_example(e) for e in positive], negative=[_example(e) for e in negative],
                                   strategy=STRATEGIES[strategy], ignore_missing=ignore_missing, search_k=search_k,
                                   with_attributes=with_attributes)
-    _set_options(request, k, group_size, filters, exclude_products, score_threshold)
+    bound = len(positive) + len(negative) if strategy == "sum_scores" else 1
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold, diversity, candidates, bound)
     return request
 
 
 def _similar_request(image=None, image_id: str | None = None, product_id: str | None = None, vector=None,
                      item_id: str | None = None, k: int = 10, exclude_query: bool | None = None, search_k: int = 0,
                      group_size: int = 0, with_attributes: bool = False, filters=(), exclude_products=(),
-                     score_threshold: float | None = None) -> pb.FindSimilarRequest:
+                     score_threshold: float | None = None, diversity: float | None = None,
+                     candidates: int = 0, region=None) -> pb.FindSimilarRequest:
     if item_id is not None:  # the 0.1 name of image_id
         if image_id is not None:
             raise ValueError("item_id is the old name of image_id: give one of them")
@@ -247,9 +293,13 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
     request = pb.FindSimilarRequest(search_k=search_k, with_attributes=with_attributes)
     if exclude_query is not None:  # unset: the server decides, the same for every client
         request.exclude_query = bool(exclude_query)
-    _set_options(request, k, group_size, filters, exclude_products, score_threshold)
+    _set_options(request, k, group_size, filters, exclude_products, score_threshold, diversity, candidates)
+    if region is not None and image is None:
+        raise ValueError("region applies to an image query only")
     if image is not None:
         request.image = image_bytes(image)
+        if region is not None:
+            request.region.CopyFrom(region_message(region))
     elif vector is not None:
         request.vector.values.extend(np.asarray(vector, dtype=np.float32).ravel().tolist())
     else:
@@ -326,33 +376,42 @@ class ImageSimilarityClient(_Base):
         except grpc.RpcError as error:
             raise _translate(error) from None
 
-    def embed(self, images: Sequence | object, timeout_s: float | None = None) -> np.ndarray:
-        """Unit vectors [N, D] for one image or a list of paths, bytes or PIL images."""
-        return _vectors(self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)), timeout_s))
+    def embed(self, images: Sequence | object, timeout_s: float | None = None, regions=None) -> np.ndarray:
+        """Unit vectors [N, D] for one image or a list of paths, bytes or PIL images; `regions`, one
+        (x_min, y_min, x_max, y_max) per image relative to its size, embeds those parts only."""
+        return _vectors(self._call(self._stub.Embed, _embed_request(images, regions), timeout_s))
 
     def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None, vector=None,
                      k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
                      with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                      score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
+                     diversity: float | None = None, candidates: int = 0, region=None,
                      timeout_s: float | None = None) -> Matches:
         """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
         vector. `exclude_query`: None (the default) lets the server decide, as for every client: the query's
         own product is left out of an image_id or product_id query and kept for a photo or vector; True or
         False asks for one. `filters`: [any_of(key, ...), none_of(key, ...)] (all must hold) or
-        {key: values}. `item_id` is the 0.1 name of image_id."""
+        {key: values}. `diversity` in 0..1 (None or 0: the plain ranking) has MMR choose the k among the
+        `candidates` most relevant products (0: the server's default, 4 x k). `region` (x_min, y_min, x_max,
+        y_max), relative to the image's size, searches with that part of an image query only. `item_id` is
+        the 0.1 name of image_id."""
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
-                                   group_size, with_attributes, filters, exclude_products, score_threshold)
+                                   group_size, with_attributes, filters, exclude_products, score_threshold,
+                                   diversity, candidates, region)
         return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
 
     def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10, filters=(),
                   exclude_products: Iterable[str] = (), score_threshold: float | None = None,
                   ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
-                  search_k: int = 0, timeout_s: float | None = None) -> Matches:
+                  search_k: int = 0, diversity: float | None = None, candidates: int = 0,
+                  timeout_s: float | None = None) -> Matches:
         """The k products most like the positive examples and least like the negative ones. An example is a
-        product id (str), an ImageId, an image (path, bytes, PIL) or a vector; strategy average_vector or
-        best_score. With ignore_missing, unknown ids are left out and listed on the result."""
+        product id (str), an ImageId, an image (path, bytes, PIL), a Cropped image or a vector; strategy
+        average_vector, best_score or sum_scores (a sum of similarities: its scores and threshold span
+        -(P + N)..P + N). With ignore_missing, unknown ids are left out and listed on the result. `diversity`
+        and `candidates` as in find_similar."""
         request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
-                                     ignore_missing, group_size, with_attributes, search_k)
+                                     ignore_missing, group_size, with_attributes, search_k, diversity, candidates)
         return _matches(self._call(self._stub.Recommend, request, timeout_s))
 
     def info(self, timeout_s: float | None = None) -> dict:
@@ -392,25 +451,27 @@ class AsyncImageSimilarityClient(_Base):
         except grpc.RpcError as error:
             raise _translate(error) from None
 
-    async def embed(self, images, timeout_s: float | None = None) -> np.ndarray:
-        return _vectors(await self._call(self._stub.Embed, pb.EmbedRequest(images=_images_list(images)),
-                                         timeout_s))
+    async def embed(self, images, timeout_s: float | None = None, regions=None) -> np.ndarray:
+        return _vectors(await self._call(self._stub.Embed, _embed_request(images, regions), timeout_s))
 
     async def find_similar(self, image=None, *, image_id: str | None = None, product_id: str | None = None,
                            vector=None, k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
                            with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                            score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
+                           diversity: float | None = None, candidates: int = 0, region=None,
                            timeout_s: float | None = None) -> Matches:
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
-                                   group_size, with_attributes, filters, exclude_products, score_threshold)
+                                   group_size, with_attributes, filters, exclude_products, score_threshold,
+                                   diversity, candidates, region)
         return _matches(await self._call(self._stub.FindSimilar, request, timeout_s))
 
     async def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10,
                         filters=(), exclude_products: Iterable[str] = (), score_threshold: float | None = None,
                         ignore_missing: bool = False, group_size: int = 0, with_attributes: bool = False,
-                        search_k: int = 0, timeout_s: float | None = None) -> Matches:
+                        search_k: int = 0, diversity: float | None = None, candidates: int = 0,
+                        timeout_s: float | None = None) -> Matches:
         request = _recommend_request(positive, negative, strategy, k, filters, exclude_products, score_threshold,
-                                     ignore_missing, group_size, with_attributes, search_k)
+                                     ignore_missing, group_size, with_attributes, search_k, diversity, candidates)
         return _matches(await self._call(self._stub.Recommend, request, timeout_s))
 
     async def info(self, timeout_s: float | None = None) -> dict:

@@ -8,15 +8,22 @@ from PIL import Image, ImageDraw, ImageOps
 
 TILE = 160
 CAPTION = 46
+REGION_COLOUR = (30, 90, 230)
 
 
-def _tile(image: Image.Image | None, lines: list[str], highlight: bool) -> Image.Image:
+def _tile(image: Image.Image | None, lines: list[str], highlight: bool, region=None) -> Image.Image:
     tile = Image.new("RGB", (TILE, TILE + CAPTION), "white")
+    draw = ImageDraw.Draw(tile)
     if image is not None:
         thumb = ImageOps.contain(image.convert("RGB"), (TILE - 8, TILE - 8), Image.Resampling.NEAREST
                                  if max(image.size) < 64 else Image.Resampling.LANCZOS)
-        tile.paste(thumb, ((TILE - thumb.width) // 2, (TILE - thumb.height) // 2))
-    draw = ImageDraw.Draw(tile)
+        left, top = (TILE - thumb.width) // 2, (TILE - thumb.height) // 2
+        tile.paste(thumb, (left, top))
+        if region is not None:  # the part of the photo the query used, relative to its size
+            x_min, y_min, x_max, y_max = region
+            draw.rectangle((left + x_min * thumb.width, top + y_min * thumb.height,
+                            left + x_max * thumb.width - 1, top + y_max * thumb.height - 1),
+                           outline=REGION_COLOUR, width=2)
     if image is None:
         draw.text((10, TILE // 2), "(image not found)", fill="grey")
     if highlight:
@@ -34,9 +41,12 @@ def _open(path: Path | None) -> Image.Image | None:
 
 
 def contact_sheet(query_image: Image.Image | None, query_lines: list[str],
-                  neighbours: list[tuple[Path | None, list[str]]], out: Path, columns: int = 6) -> Path:
-    """Writes a PNG: the query first (outlined in red), then each neighbour with its caption."""
-    tiles = [_tile(query_image, query_lines, True)] + [_tile(_open(p), lines, False) for p, lines in neighbours]
+                  neighbours: list[tuple[Path | None, list[str]]], out: Path, columns: int = 6,
+                  query_region: tuple[float, float, float, float] | None = None) -> Path:
+    """Writes a PNG: the query first (outlined in red, its region, when it has one, in blue), then each neighbour
+    with its caption."""
+    tiles = [_tile(query_image, query_lines, True, query_region)] + [_tile(_open(p), lines, False)
+                                                                     for p, lines in neighbours]
     rows = (len(tiles) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)), (235, 235, 235))
     for position, tile in enumerate(tiles):

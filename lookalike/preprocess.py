@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -91,6 +92,47 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     return array
 
 
+# A box of an image in relative coordinates: (x_min, y_min, x_max, y_max), (0, 0) the top left corner.
+Region = tuple[float, float, float, float]
+
+
+def check_region(region: Region) -> Region:
+    """The region as four floats, or ValueError saying what is wrong with it."""
+    try:
+        x_min, y_min, x_max, y_max = (float(v) for v in region)
+    except (TypeError, ValueError):
+        raise ValueError(f"a region is four numbers x_min, y_min, x_max, y_max, not {region!r}") from None
+    if not all(math.isfinite(v) and 0 <= v <= 1 for v in (x_min, y_min, x_max, y_max)):
+        raise ValueError(f"region ({x_min:g}, {y_min:g}, {x_max:g}, {y_max:g}) is out of range: every coordinate is "
+                         f"relative, in 0..1")
+    if not (x_min < x_max and y_min < y_max):
+        raise ValueError(f"region ({x_min:g}, {y_min:g}, {x_max:g}, {y_max:g}) is empty: x_min < x_max and "
+                         f"y_min < y_max")
+    return x_min, y_min, x_max, y_max
+
+
+def region_box(region: Region, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixels a relative region covers: (left, top, right, bottom), right and bottom exclusive, at least one
+    pixel. Every pixel the box touches is in: a region drawn on a thumbnail covers the same part at full size."""
+    x_min, y_min, x_max, y_max = check_region(region)
+    # Coordinates come as float32 (the wire): an edge meant to fall on a pixel boundary lands a hair beside it,
+    # which must not add a pixel.
+    slack = 1e-4
+    left = min(math.floor(x_min * width + slack), width - 1)
+    top = min(math.floor(y_min * height + slack), height - 1)
+    right = max(math.ceil(x_max * width - slack), left + 1)
+    bottom = max(math.ceil(y_max * height - slack), top + 1)
+    return left, top, min(right, width), min(bottom, height)
+
+
+def crop(rgb: np.ndarray, region: Region | None) -> np.ndarray:
+    """The part of a decoded [H, W, 3] image a relative region covers (the whole image for None)."""
+    if region is None:
+        return rgb
+    left, top, right, bottom = region_box(region, rgb.shape[1], rgb.shape[0])
+    return np.ascontiguousarray(rgb[top:bottom, left:right])
+
+
 class Preprocessor:
     """Turns encoded bytes or decoded RGB arrays into the model's uint8 [256, 256, 3] input."""
 
@@ -108,5 +150,6 @@ class Preprocessor:
     def from_array(self, rgb: np.ndarray) -> np.ndarray:
         return self._transform(image=rgb)["image"]
 
-    def __call__(self, data: bytes) -> np.ndarray:
-        return self.from_array(decode(data, self.config.max_pixels))
+    def __call__(self, data: bytes, region: Region | None = None) -> np.ndarray:
+        """The model input for encoded bytes, or for the part of the image a relative region covers."""
+        return self.from_array(crop(decode(data, self.config.max_pixels), region))

@@ -9,12 +9,12 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from lookalike.availability import Availability
-from lookalike.preprocess import ImageError
+from lookalike.preprocess import ImageError, Region, check_region
 from server.batcher import BatcherClosed, BatcherConfig, BatchObserver, Expired, MicroBatcher, QueueFull
 from server.engine import (  # noqa: F401  (the core's public names: the servicer, CLI and tests use them)
     AVERAGE_VECTOR,
@@ -22,6 +22,7 @@ from server.engine import (  # noqa: F401  (the core's public names: the service
     EXCLUDE_DISTANCE,
     PRODUCT_QUERIES,
     STRATEGIES,
+    SUM_SCORES,
     Answer,
     Examples,
     HiddenProducts,
@@ -41,6 +42,16 @@ log = logging.getLogger(__name__)
 # Filter values (excluded ids and clause values) a neighbour-list answer may compile on the event loop; a request
 # with more is answered in the index pool, so it never holds up the others.
 MAX_LOOP_VALUES = 256
+# MMR's work (k x candidates similarities) a neighbour-list answer may do on the event loop: k = 10 among the
+# default 40 is a few tens of microseconds; a request asking for more is answered in the index pool.
+MAX_LOOP_MMR = 4096
+
+
+def _checked_region(region: Region, prefix: str = "") -> Region:
+    try:
+        return check_region(region)
+    except ValueError as error:
+        raise InvalidArgument(f"{prefix}{error}") from None
 
 
 class CoreObserver(BatchObserver):
@@ -79,6 +90,10 @@ class CoreConfig:
     product_query: str = "mean"
     # Positive plus negative examples per Recommend request.
     max_examples: int = 64
+    # Most products MMR may choose among (a request's `candidates`): its cost is k x candidates dot products.
+    max_candidates: int = 2000
+    # MMR's candidates when a request leaves them at 0: this many times k (up to max_candidates).
+    candidates_per_result: int = 4
     # Answers to FindSimilar by image id or product id kept per (version, availability, request): a
     # product page asks the same question many times. 0 turns the cache off.
     result_cache_size: int = 4096
@@ -96,6 +111,8 @@ class CoreConfig:
             raise ValueError("max_images_per_request must not exceed max_queue")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError("default_k must be in 1..max_k")
+        if not self.max_k <= self.max_candidates or self.candidates_per_result < 1:
+            raise ValueError("max_candidates must be at least max_k and candidates_per_result at least 1")
         if self.max_search_k_factor < 1 or self.max_image_bytes_in_flight < 1024 * 1024:
             raise ValueError("max_search_k_factor must be at least 1 and max_image_bytes_in_flight at least 1 MiB")
 
@@ -182,11 +199,15 @@ class SimilarityCore:
                                   f"({self.config.max_search_k_factor} times its own {version.search_k}), "
                                   f"not {options.search_k}")
 
-    async def _embed_on(self, runtime: VersionRuntime, images: list[bytes], deadline: float | None) -> np.ndarray:
+    async def _embed_on(self, runtime: VersionRuntime, images: list[bytes], deadline: float | None,
+                        regions: list[Region | None] | None = None) -> np.ndarray:
         loop = asyncio.get_running_loop()
         embedder = runtime.version.embedder
+        regions = regions or [None] * len(images)
         preprocessed = await asyncio.gather(
-            *(loop.run_in_executor(self._preprocess_pool, embedder.preprocess, data) for data in images),
+            *(loop.run_in_executor(self._preprocess_pool, embedder.preprocess, data, *([] if region is None else
+                                                                                     [region]))
+              for data, region in zip(images, regions, strict=True)),
             return_exceptions=True)
         for position, result in enumerate(preprocessed):
             if isinstance(result, ImageError):
@@ -210,33 +231,53 @@ class SimilarityCore:
             for future in futures:
                 future.cancel()  # a no-op for finished ones; drops the rest from the batch
 
-    async def embed(self, images: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, str]:
-        """Unit vectors for encoded images, and the version that made them."""
+    async def embed(self, images: list[bytes], deadline: float | None = None,
+                    regions: list[Region] | None = None) -> tuple[np.ndarray, str]:
+        """Unit vectors for encoded images (or for the part of each that its relative region covers), and the
+        version that made them."""
         if not images:
             raise InvalidArgument("no images: send at least one")
         if len(images) > self.config.max_images_per_request:
             raise InvalidArgument(f"{len(images)} images in one request; at most "
                                   f"{self.config.max_images_per_request}")
+        if regions and len(regions) != len(images):
+            raise InvalidArgument(f"{len(regions)} regions for {len(images)} images: send none or one per image")
+        regions = [_checked_region(region, f"region {position}: " if len(images) > 1 else "")
+                   for position, region in enumerate(regions or [])]
         runtime = self._acquire(images)
         try:
-            return await self._embed_on(runtime, images, deadline), runtime.version.name
+            return await self._embed_on(runtime, images, deadline, regions), runtime.version.name
         finally:
             self._release(runtime, images)
 
-    def _check_options(self, options: SearchOptions) -> int:
-        """k, checked; every other option checked that needs no version (the filter's keys need one)."""
+    def _check_options(self, options: SearchOptions, score_bound: int = 1) -> tuple[int, SearchOptions]:
+        """k and the options, checked, with MMR's candidates resolved; every option checked that needs no version
+        (the filter's keys need one). Scores are in [-score_bound, score_bound]: 1 but for a sum of similarities
+        (sum_scores: one per example)."""
         if not 0 <= options.group_size <= self.config.max_group_size:
             raise InvalidArgument(f"group_size must be in 0..{self.config.max_group_size}, not {options.group_size}")
         threshold = options.score_threshold
-        if threshold is not None and not (math.isfinite(threshold) and -1 <= threshold <= 1):
-            raise InvalidArgument(f"score_threshold must be in -1..1, not {threshold}")
+        if threshold is not None and not (math.isfinite(threshold) and -score_bound <= threshold <= score_bound):
+            raise InvalidArgument(f"score_threshold must be in {-score_bound}..{score_bound}, not {threshold}")
         if options.search_k < 0:
             raise InvalidArgument(f"search_k must not be negative, not {options.search_k}")
         check_size(options.filter)
         k = options.k or self.config.default_k
         if not 1 <= k <= self.config.max_k:
             raise InvalidArgument(f"k must be in 1..{self.config.max_k}, not {k}")
-        return k
+        return k, self._check_diversity(options, k)
+
+    def _check_diversity(self, options: SearchOptions, k: int) -> SearchOptions:
+        """The options with MMR's candidates resolved: 0 without diversity (the same request, and cache key, as
+        before diversity existed), else the request's or the default."""
+        diversity, limit = options.diversity, self.config.max_candidates
+        if not (math.isfinite(diversity) and 0 <= diversity <= 1):
+            raise InvalidArgument(f"diversity must be in 0..1, not {diversity}")
+        if options.candidates and not k <= options.candidates <= limit:
+            raise InvalidArgument(f"candidates must be in k..{limit} ({k}..{limit}), not {options.candidates}")
+        if diversity == 0:
+            return replace(options, diversity=0.0, candidates=0)
+        return replace(options, candidates=options.candidates or min(limit, self.config.candidates_per_result * k))
 
     async def find_similar(self, query: Query, options: SearchOptions = SearchOptions(),
                            deadline: float | None = None) -> Answer:
@@ -245,7 +286,10 @@ class SimilarityCore:
                  query.vector is not None]
         if sum(given) != 1:
             raise InvalidArgument("set exactly one of image, image_id, product_id or vector")
-        k = self._check_options(options)
+        if query.region is not None and query.image is None:
+            raise InvalidArgument("a region applies to an image query only")
+        region = None if query.region is None else _checked_region(query.region)
+        k, options = self._check_options(options)
         images = [query.image] if query.image is not None else []
         runtime = self._acquire(images)
         try:
@@ -253,7 +297,7 @@ class SimilarityCore:
             version.catalogue.filters.check(options.filter)
             self._check_search_k(version, options)
             if images:
-                vector = (await self._embed_on(runtime, images, deadline))[0]
+                vector = (await self._embed_on(runtime, images, deadline, [region]))[0]
                 query = Query(vector=vector)
             hidden = self.hidden
             key = None
@@ -264,9 +308,10 @@ class SimilarityCore:
                 if cached is not None:
                     return Answer(cached, version.name, hidden.version)
             # A neighbour list answers on the event loop (tens of microseconds of numpy) unless the filter is
-            # large enough to take longer to compile; a search, or a large filter, in a thread.
+            # large enough to take longer to compile or MMR has much to do; a search, or either of those, in a thread.
             on_loop = len(options.filter.exclude_product_ids) + sum(
                 len(clause.any_of) + len(clause.none_of) for clause in options.filter.clauses) <= MAX_LOOP_VALUES
+            on_loop = on_loop and (options.diversity == 0 or k * options.candidates <= MAX_LOOP_MMR)
             results = self.engine.from_list(version, hidden, query, options, k) if on_loop else None
             if results is None:
                 results = await runtime.run_in(self._index_pool, self.engine.find, version, hidden, query, options,
@@ -281,12 +326,13 @@ class SimilarityCore:
                         deadline: float | None = None) -> Answer:
         """The k products most like the positive examples and least like the negative ones; the examples'
         own products never come back."""
-        k = self._check_options(options)
         if examples.strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {examples.strategy!r}")
         every = examples.positive + examples.negative
+        k, options = self._check_options(options, max(1, len(every)) if examples.strategy == SUM_SCORES else 1)
         if not every:
-            raise InvalidArgument("no examples: give at least one positive (or, with best_score, negative) example")
+            raise InvalidArgument("no examples: give at least one positive (or, with best_score or sum_scores, "
+                                  "negative) example")
         if examples.strategy == AVERAGE_VECTOR and not examples.positive:
             raise InvalidArgument("average_vector needs at least one positive example")
         if len(every) > self.config.max_examples:
@@ -295,7 +341,11 @@ class SimilarityCore:
             set_ = [v is not None for v in (example.image, example.image_id, example.product_id, example.vector)]
             if sum(set_) != 1:
                 raise InvalidArgument(f"example {position}: set exactly one of image, image_id, product_id or vector")
+            if example.region is not None and example.image is None:
+                raise InvalidArgument(f"example {position}: a region applies to an image example only")
         images = [example.image for example in every if example.image is not None]
+        regions = [None if example.region is None else _checked_region(example.region, f"example {position}: ")
+                   for position, example in enumerate(every) if example.image is not None]
         if len(images) > self.config.max_images_per_request:
             raise InvalidArgument(f"{len(images)} image examples; at most {self.config.max_images_per_request}")
         runtime = self._acquire(images)
@@ -304,7 +354,7 @@ class SimilarityCore:
             version.catalogue.filters.check(options.filter)
             self._check_search_k(version, options)
             if images:
-                embedded = iter(await self._embed_on(runtime, images, deadline))
+                embedded = iter(await self._embed_on(runtime, images, deadline, regions))
                 positive, negative = ([Query(vector=next(embedded)) if e.image is not None else e for e in side]
                                       for side in (examples.positive, examples.negative))
                 examples = Examples(tuple(positive), tuple(negative), examples.strategy, examples.ignore_missing)

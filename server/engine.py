@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lookalike.availability import Availability
+from lookalike.preprocess import Region
+from server.diversity import mmr
 from server.errors import InvalidArgument, NotFound
 from server.filters import Filter
-from server.search import BestScoreScorer, NearestScorer, ProductHit, Scorer, average_vector
+from server.search import BestScoreScorer, NearestScorer, ProductHit, Scorer, SumScoresScorer, average_vector
 from server.version import ServedVersion
 
 EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue image is that image
@@ -18,8 +20,8 @@ EXCLUDE_DISTANCE = 1e-4  # a query image or vector this close to a catalogue ima
 # a probe; a candidate's score is its best match with any of them). Chosen by measurement (BENCHMARKS.md).
 PRODUCT_QUERIES = ("mean", "max")
 # Recommendation strategies, as Qdrant defines them (server/search.py).
-AVERAGE_VECTOR, BEST_SCORE = "average_vector", "best_score"
-STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE)
+AVERAGE_VECTOR, BEST_SCORE, SUM_SCORES = "average_vector", "best_score", "sum_scores"
+STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE, SUM_SCORES)
 # The plan of a query answered from the version's neighbour lists (the others are in server/search.py).
 NEIGHBOUR_LIST = "neighbour_list"
 # How far a list's stored score may be from the score served for the same row (float32 rounding of two
@@ -29,12 +31,13 @@ SCORE_TOLERANCE = 1e-5
 
 @dataclass(frozen=True)
 class Query:
-    """Exactly one of image, image_id, product_id or vector."""
+    """Exactly one of image, image_id, product_id or vector; with an image, optionally the region to use."""
 
     image: bytes | None = None
     image_id: str | None = None
     product_id: str | None = None
     vector: np.ndarray | None = None
+    region: Region | None = None
 
     @property
     def by_id(self) -> bool:
@@ -55,6 +58,14 @@ class SearchOptions:
     filter: Filter = Filter()
     # Matches whose best image scores below this are left out (None: no threshold).
     score_threshold: float | None = None
+    # MMR's trade-off in [0, 1] (0: the plain ranking) and how many relevant products it chooses among (the core
+    # resolves 0 to its default).
+    diversity: float = 0.0
+    candidates: int = 0
+
+    def wanted(self, k: int) -> int:
+        """How many products to fetch: k, or MMR's candidates."""
+        return max(k, self.candidates) if self.diversity > 0 else k
 
 
 @dataclass(frozen=True)
@@ -207,14 +218,15 @@ class QueryEngine:
         products, best_rows, scores = version.neighbours.list_of(kind, row)
         mask = eligible_products(version, hidden, options.filter, resolved.own_products)
         threshold = options.score_threshold
+        wanted = options.wanted(k)  # with diversity, MMR's candidates come from the list too
         if threshold is None:
-            found = walk_list(products, scores, mask, k, None)
+            found = walk_list(products, scores, mask, wanted, None)
         else:
             # The builder's scores and the served ones may differ in the last bits (another matrix product): the
             # walk also takes the entries this close to the threshold, and their served scores decide. At least
-            # k of what it takes are then clear of the threshold, unless the list ends first.
+            # `wanted` of what it takes are then clear of the threshold, unless the list ends first.
             near = int(np.count_nonzero(np.abs(scores - threshold) < SCORE_TOLERANCE))
-            found = walk_list(products, scores, mask, k + near, threshold - SCORE_TOLERANCE)
+            found = walk_list(products, scores, mask, wanted + near, threshold - SCORE_TOLERANCE)
         if found is None:
             return None
         scorer = NearestScorer(resolved.vectors)
@@ -224,9 +236,9 @@ class QueryEngine:
         else:
             hits = version.index.describe(scorer, products[found], options.group_size)
         if threshold is not None:
-            hits = [hit for hit in hits if hit.score >= threshold][:k]
+            hits = [hit for hit in hits if hit.score >= threshold][:wanted]
         self._plan(NEIGHBOUR_LIST)
-        return [self.product_result(version, hit, options) for hit in hits]
+        return self.results(version, hits, options, k)
 
     def find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
              k: int, try_list: bool = True) -> list[ProductResult]:
@@ -246,10 +258,20 @@ class QueryEngine:
     def search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
                options: SearchOptions, k: int) -> list[ProductResult]:
         mask = eligible_products(version, hidden, options.filter, own_products)
-        result = version.index.search(scorer, k, allowed=mask, search_k=options.search_k,
+        result = version.index.search(scorer, options.wanted(k), allowed=mask, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
         self._plan(result.plan)
-        return [self.product_result(version, hit, options) for hit in result.hits]
+        return self.results(version, result.hits, options, k)
+
+    def results(self, version: ServedVersion, hits: list[ProductHit], options: SearchOptions,
+                k: int) -> list[ProductResult]:
+        """The k results from hits best first: the first k, or with diversity the k that MMR chooses among them
+        by their best images' vectors."""
+        if options.diversity > 0 and len(hits) > 1:
+            best_images = np.asarray(version.index.vectors[[int(hit.rows[0]) for hit in hits]], np.float32)
+            order = mmr(np.asarray([hit.score for hit in hits]), best_images, k, options.diversity)
+            hits = [hits[position] for position in order]
+        return [self.product_result(version, hit, options) for hit in hits[:k]]
 
     def resolve(self, version: ServedVersion, query: Query, own: bool) -> _Resolved:
         """The vectors of a query and, when `own` is asked for, the products that are the query's own."""
@@ -300,7 +322,7 @@ class QueryEngine:
             raise NotFound(f"examples not in index version {version.name}: {', '.join(named)}")
         positive, negative = sides
         results: list[ProductResult] = []
-        if positive or (negative and examples.strategy == BEST_SCORE):
+        if positive or (negative and examples.strategy != AVERAGE_VECTOR):
             dimension = version.index.dimension
             if examples.strategy == AVERAGE_VECTOR:
                 # Each example weighs the same, however many images a product example has.
@@ -309,6 +331,8 @@ class QueryEngine:
                     scorer = NearestScorer(average_vector(np.asarray(means[0]), np.asarray(means[1])))
                 except ValueError as error:
                     raise InvalidArgument(str(error)) from None
+            elif examples.strategy == SUM_SCORES:
+                scorer = SumScoresScorer(positive, negative, dimension)
             else:
                 def stack(vs: list[np.ndarray]) -> np.ndarray:
                     return np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)

@@ -179,6 +179,36 @@ class BestScoreScorer:
         return nearest_distances(vectors, self.probes if len(self.probes) else self.negatives)
 
 
+class SumScoresScorer:
+    """Qdrant's sum_scores recommendation: a row's score is the sum of its similarities to the positive examples
+    minus the sum of its similarities to the negative ones, an example's similarity being that of its nearest
+    vector (a product example under product_query "max" has several). Positives are the probes; the distance
+    reported is to the nearest positive (to the nearest negative when there are none)."""
+
+    def __init__(self, positives: list[np.ndarray], negatives: list[np.ndarray], dimension: int) -> None:
+        if not positives and not negatives:
+            raise ValueError("sum_scores needs at least one example")
+        self._positives = [np.asarray(v, np.float32).reshape(-1, dimension) for v in positives]
+        self._negatives = [np.asarray(v, np.float32).reshape(-1, dimension) for v in negatives]
+        self.probes = (np.concatenate(self._positives) if positives else np.zeros((0, dimension), np.float32))
+        self._nearest = self.probes if positives else np.concatenate(self._negatives)
+
+    def scores(self, vectors: np.ndarray) -> np.ndarray:
+        vectors = np.asarray(vectors, np.float32)
+        total = np.zeros(len(vectors), np.float32)
+        for sign, side in ((1, self._positives), (-1, self._negatives)):
+            for example in side:
+                total += sign * (vectors @ example.T).max(axis=1)
+        return total
+
+    def bound(self, reach: float) -> float:
+        """The best score a row no probe fetched can have, when each probe's rows reach similarity `reach`."""
+        return len(self._positives) * reach + len(self._negatives)
+
+    def distances(self, vectors: np.ndarray) -> np.ndarray:
+        return nearest_distances(vectors, self._nearest)
+
+
 def average_vector(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
     """Qdrant's average_vector recommendation: avg(positive) + (avg(positive) - avg(negative)), unit length."""
     query = np.asarray(positives, np.float32).mean(axis=0)
@@ -346,7 +376,9 @@ class ProductSearch:
                 keep = mask[products]
                 rows, products = rows[keep], products[keep]
             scores = scorer.scores(self.vectors[rows])
-            complete = score_threshold is not None and reach < score_threshold
+            # A scorer summing several similarities bounds an unfetched row's score otherwise than by `reach`.
+            bound = scorer.bound(reach) if hasattr(scorer, "bound") else reach
+            complete = score_threshold is not None and bound < score_threshold
             if score_threshold is not None:
                 keep = scores >= score_threshold
                 rows, products, scores = rows[keep], products[keep], scores[keep]

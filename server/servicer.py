@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import time
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -15,6 +16,7 @@ from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import (
     AVERAGE_VECTOR,
     BEST_SCORE,
+    SUM_SCORES,
     Examples,
     ImageResult,
     ProductResult,
@@ -65,6 +67,14 @@ def _rpc(method):
 
 
 def _query(request: pb.FindSimilarRequest | pb.Example, oneof: str = "query") -> Query:
+    """The query or example; its region kept whatever it is set with (the core refuses one beside a non-image)."""
+    region = request.region
+    query = _query_only(request, oneof)
+    return replace(query, region=(region.x_min, region.y_min, region.x_max, region.y_max)) if request.HasField(
+        "region") else query
+
+
+def _query_only(request: pb.FindSimilarRequest | pb.Example, oneof: str) -> Query:
     which = request.WhichOneof(oneof)
     if which == "image":
         return Query(image=request.image)
@@ -87,11 +97,12 @@ def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
     threshold = request.score_threshold if request.HasField("score_threshold") else None
     return SearchOptions(k=request.k, exclude_query=exclude_query, search_k=request.search_k,
                          group_size=request.group_size, with_attributes=request.with_attributes,
-                         filter=_filter(request.filter), score_threshold=threshold)
+                         filter=_filter(request.filter), score_threshold=threshold, diversity=request.diversity,
+                         candidates=request.candidates)
 
 
 _STRATEGIES = {pb.RECOMMEND_STRATEGY_UNSPECIFIED: AVERAGE_VECTOR, pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR: AVERAGE_VECTOR,
-               pb.RECOMMEND_STRATEGY_BEST_SCORE: BEST_SCORE}
+               pb.RECOMMEND_STRATEGY_BEST_SCORE: BEST_SCORE, pb.RECOMMEND_STRATEGY_SUM_SCORES: SUM_SCORES}
 
 
 def _examples(request: pb.RecommendRequest) -> Examples:
@@ -137,7 +148,8 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
 
     @_rpc
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:  # noqa: N802
-        vectors, version = await self.core.embed(list(request.images), _deadline(context))
+        regions = [(r.x_min, r.y_min, r.x_max, r.y_max) for r in request.regions]
+        vectors, version = await self.core.embed(list(request.images), _deadline(context), regions)
         return pb.EmbedResponse(vectors=[pb.Vector(values=v) for v in vectors], model_version=version)
 
     @_rpc

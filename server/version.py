@@ -11,7 +11,7 @@ import numpy as np
 
 from lookalike import artifacts
 from lookalike.neighbours import NeighbourLists, load_neighbours
-from lookalike.preprocess import INPUT_SIZE, PreprocessConfig, Preprocessor
+from lookalike.preprocess import INPUT_SIZE, PreprocessConfig, Preprocessor, Region
 from server.catalogue import Catalogue, load_catalogue
 from server.search import ProductSearch, SearchConfig
 
@@ -23,7 +23,9 @@ class Embedder(Protocol):
 
     dimension: int
 
-    def preprocess(self, data: bytes) -> np.ndarray: ...
+    def preprocess(self, data: bytes, region: Region | None = None) -> np.ndarray:
+        """The model's input for encoded bytes, or for the part of the image a relative region covers."""
+        ...
 
     def embed(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -40,8 +42,8 @@ class SavedModelBackend:
         self._preprocess = Preprocessor(PreprocessConfig(preprocessing=preprocessing, max_pixels=max_pixels))
         self.dimension = self._model.dimension
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        return self._preprocess(data)
+    def preprocess(self, data: bytes, region: Region | None = None) -> np.ndarray:
+        return self._preprocess(data, region)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return self._model(batch)

@@ -108,13 +108,17 @@ class Versions:
         self._retiring.discard(runtime)
         name = version.name
         # A version whose model lives on in another (server/version.py shares an unchanged model) leaves only
-        # arrays and plain objects, freed by their reference counts as they go: then no collection, and no
-        # pause. The weak references say whether that held; anything kept alive by a cycle gets collected.
+        # arrays and plain objects: freed by their reference counts, once the short-lived cycles that may still
+        # point at it (a thread job's concurrent future and its asyncio twin refer to each other) are collected.
+        # That collection leaves the frozen heap alone, so it costs what was allocated since, not the model. The
+        # weak references say whether it was enough; if not, the full collection frees what is left.
         model_in_use = any(version.embedder is other.version.embedder for other in (self.current, *self._retiring))
         parts = [weakref.ref(version), weakref.ref(version.index), weakref.ref(version.catalogue)]
         del runtime, version  # the last references to the old version: the collection below can free it
+        started = time.perf_counter()
+        freed = gc.collect() if model_in_use else 0
         if model_in_use and all(part() is None for part in parts):
-            freed, seconds = 0, 0.0
+            seconds = time.perf_counter() - started
         else:
             freed, seconds = free_frozen_cycles()
         log.info("unloaded version %s (%d objects freed in %.0f ms)", name, freed, seconds * 1000)

@@ -88,3 +88,16 @@ def test_scale_section_replaces_itself_and_keeps_the_rest(tmp_path):
     assert text.count(SCALE_BEGIN) == 1 and "## At ABO's size" in text
     assert text.index("## Serving") < text.index("## At ABO's size") < text.index("## Builder")
     assert "build figures" in text and "did not complete" in text
+
+
+def test_ranking_section_replaces_itself_and_keeps_the_rest(tmp_path):
+    from bench.report import RANKING_BEGIN, write_ranking_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# lookalike benchmarks\n\n## Filters\n\nfigures\n\n## A living catalogue\n\nliving figures\n")
+    write_ranking_section(path)
+    write_ranking_section(path)
+    text = path.read_text()
+    assert text.count(RANKING_BEGIN) == 1 and text.count("## Diversity and regions") == 1
+    assert text.index("## Filters") < text.index("## Diversity and regions") < text.index("## A living catalogue")
+    assert "| 0.3 | 40 |" in text and "| left half |" in text and "living figures" in text

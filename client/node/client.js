@@ -35,9 +35,12 @@ function credentialsFrom({ rootCa, clientCert, clientKey }) {
 }
 
 // What FindSimilar and Recommend share, as request fields.
-function sharedOptions({ k = 10, searchK = 0, groupSize = 0, withAttributes = false, scoreThreshold, filter } = {}) {
-  const request = { k, searchK, groupSize, withAttributes, filter: filter ?? {} };
+function sharedOptions({
+  k = 10, searchK = 0, groupSize = 0, withAttributes = false, scoreThreshold, diversity, candidates = 0, filter,
+} = {}) {
+  const request = { k, searchK, groupSize, withAttributes, candidates, filter: filter ?? {} };
   if (scoreThreshold !== undefined) request.scoreThreshold = scoreThreshold;
+  if (diversity !== undefined) request.diversity = diversity;
   return request;
 }
 
@@ -66,25 +69,32 @@ class ImageSimilarityClient {
     });
   }
 
-  /** @param {Buffer[]} images encoded images */
-  async embed(images) {
-    const response = await this._call('Embed', { images });
+  /**
+   * @param {Buffer[]} images encoded images
+   * @param {object[]} [regions] one {xMin, yMin, xMax, yMax} per image (relative to its size): embed only those parts
+   */
+  async embed(images, regions = []) {
+    const response = await this._call('Embed', { images, regions });
     return { vectors: response.vectors.map((v) => v.values), modelVersion: response.modelVersion };
   }
 
   /**
    * The k products most like one query: an encoded image, a catalogue image id, a product id or a vector.
    * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
-   * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, and filter:
-   *   {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}], excludeProductIds: [...]} (clauses AND together).
+   * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, diversity
+   *   (0..1: MMR among the `candidates` most relevant products; unset or 0: the plain ranking), candidates (0:
+   *   the server's default, 4 x k), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}],
+   *   excludeProductIds: [...]} (clauses AND together); region {xMin, yMin, xMax, yMax} (relative to the image's
+   *   size) searches with that part of an image query.
    *   excludeQuery unset lets the server decide, as for every client: the query's own product is left out of
    *   an imageId or productId query and kept for an image or vector; true or false asks for one.
    */
-  async findSimilar(query, { excludeQuery, ...options } = {}) {
+  async findSimilar(query, { excludeQuery, region, ...options } = {}) {
     const given = ['image', 'imageId', 'productId', 'vector'].filter((name) => query[name] !== undefined);
     if (given.length !== 1) throw new Error('findSimilar needs exactly one of image, imageId, productId or vector');
     const request = sharedOptions(options);
     if (excludeQuery !== undefined) request.excludeQuery = excludeQuery;
+    if (region !== undefined) request.region = region;
     if (query.vector) request.vector = { values: query.vector };
     else request[given[0]] = query[given[0]];
     return this._call('FindSimilar', request);
@@ -92,7 +102,8 @@ class ImageSimilarityClient {
 
   /**
    * The k products most like the positive examples and least like the negative ones. An example is
-   * {productId}, {imageId}, {image: Buffer} or {vector: number[]}; strategy 'average_vector' or 'best_score'.
+   * {productId}, {imageId}, {image: Buffer, region?: {xMin, yMin, xMax, yMax}} or {vector: number[]}; strategy
+   * 'average_vector', 'best_score' or 'sum_scores'.
    * @param {object[]} positive
    * @param {object[]} negative
    * @param {object} [options] the findSimilar options plus strategy and ignoreMissing

@@ -1,5 +1,6 @@
 'use strict';
-// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...]
+// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...] [--diversity D [--candidates N]]
+//          [--region X_MIN,Y_MIN,X_MAX,Y_MAX (the part of each IMAGE_FILE to search with)]
 //          [--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]]
 //          [image:IMAGE_ID | product:PRODUCT_ID | recommend:PRODUCT_ID,PRODUCT_ID | IMAGE_FILE ...]
 // Prints the served version and, for each query, the products most like it as JSON lines; every query
@@ -8,7 +9,8 @@
 const fs = require('fs');
 const { ImageSimilarityClient, grpc } = require('./client');
 
-const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] '
+const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] [--diversity D [--candidates N]] '
+  + '[--region X_MIN,Y_MIN,X_MAX,Y_MAX] '
   + '[--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]] '
   + '[image:IMAGE_ID | product:PRODUCT_ID | recommend:ID,ID | IMAGE_FILE ...]';
 const TLS_FLAGS = { '--root-ca': 'rootCa', '--client-cert': 'clientCert', '--client-key': 'clientKey' };
@@ -18,6 +20,13 @@ function toClause(text) {
   const [key, values] = text.split(negated ? '!=' : '=', 2);
   if (!key || !values) throw new Error(`--filter ${text}: not KEY=V1,V2 or KEY!=V1,V2`);
   return negated ? { key, noneOf: values.split(',') } : { key, anyOf: values.split(',') };
+}
+
+function toRegion(text) {
+  const values = text.split(',').map(Number);
+  if (values.length !== 4 || values.some(Number.isNaN)) throw new Error(`--region ${text}: not X_MIN,Y_MIN,X_MAX,Y_MAX`);
+  const [xMin, yMin, xMax, yMax] = values;
+  return { xMin, yMin, xMax, yMax };
 }
 
 function toQuery(argument) {
@@ -39,8 +48,13 @@ async function main() {
   const clauses = [];
   const queries = [];
   const tls = {};
+  const ranking = {};
+  let region;
   for (let i = 0; i < rest.length; i += 1) {
     if (rest[i] === '--filter') clauses.push(toClause(rest[(i += 1)] ?? ''));
+    else if (rest[i] === '--diversity') ranking.diversity = Number(rest[(i += 1)]);
+    else if (rest[i] === '--candidates') ranking.candidates = Number(rest[(i += 1)]);
+    else if (rest[i] === '--region') region = toRegion(rest[(i += 1)] ?? '');
     else if (TLS_FLAGS[rest[i]]) tls[TLS_FLAGS[rest[i]]] = rest[(i += 1)];
     else queries.push(rest[i]);
   }
@@ -52,9 +66,9 @@ async function main() {
   try {
     const info = await client.info();
     console.error(`serving ${info.version}: ${info.backbone}, ${info.productCount} products, ${info.imageCount} images`);
-    const options = { k: 5, withAttributes: clauses.length > 0, filter: { clauses } };
+    const options = { k: 5, withAttributes: clauses.length > 0, filter: { clauses }, ...ranking };
     for (const query of queries) {
-      const response = await answer(client, query, options);
+      const response = await answer(client, query, region ? { ...options, region } : options);
       const matches = response.matches.map((m) => ({
         productId: m.productId, imageId: m.imageId, score: m.score, distance: m.distance, label: m.label,
         attributes: m.attributes,

@@ -12,15 +12,31 @@ class RecommendStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECOMMEND_STRATEGY_UNSPECIFIED: _ClassVar[RecommendStrategy]
     RECOMMEND_STRATEGY_AVERAGE_VECTOR: _ClassVar[RecommendStrategy]
     RECOMMEND_STRATEGY_BEST_SCORE: _ClassVar[RecommendStrategy]
+    RECOMMEND_STRATEGY_SUM_SCORES: _ClassVar[RecommendStrategy]
 RECOMMEND_STRATEGY_UNSPECIFIED: RecommendStrategy
 RECOMMEND_STRATEGY_AVERAGE_VECTOR: RecommendStrategy
 RECOMMEND_STRATEGY_BEST_SCORE: RecommendStrategy
+RECOMMEND_STRATEGY_SUM_SCORES: RecommendStrategy
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "regions")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, images: _Optional[_Iterable[bytes]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("x_min", "y_min", "x_max", "y_max")
+    X_MIN_FIELD_NUMBER: _ClassVar[int]
+    Y_MIN_FIELD_NUMBER: _ClassVar[int]
+    X_MAX_FIELD_NUMBER: _ClassVar[int]
+    Y_MAX_FIELD_NUMBER: _ClassVar[int]
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+    def __init__(self, x_min: _Optional[float] = ..., y_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_max: _Optional[float] = ...) -> None: ...
 
 class Vector(_message.Message):
     __slots__ = ("values",)
@@ -37,7 +53,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class FindSimilarRequest(_message.Message):
-    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold")
+    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold", "diversity", "candidates", "region")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +66,9 @@ class FindSimilarRequest(_message.Message):
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     vector: Vector
@@ -62,7 +81,10 @@ class FindSimilarRequest(_message.Message):
     with_attributes: bool
     filter: Filter
     score_threshold: float
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ...) -> None: ...
+    diversity: float
+    candidates: int
+    region: Region
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ..., region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("clauses", "exclude_product_ids")
@@ -83,19 +105,21 @@ class Clause(_message.Message):
     def __init__(self, key: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., none_of: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Example(_message.Message):
-    __slots__ = ("product_id", "image_id", "vector", "image")
+    __slots__ = ("product_id", "image_id", "vector", "image", "region")
     PRODUCT_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     product_id: str
     image_id: str
     vector: Vector
     image: bytes
-    def __init__(self, product_id: _Optional[str] = ..., image_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image: _Optional[bytes] = ...) -> None: ...
+    region: Region
+    def __init__(self, product_id: _Optional[str] = ..., image_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image: _Optional[bytes] = ..., region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("positive", "negative", "strategy", "k", "filter", "score_threshold", "ignore_missing", "search_k", "group_size", "with_attributes")
+    __slots__ = ("positive", "negative", "strategy", "k", "filter", "score_threshold", "ignore_missing", "search_k", "group_size", "with_attributes", "diversity", "candidates")
     POSITIVE_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +130,8 @@ class RecommendRequest(_message.Message):
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     WITH_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     positive: _containers.RepeatedCompositeFieldContainer[Example]
     negative: _containers.RepeatedCompositeFieldContainer[Example]
     strategy: RecommendStrategy
@@ -116,7 +142,9 @@ class RecommendRequest(_message.Message):
     search_k: int
     group_size: int
     with_attributes: bool
-    def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ...) -> None: ...
+    diversity: float
+    candidates: int
+    def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids", "availability_version")

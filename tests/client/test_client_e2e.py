@@ -270,3 +270,51 @@ def test_cli_filters_and_recommend_print_the_library_answers(server, reference):
         bad = _cli("--address", address, *args, check=False)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_diversity_and_sum_scores_print_the_library_answers(server, reference):
+    address, _ = server
+    products, _ = reference
+    first, second, third = products["product_id"][:3]
+    similar = json.loads(_cli("--address", address, "similar", "--product", first, "--diversity", "0.5",
+                              "--candidates", "20", "-k", "4", "--json").stdout)
+    recommended = json.loads(_cli("--address", address, "recommend", "--positive", first, "--positive", second,
+                                  "--negative", third, "--strategy", "sum_scores", "--diversity", "0.3",
+                                  "--score-threshold", "1.2", "-k", "4", "--json").stdout)
+    with ImageSimilarityClient(address) as client:
+        assert [m["product_id"] for m in similar["matches"]] == [m.product_id for m in client.find_similar(
+            product_id=first, k=4, diversity=0.5, candidates=20)]
+        assert [m["product_id"] for m in recommended["matches"]] == [m.product_id for m in client.recommend(
+            [first, second], [third], strategy="sum_scores", diversity=0.3, score_threshold=1.2, k=4)]
+    assert all(m["score"] >= 1.2 for m in recommended["matches"])
+    for args, message in ((["similar", "--product", first, "--diversity", "2"], "diversity must be in 0..1"),
+                          (["similar", "--product", first, "--diversity", "0.5", "--candidates", "3"],
+                           "candidates must be in k..2000")):
+        bad = _cli("--address", address, *args, check=False)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_region_query_equals_the_cropped_image_with_the_real_model(server, images, catalogue, tmp_path):
+    address, _ = server
+    photo = catalogue / "small" / images.iloc[11]["path"]
+    with Image.open(photo) as image:
+        width, height = image.size
+        box = (width // 4, height // 5, 3 * width // 4, 4 * height // 5)
+        image.convert("RGB").crop(box).save(tmp_path / "cropped.png")
+    region = (box[0] / width, box[1] / height, box[2] / width, box[3] / height)
+    with ImageSimilarityClient(address) as client:
+        by_region, whole = client.embed([photo, photo], regions=[region, (0, 0, 1, 1)])
+        (cropped,) = client.embed(tmp_path / "cropped.png")
+        assert np.allclose(by_region, cropped, atol=1e-5) and not np.allclose(by_region, whole, atol=1e-3)
+        similar = client.find_similar(photo, region=region, k=5)
+        expected = client.find_similar(tmp_path / "cropped.png", k=5)
+        assert [m.product_id for m in similar] == [m.product_id for m in expected]
+        assert [m.score for m in similar] == pytest.approx([m.score for m in expected], abs=1e-5)
+    sheet = tmp_path / "sheet.png"
+    shown = _cli("--address", address, "similar", photo, "--region", ",".join(map(str, region)), "-k", "5",
+                 "--catalogue", catalogue, "--sheet", sheet)
+    assert [line.split()[1] for line in shown.stdout.splitlines() if line.strip()[:1].isdigit()] == [
+        m.product_id for m in similar]
+    with Image.open(sheet) as image:
+        assert image.size == (6 * 160, 206)

@@ -58,20 +58,23 @@ def _run(clients, language: str, address: str, *args: str) -> subprocess.Complet
 
 
 def _similar(language: str, address: str, kind: str, value: str, tls: dict | None = None,
-             timeout_s: float | None = None) -> tuple[str, list[tuple[str, str, float]]]:
+             timeout_s: float | None = None, ranking: dict | None = None) -> tuple[str, list[tuple[str, str, float]]]:
     """FindSimilar(k=5) from one client with exclude_query left unset: the status code's name and the
-    (product_id, image_id, distance) of each match. timeout_s: Python and Go only."""
-    tls = tls or {}
+    (product_id, image_id, distance) of each match. timeout_s: Python and Go only. ranking: {"diversity": D,
+    "candidates": N}, sent by every client."""
+    tls, ranking = tls or {}, ranking or {}
     if language == "python":
         try:
             with ImageSimilarityClient(address, timeout_s=timeout_s or 10, root_ca=tls.get("ca"),
                                        client_cert=tls.get("cert"), client_key=tls.get("key")) as client:
-                matches = client.find_similar(**{PYTHON_QUERY[kind]: value}, k=5)
+                matches = client.find_similar(**{PYTHON_QUERY[kind]: value}, k=5, **ranking)
             return "OK", [(m.product_id, m.image_id, m.distance) for m in matches]
         except LookalikeError as error:
             return error.code.name, []
     flags = NODE_FLAGS if language == "node" else EXAMPLE_FLAGS
     tls_args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
+    tls_args += [arg for name, value in ranking.items()
+                 for arg in (f"--{name}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
     if language == "node":
         command = ["node", NODE_EXAMPLE, address, *tls_args, NODE_FLAGS[kind].format(value)]
     else:
@@ -102,6 +105,42 @@ def test_every_client_gives_the_same_answers_with_the_servers_defaults(clients, 
             assert [m[:2] for m in answer] == [m[:2] for m in python], (language, kind)
             assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), (language, kind)
         assert (own_product in [m[0] for m in python]) == (kind == "photo"), kind
+
+
+def test_every_client_sends_diversity_and_candidates(clients, server, built):
+    """The same diverse answer from all four, unlike the plain one; an out-of-range value is INVALID_ARGUMENT."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    product = images.iloc[42]["product_id"]
+    _, plain = _similar("python", server, "product_id", product)
+    answers = {language: _similar(language, server, "product_id", product, ranking={"diversity": 0.9,
+                                                                                   "candidates": 30})
+               for language in LANGUAGES}
+    code, python = answers.pop("python")
+    assert code == "OK" and len(python) == 5 and [m[0] for m in python] != [m[0] for m in plain]
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+    for language in LANGUAGES[1:]:
+        code, _ = _similar(language, server, "product_id", product, ranking={"diversity": 0.5, "candidates": 3})
+        assert code == "INVALID_ARGUMENT", language
+
+
+def test_every_client_sends_a_region(clients, server, built, catalogue):
+    """A photo query with a region: the same answer from all four, unlike the whole photo's."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    photo = str(catalogue / "small" / images.iloc[11]["path"])
+    _, whole = _similar("python", server, "photo", photo)
+    answers = {language: _similar(language, server, "photo", photo, ranking={"region": (0.1, 0.2, 0.6, 0.9)})
+               for language in LANGUAGES}
+    code, python = answers.pop("python")
+    assert code == "OK" and len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in whole])
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
+    for language in LANGUAGES[1:]:
+        code, _ = _similar(language, server, "photo", photo, ranking={"region": (0.6, 0.2, 0.1, 0.9)})
+        assert code == "INVALID_ARGUMENT", language
 
 
 @pytest.mark.parametrize("language", ["go", "java"])

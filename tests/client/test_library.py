@@ -87,7 +87,26 @@ def test_filter_and_recommend_misuse_fails_fast():
         client.recommend()
     with pytest.raises(ValueError, match="strategy"):
         client.recommend(["P1"], strategy="sum")
+    with pytest.raises(ValueError, match=r"score_threshold must be in -2..2"):
+        client.recommend(["P1"], ["P2"], strategy="sum_scores", score_threshold=2.5)
     client.close()
+
+
+def test_diversity_and_candidates_are_sent_when_given_and_checked_first():
+    assert not _similar_request(product_id="P1").HasField("diversity")
+    request = _similar_request(product_id="P1", diversity=0.3, candidates=40)
+    assert request.HasField("diversity") and request.diversity == pytest.approx(0.3) and request.candidates == 40
+    recommend = _recommend_request(["P1"], (), "average_vector", 5, (), (), None, False, 0, False, 0, 0.6, 0)
+    assert recommend.diversity == pytest.approx(0.6) and recommend.candidates == 0
+    with pytest.raises(ValueError, match="diversity must be in 0..1"):
+        _similar_request(product_id="P1", diversity=1.5)
+    with pytest.raises(ValueError, match="candidates must be a non-negative integer"):
+        _similar_request(product_id="P1", diversity=0.5, candidates=-1)
+
+
+def test_sum_scores_thresholds_span_the_examples():
+    request = _recommend_request(["P1", "P2"], "P9", "sum_scores", 5, (), (), 2.5, False, 0, False, 0)
+    assert request.strategy == pb.RECOMMEND_STRATEGY_SUM_SCORES and request.score_threshold == 2.5
 
 
 def test_load_config_always_ends_and_mix_is_checked(tmp_path):

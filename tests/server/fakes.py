@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from builder.index import build_annoy
-from lookalike.preprocess import decode
+from lookalike.preprocess import Region, crop, decode
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.catalogue import Catalogue
 from server.core import CoreConfig, SimilarityCore
@@ -37,8 +37,8 @@ class FakeEmbedder:
         self.gate = threading.Event()
         self.gate.set()
 
-    def preprocess(self, data: bytes) -> np.ndarray:
-        rgb = decode(data, self.max_pixels)
+    def preprocess(self, data: bytes, region: Region | None = None) -> np.ndarray:
+        rgb = crop(decode(data, self.max_pixels), region)
         return np.asarray(Image.fromarray(rgb).resize((8, 8)), np.uint8)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:

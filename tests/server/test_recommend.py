@@ -142,6 +142,48 @@ async def test_best_score_accepts_negatives_alone(served):
     assert _products(response) == _reference(version, lambda v: -(v @ negative) ** 2, 4, excluded={3})
 
 
+SUM_POSITIVES = [pb.Example(product_id="prod-001"), pb.Example(image_id="item-025"), pb.Example(product_id="prod-007")]
+SUM_NEGATIVES = [pb.Example(product_id="prod-010"), pb.Example(product_id="prod-011")]
+
+
+async def test_sum_scores_equals_its_numpy_reference(served):
+    stub, _, version = served
+    response = await stub.Recommend(pb.RecommendRequest(positive=SUM_POSITIVES, negative=SUM_NEGATIVES,
+                                                        strategy=pb.RECOMMEND_STRATEGY_SUM_SCORES, k=6))
+    vectors = np.asarray(version.index.vectors)
+    positives = np.stack([_product_vector(version, 1), vectors[version.catalogue.rows_of_image("item-025")[0]],
+                          _product_vector(version, 7)])
+    negatives = np.stack([_product_vector(version, 10), _product_vector(version, 11)])
+
+    def sum_scores(rows):
+        return (rows @ positives.T).sum(1) - (rows @ negatives.T).sum(1)
+
+    assert _products(response) == _reference(version, sum_scores, 6, excluded={1, 5, 7, 10, 11})
+    # The score is the strategy's, beyond 1 when the positives agree; a threshold may be up to P + N.
+    best = vectors[version.catalogue.rows_of_product(int(response.matches[0].product_id[-3:]))]
+    assert response.matches[0].score == pytest.approx(float(sum_scores(best).max()), abs=1e-5)
+    assert response.matches[0].score > 1
+    threshold = (response.matches[1].score + response.matches[2].score) / 2
+    above = await stub.Recommend(pb.RecommendRequest(positive=SUM_POSITIVES, negative=SUM_NEGATIVES, k=6,
+                                                     strategy=pb.RECOMMEND_STRATEGY_SUM_SCORES,
+                                                     score_threshold=threshold))
+    assert _products(above) == _products(response)[:2]
+
+
+async def test_sum_scores_accepts_negatives_alone_and_bounds_its_threshold(served):
+    stub, _, version = served
+    negatives = [pb.Example(product_id="prod-003"), pb.Example(product_id="prod-004")]
+    response = await stub.Recommend(pb.RecommendRequest(negative=negatives, strategy=pb.RECOMMEND_STRATEGY_SUM_SCORES,
+                                                        k=4))
+    both = np.stack([_product_vector(version, 3), _product_vector(version, 4)])
+    assert _products(response) == _reference(version, lambda v: -(v @ both.T).sum(1), 4, excluded={3, 4})
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Recommend(pb.RecommendRequest(negative=negatives, strategy=pb.RECOMMEND_STRATEGY_SUM_SCORES,
+                                                 score_threshold=2.5))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "score_threshold must be in -2..2, not 2.5" in info.value.details()
+
+
 async def test_image_and_vector_examples_and_filters(served):
     stub, images, version = served
     embedder = version.embedder

@@ -122,6 +122,12 @@ type Query struct {
 	// Whether the query's own product is left out; nil lets the server decide, as for every client:
 	// left out of a ProductID or ImageID query, kept for an Image or Vector.
 	ExcludeQuery *bool
+	// Diversity in 0..1: maximal marginal relevance chooses the k among the Candidates most relevant
+	// products; nil or 0 is the plain ranking. Candidates 0 is the server's default, 4 x k.
+	Diversity  *float32
+	Candidates uint32
+	// With an Image: the part of it to search with, relative to its size (nil: the whole image).
+	Region *pb.Region
 }
 
 func (q Query) apply(request *pb.FindSimilarRequest) error {
@@ -147,7 +153,8 @@ func (q Query) apply(request *pb.FindSimilarRequest) error {
 // FindSimilar returns the k products most like the query (the query's own product left out or kept as
 // Query.ExcludeQuery says).
 func (c *Client) FindSimilar(ctx context.Context, query Query, k uint32, filter *pb.Filter) (*pb.FindSimilarResponse, error) {
-	request := &pb.FindSimilarRequest{K: k, ExcludeQuery: query.ExcludeQuery, Filter: filter}
+	request := &pb.FindSimilarRequest{K: k, ExcludeQuery: query.ExcludeQuery, Filter: filter,
+		Diversity: query.Diversity, Candidates: query.Candidates, Region: query.Region}
 	if err := query.apply(request); err != nil {
 		return nil, err
 	}
@@ -173,6 +180,12 @@ func (c *Client) Recommend(ctx context.Context, positive, negative []string, k u
 		return out
 	}
 	request := &pb.RecommendRequest{Positive: examples(positive), Negative: examples(negative), K: k, Filter: filter}
+	return c.RecommendWith(ctx, request)
+}
+
+// RecommendWith sends any RecommendRequest (a strategy such as sum_scores, image or vector examples,
+// diversity, groups), under the call's one deadline.
+func (c *Client) RecommendWith(ctx context.Context, request *pb.RecommendRequest) (*pb.RecommendResponse, error) {
 	ctx, cancel := c.deadline(ctx)
 	defer cancel()
 	return c.stub.Recommend(ctx, request)

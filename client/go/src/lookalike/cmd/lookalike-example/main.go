@@ -2,6 +2,8 @@
 //
 //	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -k 5
 //	lookalike-example -address 127.0.0.1:50051 -image photo.jpg -filter color=Red,Blue
+//	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -diversity 0.3 -candidates 40
+//	lookalike-example -address 127.0.0.1:50051 -image room.jpg -region 0.1,0.2,0.6,0.9
 //	lookalike-example -address host:50051 -ca ca.pem -cert client.pem -key client.key -image-id IMG
 //
 // The query's own product is left out or kept as the server decides (out for -product and -image-id,
@@ -15,6 +17,7 @@ import (
 	"fmt"
 	"io/ioutil"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -63,14 +66,38 @@ func main() {
 	certFile := flag.String("cert", "", "client certificate (PEM) for mTLS, with -key")
 	keyFile := flag.String("key", "", "client key (PEM) for mTLS, with -cert")
 	timeout := flag.Duration("timeout", 10*time.Second, "deadline of the call, retries included")
+	diversity := flag.Float64("diversity", 0, "0..1: results unlike each other (MMR); unset or 0: the plain ranking")
+	candidates := flag.Uint("candidates", 0, "with -diversity: products to choose among (0: the server's default)")
+	region := flag.String("region", "", "with -image: X_MIN,Y_MIN,X_MAX,Y_MAX, the part of the photo to search with")
 	flag.Parse()
-	query := client.Query{ProductID: *product, ImageID: *imageID}
+	query := client.Query{ProductID: *product, ImageID: *imageID, Candidates: uint32(*candidates)}
+	flag.Visit(func(f *flag.Flag) {
+		if f.Name == "diversity" {
+			value := float32(*diversity)
+			query.Diversity = &value
+		}
+	})
 	if *image != "" {
 		data, err := ioutil.ReadFile(*image)
 		if err != nil {
 			fail("%v", err)
 		}
 		query.Image = data
+	}
+	if *region != "" {
+		var box [4]float32
+		parts := strings.Split(*region, ",")
+		if len(parts) != 4 {
+			fail("-region %q is not X_MIN,Y_MIN,X_MAX,Y_MAX", *region)
+		}
+		for i, part := range parts {
+			value, err := strconv.ParseFloat(part, 32)
+			if err != nil {
+				fail("-region %q is not X_MIN,Y_MIN,X_MAX,Y_MAX", *region)
+			}
+			box[i] = float32(value)
+		}
+		query.Region = &pb.Region{XMin: box[0], YMin: box[1], XMax: box[2], YMax: box[3]}
 	}
 	var clauses *pb.Filter
 	if *filter != "" {

@@ -1,7 +1,10 @@
 package com.lookalike.client;
 
+import com.google.protobuf.ByteString;
+import com.lookalike.v1.FindSimilarRequest;
 import com.lookalike.v1.FindSimilarResponse;
 import com.lookalike.v1.Match;
+import com.lookalike.v1.Region;
 import io.grpc.StatusRuntimeException;
 import java.io.File;
 import java.nio.file.Files;
@@ -14,6 +17,8 @@ import java.time.Duration;
  * <pre>
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --k 5
  * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg
+ * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --diversity 0.3 --candidates 40
+ * lookalike-example-java --address 127.0.0.1:50051 --image room.jpg --region 0.1,0.2,0.6,0.9
  * lookalike-example-java --address host:50051 --ca ca.pem --cert client.pem --key client.key --image-id IMG
  * </pre>
  *
@@ -42,6 +47,31 @@ public final class Example {
     return out.append('"').toString();
   }
 
+  private static Region region(String value) {
+    String[] parts = value.split(",");
+    if (parts.length != 4) {
+      fail("--region " + value + " is not X_MIN,Y_MIN,X_MAX,Y_MAX");
+    }
+    float[] box = new float[4];
+    for (int i = 0; i < 4; i++) {
+      try {
+        box[i] = Float.parseFloat(parts[i]);
+      } catch (NumberFormatException error) {
+        fail("--region " + value + " is not X_MIN,Y_MIN,X_MAX,Y_MAX");
+      }
+    }
+    return Region.newBuilder().setXMin(box[0]).setYMin(box[1]).setXMax(box[2]).setYMax(box[3]).build();
+  }
+
+  private static int number(String flag, String value) {
+    try {
+      return Integer.parseInt(value);
+    } catch (NumberFormatException error) {
+      fail(flag + " " + value + " is not a number");
+      return 0;
+    }
+  }
+
   public static void main(String[] args) throws Exception {
     String address = "127.0.0.1:50051";
     String product = null;
@@ -51,6 +81,9 @@ public final class Example {
     String cert = null;
     String key = null;
     int k = 10;
+    Float diversity = null;
+    int candidates = 0;
+    Region region = null;
     for (int i = 0; i < args.length; i += 2) {
       if (i + 1 >= args.length) {
         fail(args[i] + " needs a value");
@@ -65,14 +98,24 @@ public final class Example {
         case "--cert": cert = value; break;
         case "--key": key = value; break;
         case "--k":
+          k = number(args[i], value);
+          break;
+        case "--candidates":
+          candidates = number(args[i], value);
+          break;
+        case "--region":
+          region = region(value);
+          break;
+        case "--diversity":
           try {
-            k = Integer.parseInt(value);
+            diversity = Float.parseFloat(value);
           } catch (NumberFormatException error) {
-            fail("--k " + value + " is not a number");
+            fail("--diversity " + value + " is not a number");
           }
           break;
         default:
-          fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --ca, --cert, --key)");
+          fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --diversity, "
+              + "--candidates, --region, --ca, --cert, --key)");
       }
     }
     if ((product == null ? 0 : 1) + (imageId == null ? 0 : 1) + (image == null ? 0 : 1) != 1) {
@@ -89,14 +132,21 @@ public final class Example {
       builder.clientCertificate(new File(cert), new File(key));
     }
     try (LookalikeClient client = builder.build()) {
-      FindSimilarResponse response;
+      FindSimilarRequest.Builder request = FindSimilarRequest.newBuilder().setK(k).setCandidates(candidates);
       if (product != null) {
-        response = client.findSimilarToProduct(product, k);
+        request.setProductId(product);
       } else if (imageId != null) {
-        response = client.findSimilarToImageId(imageId, k);
+        request.setImageId(imageId);
       } else {
-        response = client.findSimilarToImage(Files.readAllBytes(Path.of(image)), k);
+        request.setImage(ByteString.copyFrom(Files.readAllBytes(Path.of(image))));
       }
+      if (region != null) {
+        request.setRegion(region);
+      }
+      if (diversity != null) {
+        request.setDiversity(diversity);
+      }
+      FindSimilarResponse response = client.findSimilar(request.build());
       StringBuilder out = new StringBuilder("{\"index_version\": ").append(quoted(response.getIndexVersion()));
       out.append(", \"matches\": [");
       for (int i = 0; i < response.getMatchesCount(); i++) {

@@ -119,7 +119,7 @@ public final class LookalikeClient implements AutoCloseable {
   }
 
   /**
-   * Any FindSimilar request (filters, thresholds, groups) built with the generated builder. Leave
+   * Any FindSimilar request (filters, thresholds, groups, diversity) built with the generated builder. Leave
    * exclude_query unset to let the server decide, as every client does: the query's own product is left
    * out of an image id or product id query and kept for a photo or vector.
    */
@@ -155,7 +155,15 @@ public final class LookalikeClient implements AutoCloseable {
     RecommendRequest.Builder request = RecommendRequest.newBuilder().setK(k);
     positive.forEach(id -> request.addPositive(Example.newBuilder().setProductId(id)));
     negative.forEach(id -> request.addNegative(Example.newBuilder().setProductId(id)));
-    return call(s -> s.recommend(request.build()));
+    return recommend(request.build());
+  }
+
+  /**
+   * Any Recommend request built with the generated builder: a strategy such as sum_scores, image or
+   * vector examples, diversity and candidates, filters, groups.
+   */
+  public RecommendResponse recommend(RecommendRequest request) {
+    return call(s -> s.recommend(request));
   }
 
   /** The served version, its model and index. */
