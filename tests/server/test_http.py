@@ -1,5 +1,4 @@
-"""JSON over HTTP: the same answers as gRPC from the shared server, images by id, the OpenAPI document, and the
-HTTP layer's own errors in-process."""
+"""JSON over HTTP on the shared server: the same answers as gRPC, images by id, the OpenAPI document."""
 
 from __future__ import annotations
 
@@ -10,15 +9,12 @@ import urllib.request
 
 import grpc
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from google.protobuf import json_format
 
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
-from server.http import HTTP_STATUS, HttpApi
-from server.metrics import ServerMetrics
+from server.http import HTTP_STATUS
 from server.openapi import ROUTES
-from server.servicer import ImageSimilarityServicer
 from tests import helpers
 
 pytestmark = pytest.mark.e2e
@@ -234,32 +230,3 @@ def test_openapi_lists_every_route_and_resolves(served):
     for path, operations in document["paths"].items():
         for verb, operation in operations.items():
             assert verb in ("get", "post") and operation["responses"] and operation["operationId"], path
-
-
-# -- the HTTP layer in-process, no model: what it decides on its own ----------------------------------------------
-
-@pytest.fixture
-async def loading_client():
-    """An HttpApi whose servicer has no core yet (the server is loading), with a 1 MiB message limit."""
-    api = HttpApi(ImageSimilarityServicer(None, ServerMetrics()), 1024 * 1024, 2, lambda: False)
-    client = TestClient(TestServer(api.app(), host="127.0.0.1"))
-    await client.start_server()
-    yield client
-    await client.close()
-
-
-async def test_in_process_loading_oversize_and_unknown_routes(loading_client):
-    response = await loading_client.get("/readyz")
-    assert response.status == 503
-    response = await loading_client.get("/v1/info")
-    assert response.status == 503 and (await response.json())["code"] == "UNAVAILABLE"
-    # Parsed, then over the limit as a message; and a body too large to read at all.
-    image = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
-    response = await loading_client.post("/v1/embed", data=json.dumps({"images": [image]}))
-    assert response.status == 413 and (await response.json())["code"] == "RESOURCE_EXHAUSTED"
-    response = await loading_client.post("/v1/embed", data=b" " * (3 * 1024 * 1024))
-    assert response.status == 413 and (await response.json())["code"] == "RESOURCE_EXHAUSTED"
-    response = await loading_client.get("/v1/nothing")
-    assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND"
-    response = await loading_client.get("/v1/similar")
-    assert response.status == 405
