@@ -12,7 +12,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-node setup-bench dataset browser protos protos-check lint clients test test-fast demo bench bench-quick bench-scale soak clean
+.PHONY: setup setup-node setup-bench dataset browser protos protos-check lint clients test test-fast demo bench bench-quick bench-http bench-scale soak clean
 
 setup: $(STAMP)
 
@@ -111,6 +111,11 @@ bench-quick: $(BENCH_STAMP)
 # Writes bench/results/scale.json and BENCHMARKS.md's "At ABO's size" section.
 bench-scale: $(BENCH_STAMP)
 	$(PY) -m bench.scale
+
+# FindSimilar by product id over HTTP/JSON beside gRPC, and gRPC with the HTTP port on against off, on the demo's
+# build (make demo first); writes bench/results/http.json and BENCHMARKS.md's HTTP section. Not in make test.
+bench-http: $(BENCH_STAMP)
+	$(PY) -m bench.http --artifacts demo-out/ARTIFACTS --catalogue demo-out/catalogue
 
 soak: $(BENCH_STAMP)
 	$(PY) -m bench.soak

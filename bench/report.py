@@ -393,18 +393,32 @@ def _query_lists_note(scale: dict) -> str:
 def write_scale_section(scale: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
     """Puts the scale section into BENCHMARKS.md in place of the previous one (or before the Builder section),
     leaving every other figure as the last full run wrote it."""
+    return put_section(path, SCALE_BEGIN, SCALE_END, _scale(scale), "\n## Builder\n")
+
+
+def put_section(path: Path, begin: str, end: str, lines: list[str], anchor: str) -> Path:
+    """Puts a section that starts with the line `begin` and ends with `end` into BENCHMARKS.md in place of the
+    previous one, or else before `anchor`, or else at the end; the rest stays as the last full run wrote it."""
     text = path.read_text() if path.exists() else "# lookalike benchmarks\n"
-    section = "\n".join(_scale(scale))
-    if SCALE_BEGIN in text and SCALE_END in text:
-        before, rest = text.split(SCALE_BEGIN, 1)
-        text = before + section + rest.split(SCALE_END, 1)[1]
-    elif "\n## Builder\n" in text:
-        before, after = text.split("\n## Builder\n", 1)
-        text = before + "\n" + section + "\n\n## Builder\n" + after
+    section = "\n".join(lines)
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + section + rest.split(end, 1)[1]
+    elif anchor in text:
+        before, after = text.split(anchor, 1)
+        text = before + "\n" + section + "\n" + anchor + after
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
     return path
+
+
+def _http_from_file() -> list[str]:
+    """The HTTP/JSON section bench/http.py last wrote (make bench-http), kept by a full run."""
+    from bench.http import section
+
+    found = HERE / "results" / "http.json"
+    return [*section(json.loads(found.read_text())), ""] if found.exists() else []
 
 
 def _scale_from_file() -> list[str]:
@@ -474,6 +488,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
         f"p99 {srv['rpc_ceiling']['p99_ms']} ms.",
         "",
         *_workers(results),
+        *_http_from_file(),
         *_scale_from_file(),
         "## Builder",
         "",

@@ -1,0 +1,147 @@
+"""FindSimilar by product id over HTTP/JSON beside gRPC under the same closed-loop load, and gRPC with the HTTP
+port on against off. `python -m bench.http --artifacts A --catalogue C` (make bench-http); not part of make test.
+
+Both protocols are driven from one Python process with the same loop (N callers back to back, product ids drawn
+from the catalogue's listings), so the client's own cost is alike on both sides; on a 2-core machine the client
+shares the cores with the server, so the figures are a comparison, not the server's limit."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+from bench.report import put_section
+from bench.serving import _free_port, server
+from client.loadgen import load_product_ids
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+
+K = 10
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _summary(latencies: list[float], errors: int, seconds: float) -> dict:
+    ordered = sorted(latencies)
+    return {"requests": len(ordered), "errors": errors, "qps": round(len(ordered) / seconds, 1),
+            "p50_ms": round(statistics.median(ordered) * 1000, 2),
+            "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 2)}
+
+
+async def _closed_loop(call, products: list[str], concurrency: int, duration_s: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    rng = random.Random(0)
+    started = time.perf_counter()
+    stop_at = started + duration_s
+
+    async def caller() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop_at:
+            begin = time.perf_counter()
+            try:
+                await call(rng.choice(products))
+                latencies.append(time.perf_counter() - begin)
+            except (grpc.RpcError, aiohttp.ClientError, RuntimeError):
+                errors += 1
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return _summary(latencies, errors, time.perf_counter() - started)
+
+
+async def grpc_load(address: str, products: list[str], concurrency: int, duration_s: float) -> dict:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.ImageSimilarityStub(channel)
+
+        async def call(product_id: str) -> None:
+            await stub.FindSimilar(pb.FindSimilarRequest(product_id=product_id, k=K), timeout=10)
+
+        await _closed_loop(call, products[:8], concurrency, 1.0)  # warm the connection and the result cache
+        return await _closed_loop(call, products, concurrency, duration_s)
+
+
+async def http_load(base_url: str, products: list[str], concurrency: int, duration_s: float) -> dict:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url, connector=connector) as session:
+
+        async def call(product_id: str) -> None:
+            async with session.post("/v1/similar", json={"productId": product_id, "k": K}) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(body.decode())
+                json.loads(body)  # what a JSON client does with the answer, as the gRPC client parses its message
+
+        await _closed_loop(call, products[:8], concurrency, 1.0)
+        return await _closed_loop(call, products, concurrency, duration_s)
+
+
+def measure(artifacts: Path, catalogue: Path, concurrency: int, duration_s: float, rounds: int) -> dict:
+    products = load_product_ids(catalogue, limit=1000)
+    runs: dict[str, list[dict]] = {"grpc_http_off": [], "grpc_http_on": [], "http": []}
+    for _ in range(rounds):
+        with server(artifacts) as (address, _metrics, _process):
+            runs["grpc_http_off"].append(asyncio.run(grpc_load(address, products, concurrency, duration_s)))
+        http_port = _free_port()
+        with server(artifacts, "--http-port", str(http_port)) as (address, _metrics, _process):
+            runs["grpc_http_on"].append(asyncio.run(grpc_load(address, products, concurrency, duration_s)))
+            runs["http"].append(asyncio.run(http_load(f"http://127.0.0.1:{http_port}", products, concurrency,
+                                                      duration_s)))
+    # Each figure: the median over rounds (rounds alternate off and on, so load from elsewhere hits both alike).
+    median = {name: {key: statistics.median(run[key] for run in results) for key in results[0]}
+              for name, results in runs.items()}
+    off, on = median["grpc_http_off"]["qps"], median["grpc_http_on"]["qps"]
+    return {"concurrency": concurrency, "duration_s": duration_s, "rounds": rounds, "k": K,
+            "products": len(products), "median": median, "runs": runs,
+            "grpc_qps_change_with_http_on_pct": round(100 * (on - off) / off, 1)}
+
+
+HTTP_BEGIN = "<!-- HTTP section: written by make bench-http (bench/http.py) -->"
+HTTP_END = "<!-- end of the HTTP section -->"
+
+
+def section(result: dict) -> list[str]:
+    names = {"grpc_http_off": "gRPC, HTTP port off", "grpc_http_on": "gRPC, HTTP port on", "http": "HTTP/JSON"}
+    lines = [HTTP_BEGIN, "## HTTP/JSON beside gRPC", "",
+             f"FindSimilar by product id (k = {result['k']}, {result['products']} products drawn at random) under the "
+             f"same closed loop for both protocols: {result['concurrency']} callers back to back in one Python "
+             "process (grpc.aio against aiohttp with keep-alive, each parsing its answer), "
+             f"{result['duration_s']:.0f} s a run, the median of {result['rounds']} rounds alternating the HTTP port "
+             "off and on, on the same 2 cores as the server (`make bench-http`; raw figures: "
+             "`bench/results/http.json`).", "",
+             "| FindSimilar by product id | QPS | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
+    for name, label in names.items():
+        figures = result["median"][name]
+        lines.append(f"| {label} | {figures['qps']:.0f} | {figures['p50_ms']:.2f} | {figures['p99_ms']:.2f} |")
+    lines += ["", f"gRPC with the HTTP port on against off: {result['grpc_qps_change_with_http_on_pct']:+.1f}% QPS "
+              "(target: no worse than -5%).", HTTP_END]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.http", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--catalogue", type=Path, required=True, help="the catalogue its product ids come from")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration-s", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "http.json")
+    parser.add_argument("--report", type=Path, default=ROOT / "BENCHMARKS.md", help="where the section is written")
+    args = parser.parse_args(argv)
+    result = measure(args.artifacts, args.catalogue, args.concurrency, args.duration_s, args.rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    # Before the ABO-size section, whose first line is its marker.
+    put_section(args.report, HTTP_BEGIN, HTTP_END, section(result), "\n<!-- scale section")
+    print("\n".join(section(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
