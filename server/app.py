@@ -1,4 +1,4 @@
-"""The lookalike server process: gRPC, health, reflection, metrics, reload on change, graceful stop."""
+"""The lookalike server process: gRPC (and HTTP/JSON), health, reflection, metrics, reload on change, graceful stop."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ class LookalikeServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.http_port: int | None = None
-        self._http = None
+        self._http = None  # server.http's AppRunner, with --http-port
         self._servicer: ImageSimilarityServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._reload_lock = asyncio.Lock()

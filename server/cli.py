@@ -1,4 +1,4 @@
-"""`lookalike-serve`: serve the artifact version named by ARTIFACTS/CURRENT over gRPC."""
+"""`lookalike-serve`: serve the artifact version named by ARTIFACTS/CURRENT over gRPC (and HTTP/JSON)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,8 @@ spreads connections over the workers that listen. A worker listens only once its
 warm, so no connection lands on a worker that cannot answer. The index is memory-mapped, so the
 workers share its pages. The supervisor:
 
-- reserves the port (a bound, never listening SO_REUSEPORT socket) so `--port 0` gives all one port;
+- reserves the port (a bound, never listening SO_REUSEPORT socket) so `--port 0` gives all one port, and
+  the HTTP port likewise;
 - sizes each worker's TensorFlow threads to cores / N so N workers do not oversubscribe the cores;
 - forwards SIGHUP (reload, availability) and SIGTERM/SIGINT (drain) to every worker and waits for them;
 - restarts a worker that dies, with a backoff, and logs it; a worker that dies before it ever served
