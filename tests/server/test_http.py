@@ -10,6 +10,8 @@ import urllib.request
 import grpc
 import pytest
 from google.protobuf import json_format
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate as validate_openapi
 
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
@@ -201,10 +203,20 @@ def test_attributes_offer_the_versions_values(served, info):
     assert types["SHOES"] >= 1 and sum(types.values()) <= info.product_count
 
 
-def test_openapi_lists_every_route_and_resolves(served):
+def test_openapi_lists_every_route_and_resolves(served, sample):
     status, body, _ = http(served, "/openapi.json")
     document = json.loads(body)
     assert status == 200 and document["openapi"].startswith("3.0")
+    validate_openapi(document)
+    # What the routes answer is what the document says they answer.
+    product_id, _, _ = sample
+    for route, body, schema in [("/v1/info", None, "GetInfoResponse"),
+                                ("/v1/similar", {"productId": product_id, "k": 3, "groupSize": 2,
+                                                 "withAttributes": True}, "FindSimilarResponse"),
+                                ("/v1/similar", {"productId": "no-such-product"}, "Error")]:
+        _, answer, _ = http(served, route, None if body is None else json.dumps(body).encode())
+        OAS30Validator({"$ref": f"#/components/schemas/{schema}", "components": document["components"]}).validate(
+            json.loads(answer))
     assert set(document["paths"]) == {"/v1/embed", "/v1/similar", "/v1/recommend", "/v1/info", "/healthz",
                                       "/readyz", "/v1/attributes", "/v1/images/{image_id}", "/openapi.json", "/"}
     schemas = document["components"]["schemas"]
