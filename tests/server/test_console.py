@@ -78,7 +78,7 @@ def _grpc_products(stub, **fields) -> list[str]:
     return [match.product_id for match in stub.FindSimilar(request, timeout=30).matches]
 
 
-def test_console_queries_a_product_a_filter_and_a_photo(served, browser, stub, catalogue):
+def test_console_queries_a_product_a_filter_a_photo_and_a_recommendation(served, browser, stub, catalogue):
     listing = helpers.first_listing(catalogue)
     product_id = listing["item_id"]
     tiles = _wait_answer(browser, lambda: browser.get(f"{served.http_url}/#product={product_id}"))
@@ -105,6 +105,16 @@ def test_console_queries_a_product_a_filter_and_a_photo(served, browser, stub, c
     photo = catalogue / "small" / rows[listing["main_image_id"]]["path"]
     tiles = _wait_answer(browser, lambda: browser.find_element("id", "photo").send_keys(str(photo)))
     assert tiles == _grpc_products(stub, image=photo.read_bytes(), filter=clause) and len(tiles) == K
+
+    # Recommend from two products, away from a third (the filter still applies).
+    positive, negative = [product_id, tiles[1]], [tiles[2]]
+    browser.find_element("id", "positive").send_keys(" ".join(positive))
+    browser.find_element("id", "negative").send_keys(negative[0])
+    tiles = _wait_answer(browser, lambda: browser.find_element("id", "recommend").click())
+    request = pb.RecommendRequest(positive=[pb.Example(product_id=p) for p in positive],
+                                  negative=[pb.Example(product_id=n) for n in negative], k=K, with_attributes=True,
+                                  strategy=pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR, filter=clause, ignore_missing=True)
+    assert tiles == [m.product_id for m in stub.Recommend(request, timeout=30).matches] and len(tiles) == K
     SCREENSHOT.parent.mkdir(exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
     assert SCREENSHOT.stat().st_size > 10_000
