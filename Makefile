@@ -12,7 +12,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-node setup-bench dataset protos protos-check lint clients test test-fast demo bench bench-quick bench-scale soak clean
+.PHONY: setup setup-node setup-bench dataset browser protos protos-check lint clients test test-fast demo bench bench-quick bench-http bench-scale soak clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,17 @@ dataset:
 	@test -d $(OPENCLIPART) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get install -y -qq openclipart-png || (apt-get update -qq && apt-get install -y -qq openclipart-png)) || \
 	  echo "openclipart-png not installed: the quality benchmark skips the colour set"; }
+
+# Debian's chromium and chromium-driver for the console's browser test (tests/server/test_console.py), installed
+# when missing as root, as client/build-clients.sh installs the Go and Java toolchains; otherwise the test skips
+# and says why.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  { echo "installing Debian's chromium and chromium-driver for the console's browser test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; } || \
+	  echo "chromium and chromium-driver could not be installed (not root, or apt-get failed): the console's browser" \
+	       "test skips when not root (as root: apt-get install chromium chromium-driver)"; }
 
 setup-node: $(NODE_STAMP)
 
@@ -76,7 +87,7 @@ $(CLIENTS_STAMP): $(CLIENT_SOURCES)
 	bash client/build-clients.sh
 	touch $@
 
-test: $(STAMP) $(NODE_STAMP) protos-check lint clients
+test: $(STAMP) $(NODE_STAMP) protos-check lint clients browser
 	$(PY) -m pytest -q --durations=15
 	$(MAKE) bench-quick
 
@@ -100,6 +111,11 @@ bench-quick: $(BENCH_STAMP)
 # Writes bench/results/scale.json and BENCHMARKS.md's "At ABO's size" section.
 bench-scale: $(BENCH_STAMP)
 	$(PY) -m bench.scale
+
+# FindSimilar by product id over HTTP/JSON beside gRPC, and gRPC with the HTTP port on against off, on the demo's
+# build (make demo first); writes bench/results/http.json and BENCHMARKS.md's HTTP section. Not in make test.
+bench-http: $(BENCH_STAMP)
+	$(PY) -m bench.http --artifacts demo-out/ARTIFACTS --catalogue demo-out/catalogue
 
 soak: $(BENCH_STAMP)
 	$(PY) -m bench.soak

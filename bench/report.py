@@ -10,7 +10,8 @@ ROOT = HERE.parent
 PLOTS = HERE / "plots"
 
 
-RELIABILITY_BEGIN = "## Reliability\n"
+RELIABILITY_BEGIN = "<!-- reliability section: written by make soak (bench/report.py write_reliability_section) -->"
+RELIABILITY_END = "<!-- end of the reliability section -->"
 
 
 def _table(headers: list[str], rows: list[list]) -> str:
@@ -396,14 +397,20 @@ def _query_lists_note(scale: dict) -> str:
 def write_scale_section(scale: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
     """Puts the scale section into BENCHMARKS.md in place of the previous one (or before the Builder section),
     leaving every other figure as the last full run wrote it."""
+    return put_section(path, SCALE_BEGIN, SCALE_END, _scale(scale), "\n## Builder\n")
+
+
+def put_section(path: Path, begin: str, end: str, lines: list[str], anchor: str) -> Path:
+    """Puts a section that starts with the line `begin` and ends with `end` into BENCHMARKS.md in place of the
+    previous one, or else before `anchor`, or else at the end; the rest stays as the last full run wrote it."""
     text = path.read_text() if path.exists() else "# lookalike benchmarks\n"
-    section = "\n".join(_scale(scale))
-    if SCALE_BEGIN in text and SCALE_END in text:
-        before, rest = text.split(SCALE_BEGIN, 1)
-        text = before + section + rest.split(SCALE_END, 1)[1]
-    elif "\n## Builder\n" in text:
-        before, after = text.split("\n## Builder\n", 1)
-        text = before + "\n" + section + "\n\n## Builder\n" + after
+    section = "\n".join(lines).rstrip("\n")
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + section + rest.split(end, 1)[1]
+    elif anchor in text:
+        before, after = text.split(anchor, 1)
+        text = before + "\n" + section + "\n" + anchor + after
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
@@ -441,29 +448,21 @@ def _chaos(chaos: dict) -> list[str]:
 
 def _reliability(rel: dict) -> list[str]:
     """The reliability section from bench/results/reliability.json (make soak, or make bench's short runs)."""
-    parts = [RELIABILITY_BEGIN, f"From `{rel.get('command', 'make soak')}` on {rel.get('started_at')}.", ""]
+    parts = [RELIABILITY_BEGIN, "## Reliability", "",
+             f"From `{rel.get('command', 'make soak')}` on {rel.get('started_at')}.", ""]
     if "chaos" in rel:
         parts += [*_chaos(rel["chaos"]), ""]
     rest = {k: v for k, v in rel.items() if k not in ("command", "started_at", "chaos")}
     if rest:
         parts += ["The other scenarios (bad input, overload, SIGTERM under load, restart after SIGKILL):", "",
                   "```json", json.dumps(rest, indent=2), "```"]
-    return parts
+    return [*parts, RELIABILITY_END]
 
 
 def write_reliability_section(rel: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
-    """Puts the reliability section (make soak's figures) into BENCHMARKS.md in place of the previous one,
-    leaving every other figure as the last full run wrote it."""
-    text = path.read_text() if path.exists() else "# lookalike benchmarks\n"
-    section = "\n".join(_reliability(rel)) + "\n"
-    if RELIABILITY_BEGIN in text:
-        before, rest = text.split(RELIABILITY_BEGIN, 1)
-        following = rest.find("\n## ")
-        text = before + section + (rest[following:] if following >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    return path
+    """Puts the reliability section (make soak's figures) into BENCHMARKS.md in place of the previous one (or
+    before "Reading the figures"), leaving every other figure as the last full run wrote it."""
+    return put_section(path, RELIABILITY_BEGIN, RELIABILITY_END, _reliability(rel), "\n## Reading the figures\n")
 
 
 RANKING_BEGIN = "<!-- ranking section: written by python -m bench.diversity and bench.region (bench/report.py) -->"
@@ -505,18 +504,15 @@ def _ranking_from_file() -> list[str]:
 def write_ranking_section(path: Path = ROOT / "BENCHMARKS.md") -> Path:
     """Puts the ranking section into BENCHMARKS.md in place of the previous one (or before "A living
     catalogue"), leaving every other figure as the last full run wrote it."""
-    text = path.read_text()
-    section = "\n".join(_ranking_from_file())
-    if RANKING_BEGIN in text and RANKING_END in text:
-        before, rest = text.split(RANKING_BEGIN, 1)
-        text = before + section.rstrip("\n") + rest.split(RANKING_END, 1)[1]
-    elif "\n## A living catalogue\n" in text:
-        before, after = text.split("\n## A living catalogue\n", 1)
-        text = before + "\n" + section + "\n## A living catalogue\n" + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    return path
+    return put_section(path, RANKING_BEGIN, RANKING_END, _ranking_from_file(), "\n## A living catalogue\n")
+
+
+def _http_from_file() -> list[str]:
+    """The HTTP/JSON section bench/http.py last wrote (make bench-http), kept by a full run."""
+    from bench.http import section
+
+    found = HERE / "results" / "http.json"
+    return [*section(json.loads(found.read_text())), ""] if found.exists() else []
 
 
 def _scale_from_file() -> list[str]:
@@ -587,6 +583,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
         f"p99 {srv['rpc_ceiling']['p99_ms']} ms.",
         "",
         *_workers(results),
+        *_http_from_file(),
         *_scale_from_file(),
         "## Builder",
         "",

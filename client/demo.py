@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 OUT = Path(os.environ.get("LOOKALIKE_DEMO_DIR", "demo-out"))
@@ -48,6 +49,13 @@ def _wait_serving(address: str, server: subprocess.Popen, timeout_s: float = 180
     raise SystemExit(f"the server was not SERVING after {timeout_s} s; see {OUT / 'server.log'}")
 
 
+def _post_json(url: str, body: dict) -> str:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.dumps(json.loads(response.read()), indent=1)
+
+
 def demo_products(catalogue: Path, count: int = 3) -> list[str]:
     """The first product of `count` different product types, from the catalogue's ABO listings."""
     chosen: dict[str, str] = {}
@@ -72,14 +80,17 @@ def main() -> int:
     _step(f"building an index with Spark into {artifacts} (a rerun embeds only what changed)")
     subprocess.run([_bin("lookalike-build"), "--log-level", "WARNING", "build", "--images", catalogue,
                     "--out", artifacts], check=True, env=env)
-    port = _free_port()
+    port, http_port = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
-    _step(f"starting lookalike-serve on {address}")
+    _step(f"starting lookalike-serve on {address} (gRPC) and 127.0.0.1:{http_port} (HTTP/JSON and the console)")
     with open(OUT / "server.log", "w") as log:
         server = subprocess.Popen([_bin("lookalike-serve"), "--artifacts", artifacts, "--port", str(port),
-                                   "--metrics-port", "-1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                                   "--http-port", str(http_port), "--metrics-port", "-1"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)
     try:
         _wait_serving(address, server)
+        console = f"http://127.0.0.1:{http_port}/"
+        _step(f"the console: {console} (JSON: curl -s {console}v1/info)")
         lookalike = [_bin("lookalike"), "--address", address]
         subprocess.run([*lookalike, "info"], check=True)
         products = demo_products(catalogue)
@@ -91,15 +102,21 @@ def main() -> int:
                      "-k", "5", "--with-attributes"]
         _step(f"lookalike {' '.join(recommend)} (more like the first, less like the second, not black)")
         subprocess.run([*lookalike, *recommend], check=True)
+        _step(f"the same over HTTP/JSON: POST {console}v1/similar {{\"productId\": \"{products[0]}\", \"k\": 3}}")
+        print(_post_json(f"{console}v1/similar", {"productId": products[0], "k": 3}), flush=True)
         sheet = OUT / "contact-sheet.png"
         query_image = next((catalogue / "small").rglob("*.png"))
         _step(f"lookalike similar {query_image} (a photo as the query) -k 11 --sheet {sheet}")
         subprocess.run([*lookalike, "similar", query_image, "-k", "11", "--include-query", "--catalogue",
                         catalogue, "--sheet", sheet], check=True)
+        if sys.stdin.isatty() and os.environ.get("LOOKALIKE_DEMO_KEEP") != "0":
+            _step(f"the console stays at {console} until you press Enter (LOOKALIKE_DEMO_KEEP=0: stop at once)")
+            input()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
-    _step(f"done in {time.monotonic() - started:.0f} s. Contact sheet: {sheet.resolve()}")
+    _step(f"done in {time.monotonic() - started:.0f} s. Contact sheet: {sheet.resolve()}. "
+          f"The console was at {console}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The lookalike server process: gRPC, health, reflection, metrics, reload on change, graceful stop."""
+"""The lookalike server process: gRPC (and HTTP/JSON), health, reflection, metrics, reload on change, graceful stop."""
 
 from __future__ import annotations
 
@@ -69,6 +69,10 @@ class ServerConfig:
     # file descriptor: the kernel never hands a connection to a worker that cannot answer yet.
     listen_after_load: bool = False
     ready_fd: int = -1
+    # JSON over HTTP and the console (server/http.py) on this port, beside gRPC; 0 picks a free port, -1 is off.
+    http_port: int = -1
+    # Where GET /v1/images/{image_id} finds catalogue images; None: the catalogue root the build recorded.
+    catalogue: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_message_bytes < 1024 * 1024:
@@ -89,6 +93,9 @@ class LookalikeServer:
         self.core: SimilarityCore | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http = None  # server.http's AppRunner, with --http-port
+        self._servicer: ImageSimilarityServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._reload_lock = asyncio.Lock()
         self._availability_lock = asyncio.Lock()
@@ -133,6 +140,23 @@ class LookalikeServer:
                                                registry=self.metrics.registry)
             self.metrics_port = http_server.server_port
         await self._server.start()
+        if self.config.http_port >= 0:
+            await self._listen_http()
+
+    async def _listen_http(self) -> None:
+        from server.http import HttpApi, bound_port, ssl_context, start_http
+
+        tls = self.config.tls
+        context = ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls else None
+        api = HttpApi(self._servicer, self.config.max_message_bytes, self.config.max_concurrent_rpcs,
+                      self._ready, self.config.catalogue)
+        self._http = await start_http(api, self.config.host, self.config.http_port, context)
+        self.http_port = bound_port(self._http)
+        log.info("HTTP listening on %s:%s (console at http%s://%s:%s/)", self.config.host, self.http_port,
+                 "s" if tls else "", self.config.host, self.http_port)
+
+    def _ready(self) -> bool:
+        return self.core is not None and not self._stopped.is_set() and not self.core.draining
 
     async def start(self) -> None:
         """Listens at once with health NOT_SERVING, loads and warms CURRENT, then turns SERVING (a worker
@@ -144,7 +168,7 @@ class LookalikeServer:
         # Beyond max_concurrent_rpcs a call is refused with RESOURCE_EXHAUSTED before its message is read, which
         # bounds the bytes buffered ahead of admission to about max_concurrent_rpcs x max_message_bytes.
         self._server = grpc.aio.server(options=limits, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
-        servicer = ImageSimilarityServicer(None, self.metrics)
+        servicer = self._servicer = ImageSimilarityServicer(None, self.metrics)
         pb_grpc.add_ImageSimilarityServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
@@ -291,6 +315,8 @@ class LookalikeServer:
         await self.core.drain(self.config.grace_s)
         # Model work is done; what is left are health Watch streams, which never end on their own.
         await self._server.stop(1.0)
+        if self._http is not None:
+            await self._http.cleanup()
         for task in self._tasks:
             task.cancel()
         await self.core.close()

@@ -1,4 +1,4 @@
-"""`lookalike-serve`: serve the artifact version named by ARTIFACTS/CURRENT over gRPC."""
+"""`lookalike-serve`: serve the artifact version named by ARTIFACTS/CURRENT over gRPC (and HTTP/JSON)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ARTIFACTS folder holding versions and CURRENT (env LOOKALIKE_ARTIFACTS)")
     p.add_argument("--host", default=env_default("host", "127.0.0.1"), help="address to bind; 0.0.0.0 for all")
     p.add_argument("--port", type=int, default=env_default("port", 50051), help="gRPC port; 0 picks a free one")
+    p.add_argument("--http-port", type=int, default=env_default("http_port", -1),
+                   help="JSON over HTTP and the console on this port, beside gRPC (same host and TLS); 0 picks a "
+                        "free one, -1 (the default) turns it off")
+    p.add_argument("--catalogue", type=Path, default=env_default("catalogue", None),
+                   help="catalogue root (small/ ...) that GET /v1/images/{image_id} serves from; by default the "
+                        "one the build recorded in the manifest")
     p.add_argument("--metrics-port", type=int, default=env_default("metrics_port", 9095),
                    help="Prometheus /metrics port; 0 picks a free one, -1 disables")
     p.add_argument("--max-batch-size", type=int, default=env_default("max_batch_size", b.max_batch_size),
@@ -101,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--workers must be at least 1 and --model-threads not negative")
     if not args.artifacts.is_dir():
         p.error(f"--artifacts {args.artifacts} is not a folder")
+    if args.catalogue is not None and not args.catalogue.is_dir():
+        p.error(f"--catalogue {args.catalogue} is not a folder")
+    if args.http_port < -1:
+        p.error("--http-port must be a port, 0 (a free one) or -1 (off)")
     for flag in ("tls_cert", "tls_key", "tls_client_ca"):
         path = getattr(args, flag)
         if path is not None and not path.is_file():
@@ -123,7 +133,8 @@ def config_from_args(args: argparse.Namespace):
                         max_concurrent_rpcs=args.max_concurrent_rpcs, grace_s=args.grace_s,
                         watch_interval_s=args.watch_interval_s, tls=tls, lease_ttl_s=args.lease_ttl_s,
                         search=SearchConfig(exact_max_rows=args.exact_max_rows), model_threads=args.model_threads,
-                        listen_after_load=args.ready_fd >= 0, ready_fd=args.ready_fd)
+                        listen_after_load=args.ready_fd >= 0, ready_fd=args.ready_fd, http_port=args.http_port,
+                        catalogue=args.catalogue)
 
 
 def _die_with_supervisor() -> None:
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             supervisor = Supervisor(sys.argv[1:] if argv is None else list(argv), args.workers, args.host,
-                                    args.port, args.metrics_port, args.grace_s, args.model_threads)
+                                    args.port, args.metrics_port, args.grace_s, args.model_threads,
+                                    http_port=args.http_port)
         except OSError as error:
             logging.getLogger("lookalike-serve").error("cannot bind %s:%s: %s", args.host, args.port, error)
             return 1

@@ -6,7 +6,8 @@ spreads connections over the workers that listen. A worker listens only once its
 warm, so no connection lands on a worker that cannot answer. The index is memory-mapped, so the
 workers share its pages. The supervisor:
 
-- reserves the port (a bound, never listening SO_REUSEPORT socket) so `--port 0` gives all one port;
+- reserves the port (a bound, never listening SO_REUSEPORT socket) so `--port 0` gives all one port, and
+  the HTTP port likewise;
 - sizes each worker's TensorFlow threads to cores / N so N workers do not oversubscribe the cores;
 - forwards SIGHUP (reload, availability) and SIGTERM/SIGINT (drain) to every worker and waits for them;
 - restarts a worker that dies, with a backoff, and logs it; a worker that dies before it ever served
@@ -65,7 +66,7 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
 
 class Supervisor:
     def __init__(self, worker_argv: list[str], workers: int, host: str, port: int, metrics_port: int,
-                 grace_s: float, model_threads: int) -> None:
+                 grace_s: float, model_threads: int, http_port: int = -1) -> None:
         self.worker_argv = worker_argv
         self.count = workers
         self.host = host
@@ -73,6 +74,9 @@ class Supervisor:
         self.model_threads = model_threads or threads_per_worker(workers)
         self.holder = reserve_port(host, port)
         self.port = self.holder.getsockname()[1]
+        # The HTTP port likewise, so that with --http-port 0 every worker serves HTTP on the same one.
+        self.http_holder = reserve_port(host, http_port) if http_port >= 0 else None
+        self.http_port = self.http_holder.getsockname()[1] if self.http_holder else -1
         self.metrics_dir = tempfile.mkdtemp(prefix="lookalike-metrics-")
         self.metrics_port = metrics_port
         self.workers: list[Worker] = []
@@ -107,7 +111,8 @@ class Supervisor:
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir, LOOKALIKE_WORKER_INDEX=str(index))
         # The supervisor's own command line, with what it decides appended (argparse keeps the last).
         argv = [sys.executable, "-m", "server.cli", *self.worker_argv, "--workers", "1", "--port", str(self.port),
-                "--metrics-port", "-1", "--model-threads", str(self.model_threads), "--ready-fd", str(write_fd)]
+                "--metrics-port", "-1", "--model-threads", str(self.model_threads), "--ready-fd", str(write_fd),
+                "--http-port", str(self.http_port)]
         process = subprocess.Popen(argv, env=env, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         os.set_blocking(read_fd, False)
@@ -197,7 +202,8 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         try:
             self._start_metrics()
-            log.info("%d workers on %s:%d (metrics port %s)", self.count, self.host, self.port, self.metrics_port)
+            log.info("%d workers on %s:%d (metrics port %s, HTTP port %s)", self.count, self.host, self.port,
+                     self.metrics_port, self.http_port)
             self.workers = [self._start(i) for i in range(self.count)]
             while True:
                 while self._pending:
@@ -221,4 +227,6 @@ class Supervisor:
                     worker.process.wait(10)
                 os.close(worker.ready_fd)
             self.holder.close()
+            if self.http_holder is not None:
+                self.http_holder.close()
             shutil.rmtree(self.metrics_dir, ignore_errors=True)

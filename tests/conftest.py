@@ -44,7 +44,8 @@ def built(tmp_path_factory, catalogue) -> Path:
 @pytest.fixture(scope="session")
 def served(built) -> helpers.Served:
     """One real server on `built` for every test that only reads: tests must not stop it, and must not count
-    on its metrics starting from zero (compare before and after)."""
+    on its metrics starting from zero (compare before and after). It serves HTTP/JSON and the console too."""
     helpers.SEEN_HEALTH.clear()
-    with helpers.serving(built) as (process, address, metrics_port):
-        yield helpers.Served(process, address, metrics_port, tuple(helpers.SEEN_HEALTH))
+    http_port = helpers.free_port()
+    with helpers.serving(built, "--http-port", str(http_port)) as (process, address, metrics_port):
+        yield helpers.Served(process, address, metrics_port, tuple(helpers.SEEN_HEALTH), http_port)

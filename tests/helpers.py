@@ -135,13 +135,18 @@ def copy_artifacts(source: Path, target: Path) -> Path:
 
 
 class Served(NamedTuple):
-    """A running server: the process, its address, its metrics port and the health statuses seen while
-    it started."""
+    """A running server: the process, its address, its metrics port, the health statuses seen while
+    it started, and its HTTP port (-1: off)."""
 
     process: subprocess.Popen
     address: str
     metrics_port: int
     health_seen: tuple[str, ...]
+    http_port: int = -1
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
 
 @contextlib.contextmanager

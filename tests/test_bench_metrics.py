@@ -28,11 +28,11 @@ def test_map_rewards_relevant_items_ranked_first():
 
 
 def test_the_reliability_section_replaces_its_predecessor_and_reads_the_chaos_figures(tmp_path):
-    from bench.report import write_reliability_section
+    from bench.report import RELIABILITY_BEGIN, RELIABILITY_END, write_reliability_section
 
     path = tmp_path / "BENCHMARKS.md"
-    path.write_text("# b\n\n## Serving\n\nkept\n\n## Reliability\n\nold figures\n\n"
-                    "## Reading the figures\n\nkept too\n")
+    path.write_text(f"# b\n\n## Serving\n\nkept\n\n{RELIABILITY_BEGIN}\n## Reliability\n\nold figures\n"
+                    f"{RELIABILITY_END}\n\n## Reading the figures\n\nkept too\n")
     chaos = {"duration_s": 1800.0, "callers": 6, "slow_callers": 2, "requests": 52_000, "ok": 30_100,
              "answers_checked": 30_100, "wrong_answers": 0, "unexpected_errors": 0, "availability_went_back": 0,
              "crashes": 0, "server_exit_code": None, "cancelled_mid_flight": 9_000, "codes": {"OK": 30_100},
@@ -44,6 +44,8 @@ def test_the_reliability_section_replaces_its_predecessor_and_reads_the_chaos_fi
     write_reliability_section({"command": "python -m bench.soak", "started_at": "2026-12-01", "chaos": chaos}, path)
     text = path.read_text()
     assert "old figures" not in text and text.count("## Reliability") == 1
+    write_reliability_section({"command": "python -m bench.soak", "started_at": "2026-12-01", "chaos": chaos}, path)
+    assert path.read_text() == text  # in place, again and again
     assert "kept\n" in text and text.endswith("## Reading the figures\n\nkept too\n")
     assert "| wrong answers / unexpected errors / availability going back | 0 / 0 / 0 |" in text
     assert "1,000, 1,100, 1,120, 1,150 (growth 12.0% from the first sample, 1.8% after the first tenth)" in text

@@ -56,6 +56,9 @@ def test_server_mistakes(tmp_path):
     assert_one_line(run(serve, "--artifacts", tmp_path / "nowhere"), "--artifacts", "is not a folder")
     assert_one_line(run(serve, "--artifacts", tmp_path, "--tls-cert", tmp_path / "c.pem"), "--tls-key")
     assert_one_line(run(serve, "--artifacts", tmp_path, "--port", "many"), "--port")
+    assert_one_line(run(serve, "--artifacts", tmp_path, "--http-port", "-2"), "--http-port")
+    assert_one_line(run(serve, "--artifacts", tmp_path, "--catalogue", tmp_path / "nowhere"), "--catalogue",
+                    "is not a folder")
 
 
 def test_client_mistakes(tmp_path):

@@ -2,6 +2,11 @@
 
 import datetime
 import ipaddress
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -53,15 +58,37 @@ def pki(tmp_path_factory):
     return {"ca": ca_pem, "server": server, "client": client, "stranger": stranger}
 
 
+def _https_info(port: int, ca: Path, client: tuple[Path, Path] | None = None) -> dict:
+    context = ssl.create_default_context(cafile=ca)
+    if client:
+        context.load_cert_chain(*client)
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/v1/info", timeout=10, context=context) as response:
+        return json.loads(response.read())
+
+
 def test_tls_and_mtls(built, pki):
     cert, key = pki["server"]
-    with helpers.serving(built, "--tls-cert", cert, "--tls-key", key, tls_ca=pki["ca"]) as (_, address, _m):
+    http_port = helpers.free_port()
+    with helpers.serving(built, "--tls-cert", cert, "--tls-key", key, "--http-port", str(http_port),
+                         tls_ca=pki["ca"]) as (_, address, _m):
         with ImageSimilarityClient(address, root_ca=pki["ca"]) as client:
             assert client.health() == "SERVING" and client.info()["dimension"] == 128
         with ImageSimilarityClient(address, timeout_s=3) as plaintext, pytest.raises(UnavailableError):
             plaintext.info()
+        # HTTP is HTTPS with the same certificate; plain HTTP gets no answer.
+        assert _https_info(http_port, pki["ca"])["dimension"] == 128
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/info", timeout=5)
+    http_port = helpers.free_port()
     with helpers.serving(built, "--tls-cert", cert, "--tls-key", key, "--tls-client-ca", pki["ca"],
-                         tls_ca=pki["ca"], tls_client=pki["client"]) as (_, address, _m):
+                         "--http-port", str(http_port), tls_ca=pki["ca"], tls_client=pki["client"]) as (_, address,
+                                                                                                       _m):
+        # mTLS over HTTPS too: a client certificate the CA signed, or no answer.
+        assert _https_info(http_port, pki["ca"], pki["client"])["dimension"] == 128
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            _https_info(http_port, pki["ca"])
+        with pytest.raises((urllib.error.URLError, ConnectionError, ssl.SSLError)):
+            _https_info(http_port, pki["ca"], pki["stranger"])
         client_cert, client_key = pki["client"]
         with ImageSimilarityClient(address, root_ca=pki["ca"], client_cert=client_cert,
                                    client_key=client_key) as client:

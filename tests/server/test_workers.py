@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -79,7 +80,9 @@ def _fresh_answers(address: str, product_id: str, connections: int = 12) -> list
 def test_two_workers_share_one_port_metrics_availability_restart_and_drain(served_copy, loadgen, catalogue,
                                                                            tmp_path):
     queries = helpers.load_catalogue(catalogue, tmp_path / "queries")
-    with helpers.serving(served_copy, "--workers", "2") as (supervisor, address, metrics_port):
+    http_port = helpers.free_port()
+    with helpers.serving(served_copy, "--workers", "2", "--http-port", str(http_port)) as (supervisor, address,
+                                                                                              metrics_port):
         _until(lambda: _metric(metrics_port, "lookalike_workers{state=ready}") == 2)
         workers = _workers(supervisor)
         assert len(workers) == 2
@@ -102,6 +105,16 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
             _fresh_answers(address, product, 1)
         by_worker = _requests_by_worker(workers)
         assert min(by_worker.values()) > 0, by_worker
+        # Every worker serves HTTP on the one HTTP port too: 24 fresh connections all on one worker would be a
+        # chance of 2^-23.
+        before = _requests_by_worker(workers)
+        for _ in range(24):
+            request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/similar", method="POST",
+                                             data=json.dumps({"productId": product, "k": 3}).encode())
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 200 and len(json.loads(response.read())["matches"]) == 3
+        by_worker = _requests_by_worker(workers)
+        assert all(by_worker[pid] > before[pid] for pid in workers), (before, by_worker)
         assert _metric(metrics_port, "lookalike_requests_total{code=OK,method=FindSimilar}") == sum(by_worker.values())
         served = [k for k in helpers.scrape(metrics_port) if k.startswith("lookalike_served_info")]
         assert len(served) == 2 and all(str(pid) in " ".join(served) for pid in workers)

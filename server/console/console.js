@@ -1,0 +1,195 @@
+// The lookalike console: calls the server's JSON API (protobuf's canonical JSON mapping) and draws the answers.
+// Read-only; everything it loads comes from the server that serves it.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const filters = [];  // {key, mode: "anyOf" | "noneOf", value}
+let photo = null;     // {base64, url} of a dropped or chosen photo
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function imageUrl(imageId) {
+  return "/v1/images/" + encodeURIComponent(imageId);
+}
+
+async function call(path, body) {
+  const response = await fetch(path, body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const answer = await response.json();
+  if (!response.ok) throw new Error(`${answer.code || response.status}: ${answer.message || response.statusText}`);
+  return answer;
+}
+
+function setStatus(text, state) {
+  const status = $("status");
+  status.textContent = text;
+  status.dataset.state = state;
+  status.className = state === "error" ? "error" : "";
+}
+
+async function loadInfo() {
+  try {
+    const info = await call("/v1/info");
+    $("info").textContent = `version ${info.version} · ${info.productCount || 0} products, ${info.imageCount || 0} ` +
+      `images · ${info.backbone} + ${info.head}, ${info.dimension}-d · availability version ` +
+      `${info.availabilityVersion || 0}, ${info.hiddenProductCount || 0} hidden · server ${info.serverVersion}`;
+    const attributes = (await call("/v1/attributes")).attributes;
+    const keys = $("filter-key");
+    keys.replaceChildren(...Object.keys(attributes).map((key) => element("option", {value: key}, key)));
+    const fillValues = () => $("filter-value").replaceChildren(...(attributes[keys.value] || []).map(
+      (entry) => element("option", {value: entry.value}, `${entry.value} (${entry.products})`)));
+    keys.addEventListener("change", fillValues);
+    fillValues();
+  } catch (error) {
+    $("info").textContent = "the server does not answer: " + error.message;
+  }
+}
+
+function drawFilters() {
+  $("filters").replaceChildren(...filters.map((filter, position) => {
+    const remove = element("button", {type: "button", title: "remove"}, "×");
+    remove.addEventListener("click", () => { filters.splice(position, 1); drawFilters(); });
+    return element("li", {}, `${filter.key} ${filter.mode === "anyOf" ? "is" : "is not"} ${filter.value}`, remove);
+  }));
+}
+
+function options() {
+  const request = {k: Number($("k").value) || 10, withAttributes: true};
+  if ($("with-group").checked) request.groupSize = 5;
+  const clauses = {};
+  for (const {key, mode, value} of filters) {
+    const clause = clauses[key + " " + mode] ||= {key, [mode]: []};
+    clause[mode].push(value);
+  }
+  if (filters.length) request.filter = {clauses: Object.values(clauses)};
+  return request;
+}
+
+function tile(match) {
+  const imageId = match.imageId || match.itemId;
+  const link = element("a", {class: "tile", href: "#product=" + encodeURIComponent(match.productId || ""),
+                             "data-product-id": match.productId || "", "data-image-id": imageId});
+  if (!match.productId) link.setAttribute("href", "#image=" + encodeURIComponent(imageId));
+  link.append(element("img", {class: "tile-image", src: imageUrl(imageId), alt: imageId, loading: "eager"}),
+              element("div", {class: "score"}, `score ${(match.score || 0).toFixed(3)}`),
+              element("div", {class: "product"}, match.productId || imageId),
+              element("div", {class: "matched"}, `image ${imageId}`));
+  const attributes = element("dl");
+  for (const [key, value] of Object.entries(match.attributes || {}).sort()) {
+    attributes.append(element("dt", {}, key), element("dd", {}, value));
+  }
+  link.append(attributes);
+  const others = (match.images || []).filter((image) => image.imageId !== imageId);
+  if (others.length) {
+    link.append(element("div", {class: "others"}, ...others.map((image) =>
+      element("img", {src: imageUrl(image.imageId), alt: image.imageId, title: `${image.imageId} ` +
+                      `(${image.role}, score ${(image.score || 0).toFixed(3)})`}))));
+  }
+  return link;
+}
+
+function drawQuery(parts) {
+  $("query-view").replaceChildren(element("strong", {}, "query:"), ...parts);
+}
+
+async function run(path, request, queryParts) {
+  drawQuery(queryParts);
+  setStatus("asking…", "busy");
+  $("results").replaceChildren();
+  const started = performance.now();
+  try {
+    const answer = await call(path, request);
+    const matches = answer.matches || [];
+    $("results").replaceChildren(...matches.map(tile));
+    const missing = [...(answer.missingProductIds || []), ...(answer.missingImageIds || [])];
+    setStatus(`${matches.length} products in ${Math.round(performance.now() - started)} ms · version ` +
+              `${answer.indexVersion} · availability version ${answer.availabilityVersion || 0}` +
+              (missing.length ? ` · not in the version: ${missing.join(", ")}` : ""), "done");
+  } catch (error) {
+    setStatus(error.message, "error");
+  }
+}
+
+function findSimilar() {
+  const value = $("query").value.trim();
+  if (!value && !photo) { setStatus("type a product id or an image id, or drop a photo", "error"); return; }
+  const request = options();
+  if (value) {
+    request[$("kind").value] = value;
+    const label = `${$("kind").value === "productId" ? "product" : "image"} ${value}`;
+    const parts = [label];
+    if ($("kind").value === "imageId") parts.unshift(element("img", {src: imageUrl(value), alt: value}));
+    run("/v1/similar", request, parts);
+  } else {
+    request.image = photo.base64;
+    run("/v1/similar", request, [element("img", {src: photo.url, alt: "your photo"}), "your photo"]);
+  }
+}
+
+function ids(text) {
+  return text.split(/[\s,]+/).filter(Boolean).map((productId) => ({productId}));
+}
+
+function recommend() {
+  const positive = ids($("positive").value), negative = ids($("negative").value);
+  if (!positive.length && !negative.length) { setStatus("name at least one product to start from", "error"); return; }
+  const request = {...options(), positive, negative, strategy: $("strategy").value, ignoreMissing: true};
+  run("/v1/recommend", request, [`more like ${positive.map((e) => e.productId).join(", ") || "—"}; ` +
+                                 `less like ${negative.map((e) => e.productId).join(", ") || "—"}`]);
+}
+
+function usePhoto(file) {
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    photo = {base64: reader.result.slice(reader.result.indexOf(",") + 1), url: URL.createObjectURL(file)};
+    $("query").value = "";
+    findSimilar();
+  };
+  reader.readAsDataURL(file);
+}
+
+function fromHash() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  for (const [kind, name] of [["productId", "product"], ["imageId", "image"]]) {
+    if (params.get(name)) {
+      $("kind").value = kind;
+      $("query").value = params.get(name);
+      photo = null;
+      findSimilar();
+      window.scrollTo(0, 0);
+      return;
+    }
+  }
+}
+
+$("query-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const value = $("query").value.trim();
+  const wanted = value ? `#${$("kind").value === "productId" ? "product" : "image"}=${encodeURIComponent(value)}` : "";
+  if (wanted && location.hash !== wanted) location.hash = wanted;  // the hashchange runs it, and Back works
+  else findSimilar();
+});
+$("query").addEventListener("input", () => { photo = null; });
+$("recommend").addEventListener("click", recommend);
+$("add-filter").addEventListener("click", () => {
+  if (!$("filter-key").value || !$("filter-value").value) return;
+  filters.push({key: $("filter-key").value, mode: $("filter-mode").value, value: $("filter-value").value});
+  drawFilters();
+});
+$("photo").addEventListener("change", (event) => usePhoto(event.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  usePhoto(event.dataTransfer.files[0]);
+});
+window.addEventListener("hashchange", fromHash);
+loadInfo().then(fromHash);

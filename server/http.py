@@ -1,0 +1,250 @@
+"""JSON over HTTP beside gRPC: the same servicer, messages in protobuf's canonical JSON mapping, and the console."""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from lookalike.v1 import lookalike_pb2 as pb
+from server.openapi import ROUTES, openapi_document
+from server.servicer import ImageSimilarityServicer
+
+log = logging.getLogger(__name__)
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+# grpc-gateway's mapping of gRPC status codes to HTTP statuses (runtime.HTTPStatusFromCode).
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400, grpc.StatusCode.ABORTED: 409, grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.INTERNAL: 500, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+# A request larger than max_message_bytes is RESOURCE_EXHAUSTED, as gRPC answers it, but with HTTP's own status
+# for it: 429 would tell a client to retry the same bytes later.
+TOO_LARGE_STATUS = 413
+# The gRPC wire's timeout header (grpc-gateway reads it too): an amount and a unit, e.g. 500m or 2S.
+_TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+                ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
+# Distinct values offered per attribute key by /v1/attributes (the most common first): enough for a console's list.
+MAX_ATTRIBUTE_VALUES = 500
+
+
+class HttpAbort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class HttpContext:
+    """What the servicer asks of a gRPC context (time_remaining, abort, code), for a call that came over HTTP."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._code: grpc.StatusCode | None = None
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self._code = code
+        raise HttpAbort(code, message)
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+
+def parse_timeout(value: str | None) -> float | None:
+    """The grpc-timeout header's seconds; None when absent. Malformed is INVALID_ARGUMENT."""
+    if value is None:
+        return None
+    match = _TIMEOUT.match(value.strip())
+    if match is None:
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"grpc-timeout {value!r} is not an amount and a unit (H, M, S, m, u, n), e.g. 500m")
+    return int(match.group(1)) * _TIMEOUT_UNITS[match.group(2)]
+
+
+def error_response(code: grpc.StatusCode, message: str, status: int | None = None) -> web.Response:
+    return web.json_response({"code": code.name, "message": message},
+                             status=status or HTTP_STATUS.get(code, 500))
+
+
+def message_response(message: Message) -> web.Response:
+    return web.Response(text=json_format.MessageToJson(message, indent=None), content_type="application/json")
+
+
+class HttpApi:
+    """The routes; every RPC goes through the gRPC servicer, so metrics, error mapping and admission are one code."""
+
+    def __init__(self, servicer: ImageSimilarityServicer, max_message_bytes: int, max_concurrent: int,
+                 ready: Callable[[], bool], catalogue_dir: Path | None = None) -> None:
+        self.servicer = servicer
+        self.max_message_bytes = max_message_bytes
+        self.max_concurrent = max_concurrent
+        self.ready = ready
+        self.catalogue_dir = catalogue_dir
+        self.in_flight = 0
+        self._attributes: tuple[str, dict] | None = None
+        self._openapi: dict | None = None
+
+    def app(self) -> web.Application:
+        # JSON carries bytes as base64 (4/3 of them) plus field names: a body up to twice the message limit is read
+        # and parsed, and the parsed message is then held to the limit itself, exactly as gRPC holds it.
+        app = web.Application(client_max_size=2 * self.max_message_bytes + 64 * 1024,
+                              middlewares=[self._errors])
+        for method, route in ROUTES.items():
+            verb = "GET" if method == "GetInfo" else "POST"
+            app.router.add_route(verb, route, self._rpc_handler(method))
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/v1/attributes", self.attributes)
+        app.router.add_get("/v1/images/{image_id}", self.image)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get("/", self.console_index)
+        app.router.add_static("/console/", CONSOLE_DIR, follow_symlinks=False)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HttpAbort as error:
+            return error_response(error.code, error.message)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"the request is larger than the server's limit of {self.max_message_bytes} "
+                                  "bytes", TOO_LARGE_STATUS)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            code = {404: grpc.StatusCode.NOT_FOUND, 405: grpc.StatusCode.UNIMPLEMENTED}.get(
+                error.status, grpc.StatusCode.INVALID_ARGUMENT)
+            return error_response(code, error.reason, error.status)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+
+    def _rpc_handler(self, method: str):
+        rpc = getattr(self.servicer, method)
+        request_type = getattr(pb, pb.DESCRIPTOR.services_by_name["ImageSimilarity"].methods_by_name[method]
+                               .input_type.name)
+
+        async def handle(request: web.Request) -> web.Response:
+            if self.in_flight >= self.max_concurrent:
+                raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"more than {self.max_concurrent} requests at once; retry shortly")
+            self.in_flight += 1
+            try:
+                message = await self._parse(request, request_type())
+                context = HttpContext(parse_timeout(request.headers.get("grpc-timeout")))
+                return message_response(await rpc(message, context))
+            finally:
+                self.in_flight -= 1
+
+        return handle
+
+    async def _parse(self, request: web.Request, message: Message) -> Message:
+        if request.method == "GET":
+            return message
+        body = await request.read()
+        if not body.strip():
+            return message
+        try:
+            json_format.Parse(body, message)
+        except (json_format.ParseError, UnicodeDecodeError) as error:
+            raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the body is not a {message.DESCRIPTOR.full_name} in JSON: {error}") from None
+        if message.ByteSize() > self.max_message_bytes:
+            # What gRPC answers for a message over max_receive_message_length.
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_message_bytes, actual_size=message.ByteSize())
+        return message
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        if self.ready():
+            return web.json_response({"status": "SERVING"})
+        return web.json_response({"status": "NOT_SERVING"}, status=503)
+
+    async def attributes(self, _request: web.Request) -> web.Response:
+        """Each attribute key's values in the served version, the most common first, for the console's filters."""
+        version = self.servicer.core.version
+        if self._attributes is None or self._attributes[0] != version.name:
+            filters = version.catalogue.filters
+            values = {}
+            for key in filters.keys:
+                counts = filters.lists(key).value_counts()
+                ranked = sorted(counts, key=lambda value: (-counts[value], value))[:MAX_ATTRIBUTE_VALUES]
+                values[key] = [{"value": value, "products": counts[value]} for value in ranked]
+            self._attributes = (version.name, {"version": version.name, "attributes": values})
+        return web.json_response(self._attributes[1])
+
+    async def image(self, request: web.Request) -> web.StreamResponse:
+        """A catalogue image by id: its path comes from the version's tables, never from the request."""
+        image_id = request.match_info["image_id"]
+        version = self.servicer.core.version
+        rows = version.catalogue.rows_of_image(image_id)
+        if len(rows) == 0:
+            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"image {image_id!r} is not in version {version.name}")
+        root = self._image_root(version.manifest)
+        if root is None:
+            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"version {version.name} records no catalogue root; "
+                                                       "start the server with --catalogue DIR")
+        path = (root / version.catalogue.paths[int(rows[0])]).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"the file of image {image_id!r} is not under {root}")
+        return web.FileResponse(path, headers={
+            "Content-Type": _IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
+            "Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    def _image_root(self, manifest: dict) -> Path | None:
+        base = self.catalogue_dir or (Path(manifest["catalogue_root"]) if manifest.get("catalogue_root") else None)
+        if base is None:
+            return None
+        return (base / manifest.get("image_folder", "small")).resolve()
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        if self._openapi is None:
+            self._openapi = openapi_document()
+        return web.json_response(self._openapi)
+
+    async def console_index(self, _request: web.Request) -> web.FileResponse:
+        return web.FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+def ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> ssl.SSLContext:
+    """The gRPC port's TLS, for HTTPS: the same certificate, and with client_ca_file the same mTLS."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
+        context.load_verify_locations(client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+async def start_http(api: HttpApi, host: str, port: int, ssl_context: ssl.SSLContext | None) -> web.AppRunner:
+    """Listens with SO_REUSEPORT, as the gRPC port does, so the workers of --workers N share the port."""
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context, reuse_port=True)
+    await site.start()
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    return runner.addresses[0][1]
