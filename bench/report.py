@@ -515,6 +515,14 @@ def _http_from_file() -> list[str]:
     return [*section(json.loads(found.read_text())), ""] if found.exists() else []
 
 
+def _swap_from_file() -> list[str]:
+    """The swap section bench/swap.py last wrote, kept by a full run."""
+    from bench.swap import section
+
+    found = HERE / "results" / "swap.json"
+    return [*section(json.loads(found.read_text())), ""] if found.exists() else []
+
+
 def _scale_from_file() -> list[str]:
     found = HERE / "results" / "scale.json"
     return [*_scale(json.loads(found.read_text())), ""] if found.exists() else []
@@ -583,6 +591,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
         f"p99 {srv['rpc_ceiling']['p99_ms']} ms.",
         "",
         *_workers(results),
+        *_swap_from_file(),
         *_http_from_file(),
         *_scale_from_file(),
         "## Builder",

@@ -57,13 +57,48 @@ def run(products: int, swaps: int) -> dict:
     return results
 
 
+SWAP_BEGIN = "<!-- swap section: written by python -m bench.swap -->"
+SWAP_END = "<!-- end of the swap section -->"
+
+
+def section(results: dict) -> list[str]:
+    """BENCHMARKS.md's lines for a run: one row per kind of swap."""
+    from bench.report import _table
+
+    rows = []
+    for label, title in (("same_model", "same model (a reindex): shared"), ("own_model", "a model of its own "
+                                                                                          "(build --head pca)")):
+        run_ = results[label]
+        rows.append([title, ", ".join(f"{s:g}" for s in run_["load_to_swap_s"]),
+                     run_["retire_collections"]["mean_ms"], run_["without_swaps"].get("max_ms"),
+                     run_["at_swap"].get("max_ms"), run_["at_swap"].get("p99_ms"), run_["errors"]])
+    return [SWAP_BEGIN, "### A swap's pause", "",
+            f"`{results['command']}`: the demo sample ({results['products']} products) served under by-product load "
+            "(2 callers) while a probe calls GetInfo every 2 ms; CURRENT alternates between the served version and "
+            "another. A version with the served model shares it (server/version.py); one with a model of its own "
+            "loads it beside the old one, whose reference cycles then take one full collection to free.", "",
+            _table(["swap to", "CURRENT to swap, s", "retire collection, mean ms", "GetInfo max ms, no swap",
+                    "GetInfo max ms, within 100 ms of the swap", "its p99 ms", "errors"], rows),
+            "", SWAP_END]
+
+
+def write_section(results: dict) -> None:
+    from bench.http import HTTP_BEGIN
+    from bench.report import ROOT, put_section
+
+    # Where a full run puts it (bench/report.py): after the workers' figures, before HTTP's.
+    put_section(ROOT / "BENCHMARKS.md", SWAP_BEGIN, SWAP_END, section(results), HTTP_BEGIN)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--products", type=int, default=300, help="products of the demo sample")
     parser.add_argument("--swaps", type=int, default=4, help="swaps each way")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
-    print(json.dumps(run(args.products, args.swaps), indent=2))
+    results = run(args.products, args.swaps)
+    print(json.dumps(results, indent=2))
+    write_section(results)
     return 0
 
 
