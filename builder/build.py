@@ -75,8 +75,10 @@ class BuildConfig:
     # "plain" only resizes (keeps colour); "clahe-grey" is the seed's, measured worse on every backbone.
     preprocessing: str = "plain"
     # "pca" fits 128 axes on the catalogue's own features; "lda" learns them from the catalogue's
-    # product types (label_key); "random-conv" is the seed's untrained head. "auto": lda when the
-    # catalogue has product types, else pca (lda measured 5 points of precision@10 better, BENCHMARKS.md).
+    # product types (label_key); "metric" trains them on the product types with a proxy loss, stopped on
+    # a held-out share of the catalogue; "random-conv" is the seed's untrained head. "auto": with product
+    # types, lda or metric, whichever scores better on the held-out share (lda measured 5 points of
+    # precision@10 above pca, BENCHMARKS.md), else pca.
     head: str = AUTO_HEAD
     dimension: int = 128
     # How the backbone's last feature map becomes one feature vector: "avg" or "gem" (p = 3). GeM was
@@ -313,11 +315,12 @@ def _distinct_labels(config: BuildConfig, attributes) -> int:
 
 
 def choose_head(config: BuildConfig, attributes) -> BuildConfig:
-    """Resolves the auto head (lda with product types, else pca); a supervised head asked for by name
-    is refused, before any embedding, when the catalogue has no labels to learn from."""
+    """Resolves the auto head without product types to pca (with them, auto stays until the head is fitted:
+    lda or metric, by the held-out split); a supervised head asked for by name is refused, before any
+    embedding, when the catalogue has no labels to learn from."""
     labels = _distinct_labels(config, attributes)
     if config.head == AUTO_HEAD:
-        return replace(config, head="lda" if labels >= 2 else "pca")
+        return config if labels >= 2 else replace(config, head="pca")
     if config.head not in SUPERVISED_HEADS:
         return config
     if config.label_key not in attributes.columns:
@@ -332,8 +335,9 @@ def choose_head(config: BuildConfig, attributes) -> BuildConfig:
 
 
 def fit_version_head(config: BuildConfig, features: np.ndarray, ids: list[str], catalogue) -> tuple[Head | None, dict]:
-    """The head, fitted on the catalogue's own features (and its product types, for lda)."""
-    if config.head not in SUPERVISED_HEADS:
+    """The head, fitted on the catalogue's own features (and its product types, for lda and metric). For
+    metric and auto, head_fit says which head was chosen and the held-out figures it was chosen by."""
+    if config.head not in (*SUPERVISED_HEADS, AUTO_HEAD):
         return fit_head(config.head, features, config.dimension), ({"rows": len(features)} if config.head == "pca"
                                                                   else {})
     # One row per (product, image) pair, labelled with its product's type; unlabelled rows sit out.
@@ -343,6 +347,12 @@ def fit_version_head(config: BuildConfig, features: np.ndarray, ids: list[str], 
     labels = (products[config.label_key].to_numpy()[rows["product_row"].to_numpy()]
               if config.label_key in products.columns else np.full(len(rows), None))
     pairs = features[[position[i] for i in rows["image_id"]]]
+    if config.head != "lda":
+        from builder.metric import fit_supervised
+
+        head, report = fit_supervised(config.head, pairs, labels, rows["product_id"].to_numpy(), config.dimension,
+                                      config.type_weight)
+        return head, {**report, "label_key": config.label_key}
     head = fit_head(config.head, pairs, config.dimension, labels, config.type_weight)
     known = [label for label in labels if isinstance(label, str) and label]
     return head, {"rows": len(known), "label_key": config.label_key, "labels": len(set(known)),
@@ -439,6 +449,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         raise ValueError(f"only {len(catalogue.rows)} image(s) are left to index")
     with clock.stage("head_export"):
         head, head_fit = fit_version_head(config, features, ids, catalogue)
+        config = replace(config, head=head_fit.get("chosen", config.head))
         image_vectors = l2_normalise(head.apply(features) if head is not None else features)
         dimension = export(trunk, staging / artifacts.MODEL_DIR, head)
     position = {image_id: n for n, image_id in enumerate(ids)}

@@ -58,17 +58,19 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["clahe-grey", "plain"])
     build.add_argument("--head", default=env_default("head", defaults.head), choices=(AUTO_HEAD, *HEADS),
                        help="pca: fitted on the catalogue's features; lda: learned from the catalogue's product "
-                            "types (--label-key); none: the pooled features; auto (default): lda when the "
-                            "catalogue has product types, else pca")
+                            "types (--label-key); metric: trained on the product types with a proxy loss, stopped "
+                            "on a held-out tenth of the catalogue's products; none: the pooled features; auto "
+                            "(default): with product types, lda or metric, whichever scores better on the held-out "
+                            "products, else pca")
     build.add_argument("--dimension", type=int, default=env_default("dimension", defaults.dimension),
-                       help="output dimension of the pca and lda heads")
+                       help="output dimension of the pca, lda and metric heads")
     build.add_argument("--pooling", default=env_default("pooling", defaults.pooling), choices=POOLINGS,
                        help="how the last feature map becomes a vector: avg, or gem (generalized mean, p = 3)")
     build.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                        default=env_default("mirror", defaults.mirror),
                        help="average each image's features with its left-right mirror's (twice the model work)")
     build.add_argument("--label-key", default=env_default("label_key", defaults.label_key),
-                       help="the product attribute a supervised head (lda) learns from")
+                       help="the product attribute a supervised head (lda, metric) learns from")
     build.add_argument("--type-weight", type=float, default=env_default("type_weight", defaults.type_weight),
                        help="lda head: share of similarity that is product type (the rest is look), in (0, 1)")
     build.add_argument("--index", default=env_default("index", defaults.index), choices=["annoy", "hnsw"],
