@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from builder import __version__
+from builder.augment import augment, check_augment_neighbours
 from builder.backbones import SPECS
 from builder.cache import DEFAULT_CACHE, FeatureCache, model_identity, model_key, new_tmp, publish, shard_name
 from builder.catalogue import (
@@ -102,6 +103,11 @@ class BuildConfig:
     # Exact top-N products of every product and image, served by lookup (0: none; queries then search).
     # About a quarter of an hour on this 2-core host at ABO's size; 4 x 3 x N bytes per product and image.
     neighbours: int = DEFAULT_N
+    # Database-side augmentation: each catalogue vector is replaced, before indexing, by the
+    # similarity-weighted mean of itself and its this many nearest catalogue images (exact; 0: off).
+    # Photo queries stay the model's own vectors; a query by image or product id uses the stored,
+    # augmented ones. Costs an exact all-pairs scan of the catalogue in the build.
+    augment_neighbours: int = 0
     # Images per resumable unit of embedding work: smaller = less lost on interruption, more jobs.
     chunk_size: int = 1024
     # Images per model call inside an executor; 8 was the fastest on a 2-core CPU (BENCHMARKS.md).
@@ -133,6 +139,7 @@ class BuildConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         check_neighbours(self.neighbours)
+        check_augment_neighbours(self.augment_neighbours)
         check_language(self.language)
 
 
@@ -454,6 +461,9 @@ def run_build(config: BuildConfig) -> BuildResult:
         dimension = export(trunk, staging / artifacts.MODEL_DIR, head)
     position = {image_id: n for n, image_id in enumerate(ids)}
     vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
+    if config.augment_neighbours:
+        with clock.stage("augment"):
+            vectors = augment(vectors, config.augment_neighbours)
     with clock.stage("index"):
         index_file, report = build_index(config.index, vectors, staging, config.n_trees, config.target_recall)
     write_tables(staging, catalogue, vectors)
@@ -481,6 +491,10 @@ def run_build(config: BuildConfig) -> BuildResult:
         "pooling": config.pooling,
         "mirror": config.mirror,
         "dimension": dimension,
+        # The stored vectors are the model's unless this names a database-side augmentation.
+        "augmentation": ({"kind": "database-side", "neighbours": config.augment_neighbours,
+                          "weights": "cosine (negative as 0), the image itself 1", "renormalised": True,
+                          "exact": True} if config.augment_neighbours else None),
         "metric": METRIC,
         "filter": {"max_aspect_difference": config.max_aspect_difference},
         "counts": {"scanned": int(len(scanned)), "kept": int(len(kept_rows)), "dropped": int(len(dropped)),
