@@ -52,3 +52,16 @@ def test_the_number_of_neighbours_is_bounded(tmp_path):
         BuildConfig(images=tmp_path, out=tmp_path, augment_neighbours=-1)
     with pytest.raises(ValueError, match="not 51"):
         augment(np.eye(3, dtype=np.float32), 51)
+
+
+def test_the_quality_bench_augments_the_catalogue_and_never_the_queries():
+    from bench.quality import with_augmented
+
+    raw = np.random.default_rng(2).normal(size=(30, 5))
+    seconds = {"pca": 1.0, "pca-whiten": 1.0}
+    out = with_augmented({"pca": raw, "pca-whiten": raw}, 24, seconds)
+    assert set(out) == {"pca", "pca + augment 3", "pca + augment 10", "pca-whiten"}
+    unit = l2_normalise(raw)
+    assert np.array_equal(out["pca + augment 3"][24:], unit[24:])
+    assert np.allclose(out["pca + augment 3"][:24], _reference(unit[:24], 3), atol=1e-5)
+    assert seconds["pca + augment 10"] >= 1.0
