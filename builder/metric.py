@@ -208,7 +208,9 @@ def fit_supervised(head: str, features: np.ndarray, labels, groups, dimension: i
     report["held_out"]["precision_at_10"] = {name: round(value, 4) for name, value in figures.items()}
     report["chosen"] = chosen
     if chosen == "lda":
-        return fit_head("lda", features, dimension, labels, type_weight), report
+        lda = fit_head("lda", features, dimension, labels, type_weight)
+        report.update(type_axes=int(lda.parts[0][0].matrix.shape[1]), type_weight=type_weight)
+        return lda, report
     return Head(((metric.projection, 1.0),)), report
 
 

@@ -75,6 +75,7 @@ def test_auto_chooses_the_head_with_the_better_held_out_figure(monkeypatch):
             real(split, dimension, max_epochs=1).projection, 1, 1, f, 0.0))
         head, report = fit_supervised("auto", features, labels, groups, 8, 0.7)
         assert report["chosen"] == chosen and head.blended == (chosen == "lda")
+        assert ("type_axes" in report) == (chosen == "lda")
     # A chosen lda is the one --head lda fits, on every labelled row.
     lda = fit_head("lda", features, 8, labels, 0.7)
     assert np.allclose(head.apply(features[:5]), lda.apply(features[:5]))
