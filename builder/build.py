@@ -78,8 +78,8 @@ class BuildConfig:
     # "pca" fits 128 axes on the catalogue's own features; "lda" learns them from the catalogue's
     # product types (label_key); "metric" trains them on the product types with a proxy loss, stopped on
     # a held-out share of the catalogue; "random-conv" is the seed's untrained head. "auto": with product
-    # types, lda or metric, whichever scores better on the held-out share (lda measured 5 points of
-    # precision@10 above pca, BENCHMARKS.md), else pca.
+    # types, lda (measured 5 points of precision@10 above pca, BENCHMARKS.md), or metric when it beats lda
+    # on the held-out share by more than the figure's standard error; else pca.
     head: str = AUTO_HEAD
     dimension: int = 128
     # How the backbone's last feature map becomes one feature vector: "avg" or "gem" (p = 3). GeM was

@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="pca: fitted on the catalogue's features; lda: learned from the catalogue's product "
                             "types (--label-key); metric: trained on the product types with a proxy loss, stopped "
                             "on a held-out tenth of the catalogue's products; none: the pooled features; auto "
-                            "(default): with product types, lda or metric, whichever scores better on the held-out "
-                            "products, else pca")
+                            "(default): with product types, lda, or metric when it beats lda on the held-out "
+                            "products by more than noise; else pca")
     build.add_argument("--dimension", type=int, default=env_default("dimension", defaults.dimension),
                        help="output dimension of the pca, lda and metric heads")
     build.add_argument("--pooling", default=env_default("pooling", defaults.pooling), choices=POOLINGS,

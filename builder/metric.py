@@ -188,9 +188,9 @@ def fit_metric(split: Split, dimension: int, seed: int = SEED, max_epochs: int =
 
 def fit_supervised(head: str, features: np.ndarray, labels, groups, dimension: int,
                    type_weight: float) -> tuple[Head, dict]:
-    """The metric head, or (head "auto") whichever of lda and metric scores the better held-out
-    precision@10, each fitted on the training rows alone for the comparison; lda wins a tie. A chosen lda
-    is then fitted on every labelled row, as `--head lda` fits it."""
+    """The metric head, or (head "auto") lda or metric by their held-out precision@10 (pick_by_held_out),
+    each fitted on the training rows alone for the comparison. A chosen lda is then fitted on every
+    labelled row, as `--head lda` fits it."""
     from builder.model import fit_head
 
     split = labelled_split(features, labels, groups)
@@ -204,8 +204,12 @@ def fit_supervised(head: str, features: np.ndarray, labels, groups, dimension: i
         names = [str(code) for code in split.codes[split.train]]
         lda = fit_head("lda", split.features[split.train], dimension, names, type_weight)
         figures["lda"] = held_out_precision(lda, split)
-    chosen = pick_by_held_out(figures)
+    queries = min(int(split.held_out.sum()), MAX_HELD_OUT_QUERIES)
+    chosen = pick_by_held_out(figures, queries)
     report["held_out"]["precision_at_10"] = {name: round(value, 4) for name, value in figures.items()}
+    report["held_out"]["queries"] = queries
+    if "lda" in figures:
+        report["held_out"]["margin"] = round(held_out_margin(figures["lda"], queries), 4)
     report["chosen"] = chosen
     if chosen == "lda":
         lda = fit_head("lda", features, dimension, labels, type_weight)
@@ -214,9 +218,19 @@ def fit_supervised(head: str, features: np.ndarray, labels, groups, dimension: i
     return Head(((metric.projection, 1.0),)), report
 
 
-def pick_by_held_out(figures: dict[str, float]) -> str:
-    """The head with the best held-out precision@10; lda, the simpler fit, wins a tie."""
-    return max(figures, key=lambda name: (figures[name], name == "lda"))
+def held_out_margin(precision: float, queries: int) -> float:
+    """The standard error of a precision@10 measured on this many held-out queries (as if each query's
+    share were one draw): a difference smaller than this is noise."""
+    return float(np.sqrt(precision * (1 - precision) / max(queries, 1)))
+
+
+def pick_by_held_out(figures: dict[str, float], queries: int) -> str:
+    """metric, when lda is not a candidate or metric's held-out precision@10 beats lda's by more than its
+    standard error; else lda, the simpler fit. On the Fashion-MNIST sample metric scored 0.905 to lda's
+    0.899 on 160 held-out images (a standard error of 0.024) and 0.8415 to 0.8515 on the queries."""
+    if "lda" not in figures:
+        return "metric"
+    return "metric" if figures["metric"] > figures["lda"] + held_out_margin(figures["lda"], queries) else "lda"
 
 
 def _count_groups(groups, labels, split: Split) -> int:

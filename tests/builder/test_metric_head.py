@@ -60,13 +60,16 @@ def test_training_lifts_the_held_out_precision_above_where_it_started_and_repeat
     assert np.array_equal(again.projection.matrix, fit.projection.matrix)
 
 
-def test_auto_chooses_the_head_with_the_better_held_out_figure(monkeypatch):
+def test_auto_chooses_metric_only_when_its_held_out_figure_beats_ldas_by_more_than_noise(monkeypatch):
     rng = np.random.default_rng(3)
     features, labels, groups = _typed_features(rng, 200)
     head, report = fit_supervised("auto", features, labels, groups, 8, 0.7)
     figures = report["held_out"]["precision_at_10"]
     assert set(figures) == {"lda", "metric"}
-    assert report["chosen"] == max(figures, key=lambda name: (figures[name], name == "lda"))
+    margin = report["held_out"]["margin"]
+    assert report["held_out"]["queries"] == report["held_out"]["rows"] == 40
+    assert margin == pytest.approx(np.sqrt(figures["lda"] * (1 - figures["lda"]) / 40), abs=1e-4)
+    assert report["chosen"] == ("metric" if figures["metric"] > figures["lda"] + margin else "lda")
     assert head.blended == (report["chosen"] == "lda")
 
     real = metric.fit_metric
@@ -79,8 +82,12 @@ def test_auto_chooses_the_head_with_the_better_held_out_figure(monkeypatch):
     # A chosen lda is the one --head lda fits, on every labelled row.
     lda = fit_head("lda", features, 8, labels, 0.7)
     assert np.allclose(head.apply(features[:5]), lda.apply(features[:5]))
-    assert metric.pick_by_held_out({"lda": 0.5, "metric": 0.5}) == "lda"
-    assert metric.pick_by_held_out({"lda": 0.5, "metric": 0.51}) == "metric"
+    # metric must beat lda by more than the standard error of lda's figure: 0.05 on 100 queries at 0.5.
+    assert metric.pick_by_held_out({"lda": 0.5, "metric": 0.5}, 100) == "lda"
+    assert metric.pick_by_held_out({"lda": 0.5, "metric": 0.549}, 100) == "lda"
+    assert metric.pick_by_held_out({"lda": 0.5, "metric": 0.551}, 100) == "metric"
+    assert metric.pick_by_held_out({"lda": 0.5, "metric": 0.51}, 10000) == "metric"
+    assert metric.pick_by_held_out({"metric": 0.1}, 100) == "metric"
 
 
 def test_an_exported_metric_head_computes_what_the_builder_computes(tmp_path):
