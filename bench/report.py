@@ -119,8 +119,9 @@ def _quality(quality: dict) -> list[str]:
         for label, row in (("Default build", found.get("default")), ("Best unsupervised", found["best_unsupervised"]),
                            ("Best with product types", found["best_supervised"])):
             if row is not None:
+                rate = "" if row["images_per_s"] is None else f", {row['images_per_s']} images/s"
                 out.append(f"- {label}: **{describe(row)}**, precision@10 {row['precision_at_10']}, mAP@10 "
-                           f"{row['map_at_10']}, {row['images_per_s']} images/s.")
+                           f"{row['map_at_10']}{rate}.")
         out.append("")
     return out
 
