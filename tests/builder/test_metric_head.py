@@ -60,6 +60,19 @@ def test_training_lifts_the_held_out_precision_above_where_it_started_and_repeat
     assert np.array_equal(again.projection.matrix, fit.projection.matrix)
 
 
+def test_an_epoch_trains_on_at_most_epoch_rows(monkeypatch):
+    rng = np.random.default_rng(7)
+    features, labels, groups = _typed_features(rng, 300)
+    split = labelled_split(features, labels, groups)
+    batches = []
+    real = metric._loss_gradients
+    monkeypatch.setattr(metric, "_loss_gradients", lambda x, *rest: batches.append(len(x)) or real(x, *rest))
+    monkeypatch.setattr(metric, "EPOCH_ROWS", 100)
+    monkeypatch.setattr(metric, "BATCH_ROWS", 30)
+    fit_metric(split, 8, max_epochs=2)
+    assert sum(batches) == 200 and len(batches) == 6
+
+
 def test_auto_chooses_metric_only_when_its_held_out_figure_beats_ldas_by_more_than_noise(monkeypatch):
     rng = np.random.default_rng(3)
     features, labels, groups = _typed_features(rng, 200)
