@@ -2,7 +2,8 @@
 
 Fashion-MNIST (grey clothes, 10 classes) and Debian's openclipart-png (colour clip art of real-world
 objects, its top-level categories as labels). Queries never come from the catalogue, and every learned
-head (PCA, PCA whitening, LDA) is fitted on catalogue features alone: nothing learned sees a query.
+head (PCA, PCA whitening, LDA, metric) is fitted on catalogue features alone (the metric head's held-out
+split too): nothing learned sees a query.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.augment import augment
 from builder.build import BuildConfig
+from builder.metric import fit_supervised
 from builder.model import (
     AUTO_HEAD,
+    DEFAULT_TYPE_WEIGHT,
     POOLINGS,
     Head,
     Projection,
@@ -41,9 +45,13 @@ OPENCLIPART = Path("/usr/share/openclipart/png")
 _OPENCLIPART_SKIP = {"unsorted", "special"}
 _OPENCLIPART_MIN_IMAGES = 40
 # Heads a build can make, and the measured-only levers beside them.
-BUILDABLE_HEADS = ("none", "pca", "lda")
-SUPERVISED = ("lda", "lda (types - 1)")
+BUILDABLE_HEADS = ("none", "pca", "lda", "metric")
+SUPERVISED = ("lda", "lda (types - 1)", "metric")
 SPEED_IMAGES, SPEED_BATCH = 64, 8
+# Database-side augmentation (--augment-neighbours) measured on these heads, with these N: the catalogue's
+# vectors are augmented, the queries' are the model's own, as a build serves a photo query.
+AUGMENTED_HEADS = ("pca", "lda", "metric")
+AUGMENT_NEIGHBOURS = (3, 10)
 
 
 @dataclass
@@ -171,19 +179,52 @@ def pca_whiten(catalogue: np.ndarray, everything: np.ndarray, dimension: int) ->
     return projection.apply(everything) * scale
 
 
-def heads(features: np.ndarray, n: int, labels: np.ndarray, dimension: int) -> dict[str, np.ndarray]:
-    """Every head's vectors for catalogue (first n rows) and queries, fitted on the catalogue only."""
+def heads(features: np.ndarray, n: int, labels: np.ndarray, dimension: int,
+          seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Every head's vectors for catalogue (first n rows) and queries, fitted on the catalogue only; each
+    head's fitting and projecting time goes into `seconds` when given."""
     types = len(np.unique(labels))
     names = np.array([str(label) for label in labels])
-    return {
-        "none": features,
-        "pca": fit_head("pca", features[:n], dimension).apply(features),
-        "pca-whiten": pca_whiten(features[:n], features, dimension),
+    fits = {
+        "none": lambda: features,
+        "pca": lambda: fit_head("pca", features[:n], dimension).apply(features),
+        "pca-whiten": lambda: pca_whiten(features[:n], features, dimension),
         # What a build makes: type axes blended with look axes (DEFAULT_TYPE_WEIGHT).
-        "lda": fit_head("lda", features[:n], dimension, names).apply(features),
+        "lda": lambda: fit_head("lda", features[:n], dimension, names).apply(features),
         # Type axes alone: what the blend gives up for keeping look-alikes in order.
-        "lda (types - 1)": Projection.fit_lda(features[:n], names, types - 1).apply(features),
+        "lda (types - 1)": lambda: Projection.fit_lda(features[:n], names, types - 1).apply(features),
+        # Trained with a proxy loss, stopped on a held-out share of the catalogue (each image its own product).
+        "metric": lambda: fit_supervised("metric", features[:n], names[:n], np.arange(n), dimension,
+                                         DEFAULT_TYPE_WEIGHT)[0].apply(features),
     }
+    out = {}
+    for name, fit in fits.items():
+        started = time.perf_counter()
+        out[name] = fit()
+        if seconds is not None:
+            seconds[name] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def with_augmented(vectors_by_head: dict[str, np.ndarray], n: int,
+                   seconds: dict[str, float]) -> dict[str, np.ndarray]:
+    """Unit vectors of every head, and of the augmented heads with their catalogue rows (the first n)
+    augmented and their queries as they were; an augmented row's seconds are its head's plus the augmentation."""
+    out = {}
+    for head, raw in vectors_by_head.items():
+        out[head] = l2_normalise(raw)
+        if head not in AUGMENTED_HEADS:
+            continue
+        for neighbours in AUGMENT_NEIGHBOURS:
+            name = f"{head} + augment {neighbours}"
+            started = time.perf_counter()
+            out[name] = np.vstack([augment(out[head][:n], neighbours), out[head][n:]])
+            seconds[name] = round(seconds[head] + time.perf_counter() - started, 2)
+    return out
+
+
+def base_head(name: str) -> str:
+    return name.split(" + augment")[0]
 
 
 def model_images_per_s(backbone: str, pooling: str, mirror: bool, head: Head, images: np.ndarray) -> float:
@@ -230,22 +271,22 @@ def evaluate_set(data: LabelledSet, backbones, mirror_backbones=(), dimension: i
             trunks.append(("gem", True, (features["gem"] + flipped["gem"]) / 2))
         log.info("%s %s features in %.0f s", data.name, backbone, time.perf_counter() - started)
         for pooling, mirror, pooled in trunks:
-            vectors_by_head = heads(pooled, n, data.catalogue_labels, dimension)
+            seconds: dict[str, float] = {}
+            vectors_by_head = with_augmented(heads(pooled, n, data.catalogue_labels, dimension, seconds), n, seconds)
             rate = None
             if speed:
                 head = fit_head("pca", pooled[:n], dimension)
                 rate = round(model_images_per_s(backbone, pooling, mirror, head, data.catalogue), 1)
-            for head, raw in vectors_by_head.items():
-                vectors = l2_normalise(raw)
+            for head, vectors in vectors_by_head.items():
                 p10, map10 = precision_and_map_at_10(vectors[:n], data.catalogue_labels, vectors[n:],
                                                      data.query_labels)
                 if vectors.shape[1] not in sizes:
                     sizes[vectors.shape[1]] = index_megabytes(vectors[:n])
                 rows.append({"backbone": backbone, "pooling": pooling, "mirror": mirror, "head": head,
-                             "dimension": int(vectors.shape[1]), "supervised": head in SUPERVISED,
-                             "buildable": head in BUILDABLE_HEADS, "precision_at_10": round(p10, 4),
+                             "dimension": int(vectors.shape[1]), "supervised": base_head(head) in SUPERVISED,
+                             "buildable": base_head(head) in BUILDABLE_HEADS, "precision_at_10": round(p10, 4),
                              "map_at_10": round(map10, 4), "images_per_s": rate,
-                             "index_mb": sizes[vectors.shape[1]]})
+                             "index_mb": sizes[vectors.shape[1]], "fit_s": seconds.get(head)})
                 log.info("%s %s", data.name, rows[-1])
     # Both sets have labels, so the default build's auto head is lda here.
     defaults = BuildConfig(images=Path("."), out=Path("."))
@@ -275,3 +316,32 @@ def evaluate(catalogue_size: int, query_count: int, backbones, mirror_backbones=
         if clip_art is not None:
             sets["openclipart"] = evaluate_set(clip_art, backbones, mirror_backbones)
     return {"sets": sets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.quality`: the quality tables alone (no index, serving or build), as markdown."""
+    import argparse
+    import json
+
+    from bench.report import _quality
+
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=main.__doc__)
+    parser.add_argument("--catalogue", type=int, default=10000)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"])
+    parser.add_argument("--colour-set", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    results = {"sets": {"fashion-mnist": evaluate_set(fashion_mnist(args.catalogue, args.queries), args.backbones,
+                                                      speed=False)}}
+    if args.colour_set and (clip_art := openclipart()) is not None:
+        results["sets"]["openclipart"] = evaluate_set(clip_art, args.backbones, speed=False)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print("\n".join(_quality(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

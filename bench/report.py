@@ -98,8 +98,11 @@ def _quality(quality: dict) -> list[str]:
            "the 10 nearest catalogue images with the query's label; mAP@10: mean average precision at 10. Every "
            "learned head is fitted on the catalogue alone; no query is ever in the catalogue. images/s: the "
            "exported model (trunk + head) in-process at batch 8 on preprocessed images; index MB: Annoy, 10 trees, "
-           "for the catalogue. Heads: pca and lda (product types blended with look, weight 0.7) are build options; "
-           "pca-whiten and lda (types - 1) are measured levers a build does not offer.", ""]
+           "for the catalogue. Heads: pca, lda (product types blended with look, weight 0.7) and metric (trained "
+           "with a proxy loss, stopped on a held-out tenth of the catalogue) are build options; pca-whiten and lda "
+           "(types - 1) are measured levers a build does not offer. `+ augment N`: --augment-neighbours N, the "
+           "catalogue's vectors augmented and the queries' not (it costs nothing at query time). head fit s: "
+           "fitting the head and projecting every vector (and augmenting), on this shared host.", ""]
     for name, found in quality["sets"].items():
         floor = found["raw_pixel_floor"]
         out += [f"### {name}", "",
@@ -110,15 +113,16 @@ def _quality(quality: dict) -> list[str]:
             out += [f"Dropped as a build drops them: {dropped['count']} images {reason}, e.g. "
                     f"`{dropped['examples'][0]}`."]
         out += ["", _table(["backbone", "pooling", "mirror", "head", "dim", "precision@10", "mAP@10", "images/s",
-                            "index MB"],
+                            "index MB", "head fit s"],
                            [[r["backbone"], r["pooling"], "yes" if r["mirror"] else "no", r["head"], r["dimension"],
-                             r["precision_at_10"], r["map_at_10"], r["images_per_s"], r["index_mb"]]
+                             r["precision_at_10"], r["map_at_10"], r["images_per_s"], r["index_mb"], r.get("fit_s")]
                             for r in found["rows"]]), ""]
         for label, row in (("Default build", found.get("default")), ("Best unsupervised", found["best_unsupervised"]),
                            ("Best with product types", found["best_supervised"])):
             if row is not None:
+                rate = "" if row["images_per_s"] is None else f", {row['images_per_s']} images/s"
                 out.append(f"- {label}: **{describe(row)}**, precision@10 {row['precision_at_10']}, mAP@10 "
-                           f"{row['map_at_10']}, {row['images_per_s']} images/s.")
+                           f"{row['map_at_10']}{rate}.")
         out.append("")
     return out
 

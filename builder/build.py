@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from builder import __version__
+from builder.augment import augment, check_augment_neighbours
 from builder.backbones import SPECS
 from builder.cache import DEFAULT_CACHE, FeatureCache, model_identity, model_key, new_tmp, publish, shard_name
 from builder.catalogue import (
@@ -75,8 +76,10 @@ class BuildConfig:
     # "plain" only resizes (keeps colour); "clahe-grey" is the seed's, measured worse on every backbone.
     preprocessing: str = "plain"
     # "pca" fits 128 axes on the catalogue's own features; "lda" learns them from the catalogue's
-    # product types (label_key); "random-conv" is the seed's untrained head. "auto": lda when the
-    # catalogue has product types, else pca (lda measured 5 points of precision@10 better, BENCHMARKS.md).
+    # product types (label_key); "metric" trains them on the product types with a proxy loss, stopped on
+    # a held-out share of the catalogue; "random-conv" is the seed's untrained head. "auto": with product
+    # types, lda (measured 5 points of precision@10 above pca, BENCHMARKS.md), or metric when it beats lda
+    # on the held-out share by more than the figure's standard error; else pca.
     head: str = AUTO_HEAD
     dimension: int = 128
     # How the backbone's last feature map becomes one feature vector: "avg" or "gem" (p = 3). GeM was
@@ -100,6 +103,11 @@ class BuildConfig:
     # Exact top-N products of every product and image, served by lookup (0: none; queries then search).
     # About a quarter of an hour on this 2-core host at ABO's size; 4 x 3 x N bytes per product and image.
     neighbours: int = DEFAULT_N
+    # Database-side augmentation: each catalogue vector is replaced, before indexing, by the
+    # similarity-weighted mean of itself and its this many nearest catalogue images (exact; 0: off).
+    # Photo queries stay the model's own vectors; a query by image or product id uses the stored,
+    # augmented ones. Costs an exact all-pairs scan of the catalogue in the build.
+    augment_neighbours: int = 0
     # Images per resumable unit of embedding work: smaller = less lost on interruption, more jobs.
     chunk_size: int = 1024
     # Images per model call inside an executor; 8 was the fastest on a 2-core CPU (BENCHMARKS.md).
@@ -131,6 +139,7 @@ class BuildConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         check_neighbours(self.neighbours)
+        check_augment_neighbours(self.augment_neighbours)
         check_language(self.language)
 
 
@@ -313,11 +322,12 @@ def _distinct_labels(config: BuildConfig, attributes) -> int:
 
 
 def choose_head(config: BuildConfig, attributes) -> BuildConfig:
-    """Resolves the auto head (lda with product types, else pca); a supervised head asked for by name
-    is refused, before any embedding, when the catalogue has no labels to learn from."""
+    """Resolves the auto head without product types to pca (with them, auto stays until the head is fitted:
+    lda or metric, by the held-out split); a supervised head asked for by name is refused, before any
+    embedding, when the catalogue has no labels to learn from."""
     labels = _distinct_labels(config, attributes)
     if config.head == AUTO_HEAD:
-        return replace(config, head="lda" if labels >= 2 else "pca")
+        return config if labels >= 2 else replace(config, head="pca")
     if config.head not in SUPERVISED_HEADS:
         return config
     if config.label_key not in attributes.columns:
@@ -332,8 +342,9 @@ def choose_head(config: BuildConfig, attributes) -> BuildConfig:
 
 
 def fit_version_head(config: BuildConfig, features: np.ndarray, ids: list[str], catalogue) -> tuple[Head | None, dict]:
-    """The head, fitted on the catalogue's own features (and its product types, for lda)."""
-    if config.head not in SUPERVISED_HEADS:
+    """The head, fitted on the catalogue's own features (and its product types, for lda and metric). For
+    metric and auto, head_fit says which head was chosen and the held-out figures it was chosen by."""
+    if config.head not in (*SUPERVISED_HEADS, AUTO_HEAD):
         return fit_head(config.head, features, config.dimension), ({"rows": len(features)} if config.head == "pca"
                                                                   else {})
     # One row per (product, image) pair, labelled with its product's type; unlabelled rows sit out.
@@ -343,6 +354,12 @@ def fit_version_head(config: BuildConfig, features: np.ndarray, ids: list[str], 
     labels = (products[config.label_key].to_numpy()[rows["product_row"].to_numpy()]
               if config.label_key in products.columns else np.full(len(rows), None))
     pairs = features[[position[i] for i in rows["image_id"]]]
+    if config.head != "lda":
+        from builder.metric import fit_supervised
+
+        head, report = fit_supervised(config.head, pairs, labels, rows["product_id"].to_numpy(), config.dimension,
+                                      config.type_weight)
+        return head, {**report, "label_key": config.label_key}
     head = fit_head(config.head, pairs, config.dimension, labels, config.type_weight)
     known = [label for label in labels if isinstance(label, str) and label]
     return head, {"rows": len(known), "label_key": config.label_key, "labels": len(set(known)),
@@ -439,10 +456,14 @@ def run_build(config: BuildConfig) -> BuildResult:
         raise ValueError(f"only {len(catalogue.rows)} image(s) are left to index")
     with clock.stage("head_export"):
         head, head_fit = fit_version_head(config, features, ids, catalogue)
+        config = replace(config, head=head_fit.get("chosen", config.head))
         image_vectors = l2_normalise(head.apply(features) if head is not None else features)
         dimension = export(trunk, staging / artifacts.MODEL_DIR, head)
     position = {image_id: n for n, image_id in enumerate(ids)}
     vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
+    if config.augment_neighbours:
+        with clock.stage("augment"):
+            vectors = augment(vectors, config.augment_neighbours)
     with clock.stage("index"):
         index_file, report = build_index(config.index, vectors, staging, config.n_trees, config.target_recall)
     write_tables(staging, catalogue, vectors)
@@ -470,6 +491,10 @@ def run_build(config: BuildConfig) -> BuildResult:
         "pooling": config.pooling,
         "mirror": config.mirror,
         "dimension": dimension,
+        # The stored vectors are the model's unless this names a database-side augmentation.
+        "augmentation": ({"kind": "database-side", "neighbours": config.augment_neighbours,
+                          "weights": "cosine (negative as 0), the image itself 1", "renormalised": True,
+                          "exact": True} if config.augment_neighbours else None),
         "metric": METRIC,
         "filter": {"max_aspect_difference": config.max_aspect_difference},
         "counts": {"scanned": int(len(scanned)), "kept": int(len(kept_rows)), "dropped": int(len(dropped)),

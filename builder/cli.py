@@ -58,17 +58,19 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["clahe-grey", "plain"])
     build.add_argument("--head", default=env_default("head", defaults.head), choices=(AUTO_HEAD, *HEADS),
                        help="pca: fitted on the catalogue's features; lda: learned from the catalogue's product "
-                            "types (--label-key); none: the pooled features; auto (default): lda when the "
-                            "catalogue has product types, else pca")
+                            "types (--label-key); metric: trained on the product types with a proxy loss, stopped "
+                            "on a held-out tenth of the catalogue's products; none: the pooled features; auto "
+                            "(default): with product types, lda, or metric when it beats lda on the held-out "
+                            "products by more than noise; else pca")
     build.add_argument("--dimension", type=int, default=env_default("dimension", defaults.dimension),
-                       help="output dimension of the pca and lda heads")
+                       help="output dimension of the pca, lda and metric heads")
     build.add_argument("--pooling", default=env_default("pooling", defaults.pooling), choices=POOLINGS,
                        help="how the last feature map becomes a vector: avg, or gem (generalized mean, p = 3)")
     build.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                        default=env_default("mirror", defaults.mirror),
                        help="average each image's features with its left-right mirror's (twice the model work)")
     build.add_argument("--label-key", default=env_default("label_key", defaults.label_key),
-                       help="the product attribute a supervised head (lda) learns from")
+                       help="the product attribute a supervised head (lda, metric) learns from")
     build.add_argument("--type-weight", type=float, default=env_default("type_weight", defaults.type_weight),
                        help="lda head: share of similarity that is product type (the rest is look), in (0, 1)")
     build.add_argument("--index", default=env_default("index", defaults.index), choices=["annoy", "hnsw"],
@@ -80,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--target-recall", type=float, default=env_default("target_recall", defaults.target_recall),
                        help="recall@10 the chosen search_k must reach against exact search")
     _add_neighbours(build, defaults.neighbours)
+    build.add_argument("--augment-neighbours", type=int,
+                       default=env_default("augment_neighbours", defaults.augment_neighbours),
+                       help="database-side augmentation: replace each catalogue vector by the similarity-weighted "
+                            "mean of itself and its N nearest catalogue images before indexing (0: off); photo "
+                            "queries are not augmented, queries by image or product id use the augmented vectors")
     build.add_argument("--chunk-size", type=int, default=env_default("chunk_size", defaults.chunk_size),
                        help="images per resumable unit: less is lost on interruption, more Spark jobs")
     build.add_argument("--batch-size", type=int, default=env_default("batch_size", defaults.batch_size),
@@ -251,9 +258,11 @@ def _unknown_products(out: Path, ids: list[str]) -> list[str]:
 
 def _check_build_inputs(args: argparse.Namespace) -> None:
     """Mistakes a user can make on the command line, found before Spark or TensorFlow start."""
+    from builder.augment import check_augment_neighbours
     from builder.catalogue import check_language
 
     check_language(args.language)
+    check_augment_neighbours(args.augment_neighbours)
     small = args.images / "small"
     if not args.images.is_dir():
         raise UsageError(f"--images {args.images} is not a folder")
@@ -306,7 +315,7 @@ def _run(args: argparse.Namespace) -> int:
                          chunk_size=args.chunk_size,
                          batch_size=args.batch_size, threads_per_task=args.threads_per_task,
                          weights_file=args.weights_file, version=args.version, feature_cache=args.feature_cache,
-                         neighbours=args.neighbours)
+                         neighbours=args.neighbours, augment_neighbours=args.augment_neighbours)
     result = run_build(config)
     if args.json:
         print(json.dumps(result.manifest, indent=2))

@@ -14,11 +14,12 @@ from lookalike.runner import INPUT_NAME, OUTPUT_NAME, SIGNATURE
 
 log = logging.getLogger(__name__)
 
-HEADS = ("pca", "lda", "random-conv", "none")
-# A build's default: lda when the catalogue has product types (label_key with two values or more), else pca.
+HEADS = ("pca", "lda", "metric", "random-conv", "none")
+# A build's default: with product types (label_key with two values or more), lda, or metric when it
+# beats lda's precision@10 on a held-out share of the catalogue by more than noise; else pca.
 AUTO_HEAD = "auto"
 # Heads fitted on the catalogue's product types (an attribute), never on anything a query brings.
-SUPERVISED_HEADS = ("lda",)
+SUPERVISED_HEADS = ("lda", "metric")
 POOLINGS = ("avg", "gem")
 GEM_P = 3.0
 _GEM_EPSILON = 1e-6
@@ -138,6 +139,8 @@ def fit_head(head: str, features: np.ndarray, dimension: int, labels=None,
         axes = max(1, min(len(known) - 1, dimension // 2))
         types = Projection.fit_lda(features, labels, axes)
         return Head(((types, type_weight), (Projection.fit_pca(features, dimension - axes), 1.0 - type_weight)))
+    if head in (*SUPERVISED_HEADS, AUTO_HEAD):
+        raise ValueError(f"head {head!r} is fitted with a held-out split of products: builder.metric.fit_supervised")
     return None
 
 
@@ -192,7 +195,8 @@ def build_trunk(backbone: str, head: str, weights_file: str | None = None, pooli
     left looks like the same shirt facing right (twice the model work)."""
     import keras
 
-    if head not in HEADS:
+    # The auto head, like pca, lda and metric, is fitted after the trunk and leaves it as it is.
+    if head not in (*HEADS, AUTO_HEAD):
         raise ValueError(f"head must be one of {HEADS}, not {head!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")

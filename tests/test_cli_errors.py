@@ -36,6 +36,8 @@ def test_builder_mistakes(tmp_path, empty_catalogue):
                     "--language")
     assert_one_line(run(build, "build", "--images", empty_catalogue, "--out", tmp_path / "A", "--backbone", "big"),
                     "--backbone")
+    assert_one_line(run(build, "build", "--images", empty_catalogue, "--out", tmp_path / "A", "--augment-neighbours",
+                        "99"), "augment_neighbours must be between 0 and 50, not 99")
     assert_one_line(run(build, "sample", "fashion-mnist", "--out", tmp_path / "s", "--limit", "0"), "--limit")
     assert not (tmp_path / "A").exists()
 

@@ -1,5 +1,7 @@
 """The heads and poolings a build can bake into its model: what each computes, on synthetic features."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,10 +62,14 @@ def test_choose_head_resolves_auto_and_refuses_lda_without_labels(tmp_path):
         choose_head(config, single)
     typed = pd.DataFrame({"product_id": ["p", "q"], "product_type": ["SHOES", "SHIRT"]})
     assert choose_head(config, typed).head == "lda"
-    # The default: lda where there are product types to learn from, pca where there are not.
+    # The default: lda or metric where there are product types to learn from (chosen when the head is
+    # fitted, on the held-out products), pca where there are not.
     auto = BuildConfig(images=tmp_path, out=tmp_path)
     assert auto.head == "auto" and auto.pooling == "avg"
-    assert choose_head(auto, typed).head == "lda"
+    assert choose_head(auto, typed).head == "auto"
+    assert choose_head(replace(config, head="metric"), typed).head == "metric"
+    with pytest.raises(LabelError, match="head 'metric' needs at least two values"):
+        choose_head(replace(config, head="metric"), single)
     assert choose_head(auto, single).head == "pca"
     assert choose_head(auto, pd.DataFrame({"product_id": ["p"]})).head == "pca"
     # Unsupervised heads need no labels at all.
