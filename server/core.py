@@ -94,6 +94,8 @@ class CoreConfig:
     max_candidates: int = 2000
     # MMR's candidates when a request leaves them at 0: this many times k (up to max_candidates).
     candidates_per_result: int = 4
+    # Most MMR work a request may ask for, k x candidates (k = 1,000 among 2,000 took 0.6 s of an index thread).
+    max_diversity_work: int = 250_000
     # Answers to FindSimilar by image id or product id kept per (version, availability, request): a
     # product page asks the same question many times. 0 turns the cache off.
     result_cache_size: int = 4096
@@ -131,11 +133,17 @@ class SimilarityCore:
         self.engine = QueryEngine(config.product_query, self._observer)
         self._results = ResultCache(config.result_cache_size, config.result_cache_mb * 1024 * 1024)
         # on_retired(version name, seconds): once a swapped-out version's last user has left, it is unloaded and freed.
-        self._versions = Versions(version, self._make_batcher, on_retired)
+        self._on_retired = on_retired
+        self._versions = Versions(version, self._make_batcher, self._retired)
         self.hidden = HiddenProducts(Availability())
         self.draining = False
         self.admitted_images = 0
         self.admitted_bytes = 0
+
+    def _retired(self, name: str, seconds: float) -> None:
+        self.hidden.forget(name)
+        if self._on_retired is not None:
+            self._on_retired(name, seconds)
 
     def _make_batcher(self, version: ServedVersion) -> MicroBatcher:
         embedder = version.embedder
@@ -277,7 +285,11 @@ class SimilarityCore:
             raise InvalidArgument(f"candidates must be in k..{limit} ({k}..{limit}), not {options.candidates}")
         if diversity == 0:
             return replace(options, diversity=0.0, candidates=0)
-        return replace(options, candidates=options.candidates or min(limit, self.config.candidates_per_result * k))
+        options = replace(options, candidates=options.candidates or min(limit, self.config.candidates_per_result * k))
+        if k * options.candidates > self.config.max_diversity_work:
+            raise InvalidArgument(f"diversity over k x candidates = {k} x {options.candidates} is more work than the "
+                                  f"{self.config.max_diversity_work:,} allowed: ask for fewer results or candidates")
+        return options
 
     async def find_similar(self, query: Query, options: SearchOptions = SearchOptions(),
                            deadline: float | None = None) -> Answer:

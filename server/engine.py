@@ -142,6 +142,10 @@ class HiddenProducts:
             self._masks[version.name] = mask
         return self._masks[version.name]
 
+    def forget(self, version_name: str) -> None:
+        """Drops a retired version's mask (each version served would otherwise keep one until availability changes)."""
+        self._masks.pop(version_name, None)
+
     def count(self, version: ServedVersion) -> int:
         mask = self.mask(version)
         return 0 if mask is None else int(mask.sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
@@ -15,6 +16,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from lookalike.v1 import lookalike_pb2 as pb
+from server.errors import ServingError, status_of
 from server.openapi import ROUTES, openapi_document
 from server.servicer import ImageSimilarityServicer
 
@@ -40,6 +42,9 @@ _IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"
                 ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 # Distinct values offered per attribute key by /v1/attributes (the most common first): enough for a console's list.
 MAX_ATTRIBUTE_VALUES = 500
+# JSON of more than this many bytes (a body, or an answer of that size on the wire) is parsed or written in a
+# thread: a 32 MiB body takes a fifth of a second to parse, which the event loop (gRPC's too) must not wait for.
+ON_LOOP_JSON_BYTES = 256 * 1024
 
 
 class HttpAbort(Exception):
@@ -83,8 +88,11 @@ def error_response(code: grpc.StatusCode, message: str, status: int | None = Non
                              status=status or HTTP_STATUS.get(code, 500))
 
 
-def message_response(message: Message) -> web.Response:
-    return web.Response(text=json_format.MessageToJson(message, indent=None), content_type="application/json")
+async def message_response(message: Message) -> web.Response:
+    write = json_format.MessageToJson
+    text = (write(message, indent=None) if message.ByteSize() <= ON_LOOP_JSON_BYTES
+            else await asyncio.to_thread(write, message, indent=None))
+    return web.Response(text=text, content_type="application/json")
 
 
 class HttpApi:
@@ -124,6 +132,8 @@ class HttpApi:
             return await handler(request)
         except HttpAbort as error:
             return error_response(error.code, error.message)
+        except ServingError as error:  # a route outside the servicer, e.g. while the model still loads
+            return error_response(status_of(error), str(error))
         except web.HTTPRequestEntityTooLarge:
             return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the request is larger than the server's limit of {self.max_message_bytes} "
@@ -151,7 +161,7 @@ class HttpApi:
             try:
                 message = await self._parse(request, request_type())
                 context = HttpContext(parse_timeout(request.headers.get("grpc-timeout")))
-                return message_response(await rpc(message, context))
+                return await message_response(await rpc(message, context))
             finally:
                 self.in_flight -= 1
 
@@ -164,7 +174,10 @@ class HttpApi:
         if not body.strip():
             return message
         try:
-            json_format.Parse(body, message)
+            if len(body) <= ON_LOOP_JSON_BYTES:
+                json_format.Parse(body, message)
+            else:
+                await asyncio.to_thread(json_format.Parse, body, message)
         except (json_format.ParseError, UnicodeDecodeError) as error:
             raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"the body is not a {message.DESCRIPTOR.full_name} in JSON: {error}") from None
@@ -239,7 +252,9 @@ def ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None) ->
 
 async def start_http(api: HttpApi, host: str, port: int, ssl_context: ssl.SSLContext | None) -> web.AppRunner:
     """Listens with SO_REUSEPORT, as the gRPC port does, so the workers of --workers N share the port."""
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    # The drain (grace_s) has already waited for requests when this runner is cleaned up: an HTTP request still
+    # open then (a slow download or upload) gets a second, not aiohttp's default minute past the grace period.
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context, reuse_port=True)
     await site.start()

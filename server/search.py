@@ -198,7 +198,7 @@ class SumScoresScorer:
         total = np.zeros(len(vectors), np.float32)
         for sign, side in ((1, self._positives), (-1, self._negatives)):
             for example in side:
-                total += sign * (vectors @ example.T).max(axis=1)
+                total += sign * similarities(vectors, example).max(axis=1)
         return total
 
     def bound(self, reach: float) -> float:

@@ -259,6 +259,7 @@ async def test_a_swap_to_a_version_with_the_same_model_frees_the_old_one_without
             await asyncio.sleep(0.01)
         assert retired == ["fake-v1"] and old() is None and core.loaded_versions() == ["fake-v2"]
         assert collections == ([] if same_model else [1])
+        assert "fake-v1" not in core.hidden._masks  # nor is its hidden-products mask kept (a review found it was)
         answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3))
         assert answer.version == "fake-v2" and len(answer.results) == 3
     finally:

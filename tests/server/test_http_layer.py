@@ -26,8 +26,10 @@ async def loading_client():
 async def test_in_process_loading_oversize_and_unknown_routes(loading_client):
     response = await loading_client.get("/readyz")
     assert response.status == 503
-    response = await loading_client.get("/v1/info")
-    assert response.status == 503 and (await response.json())["code"] == "UNAVAILABLE"
+    # Every route that needs the version says so while the model loads, not INTERNAL (a review found 500s).
+    for route in ("/v1/info", "/v1/images/some-image", "/v1/attributes"):
+        response = await loading_client.get(route)
+        assert response.status == 503 and (await response.json())["code"] == "UNAVAILABLE", route
     # Parsed, then over the limit as a message; and a body too large to read at all.
     image = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
     response = await loading_client.post("/v1/embed", data=json.dumps({"images": [image]}))
