@@ -263,13 +263,19 @@ def top_products(scores: np.ndarray, products: np.ndarray, k: int) -> tuple[np.n
     """Positions (into scores) of the best row of each of the k best products, best first.
 
     Only the top rows are sorted; when they hold fewer than k products, more are taken. Products
-    missing from the top t rows cannot beat those found in them, so the answer is exact.
+    missing from the top t rows cannot beat those found in them, so the answer is exact. Equal scores (one photo
+    in two products) go to the lower product row, as in the builder's neighbour lists, so that every plan
+    returns the same products: every row tied with the t-th is taken, not whichever the partition kept.
     """
     n = len(scores)
     t = min(n, max(4 * k, 64))
     while True:
-        top = np.argpartition(-scores, t - 1)[:t] if t < n else np.arange(n)
-        top = top[np.argsort(-scores[top], kind="stable")]
+        if t < n:
+            cutoff = scores[np.argpartition(-scores, t - 1)[t - 1]]
+            top = np.flatnonzero(scores >= cutoff)
+        else:
+            top = np.arange(n)
+        top = top[np.lexsort((products[top], -scores[top]))]
         _, first = np.unique(products[top], return_index=True)
         if len(first) >= k or t >= n:
             return top[np.sort(first)[:k]], products[top[np.sort(first)[:k]]]

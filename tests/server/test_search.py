@@ -212,3 +212,20 @@ def test_a_rows_score_does_not_depend_on_the_rows_scored_with_it():
     assert all(np.array_equal(similarities(vectors[n:n + 1], probes), together[n:n + 1]) for n in range(500))
     assert all(np.array_equal(similarities(vectors[n:n + 7], probes), together[n:n + 7]) for n in range(0, 490, 7))
     assert np.allclose(together, vectors @ probes.T, atol=1e-4)
+
+
+def test_tied_products_go_to_the_lower_product_row_as_in_the_neighbour_lists():
+    """One photo in several products scores the same for each: a search keeps the same products as a list answer
+    (the lower product rows), not whichever of the tied rows a partition happened to keep (a review found 100 of 100
+    trials differing)."""
+    from server.search import top_products
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        scores = rng.random(20_000).astype(np.float32)
+        products = np.arange(20_000) // 2
+        tied = rng.choice(20_000, 30, replace=False)
+        scores[tied] = np.float32(1.5)
+        positions, found = top_products(scores, products, 10)
+        assert list(found) == sorted(set(products[tied].tolist()))[:10], trial
+        assert np.all(scores[positions] == np.float32(1.5))
