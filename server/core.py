@@ -21,6 +21,7 @@ from server.engine import (  # noqa: F401  (the core's public names: the service
     BEST_SCORE,
     EXCLUDE_DISTANCE,
     PRODUCT_QUERIES,
+    RESULT_CACHE,
     STRATEGIES,
     SUM_SCORES,
     Answer,
@@ -318,7 +319,7 @@ class SimilarityCore:
                 cached = self._results.get(key)
                 self._observer.result_cache(cached is not None)
                 if cached is not None:
-                    return Answer(cached, version.name, hidden.version)
+                    return Answer(cached, version.name, hidden.version, plan=RESULT_CACHE)
             # A neighbour list answers on the event loop (tens of microseconds of numpy) unless the filter is
             # large enough to take longer to compile or MMR has much to do; a search, or either of those, in a thread.
             on_loop = len(options.filter.exclude_product_ids) + sum(
@@ -330,7 +331,7 @@ class SimilarityCore:
                                                k, not on_loop)
             if key is not None:
                 self._results.put(key, results, key_bytes(options))
-            return Answer(results, version.name, hidden.version)
+            return Answer(results, version.name, hidden.version, plan=getattr(results, "plan", ""))
         finally:
             self._release(runtime, images)
 

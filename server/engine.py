@@ -24,6 +24,8 @@ AVERAGE_VECTOR, BEST_SCORE, SUM_SCORES = "average_vector", "best_score", "sum_sc
 STRATEGIES = (AVERAGE_VECTOR, BEST_SCORE, SUM_SCORES)
 # The plan of a query answered from the version's neighbour lists (the others are in server/search.py).
 NEIGHBOUR_LIST = "neighbour_list"
+# The plan an answer reports when the result cache gave it (an earlier answer to the same request).
+RESULT_CACHE = "result_cache"
 # How far a list's stored score may be from the score served for the same row (float32 rounding of two
 # different matrix products of unit vectors: about 1e-7; kept far above it).
 SCORE_TOLERANCE = 1e-5
@@ -107,6 +109,14 @@ class ProductResult:
         return self.image.distance
 
 
+class Ranked(list):
+    """Results best first, and the plan that found them (a search's plan, or the neighbour list)."""
+
+    def __init__(self, results, plan: str) -> None:
+        super().__init__(results)
+        self.plan = plan
+
+
 @dataclass(frozen=True)
 class Answer:
     """Matches, the index version and the availability version that answered; from
@@ -117,6 +127,8 @@ class Answer:
     availability_version: int = 0
     missing_product_ids: list[str] = field(default_factory=list)
     missing_image_ids: list[str] = field(default_factory=list)
+    # How the results were found (server/search.py PLANS, NEIGHBOUR_LIST, RESULT_CACHE); "" when not told.
+    plan: str = ""
 
 
 class HiddenProducts:
@@ -242,7 +254,7 @@ class QueryEngine:
         if threshold is not None:
             hits = [hit for hit in hits if hit.score >= threshold][:wanted]
         self._plan(NEIGHBOUR_LIST)
-        return self.results(version, hits, options, k)
+        return self.results(version, hits, options, k, NEIGHBOUR_LIST)
 
     def find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
              k: int, try_list: bool = True) -> list[ProductResult]:
@@ -265,17 +277,17 @@ class QueryEngine:
         result = version.index.search(scorer, options.wanted(k), allowed=mask, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
         self._plan(result.plan)
-        return self.results(version, result.hits, options, k)
+        return self.results(version, result.hits, options, k, result.plan)
 
     def results(self, version: ServedVersion, hits: list[ProductHit], options: SearchOptions,
-                k: int) -> list[ProductResult]:
+                k: int, plan: str = "") -> Ranked:
         """The k results from hits best first: the first k, or with diversity the k that MMR chooses among them
         by their best images' vectors."""
         if options.diversity > 0 and len(hits) > 1:
             best_images = np.asarray(version.index.vectors[[int(hit.rows[0]) for hit in hits]], np.float32)
             order = mmr(np.asarray([hit.score for hit in hits]), best_images, k, options.diversity)
             hits = [hits[position] for position in order]
-        return [self.product_result(version, hit, options) for hit in hits[:k]]
+        return Ranked([self.product_result(version, hit, options) for hit in hits[:k]], plan)
 
     def resolve(self, version: ServedVersion, query: Query, own: bool) -> _Resolved:
         """The vectors of a query and, when `own` is asked for, the products that are the query's own."""
@@ -343,7 +355,8 @@ class QueryEngine:
 
                 scorer = BestScoreScorer(stack(positive), stack(negative))
             results = self.search(version, hidden, scorer, own, options, k)
-        return Answer(results, version.name, hidden.version, missing_products, missing_images)
+        return Answer(results, version.name, hidden.version, missing_products, missing_images,
+                      getattr(results, "plan", ""))
 
     @staticmethod
     def product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:

@@ -158,7 +158,7 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
         exclude_query = request.exclude_query if request.HasField("exclude_query") else None
         found = await self.core.find_similar(_query(request), _options(request, exclude_query), _deadline(context))
         return pb.FindSimilarResponse(matches=[_match(m) for m in found.results], index_version=found.version,
-                                      availability_version=found.availability_version)
+                                      availability_version=found.availability_version, plan=found.plan)
 
     @_rpc
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:  # noqa: N802
@@ -166,7 +166,7 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
         return pb.RecommendResponse(matches=[_match(m) for m in found.results], index_version=found.version,
                                     availability_version=found.availability_version,
                                     missing_product_ids=found.missing_product_ids,
-                                    missing_image_ids=found.missing_image_ids)
+                                    missing_image_ids=found.missing_image_ids, plan=found.plan)
 
     @_rpc
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:  # noqa: N802

@@ -147,18 +147,20 @@ class RecommendRequest(_message.Message):
     def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids", "availability_version")
+    __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids", "availability_version", "plan")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     MISSING_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSING_IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     index_version: str
     missing_product_ids: _containers.RepeatedScalarFieldContainer[str]
     missing_image_ids: _containers.RepeatedScalarFieldContainer[str]
     availability_version: int
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., missing_product_ids: _Optional[_Iterable[str]] = ..., missing_image_ids: _Optional[_Iterable[str]] = ..., availability_version: _Optional[int] = ...) -> None: ...
+    plan: str
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., missing_product_ids: _Optional[_Iterable[str]] = ..., missing_image_ids: _Optional[_Iterable[str]] = ..., availability_version: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("item_id", "distance", "score", "path", "label", "image_id", "product_id", "images", "attributes")
@@ -204,14 +206,16 @@ class ImageMatch(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., path: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class FindSimilarResponse(_message.Message):
-    __slots__ = ("matches", "index_version", "availability_version")
+    __slots__ = ("matches", "index_version", "availability_version", "plan")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     index_version: str
     availability_version: int
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., availability_version: _Optional[int] = ...) -> None: ...
+    plan: str
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., availability_version: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

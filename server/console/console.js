@@ -109,6 +109,7 @@ async function run(path, request, queryParts) {
     const missing = [...(answer.missingProductIds || []), ...(answer.missingImageIds || [])];
     setStatus(`${matches.length} products in ${Math.round(performance.now() - started)} ms · version ` +
               `${answer.indexVersion} · availability version ${answer.availabilityVersion || 0}` +
+              (answer.plan ? ` · plan ${answer.plan}` : "") +
               (missing.length ? ` · not in the version: ${missing.join(", ")}` : ""), "done");
   } catch (error) {
     setStatus(error.message, "error");

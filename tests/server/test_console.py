@@ -84,6 +84,9 @@ def test_console_queries_a_product_a_filter_a_photo_and_a_recommendation(served,
     tiles = _wait_answer(browser, lambda: browser.get(f"{served.http_url}/#product={product_id}"))
     assert "version" in browser.find_element("id", "info").text
     assert len(tiles) == K and tiles == _grpc_products(stub, product_id=product_id)
+    # The plan that answered (the session build has neighbour lists, or this answer came from the result cache).
+    assert any(f"plan {plan}" in browser.find_element("id", "status").text
+               for plan in ("neighbour_list", "result_cache")), browser.find_element("id", "status").text
 
     # A result is a link that makes it the query.
     first = tiles[0]

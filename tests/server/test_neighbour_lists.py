@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lookalike.availability import Availability
-from server.core import CoreConfig, CoreObserver, Query, SearchOptions, SimilarityCore
+from server.core import CoreConfig, CoreObserver, Examples, Query, SearchOptions, SimilarityCore
 from server.engine import NEIGHBOUR_LIST
 from server.filters import Clause, Filter
 from server.search import SearchConfig
@@ -115,3 +115,24 @@ def test_lists_of_a_padded_catalogue_say_when_they_are_exhausted():
     full = np.asarray([3, 1, 2], np.int32)
     assert walk_list(full, scores[:3], mask, 5, None) is None  # products past the end may qualify
     assert list(full[walk_list(full, scores[:3], None, 5, 0.7)]) == [3, 1]  # past the threshold none can
+
+
+async def test_every_answer_names_the_plan_that_found_it(tmp_path):
+    """The plan travels with the answer (FindSimilarResponse.plan, shown by the console): the list, a search's own
+    plan, Recommend's search, and the result cache for a repeated request."""
+    from server.engine import RESULT_CACHE
+
+    version, _ = fake_version(tmp_path, name="listed", groups=GROUPS)
+    core = SimilarityCore(with_lists(version, 8), CoreConfig(max_pixels=1_000_000))
+    try:
+        by_product = await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=3))
+        assert by_product.plan == NEIGHBOUR_LIST
+        assert (await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=3))).plan == RESULT_CACHE
+        vector = np.asarray(version.index.vectors[0])
+        assert (await core.find_similar(Query(vector=vector), SearchOptions(k=3))).plan == "exact"
+        recommended = await core.recommend(Examples(positive=(Query(product_id="prod-003"),)), SearchOptions(k=3))
+        assert recommended.plan == "exact" and len(recommended.results) == 3
+        # More than the list holds: a search answers, and says so.
+        assert (await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=12))).plan == "exact"
+    finally:
+        await core.close()
