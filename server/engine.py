@@ -285,7 +285,11 @@ class QueryEngine:
         by their best images' vectors."""
         if options.diversity > 0 and len(hits) > 1:
             best_images = np.asarray(version.index.vectors[[int(hit.rows[0]) for hit in hits]], np.float32)
-            order = mmr(np.asarray([hit.score for hit in hits]), best_images, k, options.diversity)
+            # MMR weighs relevance against a cosine in [-1, 1]: scores that span more (sum_scores: up to P + N)
+            # are brought to that scale, so that a diversity means the same whatever the strategy.
+            relevance = np.asarray([hit.score for hit in hits], np.float64)
+            relevance /= max(1.0, float(np.abs(relevance).max()))
+            order = mmr(relevance, best_images, k, options.diversity)
             hits = [hits[position] for position in order]
         return Ranked([self.product_result(version, hit, options) for hit in hits[:k]], plan)
 

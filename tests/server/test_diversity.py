@@ -194,3 +194,22 @@ async def test_diversity_work_is_bounded(tmp_path):
         assert len(answer.results) == 20  # 20 x 80 by default: well within
     finally:
         await core.close()
+
+
+def test_diversity_means_the_same_whatever_the_scale_of_the_scores(tmp_path):
+    """sum_scores' relevance spans up to P + N, MMR's penalty a cosine: relevance is brought to the cosine's scale,
+    so that the same diversity chooses the same products (a review found 0.5 acting like 0.5 / N)."""
+    from dataclasses import replace as replaced
+
+    from server.engine import QueryEngine, SearchOptions
+    from server.search import NearestScorer
+
+    version, _ = fake_version(tmp_path, groups=[[p, p + 20] for p in range(20)])
+    query = np.asarray(version.index.vectors[0:1], np.float32)
+    hits = version.index.describe(NearestScorer(query), np.arange(20), 1)
+    options = SearchOptions(k=6, diversity=0.5, candidates=20)
+    engine = QueryEngine()
+    plain = [r.product_id for r in engine.results(version, hits, options, 6)]
+    scaled = [replaced(hit, scores=hit.scores * 4) for hit in hits]  # 4: exact in floating point
+    assert [r.product_id for r in engine.results(version, scaled, options, 6)] == plain
+    assert plain != [r.product_id for r in engine.results(version, hits, SearchOptions(k=6), 6)]  # it diversifies
