@@ -331,7 +331,7 @@ class SimilarityCore:
                                                k, not on_loop)
             if key is not None:
                 self._results.put(key, results, key_bytes(options))
-            return Answer(results, version.name, hidden.version, plan=getattr(results, "plan", ""))
+            return Answer(results, version.name, hidden.version, plan=results.plan)
         finally:
             self._release(runtime, images)
 

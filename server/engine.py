@@ -222,7 +222,7 @@ class QueryEngine:
             self._observer.plan_chosen(plan)
 
     def from_list(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
-                  k: int) -> list[ProductResult] | None:
+                  k: int) -> Ranked | None:
         """The answer from the version's neighbour lists, or None when the lists cannot give it (no lists, a
         photo or vector query, a list that runs short of eligible products): then search."""
         if version.neighbours is None or not query.by_id:
@@ -257,7 +257,7 @@ class QueryEngine:
         return self.results(version, hits, options, k, NEIGHBOUR_LIST)
 
     def find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
-             k: int, try_list: bool = True) -> list[ProductResult]:
+             k: int, try_list: bool = True) -> Ranked:
         """The answer from the neighbour lists when they can give it (unless the caller tried them already),
         else from a search."""
         results = self.from_list(version, hidden, query, options, k) if try_list else None
@@ -272,7 +272,7 @@ class QueryEngine:
         return query.by_id if options.exclude_query is None else options.exclude_query
 
     def search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
-               options: SearchOptions, k: int) -> list[ProductResult]:
+               options: SearchOptions, k: int) -> Ranked:
         mask = eligible_products(version, hidden, options.filter, own_products)
         result = version.index.search(scorer, options.wanted(k), allowed=mask, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
@@ -341,7 +341,7 @@ class QueryEngine:
             named = [f"product {p!r}" for p in missing_products] + [f"image {i!r}" for i in missing_images]
             raise NotFound(f"examples not in index version {version.name}: {', '.join(named)}")
         positive, negative = sides
-        results: list[ProductResult] = []
+        results = Ranked([], "")  # every example missing (ignore_missing): nothing searched
         if positive or (negative and examples.strategy != AVERAGE_VECTOR):
             dimension = version.index.dimension
             if examples.strategy == AVERAGE_VECTOR:
@@ -359,8 +359,7 @@ class QueryEngine:
 
                 scorer = BestScoreScorer(stack(positive), stack(negative))
             results = self.search(version, hidden, scorer, own, options, k)
-        return Answer(results, version.name, hidden.version, missing_products, missing_images,
-                      getattr(results, "plan", ""))
+        return Answer(results, version.name, hidden.version, missing_products, missing_images, results.plan)
 
     @staticmethod
     def product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:
