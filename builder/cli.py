@@ -127,6 +127,28 @@ def _parser() -> argparse.ArgumentParser:
                        help="leave cached features and leftovers younger than this (a build may be using them)")
     _add_file_mode(prune)
 
+    add = commands.add_parser("add", help="publish new or changed products as a delta of the served version, in "
+                                          "seconds (embedded with its own model; no Spark, no rebuild)")
+    add.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder (the delta is of CURRENT's version)")
+    add.add_argument("--images", type=Path, required=True,
+                     help="a folder in a layout build reads: small/<files> with ABO listings, a products.csv, or "
+                          "neither (each image its own product); a product already served is replaced whole")
+    add.add_argument("--listings", type=Path, default=None, help="ABO listings folder (default: found under --images)")
+    add.add_argument("--products-csv", type=Path, default=None,
+                     help="product_id,image_id[,role,attributes...] (default: --images/products.csv when present)")
+    add.add_argument("--language", default="en_US", help="language of the listings' attributes")
+    add.add_argument("--max-delta-rows", type=int, default=env_default("max_delta_rows", 10_000),
+                     help="image rows the version's deltas may hold together; past it, run a build (servers scan "
+                          "delta rows exactly on every query)")
+    add.add_argument("--feature-cache", type=Path, default=None,
+                     help="the build's feature cache (default: the one the version's manifest names)")
+    add.add_argument("--json", action="store_true", help="print the delta's manifest as JSON")
+    _add_file_mode(add)
+    deltas_command = commands.add_parser("deltas", help="the deltas of a version (default: CURRENT's), oldest first")
+    deltas_command.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
+    deltas_command.add_argument("--version", default=None, help="the version (default: the one CURRENT names)")
+    deltas_command.add_argument("--json", action="store_true")
+
     reindex = commands.add_parser("reindex", help="a new version from an existing one's vectors and tables, with "
                                                   "its index and neighbour lists derived again (nothing embedded)")
     reindex.add_argument("--out", type=Path, required=True, help="ARTIFACTS folder")
@@ -299,6 +321,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "reindex":
         return _reindex(args)
+    if args.command == "add":
+        return _add(args)
+    if args.command == "deltas":
+        return _deltas(args)
     if args.command != "build":
         return _operate(args)
     _check_build_inputs(args)
@@ -342,6 +368,62 @@ def _reindex(args: argparse.Namespace) -> int:
     print(f"published {result.version} from {result.manifest['reindexed_from']['version']}: {index['kind']} index "
           f"with recall@10 {index['recall_at_10']}; "
           + (f"neighbour lists of {lists['n']} (recall@10 {lists['recall_at_10']})" if lists else "no neighbour lists"))
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    """add: the served version's own model, in this process; no Spark."""
+    out = _artifacts_folder(args.out)
+    if not (args.images / "small").is_dir():
+        raise UsageError(f"--images {args.images} has no small/ folder (the layout build reads: small/<files>)")
+    if args.listings is not None and not args.listings.is_dir():
+        raise UsageError(f"--listings {args.listings} is not a folder")
+    if args.products_csv is not None and not args.products_csv.is_file():
+        raise UsageError(f"--products-csv {args.products_csv} is not a file")
+    from builder.add import AddConfig, run_add
+
+    result = run_add(AddConfig(out=out, images=args.images, listings=args.listings, products_csv=args.products_csv,
+                               language=args.language, max_delta_rows=args.max_delta_rows,
+                               feature_cache=args.feature_cache))
+    manifest = result.manifest
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    counts, embedding = manifest["counts"], manifest["embedding"]
+    print(f"published delta {result.sequence} of {result.version}: {counts['products']} products with "
+          f"{counts['images']} images ({counts['replaced_products']} replaced, {counts['dropped']} images dropped); "
+          f"{embedding['embedded']} embedded, {embedding['features_cached']} features cached for the next build; "
+          f"{manifest['seconds']:.1f} s")
+    for dropped in manifest["dropped"][:5]:
+        print(f"dropped {dropped['image_id']}: {dropped['reason']}", file=sys.stderr)
+    if manifest["attribute_keys_not_served"]:
+        print(f"note: attributes {', '.join(manifest['attribute_keys_not_served'])} are not in version "
+              f"{result.version}: served after the next build", file=sys.stderr)
+    return 0
+
+
+def _deltas(args: argparse.Namespace) -> int:
+    from lookalike import artifacts
+    from lookalike.deltas import DELTA_MANIFEST, list_deltas
+
+    out = _artifacts_folder(args.out)
+    version = args.version or artifacts.read_current(out)
+    rows = []
+    for sequence, path in list_deltas(out, version):
+        try:
+            manifest = json.loads((path / DELTA_MANIFEST).read_text())
+        except (OSError, ValueError) as error:
+            rows.append({"sequence": sequence, "error": str(error)})
+            continue
+        rows.append({"sequence": sequence, "created_at": manifest.get("created_at"), **manifest.get("counts", {})})
+    if args.json:
+        print(json.dumps({"version": version, "deltas": rows}, indent=2))
+        return 0
+    print(f"version {version}: {len(rows)} deltas, {sum(r.get('images', 0) for r in rows)} image rows")
+    for row in rows:
+        print(f"{row['sequence']:>6}  " + (f"unreadable: {row['error']}" if "error" in row else
+              f"{row['created_at']:<26}{row['products']:>7} products {row['images']:>7} images "
+              f"{row['replaced_products']:>6} replaced"))
     return 0
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.cache import DEFAULT_CACHE, FeatureCache
-from lookalike import artifacts
+from lookalike import artifacts, deltas
 from lookalike.leases import leased_versions
 from lookalike.tables import read_images
 
@@ -88,11 +88,13 @@ def prune(out: Path, keep: int, cache_grace_s: float = 3600.0) -> PruneReport:
         trash = out / f".trash-{version.name}-{os.urandom(3).hex()}"
         os.rename(out / version.name, trash)
         shutil.rmtree(trash, ignore_errors=True)
+        deltas.remove_deltas(out, version.name)  # a version's deltas are retired with it
         removed.append(version.name)
     now = time.time()
     for leftover in out.glob(".staging-*"):
         if now - leftover.stat().st_mtime > cache_grace_s:
             shutil.rmtree(leftover, ignore_errors=True)
+    deltas.remove_stale_staging(out, cache_grace_s)
     kept = [v for v in versions if v.name not in removed]
     return PruneReport([v.name for v in kept], removed, {h: sorted(v) for h, v in leases.items()},
                        _prune_cache(out, kept, cache_grace_s))
@@ -106,8 +108,10 @@ def _prune_cache(out: Path, kept: list[VersionInfo], grace_s: float) -> dict:
     for version in kept:
         if version.model_key is None:
             continue
-        images = read_images(out / version.name / artifacts.IMAGES_FILE, columns=["sha256"])
-        used.setdefault(version.model_key, set()).update(images.column("sha256").to_pylist())
+        # A version's deltas were embedded by its model: their features are what the next build reads back.
+        for folder in [out / version.name] + [path for _, path in deltas.list_deltas(out, version.name)]:
+            images = read_images(folder / artifacts.IMAGES_FILE, columns=["sha256"])
+            used.setdefault(version.model_key, set()).update(images.column("sha256").to_pylist())
     report = {"cache": str(cache.root), "present": True, "models_removed": [], "features_before": 0,
               "features_after": 0, "tmp_removed": cache.remove_stale_tmp(grace_s)}
     now = time.time()

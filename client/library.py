@@ -103,15 +103,17 @@ class Match:
 
 
 class Matches(list):
-    """Matches from the most to the least alike, with the index version and the availability version (which
-    products were hidden) that answered. From recommend(), also the example ids the version did not hold
-    (with ignore_missing)."""
+    """Matches from the most to the least alike, with the index version, the availability version (which
+    products were hidden) and the delta sequence (which products added since the build were searched) that
+    answered. From recommend(), also the example ids the version did not hold (with ignore_missing)."""
 
     def __init__(self, matches: Iterable[Match], version: str, missing_product_ids: Sequence[str] = (),
-                 missing_image_ids: Sequence[str] = (), availability_version: int = 0) -> None:
+                 missing_image_ids: Sequence[str] = (), availability_version: int = 0,
+                 delta_sequence: int = 0) -> None:
         super().__init__(matches)
         self.version = version
         self.availability_version = availability_version
+        self.delta_sequence = delta_sequence
         self.missing_product_ids = list(missing_product_ids)
         self.missing_image_ids = list(missing_image_ids)
 
@@ -317,7 +319,7 @@ def _matches(response: pb.FindSimilarResponse | pb.RecommendResponse) -> Matches
                           tuple(ImageMatch(i.image_id, i.distance, i.score, i.path, i.role) for i in m.images),
                           dict(m.attributes))
                     for m in response.matches), response.index_version, *missing,
-                   availability_version=response.availability_version)
+                   availability_version=response.availability_version, delta_sequence=response.delta_sequence)
 
 
 def _vectors(response: pb.EmbedResponse) -> np.ndarray:

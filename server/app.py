@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -22,6 +22,7 @@ from lookalike.leases import remove_lease, write_lease
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import CoreConfig, SimilarityCore
+from server.fresh import DeltaFeed
 from server.metrics import ServerMetrics
 from server.search import SearchConfig
 from server.servicer import ImageSimilarityServicer
@@ -105,6 +106,7 @@ class LookalikeServer:
         self._tasks: list[asyncio.Task] = []
         self._lease_holder = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._availability_stamp: tuple | None = None
+        self._feed: DeltaFeed | None = None  # the served version's deltas, as read so far
 
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()
@@ -115,6 +117,43 @@ class LookalikeServer:
         if loaded.model_of == loaded.name:
             self.metrics.model_loads.inc()
         return loaded
+
+    async def _with_deltas(self, loaded: ServedVersion) -> tuple[ServedVersion, DeltaFeed]:
+        """The version with the products of the deltas published for it so far, and its feed of deltas."""
+        loop = asyncio.get_running_loop()
+        feed = DeltaFeed(self.config.artifacts, loaded.name, loaded.catalogue, loaded.index.dimension,
+                         self.config.search)
+        fresh, added, error = await loop.run_in_executor(None, feed.update)
+        self._report_deltas(feed, added, error)
+        return (replace(loaded, fresh=fresh) if fresh is not None else loaded), feed
+
+    def _report_deltas(self, feed: DeltaFeed, added: bool, error: str | None) -> None:
+        if error is not None:
+            self.metrics.delta_reads.labels("refused").inc()
+            log.error("delta %d of %s not applied, serving deltas up to %d: %s", feed.failed[0], feed.version,
+                      feed.sequence, error)
+        if added:
+            self.metrics.delta_reads.labels("applied").inc()
+
+    def _served_deltas(self, version: ServedVersion) -> None:
+        self.metrics.delta_sequence.set(version.delta_sequence)
+        self.metrics.delta_rows.set(0 if version.fresh is None else version.fresh.rows)
+
+    async def check_deltas(self) -> bool:
+        """Applies the deltas published for the served version since the last check; one that cannot be read is
+        logged and counted, and the server keeps serving what it had. True when new deltas were applied."""
+        async with self._reload_lock:
+            feed = self._feed
+            if feed is None or feed.version != self.core.version.name:
+                return False
+            fresh, added, error = await asyncio.get_running_loop().run_in_executor(None, feed.update)
+            self._report_deltas(feed, added, error)
+            if not added or not await self.core.apply_fresh(feed.version, fresh):
+                return False
+            self._served_deltas(self.core.version)
+            log.info("delta %d of %s applied: %d fresh products, %d image rows", fresh.sequence, feed.version,
+                     fresh.catalogue.product_count, fresh.rows)
+            return True
 
     async def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
@@ -180,7 +219,7 @@ class LookalikeServer:
         # Leased before it is mapped, so a prune running meanwhile leaves it alone.
         self._write_lease([current])
         try:
-            version = await self._load(current)
+            version, self._feed = await self._with_deltas(await self._load(current))
         except BaseException:
             if not self.config.listen_after_load:
                 await self._server.stop(0)
@@ -190,6 +229,7 @@ class LookalikeServer:
         _freeze_heap()
         servicer.core = self.core
         self.metrics.served(version.name)
+        self._served_deltas(version)
         await self.check_availability()
         if self.config.listen_after_load:
             await self._listen()
@@ -280,7 +320,7 @@ class LookalikeServer:
             self._loading = wanted
             self._write_lease(self._leased_versions())
             try:
-                version = await self._load(wanted)
+                version, feed = await self._with_deltas(await self._load(wanted))
             except Exception as error:
                 self._refused_version = wanted
                 self.metrics.reloads.labels("refused").inc()
@@ -290,6 +330,8 @@ class LookalikeServer:
                 self._loading = None
             await self.core.prepare(version)
             await self.core.swap(version)
+            self._feed = feed
+            self._served_deltas(version)
             self._write_lease(self._leased_versions())
             self.metrics.hidden_products.set(self.core.hidden.count(version))
             self._refused_version = None
@@ -304,6 +346,7 @@ class LookalikeServer:
             except TimeoutError:
                 await self.check_availability()
                 await self.reload()
+                await self.check_deltas()
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, refuse new work, let requests in flight finish within grace_s."""
@@ -351,6 +394,7 @@ async def serve(config: ServerConfig) -> None:
     async def on_hangup() -> None:
         await server.check_availability()
         await server.reload(force=True)
+        await server.check_deltas()
 
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hangup()))
     await server.wait()

@@ -35,6 +35,7 @@ from server.engine import (  # noqa: F401  (the core's public names: the service
 )
 from server.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
 from server.filters import check_size
+from server.fresh import FreshProducts
 from server.result_cache import ResultCache, key_bytes
 from server.version import ServedVersion
 from server.versions import VersionRuntime, Versions
@@ -46,6 +47,9 @@ MAX_LOOP_VALUES = 256
 # MMR's work (k x candidates similarities) a neighbour-list answer may do on the event loop: k = 10 among the
 # default 40 is a few tens of microseconds; a request asking for more is answered in the index pool.
 MAX_LOOP_MMR = 4096
+# Fresh products (delta rows) a neighbour-list answer may scan on the event loop beside its list (about 0.1 ms for
+# 1,024 rows); past it the answer goes to the index pool.
+MAX_LOOP_FRESH_ROWS = 1024
 
 
 def _checked_region(region: Region, prefix: str = "") -> Region:
@@ -167,9 +171,24 @@ class SimilarityCore:
     def set_availability(self, availability: Availability) -> HiddenProducts:
         """Hides what `availability` hides from the next request on; requests running finish as they are."""
         hidden = HiddenProducts(availability)
-        hidden.mask(self.version)  # computed here, off the request path
+        version = self.version
+        hidden.mask(version)  # computed here, off the request path
+        hidden.fresh_mask(version)
         self.hidden = hidden
         return hidden
+
+    async def apply_fresh(self, version_name: str, fresh: FreshProducts) -> bool:
+        """Serves `fresh` (the products of the served version's deltas) from the next request on, beside the version's
+        own; requests running finish with what they started with. False when `version_name` is no longer served."""
+        runtime = self._versions.current
+        if runtime.version.name != version_name or runtime.version.delta_sequence >= fresh.sequence:
+            return False
+        served = replace(runtime.version, fresh=fresh)
+        await asyncio.get_running_loop().run_in_executor(self._index_pool, self.hidden.fresh_mask, served)
+        if self._versions.current is not runtime or runtime.version.delta_sequence >= fresh.sequence:
+            return False  # swapped, or a newer state applied, while the mask was worked out
+        runtime.version = served
+        return True
 
     def queue_depth(self) -> int:
         return self._versions.current.batcher.depth
@@ -315,23 +334,27 @@ class SimilarityCore:
             hidden = self.hidden
             key = None
             if self._results.enabled and query.by_id:
-                key = (version.name, hidden.version, query.image_id, query.product_id, options, k)
+                key = (version.name, version.delta_sequence, hidden.version, query.image_id, query.product_id,
+                       options, k)
                 cached = self._results.get(key)
                 self._observer.result_cache(cached is not None)
                 if cached is not None:
-                    return Answer(cached, version.name, hidden.version, plan=RESULT_CACHE)
+                    return Answer(cached, version.name, hidden.version, plan=RESULT_CACHE,
+                                  delta_sequence=version.delta_sequence)
             # A neighbour list answers on the event loop (tens of microseconds of numpy) unless the filter is
             # large enough to take longer to compile or MMR has much to do; a search, or either of those, in a thread.
             on_loop = len(options.filter.exclude_product_ids) + sum(
                 len(clause.any_of) + len(clause.none_of) for clause in options.filter.clauses) <= MAX_LOOP_VALUES
             on_loop = on_loop and (options.diversity == 0 or k * options.candidates <= MAX_LOOP_MMR)
+            on_loop = on_loop and (version.fresh is None or version.fresh.rows <= MAX_LOOP_FRESH_ROWS)
             results = self.engine.from_list(version, hidden, query, options, k) if on_loop else None
             if results is None:
                 results = await runtime.run_in(self._index_pool, self.engine.find, version, hidden, query, options,
                                                k, not on_loop)
             if key is not None:
                 self._results.put(key, results, key_bytes(options))
-            return Answer(results, version.name, hidden.version, plan=results.plan)
+            return Answer(results, version.name, hidden.version, plan=results.plan,
+                          delta_sequence=version.delta_sequence)
         finally:
             self._release(runtime, images)
 
@@ -379,7 +402,13 @@ class SimilarityCore:
     async def prepare(self, version: ServedVersion) -> None:
         """Works out, in a thread, what serving `version` needs besides its files (which of its products are
         hidden), so that the swap itself is a pointer change on the event loop."""
-        await asyncio.get_running_loop().run_in_executor(self._index_pool, self.hidden.mask, version)
+        hidden = self.hidden
+
+        def masks() -> None:
+            hidden.mask(version)
+            hidden.fresh_mask(version)
+
+        await asyncio.get_running_loop().run_in_executor(self._index_pool, masks)
 
     async def swap(self, version: ServedVersion) -> ServedVersion:
         """Serves `version` from now on; the old one finishes what uses it (threads included), then is unloaded.

@@ -129,10 +129,13 @@ class Answer:
     missing_image_ids: list[str] = field(default_factory=list)
     # How the results were found (server/search.py PLANS, NEIGHBOUR_LIST, RESULT_CACHE); "" when not told.
     plan: str = ""
+    # The last of the version's deltas (products added since its build) the answer includes; 0: none.
+    delta_sequence: int = 0
 
 
 class HiddenProducts:
-    """One availability state, as a mask over each served version's products (computed once per version)."""
+    """One availability state, as a mask over each served version's products and over its fresh products (computed
+    once per version and per delta sequence)."""
 
     def __init__(self, availability: Availability) -> None:
         self.availability = availability
@@ -144,23 +147,36 @@ class HiddenProducts:
 
     def mask(self, version: ServedVersion) -> np.ndarray | None:
         """True for the hidden products of `version`; None when none of its products is hidden."""
-        if version.name not in self._masks:
-            catalogue = version.catalogue
+        return self._mask_of(version.name, version.catalogue)
+
+    def fresh_mask(self, version: ServedVersion) -> np.ndarray | None:
+        """True for the hidden products among `version`'s fresh products (its deltas'); None when none is."""
+        if version.fresh is None:
+            return None
+        if version.fresh_key not in self._masks:
+            # Only the latest delta sequence of a version is asked for from now on.
+            for key in [key for key in self._masks if key.startswith(f"{version.name}+")]:
+                del self._masks[key]
+        return self._mask_of(version.fresh_key, version.fresh.catalogue)
+
+    def _mask_of(self, key: str, catalogue) -> np.ndarray | None:
+        if key not in self._masks:
             rows = catalogue.product_ids.find(sorted(self.availability.hidden)) if catalogue.has_products else []
             mask = None
             if len(rows):
                 mask = np.zeros(catalogue.product_count, bool)
                 mask[rows] = True
-            self._masks[version.name] = mask
-        return self._masks[version.name]
+            self._masks[key] = mask
+        return self._masks[key]
 
     def forget(self, version_name: str) -> None:
-        """Drops a retired version's mask (each version served would otherwise keep one until availability changes)."""
-        self._masks.pop(version_name, None)
+        """Drops a retired version's masks (each version served would otherwise keep one until availability changes)."""
+        for key in [key for key in self._masks if key == version_name or key.startswith(f"{version_name}+")]:
+            del self._masks[key]
 
     def count(self, version: ServedVersion) -> int:
-        mask = self.mask(version)
-        return 0 if mask is None else int(mask.sum())
+        masks = (self.mask(version), self.fresh_mask(version))
+        return sum(int(mask.sum()) for mask in masks if mask is not None)
 
 
 @dataclass(frozen=True)
@@ -171,17 +187,28 @@ class _Resolved:
     vectors: np.ndarray
     own_products: list[int]
     list_position: tuple[str, int] | None = None  # ("product" | "image", row of the list)
+    own_fresh: tuple[int, ...] = ()  # the query's own products among the fresh ones (server/fresh.py)
 
 
 def eligible_products(version: ServedVersion, hidden: HiddenProducts, filter_: Filter,
                       own_products: list[int]) -> np.ndarray | None:
-    """The products a result may come from, worked out once per request: the filter's clauses, not hidden,
-    not excluded, not the query's own. None: every product."""
-    catalogue = version.catalogue
+    """The version's products a result may come from, worked out once per request: the filter's clauses, not
+    hidden, not replaced by a delta, not excluded, not the query's own. None: every product."""
+    superseded = None if version.fresh is None else version.fresh.superseded
+    return _eligible(version.catalogue, filter_, own_products, hidden.mask(version), superseded)
+
+
+def fresh_eligible(version: ServedVersion, hidden: HiddenProducts, filter_: Filter,
+                   own_fresh: tuple[int, ...]) -> np.ndarray | None:
+    """The same for the version's fresh products (its deltas')."""
+    return _eligible(version.fresh.catalogue, filter_, list(own_fresh), hidden.fresh_mask(version))
+
+
+def _eligible(catalogue, filter_: Filter, own_products: list[int], *out: np.ndarray | None) -> np.ndarray | None:
     mask = catalogue.filters.allowed(filter_)
-    hidden_mask = hidden.mask(version)
-    if hidden_mask is not None:
-        mask = ~hidden_mask if mask is None else mask & ~hidden_mask
+    for left_out in out:
+        if left_out is not None:
+            mask = ~left_out if mask is None else mask & ~left_out
     excluded = catalogue.filters.excluded_rows(filter_)
     if len(excluded) or own_products:
         mask = np.ones(catalogue.product_count, bool) if mask is None else mask
@@ -253,8 +280,21 @@ class QueryEngine:
             hits = version.index.describe(scorer, products[found], options.group_size)
         if threshold is not None:
             hits = [hit for hit in hits if hit.score >= threshold][:wanted]
+        hits = self._with_fresh(version, hidden, scorer, resolved.own_fresh, options, wanted, hits)
         self._plan(NEIGHBOUR_LIST)
         return self.results(version, hits, options, k, NEIGHBOUR_LIST)
+
+    @staticmethod
+    def _with_fresh(version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_fresh: tuple[int, ...],
+                    options: SearchOptions, wanted: int, hits: list[ProductHit]) -> list[ProductHit]:
+        """The version's best `wanted` hits merged with those of its fresh products, found by an exact scan: the
+        best `wanted` of both (on equal scores the version's first)."""
+        if version.fresh is None:
+            return hits
+        mask = fresh_eligible(version, hidden, options.filter, own_fresh)
+        fresh = version.fresh.index.search(scorer, wanted, allowed=mask, group_size=options.group_size,
+                                           score_threshold=options.score_threshold).hits
+        return sorted(hits + fresh, key=lambda hit: -hit.score)[:wanted] if fresh else hits
 
     def find(self, version: ServedVersion, hidden: HiddenProducts, query: Query, options: SearchOptions,
              k: int, try_list: bool = True) -> Ranked:
@@ -265,26 +305,30 @@ class QueryEngine:
             return results
         # A hidden product still works as a query ("alternatives to this sold-out product").
         resolved = self.resolve(version, query, self._exclude(query, options))
-        return self.search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k)
+        return self.search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k,
+                           resolved.own_fresh)
 
     @staticmethod
     def _exclude(query: Query, options: SearchOptions) -> bool:
         return query.by_id if options.exclude_query is None else options.exclude_query
 
     def search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
-               options: SearchOptions, k: int) -> Ranked:
+               options: SearchOptions, k: int, own_fresh: tuple[int, ...] = ()) -> Ranked:
         mask = eligible_products(version, hidden, options.filter, own_products)
-        result = version.index.search(scorer, options.wanted(k), allowed=mask, search_k=options.search_k,
+        wanted = options.wanted(k)
+        result = version.index.search(scorer, wanted, allowed=mask, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
+        hits = self._with_fresh(version, hidden, scorer, own_fresh, options, wanted, result.hits)
         self._plan(result.plan)
-        return self.results(version, result.hits, options, k, result.plan)
+        return self.results(version, hits, options, k, result.plan)
 
     def results(self, version: ServedVersion, hits: list[ProductHit], options: SearchOptions,
                 k: int, plan: str = "") -> Ranked:
         """The k results from hits best first: the first k, or with diversity the k that MMR chooses among them
         by their best images' vectors."""
         if options.diversity > 0 and len(hits) > 1:
-            best_images = np.asarray(version.index.vectors[[int(hit.rows[0]) for hit in hits]], np.float32)
+            best_images = np.asarray([(hit.segment or version.index).vectors[int(hit.rows[0])] for hit in hits],
+                                     np.float32)
             # MMR weighs relevance against a cosine in [-1, 1]: scores that span more (sum_scores: up to P + N)
             # are brought to that scale, so that a diversity means the same whatever the strategy.
             relevance = np.asarray([hit.score for hit in hits], np.float64)
@@ -295,33 +339,52 @@ class QueryEngine:
 
     def resolve(self, version: ServedVersion, query: Query, own: bool) -> _Resolved:
         """The vectors of a query and, when `own` is asked for, the products that are the query's own."""
-        catalogue, index = version.catalogue, version.index
+        catalogue, index, fresh = version.catalogue, version.index, version.fresh
         if query.image_id is not None:
             rows = catalogue.rows_of_image(query.image_id)
-            if not len(rows):
+            if fresh is not None and fresh.superseded is not None:
+                # A replaced product's images are no longer served: only the delta's own, if it kept them.
+                rows = rows[~fresh.superseded[catalogue.row_product[rows]]]
+            fresh_rows = fresh.catalogue.rows_of_image(query.image_id) if fresh is not None else rows[:0]
+            if not len(rows) and not len(fresh_rows):
                 raise NotFound(f"image {query.image_id!r} is not in index version {version.name}")
-            return _Resolved(np.asarray(index.vectors[rows[:1]], np.float32),
-                             catalogue.products_of_image(query.image_id) if own else [], ("image", int(rows[0])))
+            own_products = sorted({int(p) for p in catalogue.row_product[rows]}) if own else []
+            own_fresh = tuple(sorted({int(p) for p in fresh.catalogue.row_product[fresh_rows]})) if own and len(
+                fresh_rows) else ()
+            if len(fresh_rows):
+                return _Resolved(np.asarray(fresh.index.vectors[fresh_rows[:1]], np.float32), own_products, None,
+                                 own_fresh)
+            return _Resolved(np.asarray(index.vectors[rows[:1]], np.float32), own_products, ("image", int(rows[0])))
         if query.product_id is not None:
             if not catalogue.has_products:
                 raise InvalidArgument(f"index version {version.name} was built before products existed: query by "
                                       f"image_id instead")
+            product = None if fresh is None else fresh.catalogue.product_row(query.product_id)
+            if product is not None:  # added or replaced by a delta: its images there, and no neighbour list
+                vectors = self._product_vectors(fresh.index, product)
+                return _Resolved(vectors, [], None, (product,) if own else ())
             product = catalogue.product_row(query.product_id)
             if product is None:
                 raise NotFound(f"product {query.product_id!r} is not in index version {version.name}")
-            vectors = np.asarray(index.vectors[catalogue.rows_of_product(product)], np.float32)
-            position = None
-            if self.product_query == "mean":
-                vectors = vectors.mean(axis=0, keepdims=True)
-                vectors /= max(float(np.linalg.norm(vectors)), 1e-12)
-                position = ("product", product)
-            return _Resolved(vectors, [product] if own else [], position)
+            position = ("product", product) if self.product_query == "mean" else None
+            return _Resolved(self._product_vectors(index, product), [product] if own else [], position)
         vector = check_vector(query.vector, index.dimension)
-        return _Resolved(vector[None, :], index.products_at(vector, EXCLUDE_DISTANCE) if own else [])
+        if not own:
+            return _Resolved(vector[None, :], [])
+        own_fresh = tuple(fresh.index.products_at(vector, EXCLUDE_DISTANCE)) if fresh is not None else ()
+        return _Resolved(vector[None, :], index.products_at(vector, EXCLUDE_DISTANCE), None, own_fresh)
+
+    def _product_vectors(self, index, product: int) -> np.ndarray:
+        """A product's query vectors: its images' normalised mean (product_query "mean"), or each of them."""
+        vectors = np.asarray(index.vectors[index.catalogue.rows_of_product(product)], np.float32)
+        if self.product_query == "mean":
+            vectors = vectors.mean(axis=0, keepdims=True)
+            vectors /= max(float(np.linalg.norm(vectors)), 1e-12)
+        return vectors
 
     def recommend(self, version: ServedVersion, hidden: HiddenProducts, examples: Examples, options: SearchOptions,
                   k: int) -> Answer:
-        missing_products, missing_images, own = [], [], []
+        missing_products, missing_images, own, own_fresh = [], [], [], []
         sides = []
         for side in (examples.positive, examples.negative):
             vectors = []
@@ -336,6 +399,7 @@ class QueryEngine:
                     continue
                 vectors.append(resolved.vectors)
                 own += resolved.own_products
+                own_fresh += resolved.own_fresh
             sides.append(vectors)
         if (missing_products or missing_images) and not examples.ignore_missing:
             named = [f"product {p!r}" for p in missing_products] + [f"image {i!r}" for i in missing_images]
@@ -358,12 +422,13 @@ class QueryEngine:
                     return np.concatenate(vs) if vs else np.zeros((0, dimension), np.float32)
 
                 scorer = BestScoreScorer(stack(positive), stack(negative))
-            results = self.search(version, hidden, scorer, own, options, k)
-        return Answer(results, version.name, hidden.version, missing_products, missing_images, results.plan)
+            results = self.search(version, hidden, scorer, own, options, k, tuple(own_fresh))
+        return Answer(results, version.name, hidden.version, missing_products, missing_images, results.plan,
+                      version.delta_sequence)
 
     @staticmethod
     def product_result(version: ServedVersion, hit: ProductHit, options: SearchOptions) -> ProductResult:
-        catalogue = version.catalogue
+        catalogue = (hit.segment or version.index).catalogue
         ids, paths, labels, roles = catalogue.image_ids, catalogue.paths, catalogue.labels, catalogue.roles
         images = [ImageResult(ids[row], distance, score, paths[row], labels[row], roles[row])
                   for row, score, distance in zip(hit.rows.tolist(), hit.scores.tolist(), hit.distances.tolist(),

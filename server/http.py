@@ -211,14 +211,20 @@ class HttpApi:
         """A catalogue image by id: its path comes from the version's tables, never from the request."""
         image_id = request.match_info["image_id"]
         version = self.servicer.core.version
-        rows = version.catalogue.rows_of_image(image_id)
-        if len(rows) == 0:
-            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"image {image_id!r} is not in version {version.name}")
-        root = self._image_root(version.manifest)
-        if root is None:
-            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"version {version.name} records no catalogue root; "
-                                                       "start the server with --catalogue DIR")
-        path = (root / version.catalogue.paths[int(rows[0])]).resolve()
+        fresh = version.fresh
+        fresh_rows = fresh.catalogue.rows_of_image(image_id) if fresh is not None else []
+        if len(fresh_rows):  # added by a delta: under the folder `add` read it from
+            root = fresh.roots[int(fresh.row_root[fresh_rows[0]])].resolve()
+            path = fresh.image_file(int(fresh_rows[0])).resolve()
+        else:
+            rows = version.catalogue.rows_of_image(image_id)
+            if len(rows) == 0:
+                raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"image {image_id!r} is not in version {version.name}")
+            root = self._image_root(version.manifest)
+            if root is None:
+                raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"version {version.name} records no catalogue root; "
+                                                           "start the server with --catalogue DIR")
+            path = (root / version.catalogue.paths[int(rows[0])]).resolve()
         if not path.is_relative_to(root) or not path.is_file():
             raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"the file of image {image_id!r} is not under {root}")
         return web.FileResponse(path, headers={

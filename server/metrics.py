@@ -50,6 +50,12 @@ class ServerMetrics(CoreObserver):
                                           multiprocess_mode="livemin")
         self.availability_reloads = Counter("lookalike_availability_reloads", "availability.json reads by result "
                                             "(applied, refused)", ["result"], registry=r)
+        self.delta_sequence = Gauge("lookalike_delta_sequence", "the last delta of the served version applied (across "
+                                    "workers: the lowest)", registry=r, multiprocess_mode="livemin")
+        self.delta_rows = Gauge("lookalike_delta_rows", "image rows of the served version's deltas, scanned exactly on "
+                                "every query", registry=r, multiprocess_mode="livemax")
+        self.delta_reads = Counter("lookalike_delta_reads", "deltas read by result (applied, refused: unreadable, "
+                                   "the server keeps what it had)", ["result"], registry=r)
         self.result_cache_lookups = Counter("lookalike_result_cache", "FindSimilar by id answers looked up in the "
                                             "result cache, by result (hit, miss)", ["result"], registry=r)
         self.retire_collection_seconds = Histogram(

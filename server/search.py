@@ -234,6 +234,8 @@ class ProductHit:
     rows: np.ndarray
     scores: np.ndarray
     distances: np.ndarray
+    # The search whose catalogue the rows are of: the version's, or the fresh products' (server/fresh.py).
+    segment: ProductSearch | None = None
 
     @property
     def score(self) -> float:
@@ -283,9 +285,10 @@ def top_products(scores: np.ndarray, products: np.ndarray, k: int) -> tuple[np.n
 
 
 class ProductSearch:
-    """The index of one version: Annoy or HNSW over the unit vectors, the vectors themselves, the catalogue."""
+    """The index of one version: Annoy or HNSW over the unit vectors, the vectors themselves, the catalogue. Without
+    an index file (the fresh products of deltas, few by construction), every plan is exact."""
 
-    def __init__(self, catalogue: Catalogue, vectors: np.ndarray, index_path: Path, search_k: int, n_trees: int,
+    def __init__(self, catalogue: Catalogue, vectors: np.ndarray, index_path: Path | None, search_k: int, n_trees: int,
                  config: SearchConfig = SearchConfig(), metric: str = "euclidean", kind: str = "annoy") -> None:
         self.catalogue = catalogue
         # A plain ndarray over the same mapped pages: numpy's memmap subclass costs more per slice than
@@ -297,8 +300,9 @@ class ProductSearch:
         self.config = config
         # search_k is the per-query budget in this index's unit: Annoy's search_k, HNSW's ef.
         self.kind = kind
-        self.ann = open_index(kind, index_path, self.dimension, len(vectors), n_trees, metric)
-        if len(self.ann) != len(vectors):
+        self.ann = None if index_path is None else open_index(kind, index_path, self.dimension, len(vectors), n_trees,
+                                                              metric)
+        if self.ann is not None and len(self.ann) != len(vectors):
             raise artifacts.ArtifactError(f"index has {len(self.ann)} images, the tables {len(vectors)}")
 
     def __len__(self) -> int:
@@ -325,7 +329,8 @@ class ProductSearch:
         if eligible_rows == 0:
             return SearchResult([], EXACT)
         plan, found = EXACT, None
-        if eligible_rows > self.config.exact_max_rows and eligible_products > k and len(scorer.probes):
+        if self.ann is not None and eligible_rows > self.config.exact_max_rows and eligible_products > k \
+                and len(scorer.probes):
             plan = ANNOY
             found = self._annoy_search(scorer, k, mask, eligible_rows / len(self), search_k or self.search_k,
                                        score_threshold)
@@ -416,7 +421,7 @@ class ProductSearch:
         ranked = np.argsort(-scores[starts], kind="stable").tolist()  # products by their best score
         product_rows = products.tolist()
         return [ProductHit(product_rows[n], rows[starts[n]:ends[n]], scores[starts[n]:ends[n]],
-                           distances[starts[n]:ends[n]]) for n in ranked]
+                           distances[starts[n]:ends[n]], self) for n in ranked]
 
     def describe_rows(self, scorer: Scorer, products: np.ndarray, rows: np.ndarray) -> list[ProductHit]:
         """Each found product by one given row (its best image, named by a neighbour list), scored exactly, best
@@ -425,12 +430,12 @@ class ProductSearch:
         vectors = self.vectors[rows]
         scores, distances = scorer.scores(vectors), scorer.distances(vectors)
         product_rows = products.tolist()
-        return [ProductHit(product_rows[n], rows[n:n + 1], scores[n:n + 1], distances[n:n + 1])
+        return [ProductHit(product_rows[n], rows[n:n + 1], scores[n:n + 1], distances[n:n + 1], self)
                 for n in np.argsort(-scores, kind="stable").tolist()]
 
     def products_at(self, vector: np.ndarray, max_distance: float) -> list[int]:
         """Products owning an image within max_distance of the vector: an image query's own products."""
-        if len(self) <= self.config.exact_max_rows:
+        if self.ann is None or len(self) <= self.config.exact_max_rows:
             rows = np.arange(len(self))
         else:
             rows = self.ann.nearest(vector, 16, self.search_k)[0]
@@ -438,4 +443,5 @@ class ProductSearch:
         return sorted({int(p) for p in self.catalogue.row_product[close]})
 
     def unload(self) -> None:
-        self.ann.unload()
+        if self.ann is not None:
+            self.ann.unload()

@@ -158,7 +158,8 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
         exclude_query = request.exclude_query if request.HasField("exclude_query") else None
         found = await self.core.find_similar(_query(request), _options(request, exclude_query), _deadline(context))
         return pb.FindSimilarResponse(matches=[_match(m) for m in found.results], index_version=found.version,
-                                      availability_version=found.availability_version, plan=found.plan)
+                                      availability_version=found.availability_version, plan=found.plan,
+                                      delta_sequence=found.delta_sequence)
 
     @_rpc
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:  # noqa: N802
@@ -166,7 +167,8 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
         return pb.RecommendResponse(matches=[_match(m) for m in found.results], index_version=found.version,
                                     availability_version=found.availability_version,
                                     missing_product_ids=found.missing_product_ids,
-                                    missing_image_ids=found.missing_image_ids, plan=found.plan)
+                                    missing_image_ids=found.missing_image_ids, plan=found.plan,
+                                    delta_sequence=found.delta_sequence)
 
     @_rpc
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:  # noqa: N802
@@ -182,4 +184,7 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
             n_trees=int(manifest["index"]["n_trees"]), recall_at_10=float(manifest["index"]["recall_at_10"]),
             input_size=int(manifest.get("input_size", 256)), max_k=config.max_k,
             max_images_per_request=config.max_images_per_request, server_version=SERVER_VERSION,
-            hidden_product_count=self.core.hidden.count(version), availability_version=self.core.hidden.version)
+            hidden_product_count=self.core.hidden.count(version), availability_version=self.core.hidden.version,
+            delta_sequence=version.delta_sequence,
+            delta_product_count=0 if version.fresh is None else version.fresh.catalogue.product_count,
+            delta_image_count=0 if version.fresh is None else version.fresh.rows)

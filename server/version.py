@@ -13,6 +13,7 @@ from lookalike import artifacts
 from lookalike.neighbours import NeighbourLists, load_neighbours
 from lookalike.preprocess import INPUT_SIZE, PreprocessConfig, Preprocessor, Region
 from server.catalogue import Catalogue, load_catalogue
+from server.fresh import FreshProducts
 from server.search import ProductSearch, SearchConfig
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ class ServedVersion:
     neighbours: Neighbours | None = None
     # The version whose load read the model in `embedder`: this one, or the served version it shares it with.
     model_of: str = ""
+    # The products of the version's deltas read so far (server/fresh.py), or None. A request keeps the object it
+    # started with: a delta applied meanwhile is a new ServedVersion sharing everything else.
+    fresh: FreshProducts | None = None
 
     def __post_init__(self) -> None:
         self.model_of = self.model_of or self.name
@@ -103,6 +107,16 @@ class ServedVersion:
     @property
     def catalogue(self) -> Catalogue:
         return self.index.catalogue
+
+    @property
+    def delta_sequence(self) -> int:
+        """The last delta this object serves (0: none)."""
+        return 0 if self.fresh is None else self.fresh.sequence
+
+    @property
+    def fresh_key(self) -> str:
+        """Names the fresh products' state, as the version's name names its own."""
+        return f"{self.name}+{self.delta_sequence}"
 
     @property
     def search_k(self) -> int:

@@ -127,6 +127,21 @@ def build(images: Path, out: Path, *extra: str, check: bool = True) -> subproces
                           text=True, timeout=900)
 
 
+def build_cli(*args, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """lookalike-build with the given arguments (hide, add, prune...); fails the test on a non-zero exit."""
+    return subprocess.run([BIN / "lookalike-build", *map(str, args)], capture_output=True, text=True, env=env(),
+                          timeout=timeout_s, check=True)
+
+
+def until(condition, timeout_s: float = 30.0) -> float:
+    """Seconds until condition() holds (bounded; the test fails if it never does)."""
+    begin = time.monotonic()
+    while not condition():
+        assert time.monotonic() - begin < timeout_s, "condition not reached"
+        time.sleep(0.05)
+    return time.monotonic() - begin
+
+
 def copy_artifacts(source: Path, target: Path) -> Path:
     """A private copy of ARTIFACTS (its versions and CURRENT; not the feature cache nor leases), for a test
     that adds versions, moves CURRENT or breaks a file."""

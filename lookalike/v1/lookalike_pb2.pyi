@@ -147,20 +147,22 @@ class RecommendRequest(_message.Message):
     def __init__(self, positive: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., negative: _Optional[_Iterable[_Union[Example, _Mapping]]] = ..., strategy: _Optional[_Union[RecommendStrategy, str]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., ignore_missing: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids", "availability_version", "plan")
+    __slots__ = ("matches", "index_version", "missing_product_ids", "missing_image_ids", "availability_version", "plan", "delta_sequence")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     MISSING_PRODUCT_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSING_IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     index_version: str
     missing_product_ids: _containers.RepeatedScalarFieldContainer[str]
     missing_image_ids: _containers.RepeatedScalarFieldContainer[str]
     availability_version: int
     plan: str
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., missing_product_ids: _Optional[_Iterable[str]] = ..., missing_image_ids: _Optional[_Iterable[str]] = ..., availability_version: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
+    delta_sequence: int
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., missing_product_ids: _Optional[_Iterable[str]] = ..., missing_image_ids: _Optional[_Iterable[str]] = ..., availability_version: _Optional[int] = ..., plan: _Optional[str] = ..., delta_sequence: _Optional[int] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("item_id", "distance", "score", "path", "label", "image_id", "product_id", "images", "attributes")
@@ -206,23 +208,25 @@ class ImageMatch(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., path: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class FindSimilarResponse(_message.Message):
-    __slots__ = ("matches", "index_version", "availability_version", "plan")
+    __slots__ = ("matches", "index_version", "availability_version", "plan", "delta_sequence")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     index_version: str
     availability_version: int
     plan: str
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., availability_version: _Optional[int] = ..., plan: _Optional[str] = ...) -> None: ...
+    delta_sequence: int
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., index_version: _Optional[str] = ..., availability_version: _Optional[int] = ..., plan: _Optional[str] = ..., delta_sequence: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version", "image_count", "product_count", "attribute_keys", "hidden_product_count", "availability_version")
+    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version", "image_count", "product_count", "attribute_keys", "hidden_product_count", "availability_version", "delta_sequence", "delta_product_count", "delta_image_count")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +246,9 @@ class GetInfoResponse(_message.Message):
     ATTRIBUTE_KEYS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_PRODUCT_COUNT_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_PRODUCT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     preprocessing: str
@@ -261,4 +268,7 @@ class GetInfoResponse(_message.Message):
     attribute_keys: _containers.RepeatedScalarFieldContainer[str]
     hidden_product_count: int
     availability_version: int
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ..., image_count: _Optional[int] = ..., product_count: _Optional[int] = ..., attribute_keys: _Optional[_Iterable[str]] = ..., hidden_product_count: _Optional[int] = ..., availability_version: _Optional[int] = ...) -> None: ...
+    delta_sequence: int
+    delta_product_count: int
+    delta_image_count: int
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ..., image_count: _Optional[int] = ..., product_count: _Optional[int] = ..., attribute_keys: _Optional[_Iterable[str]] = ..., hidden_product_count: _Optional[int] = ..., availability_version: _Optional[int] = ..., delta_sequence: _Optional[int] = ..., delta_product_count: _Optional[int] = ..., delta_image_count: _Optional[int] = ...) -> None: ...

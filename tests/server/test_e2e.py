@@ -255,18 +255,7 @@ def _admitted_images(metrics_port: int) -> float:
     return metrics.get("lookalike_queue_depth{}", 0) + metrics.get("lookalike_batch_size_sum{}", 0)
 
 
-def _build_cli(*args):
-    return subprocess.run([helpers.BIN / "lookalike-build", *map(str, args)], capture_output=True, text=True,
-                          env=helpers.env(), timeout=60, check=True)
-
-
-def _until(condition, timeout_s: float = 30.0) -> float:
-    """Seconds until condition() holds (bounded; the test fails if it never does)."""
-    begin = time.monotonic()
-    while not condition():
-        assert time.monotonic() - begin < timeout_s, "condition not reached"
-        time.sleep(0.05)
-    return time.monotonic() - begin
+_build_cli, _until = helpers.build_cli, helpers.until
 
 
 def test_hide_rollback_and_prune_on_a_running_server_under_load(served_copy, catalogue, tmp_path):
