@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lookalike import artifacts
+from builder.add import AddConfig, run_add
+from builder.operate import prune
+from lookalike import artifacts, deltas
 from tests import helpers
 from tests.builder import fake_build
 
@@ -67,10 +69,18 @@ def test_a_rebuild_embeds_only_new_and_changed_contents(tmp_path):
             np.random.default_rng(10 + n).integers(0, 255, (28, 28, 3), dtype=np.uint8)))
         added.append({"image_id": f"new-{n}", "height": 28, "width": 28, "path": path})
     _rewrite_index(catalogue, rows + added)
+    # Two of the new images were published between builds by `add` (a folder of their own, each its own product).
+    folder = tmp_path / "added"
+    (folder / "small" / "zz").mkdir(parents=True)
+    for n in range(2):
+        shutil.copy(catalogue / "small" / f"zz/new-{n}.png", folder / "small" / "zz" / f"new-{n}.png")
+    delta = run_add(AddConfig(out=out, images=folder))
+    assert delta.manifest["counts"]["products"] == 2 and delta.manifest["embedding"]["features_cached"] == 2
+    first_version = artifacts.read_current(out)
 
     second = _build(catalogue, out, cache)
-    assert second["embedding"]["embedded"] == 4  # the changed file and the three new ones
-    assert second["embedding"]["from_cache"] == second["embedding"]["contents"] - 4
+    assert second["embedding"]["embedded"] == 2  # the changed file and the one new image `add` did not see
+    assert second["embedding"]["from_cache"] == second["embedding"]["contents"] - 2
     assert second["scan"]["decoded"] == 6  # the moved, changed, copied and three new files
     after = _vectors_by_image(out)
     for image_id in set(before) - {changed["image_id"]}:
@@ -78,6 +88,13 @@ def test_a_rebuild_embeds_only_new_and_changed_contents(tmp_path):
     assert not np.allclose(before[changed["image_id"]], after[changed["image_id"]], atol=1e-3)
     assert np.allclose(after["copy-of-2"], after[duplicated["image_id"]], atol=1e-6)
     assert len(list(cache.glob("models/*/trunk"))) == 1  # the trunk was exported once for this model
+    # The delta's vectors are the ones the next build gives the same images (the version's model, either way).
+    delta_vectors = np.load(delta.path / artifacts.VECTORS_FILE)
+    for row, image_id in enumerate(pd.read_parquet(delta.path / artifacts.IMAGES_FILE)["image_id"]):
+        assert np.allclose(delta_vectors[row], after[image_id], atol=1e-5), image_id
+    # Retired with their version: prune removes them with it.
+    assert prune(out, keep=1).removed == [first_version]
+    assert deltas.list_deltas(out, first_version) == [] and not deltas.deltas_dir(out, first_version).exists()
 
     # Another catalogue folder sharing the cache embeds nothing it has seen.
     elsewhere = _build(catalogue, tmp_path / "OTHER", cache)
