@@ -40,6 +40,13 @@ def test_builder_mistakes(tmp_path, empty_catalogue):
                         "99"), "augment_neighbours must be between 0 and 50, not 99")
     assert_one_line(run(build, "sample", "fashion-mnist", "--out", tmp_path / "s", "--limit", "0"), "--limit")
     assert not (tmp_path / "A").exists()
+    (tmp_path / "B").mkdir()
+    assert_one_line(run(build, "add", "--out", tmp_path / "A", "--images", empty_catalogue), "--out", "is not a folder")
+    assert_one_line(run(build, "add", "--out", tmp_path / "B", "--images", tmp_path), "has no small/ folder")
+    assert_one_line(run(build, "add", "--out", tmp_path / "B", "--images", empty_catalogue), "CURRENT", "build")
+    assert_one_line(run(build, "add", "--out", tmp_path / "B", "--images", empty_catalogue, "--max-delta-rows", "x"),
+                    "--max-delta-rows")
+    assert_one_line(run(build, "deltas", "--out", tmp_path / "B"), "CURRENT")
 
 
 @pytest.mark.e2e
