@@ -37,7 +37,8 @@ async function loadInfo() {
     const info = await call("/v1/info");
     $("info").textContent = `version ${info.version} · ${info.productCount || 0} products, ${info.imageCount || 0} ` +
       `images · ${info.backbone} + ${info.head}, ${info.dimension}-d · availability version ` +
-      `${info.availabilityVersion || 0}, ${info.hiddenProductCount || 0} hidden · server ${info.serverVersion}`;
+      `${info.availabilityVersion || 0}, ${info.hiddenProductCount || 0} hidden · delta ${info.deltaSequence || 0}, ` +
+      `${info.deltaProductCount || 0} products added since the build · server ${info.serverVersion}`;
     const attributes = (await call("/v1/attributes")).attributes;
     const keys = $("filter-key");
     keys.replaceChildren(...Object.keys(attributes).map((key) => element("option", {value: key}, key)));
@@ -109,6 +110,7 @@ async function run(path, request, queryParts) {
     const missing = [...(answer.missingProductIds || []), ...(answer.missingImageIds || [])];
     setStatus(`${matches.length} products in ${Math.round(performance.now() - started)} ms · version ` +
               `${answer.indexVersion} · availability version ${answer.availabilityVersion || 0}` +
+              ` · delta ${answer.deltaSequence || 0}` +
               (answer.plan ? ` · plan ${answer.plan}` : "") +
               (missing.length ? ` · not in the version: ${missing.join(", ")}` : ""), "done");
   } catch (error) {

@@ -87,6 +87,7 @@ def test_console_queries_a_product_a_filter_a_photo_and_a_recommendation(served,
     # The plan that answered (the session build has neighbour lists, or this answer came from the result cache).
     assert any(f"plan {plan}" in browser.find_element("id", "status").text
                for plan in ("neighbour_list", "result_cache")), browser.find_element("id", "status").text
+    assert "delta 0" in browser.find_element("id", "status").text  # the session build has no deltas
 
     # A result is a link that makes it the query.
     first = tiles[0]
