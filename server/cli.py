@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "slower than Annoy above the measured crossover)")
     p.add_argument("--product-query", choices=PRODUCT_QUERIES, default=env_default("product_query", c.product_query),
                    help="a query by product id: the mean of its images' vectors, or each image as a probe (max)")
+    p.add_argument("--max-candidates", type=int, default=env_default("max_candidates", c.max_candidates),
+                   help="most products diversity (MMR) may choose among, a request's `candidates` (at least max k)")
+    p.add_argument("--max-diversity-work", type=int,
+                   default=env_default("max_diversity_work", c.max_diversity_work),
+                   help="most MMR work a request may ask for, k x candidates similarities; more is INVALID_ARGUMENT")
     p.add_argument("--max-message-mb", type=int, default=env_default("max_message_mb", 64),
                    help="largest gRPC message in MiB; a batch of catalogue photos fits in the default")
     p.add_argument("--grace-s", type=float, default=env_default("grace_s", 20.0),
@@ -126,7 +131,8 @@ def config_from_args(args: argparse.Namespace):
                       max_images_per_request=args.max_images_per_request, max_pixels=args.max_pixels,
                       product_query=args.product_query, result_cache_size=args.result_cache_size,
                       result_cache_mb=args.result_cache_mb, max_search_k_factor=args.max_search_k_factor,
-                      max_image_bytes_in_flight=args.max_image_mb_in_flight * 2**20)
+                      max_image_bytes_in_flight=args.max_image_mb_in_flight * 2**20,
+                      max_candidates=args.max_candidates, max_diversity_work=args.max_diversity_work)
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         core=core, max_message_bytes=args.max_message_mb * 1024 * 1024,

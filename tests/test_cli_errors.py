@@ -68,6 +68,7 @@ def test_server_mistakes(tmp_path):
     assert_one_line(run(serve, "--artifacts", tmp_path, "--http-port", "-2"), "--http-port")
     assert_one_line(run(serve, "--artifacts", tmp_path, "--catalogue", tmp_path / "nowhere"), "--catalogue",
                     "is not a folder")
+    assert_one_line(run(serve, "--artifacts", tmp_path, "--max-candidates", "5"), "max_candidates must be at least")
 
 
 def test_client_mistakes(tmp_path):
