@@ -81,8 +81,20 @@ def load_neighbours(version_dir: Path, manifest: dict) -> NeighbourLists | None:
         if array.dtype != expected_dtype(name) or array.shape != shape:
             raise ArtifactError(f"{rel} is {array.dtype} {list(array.shape)}, expected {expected_dtype(name)} "
                                 f"{list(shape)}")
+        if not name.endswith("_scores"):
+            _check_range(array, products if name.endswith("_neighbours") else rows, rel)
         arrays[name] = array
     return NeighbourLists(n=n, **arrays)
+
+
+def _check_range(array: np.ndarray, count: int, rel: str, chunk_rows: int = 8192) -> None:
+    """Every entry a product (or index row) of the version, or -1 past a list's end: a list naming anything else
+    would fail the requests that walk it. In slices, so a load beside the served version never holds the
+    interpreter for long."""
+    for start in range(0, len(array), chunk_rows):
+        part = array[start:start + chunk_rows]
+        if part.size and (int(part.min()) < -1 or int(part.max()) >= count):
+            raise ArtifactError(f"{rel} names entries outside -1..{count - 1} (rows {start}..{start + len(part) - 1})")
 
 
 def _load(path: Path, rel: str) -> np.ndarray:

@@ -170,6 +170,20 @@ def test_load_neighbours_refuses_wrong_shapes_and_dtypes(tmp_path, name, array, 
         load_neighbours(tmp_path, manifest)
 
 
+@pytest.mark.parametrize(("name", "bad", "problem"), [
+    ("product_neighbours", 3, "product_neighbours.npy names entries outside -1..2"),  # products: 3
+    ("image_neighbours", -2, "image_neighbours.npy names entries outside -1..2"),
+    ("product_neighbour_rows", 5, "product_neighbour_rows.npy names entries outside -1..4"),  # rows: 5
+])
+def test_load_neighbours_refuses_entries_outside_the_version(tmp_path, name, bad, problem):
+    count = 3 if name.startswith("product_") else 5
+    array = np.full((count, 4), -1, np.int32)
+    array[1, 2] = bad
+    manifest = write_lists(tmp_path, products=3, rows=5, n=4, **{name: array})
+    with pytest.raises(ArtifactError, match=problem):
+        load_neighbours(tmp_path, manifest)
+
+
 def test_load_neighbours_names_a_missing_or_unreadable_file(tmp_path):
     manifest = write_lists(tmp_path, products=3, rows=5, n=4)
     (tmp_path / file_path("image_neighbour_rows")).unlink()
