@@ -50,6 +50,9 @@ MAX_LOOP_MMR = 4096
 # Fresh products (delta rows) a neighbour-list answer may scan on the event loop beside its list (about 0.1 ms for
 # 1,024 rows); past it the answer goes to the index pool.
 MAX_LOOP_FRESH_ROWS = 1024
+# Result rows (k x group_size) a neighbour-list answer may score and render on the event loop: k = 10 is 10 rows;
+# k = 1,000 with groups of 100 is 100,000 rows, tens of milliseconds, answered in the index pool.
+MAX_LOOP_RESULT_ROWS = 2048
 
 
 def _checked_region(region: Region, prefix: str = "") -> Region:
@@ -347,6 +350,7 @@ class SimilarityCore:
                 len(clause.any_of) + len(clause.none_of) for clause in options.filter.clauses) <= MAX_LOOP_VALUES
             on_loop = on_loop and (options.diversity == 0 or k * options.candidates <= MAX_LOOP_MMR)
             on_loop = on_loop and (version.fresh is None or version.fresh.rows <= MAX_LOOP_FRESH_ROWS)
+            on_loop = on_loop and options.wanted(k) * max(1, options.group_size) <= MAX_LOOP_RESULT_ROWS
             results = self.engine.from_list(version, hidden, query, options, k) if on_loop else None
             if results is None:
                 results = await runtime.run_in(self._index_pool, self.engine.find, version, hidden, query, options,

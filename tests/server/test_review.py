@@ -290,6 +290,9 @@ async def test_a_list_answer_with_a_large_filter_is_worked_out_off_the_event_loo
         assert answered_on and loop_thread not in answered_on  # compiled in the index pool
         small = await core.find_similar(Query(product_id=product_ids[0]), SearchOptions(k=10))
         assert len(small.results) == 10 and answered_on[-1] == loop_thread  # a plain list answer stays on the loop
+        # Many results with their groups: thousands of rows to score and render, in the index pool too.
+        await core.find_similar(Query(product_id=product_ids[0]), SearchOptions(k=100, group_size=100))
+        assert answered_on[-1] != loop_thread
     finally:
         await core.close()
 
