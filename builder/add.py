@@ -173,19 +173,22 @@ def _listing_row(line: str, language: str) -> dict:
         listing = json.loads(line)
     except json.JSONDecodeError:
         return {"malformed": True}
-    if not isinstance(listing, dict):
+    if not isinstance(listing, dict) or not _typed_as_spark_reads(listing):
         return {"malformed": True}
 
     def first(values, field: str):
         return values[0].get(field) if isinstance(values, list) and values and isinstance(values[0], dict) else None
 
-    row = {"product_id": listing.get("item_id"), "main_image_id": listing.get("main_image_id"),
-           "other_image_id": listing.get("other_image_id") or None, "malformed": False,
+    def text(value):
+        return None if value is None else str(value)
+
+    row = {"product_id": text(listing.get("item_id")), "main_image_id": text(listing.get("main_image_id")),
+           "other_image_id": [text(v) for v in listing.get("other_image_id") or []] or None, "malformed": False,
            "product_type": first(listing.get("product_type"), "value"),
            "node": first(listing.get("node"), "node_name")}
     for name in PLAIN_ATTRIBUTES:
         value = listing.get(name)
-        row[name] = value if isinstance(value, str) else None
+        row[name] = text(value)
     prefix = language.split("_")[0]
     for name in TAGGED_ATTRIBUTES:
         tagged = [v for v in listing.get(name) or [] if isinstance(v, dict)]
@@ -193,6 +196,19 @@ def _listing_row(line: str, language: str) -> dict:
                   or [v for v in tagged if str(v.get("language_tag", "")).split("_")[0] == prefix] or tagged)
         row[name] = chosen[0].get("value") if chosen else None
     return row
+
+
+def _typed_as_spark_reads(listing: dict) -> bool:
+    """The field types read_listings' schema gives Spark: a listing with another type in one of them is malformed
+    there (PERMISSIVE mode), so it is here too."""
+    def is_list_of(value, kind) -> bool:
+        return value is None or (isinstance(value, list) and all(v is None or isinstance(v, kind) for v in value))
+
+    scalar = (str, int, float, bool)
+    return (all(listing.get(name) is None or isinstance(listing[name], scalar)
+                for name in ("item_id", "main_image_id", *PLAIN_ATTRIBUTES))
+            and is_list_of(listing.get("other_image_id"), str)
+            and all(is_list_of(listing.get(name), dict) for name in ("product_type", "node", *TAGGED_ATTRIBUTES)))
 
 
 def scan_folder(images: Path, max_aspect_difference: int) -> pd.DataFrame:
@@ -332,3 +348,27 @@ def _replaced(out: Path, version: str, version_dir: Path, product_ids: list[str]
         column = table.column("product_id")
         found.update(column.filter(pc.is_in(column, wanted)).to_pylist())
     return sorted(found)
+
+
+def products_not_absorbed(out: Path, product_ids: set[str]) -> dict | None:
+    """What the served version's deltas hold that a new build does not: products `add` published whose files were
+    not copied into the catalogue. They leave the results when the new version is served (its deltas start empty)."""
+    try:
+        version = artifacts.read_current(out)
+    except artifacts.ArtifactError:
+        return None
+    published = deltas.list_deltas(out, version)
+    if not published:
+        return None
+    from lookalike.tables import read_products
+
+    added: set[str] = set()
+    for _, path in published:
+        try:
+            added.update(read_products(path / artifacts.PRODUCTS_FILE, columns=["product_id"])
+                         .column("product_id").to_pylist())
+        except (artifacts.ArtifactError, OSError, ValueError):
+            continue
+    missing = sorted(added - product_ids)
+    return {"of_version": version, "deltas": len(published), "products": len(added),
+            "not_in_this_build": {"count": len(missing), "examples": missing[:10]}}

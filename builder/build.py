@@ -512,10 +512,27 @@ def run_build(config: BuildConfig) -> BuildResult:
     }
     if neighbours:
         manifest[NEIGHBOURS_KEY] = neighbours
+    absorbed = _deltas_absorbed(config.out, set(catalogue.products["product_id"]))
+    if absorbed:
+        manifest["deltas_of_previous_version"] = absorbed
     final = publish_version(config.out, version, staging, manifest)
     log.info("published %s: %d products, %d images, recall@10 %.3f", version, len(catalogue.products),
              len(catalogue.rows), report.recall_at_10)
     return BuildResult(version, final, manifest)
+
+
+def _deltas_absorbed(out: Path, product_ids: set[str]) -> dict | None:
+    """Whether this build holds the products `add` published for the version served until now; a warning names
+    those it does not (their files were not copied into the catalogue: they leave the results with that version)."""
+    from builder.add import products_not_absorbed
+
+    report = products_not_absorbed(out, product_ids)
+    missing = report["not_in_this_build"] if report else None
+    if missing and missing["count"]:
+        log.warning("%d of the %d products added by deltas of %s are not in this build (e.g. %s): copy their files "
+                    "into the catalogue, or add them again once this version is served", missing["count"],
+                    report["products"], report["of_version"], ", ".join(missing["examples"][:3]))
+    return report
 
 
 def open_version(out: Path, version: str | None) -> tuple[str, Path]:

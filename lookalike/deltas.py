@@ -30,6 +30,8 @@ from lookalike import artifacts, tables
 DELTAS_DIR = ".deltas"
 DELTA_MANIFEST = "delta.json"
 LOCK_FILE = ".lock"
+# The highest sequence ever published for the version (under the lock).
+HIGH_WATER_FILE = ".sequence"
 STAGING_PREFIX = ".staging-"
 DELTA_FILES = (artifacts.IMAGES_FILE, artifacts.PRODUCTS_FILE, artifacts.VECTORS_FILE)
 # Image rows a version's deltas may hold together: they are scanned exactly on every query, so past this a
@@ -107,7 +109,11 @@ def read_delta(path: Path, dimension: int | None = None) -> Delta:
     first = products.column("first_row").to_numpy()
     if int(counts.sum()) != images.num_rows or not np.array_equal(first, np.cumsum(counts) - counts):
         raise DeltaError(f"delta {path.name}: its products do not own its image rows in order")
-    return Delta(int(manifest.get("sequence", path.name)), manifest, images, products, vectors)
+    try:
+        sequence = int(manifest.get("sequence", path.name))
+    except (TypeError, ValueError):
+        raise DeltaError(f"{path / DELTA_MANIFEST} has no sequence number") from None
+    return Delta(sequence, manifest, images, products, vectors)
 
 
 @contextmanager
@@ -158,8 +164,15 @@ def publish_delta(out: Path, version: str, staging: Path, manifest: dict, max_de
     would hold more than max_delta_rows image rows."""
     try:
         with locked(out, version) as folder:
+            current = artifacts.read_current(out)
+            if current != version or not (out / version).is_dir():
+                raise DeltaError(f"CURRENT moved from {version} to {current} while adding: nothing was published; "
+                                 f"run add again (it embeds with the version served now)")
             published = check_room(out, version, int(manifest["counts"]["images"]), max_delta_rows)
-            sequence = published[-1][0] + 1 if published else 1
+            # Numbers are never reused, even when the latest delta's folder was removed by hand: a replica that
+            # applied that number would skip a new delta carrying it.
+            sequence = max(published[-1][0] if published else 0, _high_water(folder)) + 1
+            artifacts.write_atomic(folder / HIGH_WATER_FILE, f"{sequence}\n")
             manifest = {**manifest, "sequence": sequence, "version": version,
                         "files": {rel: artifacts.sha256_file(staging / rel) for rel in DELTA_FILES}}
             artifacts.write_json_atomic(staging / DELTA_MANIFEST, manifest)
@@ -170,6 +183,13 @@ def publish_delta(out: Path, version: str, staging: Path, manifest: dict, max_de
             return sequence, final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _high_water(folder: Path) -> int:
+    try:
+        return int((folder / HIGH_WATER_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
 
 
 def remove_deltas(out: Path, version: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -344,9 +345,17 @@ class LookalikeServer:
             try:
                 await asyncio.wait_for(self._stopped.wait(), self.config.watch_interval_s)
             except TimeoutError:
-                await self.check_availability()
-                await self.reload()
-                await self.check_deltas()
+                await self.check_all()
+
+    async def check_all(self, force: bool = False) -> None:
+        """Availability, CURRENT and deltas, each on its own: one that fails unexpectedly is logged and the others
+        still run, now and at every later check (the watch loop must never end on an error)."""
+        for check in (self.check_availability, functools.partial(self.reload, force), self.check_deltas):
+            try:
+                await check()
+            except Exception:  # noqa: BLE001
+                log.exception("%s failed; serving as before, checking again later",
+                              getattr(check, "__name__", "reload"))
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, refuse new work, let requests in flight finish within grace_s."""
@@ -392,9 +401,7 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stopping.append(loop.create_task(server.stop())))
     async def on_hangup() -> None:
-        await server.check_availability()
-        await server.reload(force=True)
-        await server.check_deltas()
+        await server.check_all(force=True)
 
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hangup()))
     await server.wait()

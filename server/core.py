@@ -47,8 +47,8 @@ MAX_LOOP_VALUES = 256
 # MMR's work (k x candidates similarities) a neighbour-list answer may do on the event loop: k = 10 among the
 # default 40 is a few tens of microseconds; a request asking for more is answered in the index pool.
 MAX_LOOP_MMR = 4096
-# Fresh products (delta rows) a neighbour-list answer may scan on the event loop beside its list (about 0.1 ms for
-# 1,024 rows); past it the answer goes to the index pool.
+# Fresh products (delta rows) a neighbour-list answer may scan on the event loop beside its list (about 0.5 ms for
+# 1,024 rows on a busy 2-core host); past it the answer goes to the index pool.
 MAX_LOOP_FRESH_ROWS = 1024
 # Result rows (k x group_size) a neighbour-list answer may score and render on the event loop: k = 10 is 10 rows;
 # k = 1,000 with groups of 100 is 100,000 rows, tens of milliseconds, answered in the index pool.
@@ -191,6 +191,9 @@ class SimilarityCore:
         if self._versions.current is not runtime or runtime.version.delta_sequence >= fresh.sequence:
             return False  # swapped, or a newer state applied, while the mask was worked out
         runtime.version = served
+        # Requests still running on an earlier delta sequence work out its mask again if they need it (rarely: it was
+        # there when they started); new ones find theirs ready.
+        self.hidden.forget(version_name, keep_fresh=served.fresh_key)
         return True
 
     def queue_depth(self) -> int:

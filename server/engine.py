@@ -153,26 +153,28 @@ class HiddenProducts:
         """True for the hidden products among `version`'s fresh products (its deltas'); None when none is."""
         if version.fresh is None:
             return None
-        if version.fresh_key not in self._masks:
-            # Only the latest delta sequence of a version is asked for from now on.
-            for key in [key for key in self._masks if key.startswith(f"{version.name}+")]:
-                del self._masks[key]
         return self._mask_of(version.fresh_key, version.fresh.catalogue)
 
     def _mask_of(self, key: str, catalogue) -> np.ndarray | None:
-        if key not in self._masks:
-            rows = catalogue.product_ids.find(sorted(self.availability.hidden)) if catalogue.has_products else []
-            mask = None
-            if len(rows):
-                mask = np.zeros(catalogue.product_count, bool)
-                mask[rows] = True
-            self._masks[key] = mask
-        return self._masks[key]
+        # Index threads and the event loop share the dict: each step is one operation on it (atomic under the GIL),
+        # and a mask worked out twice at once is the same mask.
+        if key in self._masks:
+            return self._masks[key]
+        rows = catalogue.product_ids.find(sorted(self.availability.hidden)) if catalogue.has_products else []
+        mask = None
+        if len(rows):
+            mask = np.zeros(catalogue.product_count, bool)
+            mask[rows] = True
+        self._masks[key] = mask
+        return mask
 
-    def forget(self, version_name: str) -> None:
-        """Drops a retired version's masks (each version served would otherwise keep one until availability changes)."""
-        for key in [key for key in self._masks if key == version_name or key.startswith(f"{version_name}+")]:
-            del self._masks[key]
+    def forget(self, version_name: str, keep_fresh: str | None = None) -> None:
+        """Drops a retired version's masks (each version served would otherwise keep one until availability changes),
+        or with keep_fresh, those of its fresh products but the named state's (the earlier delta sequences)."""
+        prefix = f"{version_name}+"
+        for key in list(self._masks):
+            if (key.startswith(prefix) and key != keep_fresh) or (keep_fresh is None and key == version_name):
+                self._masks.pop(key, None)
 
     def count(self, version: ServedVersion) -> int:
         masks = (self.mask(version), self.fresh_mask(version))

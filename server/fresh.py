@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lookalike import artifacts
 from lookalike.deltas import Delta, DeltaError, list_deltas, read_delta
 from server.catalogue import Catalogue
 from server.search import ProductSearch, SearchConfig
@@ -88,7 +87,8 @@ def fold_deltas(read: list[Delta], base: Catalogue, search: SearchConfig = Searc
     if len(replaced):
         superseded = np.zeros(base.product_count, bool)
         superseded[replaced] = True
-    roots = tuple(Path(d.manifest["catalogue_root"]) / d.manifest.get("image_folder", "small") for d in read)
+    roots = tuple(Path(str(d.manifest.get("catalogue_root", ""))) / str(d.manifest.get("image_folder", "small"))
+                  for d in read)
     index = ProductSearch(catalogue, np.ascontiguousarray(np.concatenate(vectors), np.float32), None, 0, 0, search)
     return FreshProducts(read[-1].sequence, index, superseded, roots, np.asarray(row_root, np.int32))
 
@@ -113,22 +113,39 @@ class DeltaFeed:
 
     def update(self) -> tuple[FreshProducts | None, bool, str | None]:
         """Reads the deltas published since the last call: (the fresh products of every delta read, whether any
-        was read now, the error that stopped the reading, if any, the first time it is met)."""
-        published = [(sequence, path) for sequence, path in list_deltas(self.artifacts_dir, self.version)
-                     if sequence > self.sequence]
-        added, error = False, None
+        was read now, the error that stopped the reading, if any, the first time it is met). Never raises: whatever
+        goes wrong (an unreadable folder, a malformed delta, a fold that fails) leaves the state as it was."""
+        try:
+            published = [(sequence, path) for sequence, path in list_deltas(self.artifacts_dir, self.version)
+                         if sequence > self.sequence]
+        except OSError as problem:
+            return None, False, self._failed(self.sequence + 1, f"the deltas folder cannot be listed: {problem}")
+        read: list[Delta] = []
+        error = None
         for sequence, path in published:
             try:
                 delta = read_delta(path, self._dimension)
                 if delta.manifest.get("version") != self.version or delta.sequence != sequence:
                     raise DeltaError(f"{path} names version {delta.manifest.get('version')!r} and sequence "
                                      f"{delta.sequence}, not {self.version!r} and {sequence}")
-            except (DeltaError, artifacts.ArtifactError) as problem:
-                failed = (sequence, str(problem))
-                error = None if failed == self.failed else failed[1]
-                self.failed = failed
+            except Exception as problem:  # noqa: BLE001  (any unreadable delta is refused the same way)
+                error = self._failed(sequence, str(problem))
                 break
-            self.read.append(delta)
-            self.failed, added = None, True
-        fresh = fold_deltas(self.read, self._base, self._search) if added else None
-        return fresh, added, error
+            read.append(delta)
+        if not read:
+            return None, False, error
+        try:
+            fresh = fold_deltas(self.read + read, self._base, self._search)
+        except Exception as problem:  # noqa: BLE001
+            return None, False, self._failed(read[0].sequence, f"the deltas cannot be folded: {problem!r}")
+        self.read += read
+        if error is None:
+            self.failed = None
+        return fresh, True, error
+
+    def _failed(self, sequence: int, problem: str) -> str | None:
+        """Records a failure; returns its message the first time it is met (logged once, not at every check)."""
+        failed = (sequence, problem)
+        first = failed != self.failed
+        self.failed = failed
+        return problem if first else None

@@ -218,6 +218,8 @@ class HttpApi:
             path = fresh.image_file(int(fresh_rows[0])).resolve()
         else:
             rows = version.catalogue.rows_of_image(image_id)
+            if fresh is not None and fresh.superseded is not None:  # a replaced product's old images are gone
+                rows = rows[~fresh.superseded[version.catalogue.row_product[rows]]]
             if len(rows) == 0:
                 raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"image {image_id!r} is not in version {version.name}")
             root = self._image_root(version.manifest)

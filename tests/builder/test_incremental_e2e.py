@@ -80,6 +80,8 @@ def test_a_rebuild_embeds_only_new_and_changed_contents(tmp_path):
 
     second = _build(catalogue, out, cache)
     assert second["embedding"]["embedded"] == 2  # the changed file and the one new image `add` did not see
+    absorbed = second["deltas_of_previous_version"]
+    assert absorbed["products"] == 2 and absorbed["not_in_this_build"]["count"] == 0
     assert second["embedding"]["from_cache"] == second["embedding"]["contents"] - 2
     assert second["scan"]["decoded"] == 6  # the moved, changed, copied and three new files
     after = _vectors_by_image(out)

@@ -2,17 +2,20 @@
 in every plan (neighbour lists, Annoy, exact, filters, groups, Recommend), hidden as any product, never half read."""
 
 import json
+import shutil
 import threading
 
 import numpy as np
 import pytest
 
 from lookalike import artifacts, deltas, tables
-from lookalike.availability import Availability
+from lookalike.availability import Availability, change_availability
 from lookalike.v1 import lookalike_pb2 as pb
+from server.app import LookalikeServer, ServerConfig
+from server.core import CoreConfig, SimilarityCore
 from server.fresh import DeltaFeed
 from server.search import SearchConfig
-from tests.server.fakes import close_in_process, serve_in_process, with_lists
+from tests.server.fakes import close_in_process, fake_version, serve_in_process, with_lists
 
 GROUPS = [[p, p + 20] for p in range(20)]  # 20 products of two images (item-p and its view item-(p+20))
 COLOURS = {"color": ["red" if p % 2 else "blue" for p in range(20)]}
@@ -20,7 +23,10 @@ COLOURS = {"color": ["red" if p % 2 else "blue" for p in range(20)]}
 
 def publish(out, version, products: dict[str, list[tuple[str, np.ndarray]]], colour: dict | None = None,
             max_rows: int = deltas.DEFAULT_MAX_DELTA_ROWS) -> int:
-    """A delta as `add` writes it: product id -> [(image id, vector)], main image first."""
+    """A delta as `add` writes it: product id -> [(image id, vector)], main image first (of CURRENT's version)."""
+    (out / version).mkdir(exist_ok=True)
+    if not (out / artifacts.CURRENT).exists():
+        artifacts.write_current(out, version)
     staging = deltas.staging_folder(out, version)
     image_rows, product_rows, vectors = [], [], []
     for product_row, (product_id, images) in enumerate(products.items()):
@@ -223,3 +229,43 @@ def test_a_killed_add_leaves_no_delta_visible(tmp_path):
     assert deltas.remove_stale_staging(tmp_path, older_than_s=3600) == 0  # young: perhaps still running
     assert deltas.remove_stale_staging(tmp_path, older_than_s=-1) == 1
     assert [s for s, _ in deltas.list_deltas(tmp_path, "v1")] == [1]
+
+
+def test_a_delta_of_a_version_no_longer_current_is_refused_and_numbers_are_never_reused(tmp_path):
+    vector = unit(np.ones(8))
+    assert publish(tmp_path, "v1", {"a": [("a-1", vector)]}) == 1
+    assert publish(tmp_path, "v1", {"b": [("b-1", vector)]}) == 2
+    latest = deltas.list_deltas(tmp_path, "v1")[-1][1]
+    shutil.rmtree(latest)  # removed by hand: a replica may have applied it already
+    assert publish(tmp_path, "v1", {"c": [("c-1", vector)]}) == 3
+    (tmp_path / "v2").mkdir()
+    artifacts.write_current(tmp_path, "v2")  # a build or rollback moved CURRENT while add embedded
+    with pytest.raises(deltas.DeltaError, match="CURRENT moved from v1 to v2"):
+        publish(tmp_path, "v1", {"d": [("d-1", vector)]})
+    assert [s for s, _ in deltas.list_deltas(tmp_path, "v1")] == [1, 3]
+
+
+async def test_the_watch_goes_on_when_a_check_fails(tmp_path, caplog):
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    artifacts.write_current(tmp_path, version.name)
+    server = LookalikeServer(ServerConfig(artifacts=tmp_path, metrics_port=-1))
+    server.core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000))
+    server._feed = DeltaFeed(tmp_path, version.name, version.catalogue, version.index.dimension)
+    try:
+        (tmp_path / deltas.DELTAS_DIR).mkdir()
+        (tmp_path / deltas.DELTAS_DIR / version.name).write_text("a file where the deltas folder should be")
+        change_availability(tmp_path, hide=["prod-003"])
+        await server.check_all()
+        assert server.core.hidden.version == 1  # the other checks ran
+        assert server.metrics.delta_reads.labels("refused")._value.get() == 1
+        assert "cannot be listed" in caplog.text
+
+        async def broken():
+            raise RuntimeError("something nobody expected")
+
+        server.check_deltas = broken
+        change_availability(tmp_path, hide=["prod-004"])
+        await server.check_all()  # logged, not raised: the watch loop calling it goes on
+        assert server.core.hidden.version == 2 and "something nobody expected" in caplog.text
+    finally:
+        await server.core.close()
