@@ -522,9 +522,11 @@ def section(result: dict) -> list[str]:
     poll_errors = sum(replica.get("poll_errors", 0) for row in result["adds"] for replica in row["replicas"])
     latency = result["latency"]
     rows = []
+    none = latency["by_delta_rows"]["0"]["median"]
     for count, found in latency["by_delta_rows"].items():
         median, plans_ = found["median"], found.get("plans", {})
         rows.append([f"{int(count):,}", median["qps"], median["p50_ms"], median["p99_ms"],
+                     f"{median['p50_ms'] / none['p50_ms']:.2f}x, {median['p99_ms'] / none['p99_ms']:.2f}x",
                      ", ".join(f"{run['p99_ms']:g}" for run in found["runs"]),
                      ", ".join(f"{k} {v:,}" for k, v in sorted(plans_.items())) or "-", found["failed"]])
     build = result["next_build"]
@@ -536,7 +538,7 @@ def section(result: dict) -> list[str]:
             f"{load_average['load_average_at_start'][0]} at the start, {load_average['load_average_at_end'][0]} at "
             "the end), so every time is noisy.", "",
             "`lookalike-build add` of new products (copies of catalogue products, every image one pixel changed: new "
-            "bytes, the same look) while two replicas of the same ARTIFACTS (`--watch-interval-s "
+            "bytes, the same look) while two replicas of the same ARTIFACTS (default settings, `--watch-interval-s "
             f"{result['watch_interval_s']:g}`) each serve closed-loop FindSimilar by product id from the compiled "
             f"load generator ({load['concurrency_per_replica']} callers each, in back-to-back 2 s runs). Wall: the "
             "command, its Python and TensorFlow start-up and exit included; published: from its start to the "
@@ -555,7 +557,8 @@ def section(result: dict) -> list[str]:
             "write_direct_delta: the version's own vectors with a little noise under new product ids), not embedded. "
             "Up to 1,024 delta rows (server/core.py MAX_LOOP_FRESH_ROWS) the answer stays on the event loop; past it, "
             "it goes to the index pool.", "",
-            _table(["delta rows", "QPS", "p50 ms", "p99 ms", "p99 ms by round", "plans", "failed"], rows), "",
+            _table(["delta rows", "QPS", "p50 ms", "p99 ms", "p50, p99 against none", "p99 ms by round", "plans",
+                    "failed"], rows), "",
             f"The next build (`lookalike-build build` of the catalogue plus the {build['images_added']:,} added "
             f"images, the served version's model and the feature cache `add` wrote to): **{build['embedded']} "
             f"embedded**, {build['from_cache']:,} from the cache, {build['decoded']:,} files decoded, "
