@@ -12,7 +12,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PYSPARK_PYTHON ?= $(abspath $(PY))
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: setup setup-node setup-bench dataset browser protos protos-check lint clients test test-fast demo bench bench-quick bench-http bench-scale soak clean
+.PHONY: setup setup-node setup-bench dataset browser protos protos-check lint clients test test-fast demo bench bench-quick bench-http bench-fresh bench-scale soak clean
 
 setup: $(STAMP)
 
@@ -116,6 +116,13 @@ bench-scale: $(BENCH_STAMP)
 # build (make demo first); writes bench/results/http.json and BENCHMARKS.md's HTTP section. Not in make test.
 bench-http: $(BENCH_STAMP)
 	$(PY) -m bench.http --artifacts demo-out/ARTIFACTS --catalogue demo-out/catalogue
+
+# lookalike-build add of 1, 100 and 1,000 products under load on two replicas, FindSimilar with up to --max-delta-rows
+# delta rows, and the next build's embedded count (issue 19), on a copy of the demo's build (make demo first) under
+# bench/work/fresh; about 10 to 15 minutes here. Writes bench/results/fresh.json and BENCHMARKS.md's new-products
+# section. Not in make test.
+bench-fresh: $(STAMP) clients
+	$(PY) -m bench.fresh --artifacts demo-out/ARTIFACTS --catalogue demo-out/catalogue
 
 soak: $(BENCH_STAMP)
 	$(PY) -m bench.soak

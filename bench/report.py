@@ -519,6 +519,14 @@ def _http_from_file() -> list[str]:
     return [*section(json.loads(found.read_text())), ""] if found.exists() else []
 
 
+def _fresh_from_file() -> list[str]:
+    """The new-products section bench/fresh.py last wrote (make bench-fresh), kept by a full run."""
+    from bench.fresh import section
+
+    found = HERE / "results" / "fresh.json"
+    return [*section(json.loads(found.read_text())), ""] if found.exists() else []
+
+
 def _swap_from_file() -> list[str]:
     """The swap section bench/swap.py last wrote, kept by a full run."""
     from bench.swap import section
@@ -563,6 +571,7 @@ def write_report(results: dict, path: Path = ROOT / "BENCHMARKS.md") -> Path:
         *_filters(results),
         *_ranking_from_file(),
         *_living(results),
+        *_fresh_from_file(),
         "## Serving",
         "",
         f"In-process pipeline (decode + preprocess on a thread pool overlapping the model, no RPC): "
