@@ -241,8 +241,8 @@ class AttributeIndex:
             given = [part for part, present in (("any_of", clause.any_of), ("none_of", clause.none_of),
                                                 ("range", clause.range is not None)) if present]
             if len(given) > 1:
-                raise InvalidArgument(f"{name} sets {' and '.join(given)}: set one of them, or make them several "
-                                      f"clauses")
+                raise InvalidArgument(f"{name} sets {'both ' if len(given) == 2 else ''}{' and '.join(given)}: set "
+                                      f"one of them, or make them several clauses")
             if kind == NUMBER:
                 _check_range(name, clause)
                 continue

@@ -73,7 +73,7 @@ def test_no_clauses_allow_everything_and_excluded_ids_ignore_unknown_products(in
                                                       "are brand (string), color (string), weight (number), year "
                                                       "(number)"),
     (Filter((Clause("brand", any_of=("Acme",)), Clause("color"))), "filter clause 2 ('color') is empty"),
-    (Filter((Clause("color", any_of=("Black",), none_of=("Red",)),)), "sets any_of and none_of"),
+    (Filter((Clause("color", any_of=("Black",), none_of=("Red",)),)), "sets both any_of and none_of"),
     (Filter((Clause("weight", range=Range(lt=2)), Clause("colour", range=Range(lt=2)))),
      "filter clause 2 ('colour'): unknown attribute key"),
     (Filter((Clause("color", range=Range(gt=1)),)),
@@ -81,7 +81,7 @@ def test_no_clauses_allow_everything_and_excluded_ids_ignore_unknown_products(in
     (Filter((Clause("weight", any_of=("2.5",)),)),
      "filter clause 1 ('weight') gives values, but 'weight' is a number attribute: give a range (gt, gte, lt, lte)"),
     (Filter((Clause("year", none_of=("2019",)),)), "'year' is a number attribute"),
-    (Filter((Clause("weight", any_of=("2.5",), range=Range(lt=3)),)), "sets any_of and range"),
+    (Filter((Clause("weight", any_of=("2.5",), range=Range(lt=3)),)), "sets both any_of and range"),
     (Filter((Clause("weight", range=Range()),)), "filter clause 1 ('weight') is empty: give a range with gt, gte, lt "
                                                  "or lte"),
     (Filter((Clause("weight"),)), "filter clause 1 ('weight') is empty"),
