@@ -9,16 +9,14 @@ that share of all products. `python -m bench.ranges` builds the sample first (be
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from bench.filters import measure, open_searches, searches
 from bench.report import ROOT, put_section
-from bench.run import RESULTS, WORK, _build
+from bench.run import RESULTS, measured_artifacts
 from server.filters import Clause, Filter, Range
 
 KEY = "item_weight_pounds"
@@ -96,17 +94,8 @@ def write_section(path: Path = ROOT / "BENCHMARKS.md") -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--artifacts", type=Path, help="an ARTIFACTS folder to measure (default: build the sample)")
-    parser.add_argument("--products", type=int, default=2000, help="products of the sample to build")
-    parser.add_argument("--queries", type=int, default=300)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
-    out = args.artifacts
-    if out is None:
-        WORK.mkdir(parents=True, exist_ok=True)
-        _, out, _, _ = _build(args.products, WORK)
-    result = evaluate(out, args.queries)
+    args = measured_artifacts(__doc__, products=2000, queries=300, argv=argv)
+    result = evaluate(args.artifacts, args.queries)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ranges.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(section(result)))
