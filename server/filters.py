@@ -190,6 +190,7 @@ class AttributeIndex:
         self._product_ids = product_ids
         self.product_count = product_count
         self.nbytes = sum(column.nbytes for column in [*self._lists.values(), *self._numbers.values()])
+        self._described: list[KeyInfo] | None = None
 
     def lists(self, key: str) -> PostingLists:
         return self._lists[key]
@@ -209,7 +210,13 @@ class AttributeIndex:
         return STRING if key in self._lists else NUMBER if key in self._numbers else None
 
     def describe(self) -> list[KeyInfo]:
-        """Every key, sorted, with its kind, the products holding it and, for a number, its bounds."""
+        """Every key, sorted, with its kind, the products holding it and, for a number, its bounds; worked out once
+        (GetInfo asks on every call, and counting is a pass over every product per key)."""
+        if self._described is None:
+            self._described = self._describe()
+        return self._described
+
+    def _describe(self) -> list[KeyInfo]:
         out = []
         for key in self.keys:
             if key in self._numbers:
