@@ -196,6 +196,10 @@ class VersionView:
             self.rows_of_image[image_id].append(row)
         self.attributes = {key: np.asarray(products[key], dtype=object)
                            for key in manifest.get("attribute_keys", []) if key in products}
+        # Number attributes come back in their shortest decimal form, as the proto says ("2.5", "2019").
+        self.attributes.update({key: np.asarray([None if v is None else str(int(v)) if float(v).is_integer()
+                                                 else repr(float(v)) for v in products[key]], dtype=object)
+                                for key in manifest.get("number_keys", []) if key in products})
         self._hidden: dict[int, np.ndarray] = {}
 
     def rows_of(self, product_row: int) -> np.ndarray:

@@ -7,9 +7,7 @@ Not part of `make test` or `make bench`: its figures are recorded in BENCHMARKS.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
 from itertools import combinations
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.report import write_ranking_section
-from bench.run import RESULTS, WORK, _build
+from bench.run import RESULTS, measured_artifacts
 from lookalike import artifacts
 from lookalike.availability import Availability
 from server.engine import HiddenProducts, Query, QueryEngine, SearchOptions
@@ -73,17 +71,8 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--artifacts", type=Path, help="an ARTIFACTS folder to measure (default: build the sample)")
-    parser.add_argument("--products", type=int, default=5000, help="products of the sample to build")
-    parser.add_argument("--queries", type=int, default=500)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
-    out = args.artifacts
-    if out is None:
-        WORK.mkdir(parents=True, exist_ok=True)
-        _, out, _, _ = _build(args.products, WORK)
-    result = evaluate(out, args.queries)
+    args = measured_artifacts(__doc__, products=5000, queries=500, argv=argv)
+    result = evaluate(args.artifacts, args.queries)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "diversity.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -59,54 +59,72 @@ def _naive(search: ProductSearch, query: np.ndarray, allowed: np.ndarray, own: i
     return list(dict.fromkeys(p for p in products if allowed[p] and p != own))
 
 
-def evaluate(artifacts_dir, queries: int = 200, seed: int = 0) -> dict:
+METHODS = ("served plans", "Annoy forced (over-fetch, then exact fallback)", "naive")
+
+
+def open_searches(artifacts_dir) -> tuple:
+    """The served version's catalogue, vectors, manifest, and its index twice: with the served plans and with Annoy
+    forced (exact_max_rows = 0)."""
     version_dir = artifacts_dir / artifacts.read_current(artifacts_dir)
     manifest = artifacts.load_manifest(version_dir, verify=False)
     catalogue, vectors = load_catalogue(version_dir, manifest)
-    catalogue = _with_bench_attributes(catalogue, seed)
-    vectors = np.asarray(vectors)
+    return catalogue, np.asarray(vectors), manifest, version_dir
+
+
+def searches(catalogue, vectors: np.ndarray, manifest: dict, version_dir) -> tuple[ProductSearch, ProductSearch]:
     index_path = version_dir / artifacts.INDEX_FILE
     search_k, n_trees = int(manifest["index"]["search_k"]), int(manifest["index"]["n_trees"])
-    served = ProductSearch(catalogue, vectors, index_path, search_k, n_trees)
-    forced = ProductSearch(catalogue, vectors, index_path, search_k, n_trees, config=SearchConfig(exact_max_rows=0))
+    return (ProductSearch(catalogue, vectors, index_path, search_k, n_trees),
+            ProductSearch(catalogue, vectors, index_path, search_k, n_trees, config=SearchConfig(exact_max_rows=0)))
+
+
+def measure(filter_: Filter, served: ProductSearch, forced: ProductSearch, vectors: np.ndarray,
+            picked: np.ndarray) -> list[dict]:
+    """One row per method for one filter: returned of 10, recall@10 against exact filtered search, latency, plans.
+    Each query is a product's main image, its own product excluded."""
+    catalogue = served.catalogue
+    stats = {name: {"returned": [], "recall": [], "seconds": [], "plans": {}} for name in METHODS}
+    possible = []
+    for product in picked:
+        query = vectors[int(catalogue.first_row[product])]
+        allowed = catalogue.filters.allowed(filter_)
+        truth = _exact_truth(catalogue, vectors, query, allowed, int(product))
+        possible.append(len(truth))
+        for name, search in zip(METHODS, (served, forced, None), strict=True):
+            begin = time.perf_counter()
+            if search is None:
+                found = _naive(served, query, catalogue.filters.allowed(filter_), int(product))
+            else:
+                result = search.search(NearestScorer(query), K, allowed=catalogue.filters.allowed(filter_),
+                                       excluded=np.array([product]))
+                found = [hit.product_row for hit in result.hits]
+                stats[name]["plans"][result.plan] = stats[name]["plans"].get(result.plan, 0) + 1
+            stats[name]["seconds"].append(time.perf_counter() - begin)
+            stats[name]["returned"].append(len(found))
+            stats[name]["recall"].append(len(set(found) & set(truth)) / len(truth) if truth else 1.0)
+    matching = int(catalogue.filters.allowed(filter_).sum())
+    return [{"matching_products": matching, "method": name, "returned_of_10": round(float(np.mean(s["returned"])), 2),
+             "possible_of_10": round(float(np.mean(possible)), 2),
+             "recall_at_10": round(float(np.mean(s["recall"])), 4), **_percentiles(s["seconds"]), "plans": s["plans"]}
+            for name, s in stats.items()]
+
+
+def evaluate(artifacts_dir, queries: int = 200, seed: int = 0) -> dict:
+    catalogue, vectors, manifest, version_dir = open_searches(artifacts_dir)
+    catalogue = _with_bench_attributes(catalogue, seed)
+    served, forced = searches(catalogue, vectors, manifest, version_dir)
     rng = np.random.default_rng(seed + 1)
     picked = rng.choice(catalogue.product_count, size=min(queries, catalogue.product_count), replace=False)
     rows = []
     for selectivity in SELECTIVITIES:
         filter_ = Filter((Clause(_key(selectivity), any_of=("yes",)),))
-        stats = {name: {"returned": [], "recall": [], "seconds": [], "plans": {}}
-                 for name in ("served plans", "Annoy forced (over-fetch, then exact fallback)", "naive")}
-        possible = []
-        for product in picked:
-            query = vectors[int(catalogue.first_row[product])]
-            allowed = catalogue.filters.allowed(filter_)
-            truth = _exact_truth(catalogue, vectors, query, allowed, int(product))
-            possible.append(len(truth))
-            for name, search in (("served plans", served), ("Annoy forced (over-fetch, then exact fallback)", forced),
-                                 ("naive", None)):
-                begin = time.perf_counter()
-                if search is None:
-                    found = _naive(served, query, catalogue.filters.allowed(filter_), int(product))
-                else:
-                    result = search.search(NearestScorer(query), K, allowed=catalogue.filters.allowed(filter_),
-                                           excluded=np.array([product]))
-                    found = [hit.product_row for hit in result.hits]
-                    stats[name]["plans"][result.plan] = stats[name]["plans"].get(result.plan, 0) + 1
-                stats[name]["seconds"].append(time.perf_counter() - begin)
-                stats[name]["returned"].append(len(found))
-                stats[name]["recall"].append(len(set(found) & set(truth)) / len(truth) if truth else 1.0)
-        matching = int(catalogue.filters.allowed(filter_).sum())
-        for name, s in stats.items():
-            rows.append({"selectivity": f"{selectivity * 100:g}%", "matching_products": matching,
-                         "method": name, "returned_of_10": round(float(np.mean(s["returned"])), 2),
-                         "possible_of_10": round(float(np.mean(possible)), 2),
-                         "recall_at_10": round(float(np.mean(s["recall"])), 4), **_percentiles(s["seconds"]),
-                         "plans": s["plans"]})
+        rows += [{"selectivity": f"{selectivity * 100:g}%", **row}
+                 for row in measure(filter_, served, forced, vectors, picked)]
     crossover = _crossover(served, vectors, picked[:50])
     served.unload()
     forced.unload()
     return {"products": catalogue.product_count, "images": catalogue.image_count_total, "queries": len(picked),
-            "search_k": search_k, "exact_max_rows": SearchConfig().exact_max_rows, "rows": rows,
+            "search_k": served.search_k, "exact_max_rows": SearchConfig().exact_max_rows, "rows": rows,
             "crossover": crossover}
 
 

@@ -172,6 +172,7 @@ def _filters(results: dict) -> list[str]:
                  r["recall_at_10"], r["p50_ms"], r["p99_ms"],
                  ", ".join(f"{k} {v}" for k, v in r["plans"].items()) or "-"] for r in filters["rows"]]),
         "",
+        *_ranges_from_file(),
         "Where exact search stops being cheaper: exact scoring of n rows against one Annoy query fetching 30 "
         "candidates at the served search_k (ms per query, in-process):",
         "",
@@ -524,6 +525,14 @@ def _fresh_from_file() -> list[str]:
     from bench.fresh import section
 
     found = HERE / "results" / "fresh.json"
+    return [*section(json.loads(found.read_text())), ""] if found.exists() else []
+
+
+def _ranges_from_file() -> list[str]:
+    """The range-filter section bench/ranges.py last wrote, kept by a full run."""
+    from bench.ranges import RESULTS, section
+
+    found = RESULTS / "ranges.json"
     return [*section(json.loads(found.read_text())), ""] if found.exists() else []
 
 

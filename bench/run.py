@@ -64,6 +64,21 @@ def _build(products: int, work: Path) -> tuple[Path, Path, dict, float]:
     return catalogue, out, manifest, seconds
 
 
+def measured_artifacts(doc: str | None, products: int, queries: int, argv: list[str] | None) -> argparse.Namespace:
+    """A stand-alone measurement's command line: --artifacts to measure (else the sample of --products, built in
+    bench/work) and --queries; args.artifacts is the folder either way."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--artifacts", type=Path, help="an ARTIFACTS folder to measure (default: build the sample)")
+    parser.add_argument("--products", type=int, default=products, help="products of the sample to build")
+    parser.add_argument("--queries", type=int, default=queries)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s")
+    if args.artifacts is None:
+        WORK.mkdir(parents=True, exist_ok=True)
+        args.artifacts = _build(args.products, WORK)[1]
+    return args
+
+
 def targets(results: dict) -> list[dict]:
     limit = results["in_process"]["limit_images_per_s"]
     embed = results["server"]["embed"]

@@ -305,6 +305,7 @@ def write_version(out: Path, version: str, shape: Shape, vectors: np.ndarray, ba
                    "indexed": len(catalogue.rows), "images_indexed": len(catalogue.rows),
                    "products": len(catalogue.products), "dropped_by_reason": {}},
         "catalogue": catalogue.report, "attribute_keys": sorted(catalogue.attribute_keys),
+        "number_keys": sorted(catalogue.number_keys),
         "embedding": {"embedded": 0, "from_cache": 0}, "scan": {"files": 0, "decoded": 0, "from_cache": 0},
         "embedding_failures": {},
         "index": {"n_trees": report.n_trees, "search_k": report.search_k, "recall_at_10": round(report.recall_at_10, 4),

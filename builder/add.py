@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from builder.build import IMAGE_FOLDER, _metadata_file, write_tables
 from builder.cache import DEFAULT_CACHE, FeatureCache, new_tmp, shard_name
 from builder.catalogue import (
+    NUMBER_FIELDS,
     PLAIN_ATTRIBUTES,
     PRODUCTS_CSV,
     TAGGED_ATTRIBUTES,
@@ -108,7 +109,7 @@ def run_add(config: AddConfig) -> AddResult:
     cache_report = _cache_features(config, manifest, scanned, features_of)
     staging = deltas.staging_folder(config.out, version)
     write_tables(staging, catalogue, vectors)
-    served_keys = set(manifest.get("attribute_keys", []))
+    served_keys = {*manifest.get("attribute_keys", []), *manifest.get("number_keys", [])}
     replaced = _replaced(config.out, version, version_dir, list(catalogue.products["product_id"]))
     dropped = scanned[~scanned["kept"]]
     delta_manifest = {
@@ -124,7 +125,8 @@ def run_add(config: AddConfig) -> AddResult:
         "dropped": [{"image_id": i, "reason": r} for i, r in zip(dropped["image_id"], dropped["drop_reason"],
                                                                  strict=True)][:100],
         "attribute_keys": sorted(catalogue.attribute_keys),
-        "attribute_keys_not_served": sorted(set(catalogue.attribute_keys) - served_keys),
+        "number_keys": sorted(catalogue.number_keys),
+        "attribute_keys_not_served": sorted({*catalogue.attribute_keys, *catalogue.number_keys} - served_keys),
         "embedding": {"embedded": len(kept) - len(errors), "failed": len(errors), **cache_report},
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -164,7 +166,7 @@ def listings_table(files: Iterable[Path], language: str) -> pd.DataFrame:
                 if line.strip():
                     records.append(_listing_row(line, language))
     columns = ["product_id", "main_image_id", "other_image_id", "product_type", *PLAIN_ATTRIBUTES, "node",
-               *TAGGED_ATTRIBUTES, "malformed"]
+               *TAGGED_ATTRIBUTES, *NUMBER_FIELDS, "malformed"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -189,6 +191,8 @@ def _listing_row(line: str, language: str) -> dict:
     for name in PLAIN_ATTRIBUTES:
         value = listing.get(name)
         row[name] = text(value)
+    for name in NUMBER_FIELDS:  # parsed by membership_from_listings from the raw JSON, as from Spark's text
+        row[name] = listing.get(name)
     prefix = language.split("_")[0]
     for name in TAGGED_ATTRIBUTES:
         tagged = [v for v in listing.get(name) or [] if isinstance(v, dict)]

@@ -503,6 +503,8 @@ def run_build(config: BuildConfig) -> BuildResult:
                    "dropped_by_reason": _reason_counts(dropped["drop_reason"])},
         "catalogue": catalogue.report,
         "attribute_keys": sorted(catalogue.attribute_keys),
+        # Float64 columns of products.parquet: number attributes, filtered by range.
+        "number_keys": sorted(catalogue.number_keys),
         "embedding_failures": embed_errors,
         "embedding": embed_report,
         "scan": scan_report,
@@ -583,7 +585,10 @@ def write_tables(staging: Path, catalogue: Catalogue, vectors: np.ndarray) -> No
     columns = {name: products[name] for name in tables.PRODUCT_COLUMNS}
     for key in catalogue.attribute_keys:
         columns[key] = [_str_or_none(v) for v in products[key]]
-    tables.write_table(staging / artifacts.PRODUCTS_FILE, columns, tables.products_schema(catalogue.attribute_keys))
+    for key in catalogue.number_keys:
+        columns[key] = products[key].astype(np.float64)
+    tables.write_table(staging / artifacts.PRODUCTS_FILE, columns,
+                       tables.products_schema(catalogue.attribute_keys, catalogue.number_keys))
     np.save(staging / artifacts.VECTORS_FILE, np.ascontiguousarray(vectors, np.float32), allow_pickle=False)
     tables.write_table(staging / artifacts.DATASET_FILE, catalogue.dataset, tables.DATASET_SCHEMA)
 

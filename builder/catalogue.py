@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,25 @@ PRODUCTS_CSV = "products.csv"
 TAGGED_ATTRIBUTES = ("item_name", "brand", "color", "material", "pattern", "style", "model_name", "fabric_type",
                      "finish_type", "item_shape")
 PLAIN_ATTRIBUTES = ("country", "marketplace", "domain_name")
+# ABO's measured fields kept as numbers, each in the unit its name says: (attribute, field, part of the field or
+# None, unit). A listing writes a measure as {"normalized_value": {"unit", "value"}, "unit", "value"}.
+MEASURES = (("item_weight_pounds", "item_weight", None, "pounds"),
+            ("item_height_inches", "item_dimensions", "height", "inches"),
+            ("item_length_inches", "item_dimensions", "length", "inches"),
+            ("item_width_inches", "item_dimensions", "width", "inches"))
+NUMBER_FIELDS = ("item_weight", "item_dimensions", "model_year")
+NUMBER_ATTRIBUTES = (*(measure[0] for measure in MEASURES), "model_year")
+# Each unit a listing may write, as the factor to the unit an attribute is named with (ABO normalises to pounds and
+# inches; the raw value is the fallback when a listing has no normalized_value).
+_UNITS = {
+    "pounds": {"pounds": 1.0, "pound": 1.0, "lb": 1.0, "lbs": 1.0, "ounces": 1 / 16, "ounce": 1 / 16, "oz": 1 / 16,
+               "kilograms": 2.2046226218, "kilogram": 2.2046226218, "kg": 2.2046226218,
+               "grams": 0.0022046226218, "gram": 0.0022046226218, "g": 0.0022046226218,
+               "milligrams": 2.2046226218e-6, "mg": 2.2046226218e-6},
+    "inches": {"inches": 1.0, "inch": 1.0, "in": 1.0, "centimeters": 1 / 2.54, "centimetres": 1 / 2.54,
+               "cm": 1 / 2.54, "millimeters": 1 / 25.4, "millimetres": 1 / 25.4, "mm": 1 / 25.4,
+               "meters": 100 / 2.54, "metres": 100 / 2.54, "m": 100 / 2.54, "feet": 12.0, "foot": 12.0, "ft": 12.0},
+}
 # Each problem kind keeps this many example ids in the manifest; the dataset table has them all.
 EXAMPLES_PER_PROBLEM = 10
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(_[A-Za-z0-9]{2,8})?$")
@@ -35,10 +56,11 @@ class Membership:
 
     # product_id, image_id, role ("main"/"other"), position (order within the product).
     pairs: pd.DataFrame
-    # product_id, then one column per attribute key.
+    # product_id, then one column per attribute key: strings, or float64 (NaN: none) for the number_keys.
     attributes: pd.DataFrame
     source: str
     report: dict = field(default_factory=dict)
+    number_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,8 +74,10 @@ class Catalogue:
     products: pd.DataFrame
     # The scan table widened to (product, image) pairs, with the listings' problems as rows.
     dataset: pd.DataFrame
+    # The string attributes, then the number attributes (float64 columns of products).
     attribute_keys: list[str]
     report: dict
+    number_keys: list[str] = field(default_factory=list)
 
 
 def check_language(language: str) -> str:
@@ -104,6 +128,8 @@ def read_listings(spark, files: list[Path], language: str) -> Membership:
                                                          T.StructField("node_name", T.StringType())])))]
         + [T.StructField(name, T.StringType()) for name in PLAIN_ATTRIBUTES]
         + [T.StructField(name, tagged) for name in TAGGED_ATTRIBUTES]
+        # As JSON text, parsed in Python: a field shaped otherwise than expected must not make its listing malformed.
+        + [T.StructField(name, T.StringType()) for name in NUMBER_FIELDS]
         + [T.StructField("_corrupt_record", T.StringType())])
     raw = (spark.read.schema(schema).option("mode", "PERMISSIVE")
            .option("columnNameOfCorruptRecord", "_corrupt_record").json([str(f) for f in files])
@@ -111,7 +137,8 @@ def read_listings(spark, files: list[Path], language: str) -> Membership:
     attributes = [F.expr("try_element_at(product_type, 1).value").alias("product_type"),
                   *[F.col(name) for name in PLAIN_ATTRIBUTES],
                   F.expr("try_element_at(node, 1).node_name").alias("node"),
-                  *[F.expr(_tagged(name, language)).alias(name) for name in TAGGED_ATTRIBUTES]]
+                  *[F.expr(_tagged(name, language)).alias(name) for name in TAGGED_ATTRIBUTES],
+                  *[F.col(name) for name in NUMBER_FIELDS]]
     table = (raw.select(F.col("item_id").alias("product_id"), "main_image_id", "other_image_id", *attributes,
                         F.col("_corrupt_record").isNotNull().alias("malformed"), "_file", "_line")
              .orderBy("_file", "_line").toPandas())
@@ -119,7 +146,8 @@ def read_listings(spark, files: list[Path], language: str) -> Membership:
 
 
 def membership_from_listings(table: pd.DataFrame, files: int = 1, language: str = "en_US") -> Membership:
-    """Listings rows (product_id, main_image_id, other_image_id list, attribute columns) -> Membership.
+    """Listings rows (product_id, main_image_id, other_image_id list, attribute columns, and ABO's item_weight,
+    item_dimensions and model_year fields as JSON text or parsed) -> Membership.
 
     A product id listed twice keeps its first listing's attributes and the union of both image lists.
     """
@@ -143,9 +171,82 @@ def membership_from_listings(table: pd.DataFrame, files: int = 1, language: str 
     pairs = _ordered_pairs(pd.DataFrame(records, columns=["product_id", "image_id", "role", "position"]))
     keys = [c for c in ("product_type", *PLAIN_ATTRIBUTES, "node", *TAGGED_ATTRIBUTES) if c in table]
     attributes = table[~duplicates][["product_id", *keys]].reset_index(drop=True)
+    fields = [name for name in NUMBER_FIELDS if name in table]
+    numbers = listing_numbers(table[~duplicates][fields], language) if fields else pd.DataFrame(index=attributes.index)
+    attributes = pd.concat([attributes, numbers.set_axis(attributes.index)], axis=1)
     report = {"listing_files": files, "language": language, "listings": int(len(table) + len(bad)),
-              "malformed_listings": int(len(bad)), "duplicate_listings": int(duplicates.sum())}
-    return Membership(pairs, attributes, "listings", report)
+              "malformed_listings": int(len(bad)), "duplicate_listings": int(duplicates.sum()),
+              "listings_with_numbers": {key: int(numbers[key].notna().sum()) for key in numbers}}
+    return Membership(pairs, attributes, "listings", report, tuple(numbers.columns))
+
+
+def listing_numbers(fields: pd.DataFrame, language: str = "en_US") -> pd.DataFrame:
+    """NUMBER_ATTRIBUTES (float64, NaN when a listing has no usable value) from ABO's item_weight, item_dimensions and
+    model_year fields, one row per listing: language-tagged entries in the order _tagged prefers them, the first
+    usable one counting."""
+    columns: dict[str, list[float]] = {key: [] for key in NUMBER_ATTRIBUTES}
+    empty = pd.Series([None] * len(fields), index=fields.index, dtype=object)
+    weights, dimensions, years = (fields[name] if name in fields else empty for name in NUMBER_FIELDS)
+    for weight, dimension, year in zip(weights, dimensions, years, strict=True):
+        weight, dimension, year = (_in_language(_parsed(raw), language) for raw in (weight, dimension, year))
+        for key, _, part, unit in MEASURES:
+            entries = weight if part is None else [entry.get(part) for entry in dimension]
+            columns[key].append(_first(measure(entry, unit) for entry in entries))
+        columns["model_year"].append(_first(_number(entry.get("value")) for entry in year))
+    return pd.DataFrame(columns, index=fields.index, dtype=np.float64)
+
+
+def measure(entry, unit: str) -> float:
+    """One measure as a listing writes it ({"normalized_value": {"unit", "value"}, "unit", "value"}) in `unit`: the
+    normalized value, else the raw one, converted; NaN when neither has a known unit and a finite value >= 0."""
+    if not isinstance(entry, dict):
+        return math.nan
+    for part in (entry.get("normalized_value"), entry):
+        if isinstance(part, dict):
+            factor = _UNITS[unit].get(str(part.get("unit") or "").strip().lower())
+            value = _number(part.get("value"))
+            if factor is not None and value >= 0:
+                return value * factor
+    return math.nan
+
+
+def _parsed(raw):
+    """A field as Spark hands it over (its JSON text) or as a test writes it (parsed); None when absent or broken."""
+    if isinstance(raw, str):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+    return raw
+
+
+def _in_language(value, language: str) -> list[dict]:
+    """A field's entries (a list, or one object), those in `language` first, then the same language elsewhere; a bare
+    number or string is an entry of that value."""
+    entries = [entry if isinstance(entry, dict) else {"value": entry}
+               for entry in (value if isinstance(value, list) else [value]) if entry is not None]
+    prefix = language.split("_")[0]
+
+    def rank(entry: dict) -> int:
+        tag = str(entry.get("language_tag") or "")
+        return 0 if tag == language else 1 if tag.split("_")[0] == prefix else 2
+
+    return sorted(entries, key=rank)
+
+
+def _number(value) -> float:
+    """A finite number from a JSON number or a numeric string, else NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return math.nan
+    try:
+        number = float(value)
+    except ValueError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def _first(values) -> float:
+    return next((value for value in values if not math.isnan(value)), math.nan)
 
 
 def read_products_csv(spark, path: Path) -> Membership:
@@ -184,8 +285,24 @@ def membership_from_csv(table: pd.DataFrame, path: Path | str = PRODUCTS_CSV) ->
     pairs = _ordered_pairs(rows[["product_id", "image_id", "role", "position"]])
     attributes = (rows.groupby("product_id", sort=False)[keys].first().reset_index() if keys
                   else rows[["product_id"]].drop_duplicates().reset_index(drop=True))
-    report = {"rows": int(len(table)), "rows_without_ids": int(blank.sum())}
-    return Membership(pairs, attributes, "products.csv", report)
+    number_keys = tuple(key for key in keys if _is_numeric(table[key]))
+    for key in number_keys:
+        attributes[key] = _as_numbers(attributes[key])
+    report = {"rows": int(len(table)), "rows_without_ids": int(blank.sum()), "number_columns": list(number_keys)}
+    return Membership(pairs, attributes, "products.csv", report, number_keys)
+
+
+def _as_numbers(column: pd.Series) -> pd.Series:
+    """A column's values as float64 (NaN for empty or not a finite number)."""
+    text = column.astype("string").str.strip()
+    numbers = pd.to_numeric(text.where(text != ""), errors="coerce").astype(np.float64)
+    return numbers.where(np.isfinite(numbers))
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    """A products.csv column is a number attribute when it has a value and every non-empty value is a number."""
+    present = column.notna() & (column.astype("string").str.strip() != "")
+    return bool(present.any()) and bool(_as_numbers(column)[present].notna().all())
 
 
 def no_membership() -> Membership:
@@ -251,9 +368,12 @@ def assemble(membership: Membership, scanned: pd.DataFrame) -> Catalogue:
         "listings_without_images": _examples(imageless),
     }
     # ABO fields that no product of this catalogue has do not become attributes.
-    keys = [c for c in membership.attributes.columns if c != "product_id" and products[c].notna().any()]
+    held = [c for c in membership.attributes.columns if c != "product_id" and products[c].notna().any()]
+    keys = [c for c in held if c not in membership.number_keys]
+    number_keys = [c for c in held if c in membership.number_keys]
     return Catalogue(rows, products.drop(columns=[c for c in membership.attributes.columns
-                                                  if c != "product_id" and c not in keys]), dataset, keys, report)
+                                                  if c != "product_id" and c not in held]), dataset, keys, report,
+                     number_keys)
 
 
 def _listings_without_images(membership: Membership) -> list[str]:

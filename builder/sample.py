@@ -105,6 +105,14 @@ COUNTRIES = (("US", "en_US", "amazon.com", 0.50), ("GB", "en_GB", "amazon.co.uk"
              ("ES", "es_ES", "amazon.es", 0.005))
 BRAND_COUNT = 300
 BRAND_ZIPF_EXPONENT = 1.1
+# Each product type's typical weight in pounds (a product's is log-normal about it, as a real catalogue's spread),
+# and the shares of listings with a weight, with dimensions and with a model year (ABO leaves many fields out).
+TYPICAL_POUNDS = (0.4, 0.9, 1.1, 0.8, 2.5, 0.9, 0.5, 1.8, 1.5, 3.0)
+WEIGHT_SPREAD = 0.35
+HAS_WEIGHT, HAS_DIMENSIONS, HAS_MODEL_YEAR = 0.9, 0.6, 0.7
+MODEL_YEARS = (2014, 2022)
+# Marketplaces whose listings write metric units (ABO's normalized_value is still in pounds and inches).
+METRIC_COUNTRIES = ("DE", "FR", "ES", "JP")
 # Products have 1 to 4 images with these shares; the other images are views of the main one.
 IMAGES_PER_PRODUCT = (0.45, 0.30, 0.15, 0.10)
 LISTING_PARTS = 4
@@ -154,7 +162,32 @@ def _listing(split: Split, position: int, image_ids: list[str], rng: np.random.G
                "brand": tagged(brand), "color": tagged(colour)}
     if len(image_ids) > 1:  # like ABO, a listing without other images has no other_image_id at all
         listing["other_image_id"] = image_ids[1:]
+    # Drawn last, so that every earlier choice is what it was before listings had numbers.
+    listing.update(_numbers(label, country in METRIC_COUNTRIES, rng))
     return listing
+
+
+def _measure(value: float, unit: str, metric_unit: str, factor: float, metric: bool) -> dict:
+    """A measure as ABO writes it: normalized to pounds or inches, the raw value in the marketplace's unit."""
+    raw = (round(value * factor, 1), metric_unit) if metric else (round(value, 2), unit)
+    return {"normalized_value": {"unit": unit, "value": round(value, 2)}, "unit": raw[1], "value": raw[0]}
+
+
+def _numbers(label: int, metric: bool, rng: np.random.Generator) -> dict:
+    """ABO's item_weight, item_dimensions and model_year for a product, each present for its share of listings."""
+    pounds = TYPICAL_POUNDS[label] * float(np.exp(rng.normal(0, WEIGHT_SPREAD)))
+    sides = np.sort(rng.uniform(2, 16, size=3) * (pounds / 1.2) ** (1 / 3))
+    year = int(rng.integers(MODEL_YEARS[0], MODEL_YEARS[1] + 1))
+    present = rng.random(3) < (HAS_WEIGHT, HAS_DIMENSIONS, HAS_MODEL_YEAR)
+    out: dict = {}
+    if present[0]:
+        out["item_weight"] = [_measure(pounds, "pounds", "kilograms", 0.45359237, metric)]
+    if present[1]:
+        out["item_dimensions"] = {side: _measure(float(inches), "inches", "centimeters", 2.54, metric)
+                                  for side, inches in zip(("height", "width", "length"), sides[::-1], strict=True)}
+    if present[2]:
+        out["model_year"] = [{"value": year}]
+    return out
 
 
 def write_catalogue(split: Split, out: Path, max_images_per_product: int = 4) -> tuple[int, int]:

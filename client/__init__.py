@@ -14,11 +14,13 @@ from client.library import (
     Matches,
     NotFoundError,
     OverloadedError,
+    Range,
     UnavailableError,
     any_of,
+    in_range,
     none_of,
 )
 
 __all__ = ["AsyncImageSimilarityClient", "Clause", "Cropped", "DeadlineError", "ImageId", "ImageMatch",
            "ImageSimilarityClient", "InvalidArgumentError", "LookalikeError", "Match", "Matches", "NotFoundError",
-           "OverloadedError", "UnavailableError", "any_of", "none_of"]
+           "OverloadedError", "Range", "UnavailableError", "any_of", "in_range", "none_of"]

@@ -7,11 +7,13 @@ import argparse
 import asyncio
 import csv
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
-from client.library import STRATEGIES, Clause, Cropped, ImageSimilarityClient, LookalikeError
+from client.library import STRATEGIES, Clause, Cropped, ImageSimilarityClient, LookalikeError, Range
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -21,16 +23,29 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+# A clause as a command line writes it: the key (an identifier), then the operator, then the value(s).
+_CLAUSE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(!=|>=|<=|=|>|<)(.*)$")
+_RANGES = {">": "gt", ">=": "gte", "<": "lt", "<=": "lte"}
+CLAUSE_FORMS = "KEY=V1,V2, KEY!=V1,V2, KEY<X, KEY<=X, KEY>X or KEY>=X"
+
+
 def _clause(text: str) -> Clause:
-    """KEY=V1,V2 (the product's KEY is one of them) or KEY!=V1,V2 (none of them)."""
-    for operator in ("!=", "="):
-        key, found, values = text.partition(operator)
-        if found:
-            break
-    else:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=V1,V2 or KEY!=V1,V2")
-    values = tuple(v for v in values.split(",") if v)
-    if not key or not values:
+    """KEY=V1,V2 (the product's KEY is one of them), KEY!=V1,V2 (none of them), or KEY<X, KEY<=X, KEY>X, KEY>=X (a
+    number KEY in that range)."""
+    match = _CLAUSE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {CLAUSE_FORMS}")
+    key, operator, value = match.groups()
+    if operator in _RANGES:
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = math.nan
+        if math.isnan(bound):
+            raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number (KEY{operator}X takes one)")
+        return Clause(key, range=Range(**{_RANGES[operator]: bound}))
+    values = tuple(v for v in value.split(",") if v)
+    if not values:
         raise argparse.ArgumentTypeError(f"{text!r} needs a key and at least one value")
     return Clause(key, none_of=values) if operator == "!=" else Clause(key, any_of=values)
 
@@ -55,9 +70,10 @@ def _add_result_options(command: argparse.ArgumentParser) -> None:
     """What similar and recommend share: k, filters, threshold, groups, attributes, output."""
     command.add_argument("-k", type=int, default=10, help="how many products")
     command.add_argument("--filter", dest="filters", type=_clause, action="append", default=[],
-                         metavar="KEY=V1,V2|KEY!=V1,V2",
-                         help="only products whose KEY is one of the values (=) or none of them (!=); repeat to AND "
-                              "clauses")
+                         metavar="KEY=V1,V2|KEY!=V1,V2|KEY<X|KEY>=X",
+                         help="only products whose KEY is one of the values (=) or none of them (!=), or whose number "
+                              "KEY is in a range (<, <=, >, >=; quote it for the shell: 'item_weight_pounds<2.5'); "
+                              "repeat to AND clauses")
     command.add_argument("--exclude-product", dest="exclude_products", action="append", default=[], metavar="ID",
                          help="never return this product (repeatable)")
     command.add_argument("--score-threshold", type=float,
@@ -263,6 +279,16 @@ def _bench(args) -> int:
     return 0
 
 
+def _info_text(info: dict) -> str:
+    """One line a field; the attributes one line each, with their kind and, for a number, its range."""
+    lines = [f"{key:<24}{value}" for key, value in info.items() if key not in ("attributes", "attribute_keys")]
+    for position, attribute in enumerate(info["attributes"]):
+        bounds = f" {attribute['min']:g}..{attribute['max']:g}" if "min" in attribute else ""
+        lines.append(f"{'attributes' if position == 0 else '':<24}{attribute['key']} ({attribute['kind']}{bounds}, "
+                     f"{attribute['product_count']} products)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -273,8 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         with client:
             if args.command == "info":
                 info = client.info()
-                print(json.dumps(info, indent=2) if args.json else
-                      "\n".join(f"{key:<24}{value}" for key, value in info.items()))
+                print(json.dumps(info, indent=2) if args.json else _info_text(info))
             elif args.command == "health":
                 status = client.health()
                 print(status)

@@ -119,12 +119,24 @@ class Matches(list):
 
 
 @dataclass(frozen=True)
+class Range:
+    """Bounds on a number attribute: any of gt, gte, lt, lte (at least one); every bound given must hold."""
+
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+
+
+@dataclass(frozen=True)
 class Clause:
-    """One filter clause: the product's `key` attribute is one of `any_of`, or none of `none_of`."""
+    """One filter clause: the product's `key` attribute is one of `any_of`, or none of `none_of` (string keys), or
+    lies in `range` (number keys)."""
 
     key: str
     any_of: tuple[str, ...] = ()
     none_of: tuple[str, ...] = ()
+    range: Range | None = None
 
 
 def any_of(key: str, *values: str) -> Clause:
@@ -135,6 +147,13 @@ def any_of(key: str, *values: str) -> Clause:
 def none_of(key: str, *values: str) -> Clause:
     """A clause: the product's `key` is none of the values (products without the key pass)."""
     return Clause(key, none_of=tuple(values))
+
+
+def in_range(key: str, *, gt: float | None = None, gte: float | None = None, lt: float | None = None,
+             lte: float | None = None) -> Clause:
+    """A clause: the product's number `key` lies in the range, e.g. in_range("item_weight_pounds", lt=2.5) (products
+    without the key fail)."""
+    return Clause(key, range=Range(gt, gte, lt, lte))
 
 
 class ImageId(str):
@@ -205,8 +224,11 @@ class Cropped:
 _QUERIES = ("image", "image_id", "product_id", "vector")
 
 
+_BOUNDS = ("gt", "gte", "lt", "lte")
+
+
 def _filter(filters, exclude_products: Iterable[str]) -> pb.Filter:
-    """Clauses (any_of/none_of), or a mapping {key: value or values} meaning any_of, as a pb.Filter."""
+    """Clauses (any_of/none_of/in_range), or a mapping {key: value or values} meaning any_of, as a pb.Filter."""
     if isinstance(filters, Mapping):
         filters = [Clause(key, any_of=(values,) if isinstance(values, str) else tuple(values))
                    for key, values in filters.items()]
@@ -214,11 +236,17 @@ def _filter(filters, exclude_products: Iterable[str]) -> pb.Filter:
                         else list(exclude_products))
     for clause in filters:
         if not isinstance(clause, Clause):
-            raise TypeError(f"a filter is a list of any_of(...)/none_of(...) clauses or a mapping, not "
+            raise TypeError(f"a filter is a list of any_of(...)/none_of(...)/in_range(...) clauses or a mapping, not "
                             f"{type(clause).__name__}")
-        if bool(clause.any_of) == bool(clause.none_of):
-            raise ValueError(f"the clause on {clause.key!r} needs any_of or none_of values (one of them)")
-        message.clauses.add(key=clause.key, any_of=clause.any_of, none_of=clause.none_of)
+        bounds = {} if clause.range is None else {name: float(getattr(clause.range, name)) for name in _BOUNDS
+                                                  if getattr(clause.range, name) is not None}
+        if [bool(clause.any_of), bool(clause.none_of), clause.range is not None].count(True) != 1:
+            raise ValueError(f"the clause on {clause.key!r} needs any_of or none_of values or a range (one of them)")
+        if clause.range is not None and (not bounds or any(v != v for v in bounds.values())):
+            raise ValueError(f"the range on {clause.key!r} needs gt, gte, lt or lte, none of them NaN")
+        added = message.clauses.add(key=clause.key, any_of=clause.any_of, none_of=clause.none_of)
+        if clause.range is not None:
+            added.range.CopyFrom(pb.Range(**bounds))
     return message
 
 
@@ -327,9 +355,14 @@ def _vectors(response: pb.EmbedResponse) -> np.ndarray:
 
 
 def _info(response: pb.GetInfoResponse) -> dict:
-    """Every field as a plain Python value (repeated fields as lists)."""
-    return {field.name: (list(value) if field.is_repeated else value)
+    """Every field as a plain Python value (repeated fields as lists; attributes as dicts with min and max for a
+    number key)."""
+    info = {field.name: (list(value) if field.is_repeated else value)
             for field in response.DESCRIPTOR.fields for value in [getattr(response, field.name)]}
+    info["attributes"] = [{"key": a.key, "kind": a.kind, "product_count": a.product_count,
+                           **({"min": a.min, "max": a.max} if a.HasField("min") else {})}
+                          for a in response.attributes]
+    return info
 
 
 def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
@@ -392,8 +425,8 @@ class ImageSimilarityClient(_Base):
         """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
         vector. `exclude_query`: None (the default) lets the server decide, as for every client: the query's
         own product is left out of an image_id or product_id query and kept for a photo or vector; True or
-        False asks for one. `filters`: [any_of(key, ...), none_of(key, ...)] (all must hold) or
-        {key: values}. `diversity` in 0..1 (None or 0: the plain ranking) has MMR choose the k among the
+        False asks for one. `filters`: [any_of(key, ...), none_of(key, ...), in_range(key, lt=...)] (all must
+        hold) or {key: values}. `diversity` in 0..1 (None or 0: the plain ranking) has MMR choose the k among the
         `candidates` most relevant products (0: the server's default, 4 x k). `region` (x_min, y_min, x_max,
         y_max), relative to the image's size, searches with that part of an image query only. `item_id` is
         the 0.1 name of image_id."""

@@ -97,7 +97,8 @@ def read_delta(path: Path, dimension: int | None = None) -> Delta:
     try:
         images = tables.read_images(path / artifacts.IMAGES_FILE,
                                     columns=["row", "image_id", "product_row", "role", "path", "label_name"])
-        products = tables.read_products(path / artifacts.PRODUCTS_FILE, keys)
+        products = tables.read_products(path / artifacts.PRODUCTS_FILE, keys,
+                                        number_keys=list(manifest.get("number_keys", [])))
         vectors = np.load(path / artifacts.VECTORS_FILE, allow_pickle=False)
     except (artifacts.ArtifactError, OSError, ValueError) as error:
         raise DeltaError(f"delta {path.name}: {error}") from None

@@ -27,7 +27,9 @@ _IMAGES = (("row", "int32", False), ("image_id", "string", False), ("product_row
 
 # products.parquet: one row per indexed product, in product_row order, then one string column per
 # attribute (product_type, brand, color, ... for ABO; the extra columns of a products.csv), named by
-# the manifest's attribute_keys.
+# the manifest's attribute_keys, then one float64 column per number attribute (item_weight_pounds,
+# model_year, ... for ABO; a products.csv's numeric columns), named by the manifest's number_keys
+# (versions built before numbers have none). Empty values are nulls.
 _PRODUCTS = (("product_row", "int32", False), ("product_id", "string", False), ("main_image_id", "string", False),
              ("first_row", "int32", False), ("image_count", "int32", False))
 
@@ -74,13 +76,19 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def products_schema(attribute_keys: Sequence[str] = ()) -> pa.Schema:
-    """PRODUCTS_SCHEMA followed by one nullable string column per attribute key."""
+def products_schema(attribute_keys: Sequence[str] = (), number_keys: Sequence[str] = ()) -> pa.Schema:
+    """PRODUCTS_SCHEMA followed by one nullable string column per attribute key, then one nullable float64
+    column per number key."""
     import pyarrow as pa
 
     schema = _schema("PRODUCTS_SCHEMA")
+    both = set(attribute_keys) & set(number_keys)
+    if both:
+        raise ValueError(f"attribute {sorted(both)[0]!r} cannot be both a string and a number")
     for key in attribute_keys:
         schema = schema.append(pa.field(check_attribute_key(key), pa.string()))
+    for key in number_keys:
+        schema = schema.append(pa.field(check_attribute_key(key), pa.float64()))
     return schema
 
 
@@ -91,11 +99,13 @@ def read_images(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     return _read(Path(path), _schema("IMAGES_SCHEMA"), columns)
 
 
-def read_products(path: Path, attribute_keys: Sequence[str] = (), columns: Sequence[str] | None = None) -> pa.Table:
-    """A version's products.parquet, checked against products_schema(attribute_keys) (pass the manifest's
-    attribute_keys): the fixed columns, then one string column per key. Only `columns` when given."""
+def read_products(path: Path, attribute_keys: Sequence[str] = (), columns: Sequence[str] | None = None,
+                  number_keys: Sequence[str] = ()) -> pa.Table:
+    """A version's products.parquet, checked against products_schema(attribute_keys, number_keys) (pass the
+    manifest's attribute_keys and number_keys): the fixed columns, then one string column per attribute key and
+    one float64 column per number key. Only `columns` when given."""
     try:
-        schema = products_schema(attribute_keys)
+        schema = products_schema(attribute_keys, number_keys)
     except ValueError as error:  # the manifest names a key no builder would write
         raise ArtifactError(f"{path}: {error}") from None
     return _read(Path(path), schema, columns)
@@ -122,8 +132,9 @@ def write_table(path: Path, data: pa.Table | Mapping[str, Any], schema: pa.Schem
 
 
 def check_schema(found: pa.Schema, expected: pa.Schema, where: Path | str) -> None:
-    """Every column of `expected` is in `found` with its type, or any integer type for an integer column
-    (a table written by another tool; it is converted on read); extra columns are allowed."""
+    """Every column of `expected` is in `found` with its type, or any integer type for an integer column, or any
+    number type for a float column (a table written by another tool; it is converted on read); extra columns
+    are allowed."""
     import pyarrow.types as pat
 
     for field in expected:
@@ -131,7 +142,8 @@ def check_schema(found: pa.Schema, expected: pa.Schema, where: Path | str) -> No
         if index < 0:
             raise ArtifactError(f"{where} has no column {field.name!r}")
         kind = found.field(index).type
-        if kind != field.type and not (pat.is_integer(kind) and pat.is_integer(field.type)):
+        if kind != field.type and not (pat.is_integer(kind) and pat.is_integer(field.type)) and not (
+                pat.is_floating(field.type) and (pat.is_integer(kind) or pat.is_floating(kind))):
             raise ArtifactError(f"{where} column {field.name!r} is {kind}, expected {field.type}")
 
 

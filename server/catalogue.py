@@ -15,14 +15,16 @@ from server.filters import AttributeIndex
 
 class Catalogue:
     """Row r of the index is image `image_ids[r]` of product `row_product[r]`; product p owns the contiguous
-    rows first_row[p] .. first_row[p] + image_count[p] - 1, main image first. Attributes are codes per product
-    with their posting lists (server/filters.py). A version built before products existed (has_products False)
+    rows first_row[p] .. first_row[p] + image_count[p] - 1, main image first. String attributes are codes per
+    product with their posting lists, number attributes a float64 per product (NaN: none) with a sorted copy
+    (server/filters.py). A version built before products existed (has_products False)
     has one product per image and results carry no product ids."""
 
     def __init__(self, image_ids: Sequence[str], paths: Sequence[str], labels: Sequence[str],
                  roles: Sequence[str], row_product: np.ndarray, product_ids: Sequence[str],
                  first_row: np.ndarray, image_count: np.ndarray,
-                 attributes: dict[str, Sequence[str | None]] | None = None, has_products: bool = True) -> None:
+                 attributes: dict[str, Sequence[str | None]] | None = None, has_products: bool = True,
+                 numbers: dict[str, np.ndarray] | None = None) -> None:
         self.image_ids = Strings(image_ids, indexed=True)
         self.paths = Strings(paths)
         self.labels = Codes(labels)
@@ -39,7 +41,7 @@ class Catalogue:
             raise artifacts.ArtifactError("the images and products tables do not describe the same rows")
         # Posting lists per attribute value, built here rather than by the builder: a factorize per key
         # takes well under a second on ABO's 147,702 products and keeps the artifact format as it is.
-        self.filters = AttributeIndex(attributes or {}, self.product_ids, len(self.product_ids))
+        self.filters = AttributeIndex(attributes or {}, self.product_ids, len(self.product_ids), numbers)
 
     @property
     def image_count_total(self) -> int:
@@ -61,14 +63,15 @@ class Catalogue:
         return sum(c.nbytes for c in columns) + sum(a.nbytes for a in arrays) + self.filters.nbytes
 
     def attribute_values(self, key: str) -> list[str | None]:
-        """One value (or None) per product: for tools and benchmarks, not the request path."""
+        """One value (or None) per product of a string key: for tools and benchmarks, not the request path."""
         return self.filters.lists(key).values()
 
     def with_attributes(self, extra: dict[str, Sequence[str | None]]) -> Catalogue:
         """The same catalogue with more attribute keys (benchmarks add synthetic ones)."""
         other = copy.copy(self)
-        attributes = {key: self.attribute_values(key) for key in self.attribute_keys}
-        other.filters = AttributeIndex({**attributes, **extra}, self.product_ids, self.product_count)
+        attributes = {key: self.attribute_values(key) for key in self.filters.string_keys}
+        numbers = {key: self.filters.numbers(key).values for key in self.filters.number_keys}
+        other.filters = AttributeIndex({**attributes, **extra}, self.product_ids, self.product_count, numbers)
         return other
 
     def rows_of_image(self, image_id: str) -> np.ndarray:
@@ -100,14 +103,17 @@ def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.nda
     if not np.array_equal(images.column("row").to_numpy(), np.arange(images.num_rows)):
         raise artifacts.ArtifactError(f"{artifacts.IMAGES_FILE} rows are not in index order")
     keys = list(manifest.get("attribute_keys", []))
-    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, keys)
+    # Versions built before number attributes have none: they load and serve as before.
+    number_keys = list(manifest.get("number_keys", []))
+    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, keys, number_keys=number_keys)
     catalogue = Catalogue(
         image_ids=_pylist(images.column("image_id")), paths=_pylist(images.column("path")),
         labels=[name or "" for name in _pylist(images.column("label_name"))],
         roles=_pylist(images.column("role")), row_product=images.column("product_row").to_numpy(),
         product_ids=_pylist(products.column("product_id")), first_row=products.column("first_row").to_numpy(),
         image_count=products.column("image_count").to_numpy(),
-        attributes={key: _pylist(products.column(key)) for key in keys})
+        attributes={key: _pylist(products.column(key)) for key in keys},
+        numbers={key: products.column(key).to_numpy() for key in number_keys})
     vectors = np.load(version_dir / artifacts.VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != len(catalogue.image_ids):
         raise artifacts.ArtifactError(f"{artifacts.VECTORS_FILE} is not float32 [{len(catalogue.image_ids)}, D]")

@@ -8,6 +8,7 @@ Qdrant's appendable segment beside its indexed ones, the next build indexes thes
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from lookalike.deltas import Delta, DeltaError, list_deltas, read_delta
 from server.catalogue import Catalogue
+from server.filters import format_number
 from server.search import ProductSearch, SearchConfig
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,9 @@ def fold_deltas(read: list[Delta], base: Catalogue, search: SearchConfig = Searc
             latest[product_id] = (position, row)
     image_ids, paths, labels, roles, row_product, row_root, vectors = [], [], [], [], [], [], []
     first_row, image_count = [], []
-    attributes: dict[str, list] = {key: [] for key in base.attribute_keys}
+    filters = base.filters
+    attributes: dict[str, list] = {key: [] for key in filters.string_keys}
+    numbers: dict[str, list] = {key: [] for key in filters.number_keys}
     for product_row, (position, row) in enumerate(latest.values()):
         table = columns[position]
         start, count = int(table["first_row"][row]), int(table["count"][row])
@@ -78,10 +82,12 @@ def fold_deltas(read: list[Delta], base: Catalogue, search: SearchConfig = Searc
         row_root.extend([position] * count)
         vectors.append(read[position].vectors[start:start + count])
         for key, values in attributes.items():
-            given = table["attributes"].get(key)
-            values.append(None if given is None else given[row])
+            values.append(_as_string(table["attributes"].get(key, [None] * (row + 1))[row]))
+        for key, values in numbers.items():
+            values.append(_as_number(table["attributes"].get(key, [None] * (row + 1))[row]))
     catalogue = Catalogue(image_ids, paths, labels, roles, np.asarray(row_product, np.int64), list(latest),
-                          np.asarray(first_row, np.int64), np.asarray(image_count, np.int64), attributes)
+                          np.asarray(first_row, np.int64), np.asarray(image_count, np.int64), attributes,
+                          numbers={key: np.asarray(values, np.float64) for key, values in numbers.items()})
     replaced = base.product_ids.find(list(latest)) if base.has_products else np.zeros(0, np.int64)
     superseded = None
     if len(replaced):
@@ -91,6 +97,22 @@ def fold_deltas(read: list[Delta], base: Catalogue, search: SearchConfig = Searc
                   for d in read)
     index = ProductSearch(catalogue, np.ascontiguousarray(np.concatenate(vectors), np.float32), None, 0, 0, search)
     return FreshProducts(read[-1].sequence, index, superseded, roots, np.asarray(row_root, np.int32))
+
+
+def _as_string(value) -> str | None:
+    """A delta's value for one of the version's string keys (a number when the delta's own column was all numbers)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return format_number(value) if isinstance(value, float) else str(value)
+
+
+def _as_number(value) -> float:
+    """A delta's value for one of the version's number keys: NaN (none) when it is missing or not a number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if math.isfinite(number) else math.nan
 
 
 class DeltaFeed:

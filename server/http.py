@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 from lookalike.v1 import lookalike_pb2 as pb
 from server.errors import ServingError, status_of
+from server.filters import NUMBER
 from server.openapi import ROUTES, openapi_document
 from server.servicer import ImageSimilarityServicer
 
@@ -195,16 +196,19 @@ class HttpApi:
         return web.json_response({"status": "NOT_SERVING"}, status=503)
 
     async def attributes(self, _request: web.Request) -> web.Response:
-        """Each attribute key's values in the served version, the most common first, for the console's filters."""
+        """Each string attribute key's values in the served version, the most common first, and each number key's
+        bounds, for the console's filters."""
         version = self.servicer.core.version
         if self._attributes is None or self._attributes[0] != version.name:
             filters = version.catalogue.filters
             values = {}
-            for key in filters.keys:
+            for key in filters.string_keys:
                 counts = filters.lists(key).value_counts()
                 ranked = sorted(counts, key=lambda value: (-counts[value], value))[:MAX_ATTRIBUTE_VALUES]
                 values[key] = [{"value": value, "products": counts[value]} for value in ranked]
-            self._attributes = (version.name, {"version": version.name, "attributes": values})
+            numbers = {info.key: {"min": info.min, "max": info.max, "products": info.product_count}
+                       for info in filters.describe() if info.kind == NUMBER}
+            self._attributes = (version.name, {"version": version.name, "attributes": values, "numbers": numbers})
         return web.json_response(self._attributes[1])
 
     async def image(self, request: web.Request) -> web.StreamResponse:

@@ -90,7 +90,8 @@ def openapi_document() -> dict:
     paths["/readyz"] = {"get": {"operationId": "Readiness", "summary": "a version is loaded and warm (503 before)",
                                 "responses": {**text, "503": {"description": "not serving yet, or draining"}}}}
     paths["/v1/attributes"] = {"get": {"operationId": "Attributes",
-                                       "summary": "each attribute key's values in the served version",
+                                       "summary": "each string attribute key's values and each number key's "
+                                                  "bounds in the served version",
                                        "responses": {**text, **errors}}}
     paths["/v1/images/{image_id}"] = {"get": {
         "operationId": "Image", "summary": "a catalogue image of the served version, by image id",

@@ -25,7 +25,7 @@ from server.core import (
     SimilarityCore,
 )
 from server.errors import ServingError, Unavailable, status_of
-from server.filters import Clause, Filter
+from server.filters import Clause, Filter, KeyInfo, Range
 from server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -87,9 +87,24 @@ def _query_only(request: pb.FindSimilarRequest | pb.Example, oneof: str) -> Quer
     return Query()
 
 
+_BOUNDS = ("gt", "gte", "lt", "lte")
+
+
+def _clause(message: pb.Clause) -> Clause:
+    """A range set without bounds stays a range (the core says it is empty)."""
+    bounds = message.range
+    range_ = Range(*(getattr(bounds, name) if bounds.HasField(name) else None for name in _BOUNDS)) \
+        if message.HasField("range") else None
+    return Clause(message.key, tuple(message.any_of), tuple(message.none_of), range_)
+
+
 def _filter(message: pb.Filter) -> Filter:
-    return Filter(tuple(Clause(c.key, tuple(c.any_of), tuple(c.none_of)) for c in message.clauses),
-                  tuple(message.exclude_product_ids))
+    return Filter(tuple(_clause(c) for c in message.clauses), tuple(message.exclude_product_ids))
+
+
+def _attribute_info(info: KeyInfo) -> pb.AttributeInfo:
+    return pb.AttributeInfo(key=info.key, kind=info.kind, product_count=info.product_count, min=info.min,
+                            max=info.max)
 
 
 def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
@@ -187,4 +202,5 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
             hidden_product_count=self.core.hidden.count(version), availability_version=self.core.hidden.version,
             delta_sequence=version.delta_sequence,
             delta_product_count=0 if version.fresh is None else version.fresh.catalogue.product_count,
-            delta_image_count=0 if version.fresh is None else version.fresh.rows)
+            delta_image_count=0 if version.fresh is None else version.fresh.rows,
+            attributes=[_attribute_info(info) for info in version.catalogue.filters.describe()])

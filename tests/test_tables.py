@@ -99,6 +99,23 @@ def test_the_writer_refuses_what_the_readers_would(tmp_path):
         tables.products_schema(["first_row"])
 
 
+def test_number_attributes_are_float64_columns_after_the_strings(tmp_path):
+    path = tmp_path / artifacts.PRODUCTS_FILE
+    columns = {**_products(), "weight": [1.5], "year": [None]}
+    tables.write_table(path, columns, tables.products_schema(["brand"], ["weight", "year"]))
+    products = tables.read_products(path, ["brand"], number_keys=["weight", "year"])
+    assert products.column_names == [*tables.PRODUCT_COLUMNS, "brand", "weight", "year"]
+    assert products.column("weight").type == pa.float64() and products.column("year").null_count == 1
+    # A version built before numbers existed reads as it did; one written by another tool may hold integers.
+    assert tables.read_products(path, ["brand"]).column_names == [*tables.PRODUCT_COLUMNS, "brand"]
+    pq.write_table(pa.table({**_products(), "year": pa.array([2019], pa.int16())}), path)
+    assert tables.read_products(path, number_keys=["year"]).column("year").to_pylist() == [2019.0]
+    with pytest.raises(ArtifactError, match=r"column 'brand' is string, expected double"):
+        tables.read_products(path, number_keys=["brand"])
+    with pytest.raises(ValueError, match="both a string and a number"):
+        tables.products_schema(["year"], ["year"])
+
+
 def test_the_schemas_need_no_pyarrow_until_used():
     """The builder's catalogue code imports the column names and roles; pyarrow comes with the schemas."""
     code = ("import sys; from lookalike.tables import ROLES, check_attribute_key; assert 'pyarrow' not in sys.modules; "
@@ -111,7 +128,8 @@ def test_the_builder_s_tables_pass_the_check(built):
     version_dir = built / artifacts.read_current(built)
     manifest = artifacts.load_manifest(version_dir, verify=False)
     images = tables.read_images(version_dir / artifacts.IMAGES_FILE)
-    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, manifest["attribute_keys"])
+    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, manifest["attribute_keys"],
+                                    number_keys=manifest["number_keys"])
     dataset = tables.read_dataset(version_dir / artifacts.DATASET_FILE)
     assert images.num_rows == manifest["counts"]["images_indexed"]
     assert products.num_rows == manifest["counts"]["products"]
@@ -120,7 +138,12 @@ def test_the_builder_s_tables_pass_the_check(built):
     assert pq.read_schema(version_dir / artifacts.IMAGES_FILE).names == list(tables.IMAGE_COLUMNS)
     names = pq.read_schema(version_dir / artifacts.PRODUCTS_FILE).names
     fixed = len(tables.PRODUCT_COLUMNS)
-    assert names[:fixed] == list(tables.PRODUCT_COLUMNS) and sorted(names[fixed:]) == manifest["attribute_keys"]
+    assert names[:fixed] == list(tables.PRODUCT_COLUMNS)
+    assert sorted(names[fixed:]) == sorted(manifest["attribute_keys"] + manifest["number_keys"])
+    # The sample's listings carry ABO's weights, dimensions and model years: float64 columns.
+    assert set(manifest["number_keys"]) == {"item_weight_pounds", "item_height_inches", "item_length_inches",
+                                            "item_width_inches", "model_year"}
+    assert products.schema.field("model_year").type == pa.float64()
     assert pq.read_schema(version_dir / artifacts.DATASET_FILE).names == list(tables.DATASET_COLUMNS)
 
 

@@ -83,8 +83,9 @@ class ImageSimilarityClient {
    * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
    * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, diversity
    *   (0..1: MMR among the `candidates` most relevant products; unset or 0: the plain ranking), candidates (0:
-   *   the server's default, 4 x k), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]}],
-   *   excludeProductIds: [...]} (clauses AND together); region {xMin, yMin, xMax, yMax} (relative to the image's
+   *   the server's default, 4 x k), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]} |
+   *   {key, range: {gt, gte, lt, lte}} (a number key; any of the bounds)], excludeProductIds: [...]} (clauses AND
+   *   together; parseClause reads 'KEY=V1,V2', 'KEY!=V', 'KEY<X', 'KEY>=X' ...); region {xMin, yMin, xMax, yMax} (relative to the image's
    *   size) searches with that part of an image query.
    *   excludeQuery unset lets the server decide, as for every client: the query's own product is left out of
    *   an imageId or productId query and kept for an image or vector; true or false asks for one.
@@ -128,4 +129,26 @@ class ImageSimilarityClient {
   }
 }
 
-module.exports = { ImageSimilarityClient, SERVICE_CONFIG, grpc };
+// A clause as every lookalike command line writes it: an identifier, an operator, the value(s).
+const CLAUSE = /^([A-Za-z_][A-Za-z0-9_]*)(!=|>=|<=|=|>|<)(.*)$/;
+const RANGES = { '>': 'gt', '>=': 'gte', '<': 'lt', '<=': 'lte' };
+
+/**
+ * KEY=V1,V2 (any of), KEY!=V1,V2 (none of), or KEY<X, KEY<=X, KEY>X, KEY>=X (a range over a number attribute), as
+ * a Clause; an Error saying what is wrong otherwise.
+ */
+function parseClause(text) {
+  const parts = CLAUSE.exec(text);
+  if (!parts) throw new Error(`${JSON.stringify(text)} is not KEY=V1,V2, KEY!=V1,V2, KEY<X, KEY<=X, KEY>X or KEY>=X`);
+  const [, key, operator, value] = parts;
+  if (RANGES[operator]) {
+    const bound = value.trim() === '' ? NaN : Number(value);
+    if (Number.isNaN(bound)) throw new Error(`${JSON.stringify(text)}: ${value} is not a number (KEY${operator}X takes one)`);
+    return { key, range: { [RANGES[operator]]: bound } };
+  }
+  const values = value.split(',').filter(Boolean);
+  if (!values.length) throw new Error(`${JSON.stringify(text)} needs a key and at least one value`);
+  return operator === '!=' ? { key, noneOf: values } : { key, anyOf: values };
+}
+
+module.exports = { ImageSimilarityClient, SERVICE_CONFIG, grpc, parseClause };

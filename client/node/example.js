@@ -1,5 +1,5 @@
 'use strict';
-// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | --filter KEY!=V1,V2 ...] [--diversity D [--candidates N]]
+// Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | KEY!=V1,V2 | 'KEY<X' | 'KEY>=X' ...] [--diversity D [--candidates N]]
 //          [--region X_MIN,Y_MIN,X_MAX,Y_MAX (the part of each IMAGE_FILE to search with)]
 //          [--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]]
 //          [image:IMAGE_ID | product:PRODUCT_ID | recommend:PRODUCT_ID,PRODUCT_ID | IMAGE_FILE ...]
@@ -7,20 +7,14 @@
 // obeys the filters (clauses AND together). The query's own product is left out or kept as the server
 // decides (out for image: and product:, kept for a photo). --root-ca turns on TLS, the client pair mTLS.
 const fs = require('fs');
-const { ImageSimilarityClient, grpc } = require('./client');
+const { ImageSimilarityClient, grpc, parseClause } = require('./client');
 
-const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2 ...] [--diversity D [--candidates N]] '
+const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2|KEY<X|KEY<=X|KEY>X|KEY>=X ...] '
+  + '[--diversity D [--candidates N]] '
   + '[--region X_MIN,Y_MIN,X_MAX,Y_MAX] '
   + '[--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]] '
   + '[image:IMAGE_ID | product:PRODUCT_ID | recommend:ID,ID | IMAGE_FILE ...]';
 const TLS_FLAGS = { '--root-ca': 'rootCa', '--client-cert': 'clientCert', '--client-key': 'clientKey' };
-
-function toClause(text) {
-  const negated = text.includes('!=');
-  const [key, values] = text.split(negated ? '!=' : '=', 2);
-  if (!key || !values) throw new Error(`--filter ${text}: not KEY=V1,V2 or KEY!=V1,V2`);
-  return negated ? { key, noneOf: values.split(',') } : { key, anyOf: values.split(',') };
-}
 
 function toRegion(text) {
   const values = text.split(',').map(Number);
@@ -51,7 +45,7 @@ async function main() {
   const ranking = {};
   let region;
   for (let i = 0; i < rest.length; i += 1) {
-    if (rest[i] === '--filter') clauses.push(toClause(rest[(i += 1)] ?? ''));
+    if (rest[i] === '--filter') clauses.push(parseClause(rest[(i += 1)] ?? ''));
     else if (rest[i] === '--diversity') ranking.diversity = Number(rest[(i += 1)]);
     else if (rest[i] === '--candidates') ranking.candidates = Number(rest[(i += 1)]);
     else if (rest[i] === '--region') region = toRegion(rest[(i += 1)] ?? '');

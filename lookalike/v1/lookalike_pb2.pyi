@@ -95,14 +95,28 @@ class Filter(_message.Message):
     def __init__(self, clauses: _Optional[_Iterable[_Union[Clause, _Mapping]]] = ..., exclude_product_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Clause(_message.Message):
-    __slots__ = ("key", "any_of", "none_of")
+    __slots__ = ("key", "any_of", "none_of", "range")
     KEY_FIELD_NUMBER: _ClassVar[int]
     ANY_OF_FIELD_NUMBER: _ClassVar[int]
     NONE_OF_FIELD_NUMBER: _ClassVar[int]
+    RANGE_FIELD_NUMBER: _ClassVar[int]
     key: str
     any_of: _containers.RepeatedScalarFieldContainer[str]
     none_of: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., none_of: _Optional[_Iterable[str]] = ...) -> None: ...
+    range: Range
+    def __init__(self, key: _Optional[str] = ..., any_of: _Optional[_Iterable[str]] = ..., none_of: _Optional[_Iterable[str]] = ..., range: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("gt", "gte", "lt", "lte")
+    GT_FIELD_NUMBER: _ClassVar[int]
+    GTE_FIELD_NUMBER: _ClassVar[int]
+    LT_FIELD_NUMBER: _ClassVar[int]
+    LTE_FIELD_NUMBER: _ClassVar[int]
+    gt: float
+    gte: float
+    lt: float
+    lte: float
+    def __init__(self, gt: _Optional[float] = ..., gte: _Optional[float] = ..., lt: _Optional[float] = ..., lte: _Optional[float] = ...) -> None: ...
 
 class Example(_message.Message):
     __slots__ = ("product_id", "image_id", "vector", "image", "region")
@@ -226,7 +240,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version", "image_count", "product_count", "attribute_keys", "hidden_product_count", "availability_version", "delta_sequence", "delta_product_count", "delta_image_count")
+    __slots__ = ("version", "backbone", "preprocessing", "head", "dimension", "metric", "item_count", "search_k", "n_trees", "recall_at_10", "input_size", "max_k", "max_images_per_request", "server_version", "image_count", "product_count", "attribute_keys", "hidden_product_count", "availability_version", "delta_sequence", "delta_product_count", "delta_image_count", "attributes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +263,7 @@ class GetInfoResponse(_message.Message):
     DELTA_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DELTA_PRODUCT_COUNT_FIELD_NUMBER: _ClassVar[int]
     DELTA_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     backbone: str
     preprocessing: str
@@ -271,4 +286,19 @@ class GetInfoResponse(_message.Message):
     delta_sequence: int
     delta_product_count: int
     delta_image_count: int
-    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ..., image_count: _Optional[int] = ..., product_count: _Optional[int] = ..., attribute_keys: _Optional[_Iterable[str]] = ..., hidden_product_count: _Optional[int] = ..., availability_version: _Optional[int] = ..., delta_sequence: _Optional[int] = ..., delta_product_count: _Optional[int] = ..., delta_image_count: _Optional[int] = ...) -> None: ...
+    attributes: _containers.RepeatedCompositeFieldContainer[AttributeInfo]
+    def __init__(self, version: _Optional[str] = ..., backbone: _Optional[str] = ..., preprocessing: _Optional[str] = ..., head: _Optional[str] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., item_count: _Optional[int] = ..., search_k: _Optional[int] = ..., n_trees: _Optional[int] = ..., recall_at_10: _Optional[float] = ..., input_size: _Optional[int] = ..., max_k: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., server_version: _Optional[str] = ..., image_count: _Optional[int] = ..., product_count: _Optional[int] = ..., attribute_keys: _Optional[_Iterable[str]] = ..., hidden_product_count: _Optional[int] = ..., availability_version: _Optional[int] = ..., delta_sequence: _Optional[int] = ..., delta_product_count: _Optional[int] = ..., delta_image_count: _Optional[int] = ..., attributes: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ...) -> None: ...
+
+class AttributeInfo(_message.Message):
+    __slots__ = ("key", "kind", "product_count", "min", "max")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    kind: str
+    product_count: int
+    min: float
+    max: float
+    def __init__(self, key: _Optional[str] = ..., kind: _Optional[str] = ..., product_count: _Optional[int] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...

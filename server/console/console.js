@@ -3,7 +3,11 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const filters = [];  // {key, mode: "anyOf" | "noneOf", value}
+const filters = [];  // {key, mode: "anyOf" | "noneOf" | "gt" | "gte" | "lt" | "lte", value}
+const STRING_MODES = [["anyOf", "is"], ["noneOf", "is not"]];
+const NUMBER_MODES = [["gt", ">"], ["gte", "≥"], ["lt", "<"], ["lte", "≤"]];
+const MODE_NAMES = Object.fromEntries([...STRING_MODES, ...NUMBER_MODES]);
+const NUMBER_MODES_BY_NAME = Object.fromEntries(NUMBER_MODES);
 let photo = null;     // {base64, url} of a dropped or chosen photo
 
 function element(tag, attributes = {}, ...children) {
@@ -39,11 +43,21 @@ async function loadInfo() {
       `images · ${info.backbone} + ${info.head}, ${info.dimension}-d · availability version ` +
       `${info.availabilityVersion || 0}, ${info.hiddenProductCount || 0} hidden · delta ${info.deltaSequence || 0}, ` +
       `${info.deltaProductCount || 0} products added since the build · server ${info.serverVersion}`;
-    const attributes = (await call("/v1/attributes")).attributes;
+    const {attributes, numbers = {}} = await call("/v1/attributes");
     const keys = $("filter-key");
-    keys.replaceChildren(...Object.keys(attributes).map((key) => element("option", {value: key}, key)));
-    const fillValues = () => $("filter-value").replaceChildren(...(attributes[keys.value] || []).map(
-      (entry) => element("option", {value: entry.value}, `${entry.value} (${entry.products})`)));
+    keys.replaceChildren(...[...Object.keys(attributes), ...Object.keys(numbers)].sort().map(
+      (key) => element("option", {value: key}, key)));
+    // A string key offers its values; a number key a range's operators and a number within its bounds.
+    const fillValues = () => {
+      const number = numbers[keys.value];
+      $("filter-mode").replaceChildren(...(number ? NUMBER_MODES : STRING_MODES).map(
+        ([mode, name]) => element("option", {value: mode}, name)));
+      $("filter-value").hidden = Boolean(number);
+      $("filter-number").hidden = !number;
+      if (number) $("filter-number").placeholder = `${number.min} to ${number.max}`;
+      $("filter-value").replaceChildren(...(attributes[keys.value] || []).map(
+        (entry) => element("option", {value: entry.value}, `${entry.value} (${entry.products})`)));
+    };
     keys.addEventListener("change", fillValues);
     fillValues();
   } catch (error) {
@@ -55,7 +69,7 @@ function drawFilters() {
   $("filters").replaceChildren(...filters.map((filter, position) => {
     const remove = element("button", {type: "button", title: "remove"}, "×");
     remove.addEventListener("click", () => { filters.splice(position, 1); drawFilters(); });
-    return element("li", {}, `${filter.key} ${filter.mode === "anyOf" ? "is" : "is not"} ${filter.value}`, remove);
+    return element("li", {}, `${filter.key} ${MODE_NAMES[filter.mode]} ${filter.value}`, remove);
   }));
 }
 
@@ -63,11 +77,16 @@ function options() {
   const request = {k: Number($("k").value) || 10, withAttributes: true};
   if ($("with-group").checked) request.groupSize = 5;
   const clauses = {};
+  const ranges = [];
   for (const {key, mode, value} of filters) {
+    if (mode in NUMBER_MODES_BY_NAME) {
+      ranges.push({key, range: {[mode]: value}});
+      continue;
+    }
     const clause = clauses[key + " " + mode] ||= {key, [mode]: []};
     clause[mode].push(value);
   }
-  if (filters.length) request.filter = {clauses: Object.values(clauses)};
+  if (filters.length) request.filter = {clauses: [...Object.values(clauses), ...ranges]};
   return request;
 }
 
@@ -181,8 +200,11 @@ $("query-form").addEventListener("submit", (event) => {
 $("query").addEventListener("input", () => { photo = null; });
 $("recommend").addEventListener("click", recommend);
 $("add-filter").addEventListener("click", () => {
-  if (!$("filter-key").value || !$("filter-value").value) return;
-  filters.push({key: $("filter-key").value, mode: $("filter-mode").value, value: $("filter-value").value});
+  const mode = $("filter-mode").value;
+  const number = mode in NUMBER_MODES_BY_NAME;
+  const value = number ? $("filter-number").value : $("filter-value").value;
+  if (!$("filter-key").value || value === "" || (number && !Number.isFinite(Number(value)))) return;
+  filters.push({key: $("filter-key").value, mode, value: number ? Number(value) : value});
   drawFilters();
 });
 $("photo").addEventListener("change", (event) => usePhoto(event.target.files[0]));

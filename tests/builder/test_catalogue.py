@@ -7,9 +7,12 @@ import pandas as pd
 import pytest
 
 from builder.catalogue import (
+    NUMBER_ATTRIBUTES,
     CatalogueError,
     assemble,
+    listing_numbers,
     listings_files,
+    measure,
     membership_from_csv,
     membership_from_listings,
     no_membership,
@@ -94,6 +97,76 @@ def test_products_csv_roles_default_and_attribute_columns():
     assert catalogue.report["rows_without_ids"] == 1
 
 
+def test_products_csv_columns_of_numbers_become_number_attributes():
+    """A column is a number when every non-empty value parses as one (Spark reads a CSV as strings)."""
+    table = pd.DataFrame({"product_id": ["shoe-1", "shoe-1", "bag-9", "hat-3"],
+                          "image_id": ["img-a1", "img-a2", "img-b1", "img-lonely"],
+                          "price": [" 19.99", None, "5e1", ""], "year": ["2019", "2019", "2020", "2021"],
+                          "sku": ["007", "007", "x-12", "9"], "ratio": ["1", "inf", "2", "3"],
+                          "nothing": [None, None, None, None]})
+    membership = membership_from_csv(table)
+    assert membership.number_keys == ("price", "year") and membership.report["number_columns"] == ["price", "year"]
+    catalogue = assemble(membership, SCANNED)
+    assert catalogue.number_keys == ["price", "year"] and catalogue.attribute_keys == ["sku", "ratio"]
+    products = catalogue.products.set_index("product_id")
+    assert products.loc["shoe-1", "price"] == 19.99 and products.loc["bag-9", "price"] == 50.0
+    assert pd.isna(products.loc["hat-3", "price"]) and products["year"].dtype == "float64"
+    assert products.loc["bag-9", "sku"] == "x-12" and "nothing" not in products
+
+
+# ABO's number fields as its listings write them: normalized to pounds and inches, the raw value in the
+# marketplace's unit; model_year a list of one value.
+WEIGHED = {
+    "item_weight": [{"normalized_value": {"unit": "pounds", "value": 1.5}, "unit": "pounds", "value": 24}],
+    "item_dimensions": {"height": {"normalized_value": {"unit": "inches", "value": 3.1}, "unit": "centimeters",
+                                   "value": 8},
+                        "length": {"normalized_value": {"unit": "inches", "value": 12.5}, "unit": "inches",
+                                   "value": 12.5},
+                        "width": {"normalized_value": {"unit": "inches", "value": 4.0}, "unit": "centimeters",
+                                  "value": 10.2}},
+    "model_year": [{"value": 2018}],
+}
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    (WEIGHED, [1.5, 3.1, 12.5, 4.0, 2018]),
+    ({}, [None] * 5),                                                        # no number fields at all
+    # Only the raw value: converted from the unit it names; an unknown unit or a negative value counts as none.
+    ({"item_weight": [{"unit": "kilograms", "value": 2}], "item_dimensions": {"height": {"unit": "mm", "value": 254},
+                                                                              "width": {"unit": "cubits", "value": 3}},
+      "model_year": [{"value": "2021"}]}, [4.409245, 10.0, None, None, 2021]),
+    ({"item_weight": [{"unit": "ounces", "value": -8}, {"unit": "ounces", "value": 8}],
+      "item_dimensions": {"length": {"normalized_value": None, "unit": "feet", "value": 2}}},
+     [0.5, None, 24.0, None, None]),
+    # Shapes other than ABO's and values that are not numbers are left out, never an error.
+    ({"item_weight": {"normalized_value": {"unit": "pounds", "value": "heavy"}}, "item_dimensions": [],
+      "model_year": [{"value": "2019-2020"}, {"value": True}]}, [None] * 5),
+    # Language-tagged entries: the build's language first (en_US), then English elsewhere, then any.
+    ({"item_weight": [{"language_tag": "de_DE", "unit": "Kilogramm", "value": 1,
+                       "normalized_value": {"unit": "pounds", "value": 2.2}},
+                      {"language_tag": "en_GB", "unit": "pounds", "value": 2.25}],
+      "model_year": [{"language_tag": "ja_JP", "value": 2017}, {"language_tag": "en_US", "value": 2016}]},
+     [2.25, None, None, None, 2016]),
+])
+def test_number_fields_of_real_format_listings(fields, expected):
+    """As JSON text (what Spark hands over) and parsed: units, missing values, languages."""
+    for as_text in (False, True):
+        row = {name: (json.dumps(fields[name]) if as_text else fields[name]) if name in fields else None
+               for name in ("item_weight", "item_dimensions", "model_year")}
+        numbers = listing_numbers(pd.DataFrame([row]), "en_US")
+        assert list(numbers.columns) == list(NUMBER_ATTRIBUTES)
+        got = [None if pd.isna(value) else value for value in numbers.iloc[0]]
+        assert got == [pytest.approx(v, rel=1e-6) if v is not None else None for v in expected], as_text
+
+
+def test_a_measure_prefers_its_normalized_value_and_says_nan_when_unusable():
+    assert measure({"normalized_value": {"unit": "pounds", "value": 1.5}, "unit": "kilograms", "value": 0.68},
+                   "pounds") == 1.5
+    assert measure({"unit": "Centimeters ", "value": "2.54"}, "inches") == pytest.approx(1.0)
+    assert all(pd.isna(measure(entry, "inches")) for entry in
+               (None, "3 in", {"unit": "inches"}, {"unit": "inches", "value": "NaN"}, {"unit": "pounds", "value": 1}))
+
+
 @pytest.mark.parametrize("columns,message", [
     ({"product": ["p"], "image_id": ["i"]}, "no product_id column"),
     ({"product_id": ["p"], "image_id": ["i"], "role": ["hero"]}, "role must be one of main, other"),
@@ -128,6 +201,12 @@ LINES = [
      "color": [{"language_tag": "ja_JP", "value": "黒", "standardized_values": ["black"]}],
      "item_weight": [{"normalized_value": {"unit": "pounds", "value": 1.2}, "unit": "pounds", "value": 1.2}]},
     {"item_id": "B0002", "main_image_id": "img-b1", "product_type": [{"value": "BAG"}]},
+    {"item_id": "B0004", "main_image_id": "img-b2", "product_type": [{"value": "CHAIR"}], "country": "DE",
+     "item_name": [{"language_tag": "de_DE", "value": "Stuhl"}], **WEIGHED,
+     "model_year": [{"value": "2019"}]},
+    # Fields shaped otherwise than ABO's must not make the listing malformed.
+    {"item_id": "B0005", "main_image_id": "img-b3", "item_weight": "heavy", "item_dimensions": [1, 2],
+     "model_year": 2020},
 ]
 
 
@@ -156,8 +235,16 @@ def test_spark_reads_real_format_listing_lines_with_language_fallbacks(tmp_path)
     assert attributes.loc["B0001", "node"] == "/Shoes/Trainers"
     assert attributes.loc["B0001", "country"] == "GB" and attributes.loc["B0001", "product_type"] == "SHOES"
     assert pd.isna(attributes.loc["B0002", "brand"])
-    assert list(membership.pairs["image_id"]) == ["img-a1", "img-a2", "img-b1"]
-    assert membership.report["malformed_listings"] == 1 and membership.report["listings"] == 3
+    assert list(membership.pairs["image_id"]) == ["img-a1", "img-a2", "img-b1", "img-b2", "img-b3"]
+    assert membership.report["malformed_listings"] == 1 and membership.report["listings"] == 5
+    # Numbers: the normalized values in pounds and inches, whatever the listing's language and units.
+    assert membership.number_keys == NUMBER_ATTRIBUTES
+    assert attributes.loc["B0001", "item_weight_pounds"] == 1.2 and pd.isna(attributes.loc["B0001", "model_year"])
+    assert list(attributes.loc["B0004", list(NUMBER_ATTRIBUTES)]) == [1.5, 3.1, 12.5, 4.0, 2019.0]
+    assert attributes.loc["B0005", list(NUMBER_ATTRIBUTES)].tolist()[:4] == pytest.approx([float("nan")] * 4,
+                                                                                       nan_ok=True)
+    assert attributes.loc["B0005", "model_year"] == 2020.0
+    assert membership.report["listings_with_numbers"]["item_weight_pounds"] == 2
 
 
 def test_listings_are_found_beside_an_unpacked_abo_images_folder(tmp_path):

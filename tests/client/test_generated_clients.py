@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from client import ImageSimilarityClient, LookalikeError
+from client.cli import _clause
 from lookalike import artifacts
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
@@ -58,16 +59,18 @@ def _run(clients, language: str, address: str, *args: str) -> subprocess.Complet
 
 
 def _similar(language: str, address: str, kind: str, value: str, tls: dict | None = None,
-             timeout_s: float | None = None, ranking: dict | None = None) -> tuple[str, list[tuple[str, str, float]]]:
+             timeout_s: float | None = None, ranking: dict | None = None,
+             filters: tuple[str, ...] = ()) -> tuple[str, list[tuple[str, str, float]]]:
     """FindSimilar(k=5) from one client with exclude_query left unset: the status code's name and the
     (product_id, image_id, distance) of each match. timeout_s: Python and Go only. ranking: {"diversity": D,
-    "candidates": N}, sent by every client."""
+    "candidates": N}, sent by every client. filters: --filter clauses as the command lines write them."""
     tls, ranking = tls or {}, ranking or {}
     if language == "python":
         try:
             with ImageSimilarityClient(address, timeout_s=timeout_s or 10, root_ca=tls.get("ca"),
                                        client_cert=tls.get("cert"), client_key=tls.get("key")) as client:
-                matches = client.find_similar(**{PYTHON_QUERY[kind]: value}, k=5, **ranking)
+                matches = client.find_similar(**{PYTHON_QUERY[kind]: value}, k=5, **ranking,
+                                              filters=[_clause(text) for text in filters])
             return "OK", [(m.product_id, m.image_id, m.distance) for m in matches]
         except LookalikeError as error:
             return error.code.name, []
@@ -75,6 +78,7 @@ def _similar(language: str, address: str, kind: str, value: str, tls: dict | Non
     tls_args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
     tls_args += [arg for name, value in ranking.items()
                  for arg in (f"--{name}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
+    tls_args += [arg for text in filters for arg in ("--filter", text)]
     if language == "node":
         command = ["node", NODE_EXAMPLE, address, *tls_args, NODE_FLAGS[kind].format(value)]
     else:
@@ -141,6 +145,30 @@ def test_every_client_sends_a_region(clients, server, built, catalogue):
     for language in LANGUAGES[1:]:
         code, _ = _similar(language, server, "photo", photo, ranking={"region": (0.6, 0.2, 0.1, 0.9)})
         assert code == "INVALID_ARGUMENT", language
+
+
+def test_every_client_sends_range_and_string_clauses(clients, server, built):
+    """The same filtered answer from all four (ranges over the sample's number attributes AND a string clause), every
+    match in range; a range on a string key and values on a number key are INVALID_ARGUMENT in every client."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    product = images.iloc[42]["product_id"]
+    filters = ("item_weight_pounds<1.5", "model_year>=2016", "country!=JP")
+    with ImageSimilarityClient(server) as client:
+        checked = client.find_similar(product_id=product, k=5, with_attributes=True,
+                                      filters=[_clause(text) for text in filters])
+    assert len(checked) == 5 and all(float(m.attributes["item_weight_pounds"]) < 1.5
+                                     and float(m.attributes["model_year"]) >= 2016
+                                     and m.attributes.get("country") != "JP" for m in checked)
+    answers = {language: _similar(language, server, "product_id", product, filters=filters) for language in LANGUAGES}
+    code, python = answers.pop("python")
+    assert code == "OK" and [m[0] for m in python] == [m.product_id for m in checked]
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+    for wrong in ("product_type>1", "model_year=2019"):
+        for language in LANGUAGES:
+            code, _ = _similar(language, server, "product_id", product, filters=(wrong,))
+            assert code == "INVALID_ARGUMENT", (language, wrong, code)
 
 
 @pytest.mark.parametrize("language", ["go", "java"])

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import ImageId, ImageSimilarityClient, any_of, none_of
+from client import Clause, ImageId, ImageSimilarityClient, Range, any_of, in_range, none_of
+from client.cli import _clause, _info_text
 from client.library import SERVICE_CONFIG, _recommend_request, _similar_request, image_bytes
 from client.loadgen import LoadConfig, parse_mix
 from lookalike.v1 import lookalike_pb2 as pb
@@ -64,6 +65,43 @@ def test_filters_become_one_structured_message():
     assert not _similar_request(product_id="P1").HasField("score_threshold")
 
 
+def test_ranges_become_range_clauses_with_only_the_bounds_given():
+    request = _similar_request(product_id="P1", filters=[in_range("item_weight_pounds", gt=1, lte=2.5),
+                                                         any_of("color", "Black")])
+    weight, color = request.filter.clauses
+    assert weight.key == "item_weight_pounds" and weight.HasField("range") and not color.HasField("range")
+    assert [weight.range.HasField(b) for b in ("gt", "gte", "lt", "lte")] == [True, False, False, True]
+    assert (weight.range.gt, weight.range.lte) == (1.0, 2.5)
+
+
+@pytest.mark.parametrize(("text", "clause"), [
+    ("item_weight_pounds<2.5", in_range("item_weight_pounds", lt=2.5)),
+    ("model_year>=2019", in_range("model_year", gte=2019)),
+    ("model_year>2019", in_range("model_year", gt=2019)),
+    ("item_width_inches<=-1e1", in_range("item_width_inches", lte=-10)),
+    ("color=Black,Navy", any_of("color", "Black", "Navy")),
+    ("brand!=Acme", none_of("brand", "Acme")),
+    ("size=<5", any_of("size", "<5")),  # the first operator after the key is the clause's
+])
+def test_the_cli_reads_every_operator(text, clause):
+    assert _clause(text) == clause
+
+
+@pytest.mark.parametrize("text", ["model_year>=soon", "weight<nan", "<2", "weight~2", "color="])
+def test_the_cli_refuses_clauses_it_cannot_read(text):
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _clause(text)
+
+
+def test_info_lists_keys_with_kinds_and_ranges():
+    text = _info_text({"version": "v1", "attribute_keys": ["brand", "model_year"], "attributes": [
+        {"key": "brand", "kind": "string", "product_count": 9},
+        {"key": "model_year", "kind": "number", "product_count": 7, "min": 2014.0, "max": 2022.0}]})
+    assert "brand (string, 9 products)" in text and "model_year (number 2014..2022, 7 products)" in text
+
+
 def test_recommend_examples_are_products_images_ids_or_vectors(tmp_path):
     Image.new("RGB", (4, 4), "red").save(tmp_path / "x.png")
     request = _recommend_request(["P1", ImageId("img-1"), tmp_path / "x.png", [0.5, 0.5]], "P9", "best_score", 5,
@@ -79,6 +117,12 @@ def test_filter_and_recommend_misuse_fails_fast():
     client = ImageSimilarityClient("127.0.0.1:1")
     with pytest.raises(ValueError, match="needs any_of or none_of"):
         client.find_similar(product_id="P1", filters=[any_of("color")])
+    with pytest.raises(ValueError, match="the range on 'weight' needs gt, gte, lt or lte"):
+        client.find_similar(product_id="P1", filters=[in_range("weight")])
+    with pytest.raises(ValueError, match="none of them NaN"):
+        client.find_similar(product_id="P1", filters=[in_range("weight", lt=float("nan"))])
+    with pytest.raises(ValueError, match="one of them"):
+        client.find_similar(product_id="P1", filters=[Clause("weight", any_of=("1",), range=Range(lt=2))])
     with pytest.raises(TypeError, match="any_of"):
         client.find_similar(product_id="P1", filters=["color=Black"])
     with pytest.raises(ValueError, match="score_threshold"):

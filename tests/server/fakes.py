@@ -67,7 +67,8 @@ def catalogue_images(count: int = 40, views_from: int | None = None) -> list[byt
 
 def make_search(tmp_path, vectors: np.ndarray, groups: list[list[int]], image_ids: list[str] | None = None,
                 product_ids: list[str] | None = None, attributes: dict | None = None, has_products: bool = True,
-                config: SearchConfig = SearchConfig(), name: str = "index") -> ProductSearch:
+                config: SearchConfig = SearchConfig(), name: str = "index", numbers: dict | None = None
+                ) -> ProductSearch:
     """A real Annoy index and catalogue over `vectors`; groups[p] lists product p's image indices, main first."""
     order = [i for group in groups for i in group]
     image_ids = image_ids or [f"item-{i:03d}" for i in range(len(vectors))]
@@ -81,13 +82,13 @@ def make_search(tmp_path, vectors: np.ndarray, groups: list[list[int]], image_id
         labels=["label"] * len(order), roles=[("main" if n == 0 else "other") for g in groups for n in range(len(g))],
         row_product=np.repeat(np.arange(len(groups)), counts), product_ids=product_ids,
         first_row=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), image_count=counts,
-        attributes=attributes or {}, has_products=has_products)
+        attributes=attributes or {}, has_products=has_products, numbers=numbers)
     return ProductSearch(catalogue, rows, path, search_k=1000, n_trees=5, config=config)
 
 
 def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0, groups: list[list[int]] | None = None,
-                 has_products: bool = True, config: SearchConfig = SearchConfig(), attributes: dict | None = None
-                 ) -> tuple[ServedVersion, list[bytes]]:
+                 has_products: bool = True, config: SearchConfig = SearchConfig(), attributes: dict | None = None,
+                 numbers: dict | None = None) -> tuple[ServedVersion, list[bytes]]:
     """40 catalogue images; by default each is a product of its own (prod-000 owns item-000). With
     groups, a product's other images are views of its main one."""
     embedder = FakeEmbedder(delay_s)
@@ -96,7 +97,7 @@ def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0, groups: 
     embedder.batches.clear()
     groups = groups or [[i] for i in range(len(images))]
     index = make_search(tmp_path, vectors, groups, has_products=has_products, config=config, name=name,
-                        attributes=attributes)
+                        attributes=attributes, numbers=numbers)
     manifest = {"backbone": "fake", "preprocessing": "thumbnail", "head": "none", "dimension": DIMENSION,
                 "metric": "euclidean", "index": {"search_k": 1000, "n_trees": 5, "recall_at_10": 1.0}}
     return ServedVersion(name, manifest, embedder, index), images

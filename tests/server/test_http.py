@@ -94,6 +94,9 @@ def requests(sample, info):
         "similar with a filter": ("FindSimilar", pb.FindSimilarRequest(
             product_id=product_id, k=6, with_attributes=True, filter=pb.Filter(clauses=[clause]),
             score_threshold=-1.0)),
+        "similar with a range": ("FindSimilar", pb.FindSimilarRequest(
+            product_id=product_id, k=6, with_attributes=True, filter=pb.Filter(clauses=[
+                clause, pb.Clause(key="item_weight_pounds", range=pb.Range(gt=0.5, lte=2))]))),
         "recommend": ("Recommend", pb.RecommendRequest(
             positive=[pb.Example(product_id=product_id), pb.Example(image_id=image_id)],
             negative=[pb.Example(product_id=helpers.SHARED_PRODUCT)], k=5, with_attributes=True,
@@ -111,9 +114,9 @@ def requests(sample, info):
     }
 
 
-CASES = ["embed", "similar by product", "similar by image", "similar by photo", "similar with a filter", "recommend",
-         "recommend ignoring missing", "not found", "unknown filter key", "k too large", "no query", "not an image",
-         "recommend with nothing"]
+CASES = ["embed", "similar by product", "similar by image", "similar by photo", "similar with a filter",
+         "similar with a range", "recommend", "recommend ignoring missing", "not found", "unknown filter key",
+         "k too large", "no query", "not an image", "recommend with nothing"]
 ERRORS = {"not found": "NOT_FOUND", "unknown filter key": "INVALID_ARGUMENT", "k too large": "INVALID_ARGUMENT",
           "no query": "INVALID_ARGUMENT", "not an image": "INVALID_ARGUMENT",
           "recommend with nothing": "INVALID_ARGUMENT"}
@@ -203,9 +206,14 @@ def test_attributes_offer_the_versions_values(served, info):
     status, body, _ = http(served, "/v1/attributes")
     answer = json.loads(body)
     assert status == 200 and answer["version"] == info.version
-    assert sorted(answer["attributes"]) == sorted(info.attribute_keys)
+    assert sorted([*answer["attributes"], *answer["numbers"]]) == sorted(info.attribute_keys)
     types = {entry["value"]: entry["products"] for entry in answer["attributes"]["product_type"]}
     assert types["SHOES"] >= 1 and sum(types.values()) <= info.product_count
+    # A number key offers its bounds, as GetInfo gives them.
+    weight = next(a for a in info.attributes if a.key == "item_weight_pounds")
+    assert answer["numbers"]["item_weight_pounds"] == {"min": weight.min, "max": weight.max,
+                                                      "products": weight.product_count}
+    assert weight.kind == "number" and 0 < weight.min < weight.max
 
 
 def test_openapi_lists_every_route_and_resolves(served, sample):

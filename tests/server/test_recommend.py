@@ -79,7 +79,7 @@ async def test_a_filter_nothing_matches_is_ok_with_no_matches(served):
 
 
 @pytest.mark.parametrize(("clause", "message"), [
-    (pb.Clause(key="colour", any_of=["Black"]), "unknown attribute key; the keys are brand, color"),
+    (pb.Clause(key="colour", any_of=["Black"]), "unknown attribute key; the keys are brand (string), color (string)"),
     (pb.Clause(key="color"), "is empty"),
     (pb.Clause(key="color", any_of=["Black"], none_of=["Red"]), "sets both any_of and none_of"),
 ])

@@ -10,7 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"io/ioutil"
+	"math"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -220,3 +222,40 @@ func AnyOf(key string, values ...string) *pb.Clause { return &pb.Clause{Key: key
 
 // NoneOf is a filter clause: the product's attribute key has none of the values.
 func NoneOf(key string, values ...string) *pb.Clause { return &pb.Clause{Key: key, NoneOf: values} }
+
+// InRange is a filter clause: the product's number attribute key lies in the range, e.g.
+// InRange("model_year", &pb.Range{Gte: Bound(2019)}); a product without the key fails it.
+func InRange(key string, bounds *pb.Range) *pb.Clause { return &pb.Clause{Key: key, Range: bounds} }
+
+// Bound is a range bound: pb.Range's fields are optional, so they take pointers.
+func Bound(value float64) *float64 { return &value }
+
+// clauseForm is a clause as a command line writes it: an identifier, an operator, the value(s).
+var clauseForm = regexp.MustCompile(`^([A-Za-z_][A-Za-z0-9_]*)(!=|>=|<=|=|>|<)(.*)$`)
+
+// ParseClause reads KEY=V1,V2 (any of), KEY!=V1,V2 (none of), or KEY<X, KEY<=X, KEY>X, KEY>=X (a range over a
+// number attribute), as every lookalike command line takes --filter.
+func ParseClause(text string) (*pb.Clause, error) {
+	parts := clauseForm.FindStringSubmatch(text)
+	if parts == nil {
+		return nil, fmt.Errorf("%q is not KEY=V1,V2, KEY!=V1,V2, KEY<X, KEY<=X, KEY>X or KEY>=X", text)
+	}
+	key, operator, value := parts[1], parts[2], parts[3]
+	if operator == "=" || operator == "!=" {
+		values := strings.FieldsFunc(value, func(r rune) bool { return r == ',' })
+		if len(values) == 0 {
+			return nil, fmt.Errorf("%q needs a key and at least one value", text)
+		}
+		if operator == "!=" {
+			return NoneOf(key, values...), nil
+		}
+		return AnyOf(key, values...), nil
+	}
+	bound, err := strconv.ParseFloat(value, 64)
+	if err != nil || math.IsNaN(bound) {
+		return nil, fmt.Errorf("%q: %q is not a number (KEY%sX takes one)", text, value, operator)
+	}
+	bounds := map[string]*pb.Range{">": {Gt: Bound(bound)}, ">=": {Gte: Bound(bound)}, "<": {Lt: Bound(bound)},
+		"<=": {Lte: Bound(bound)}}
+	return InRange(key, bounds[operator]), nil
+}

@@ -1,7 +1,7 @@
 // lookalike-example: products like a product, an image id or a photo, as JSON on stdout.
 //
 //	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -k 5
-//	lookalike-example -address 127.0.0.1:50051 -image photo.jpg -filter color=Red,Blue
+//	lookalike-example -address 127.0.0.1:50051 -image photo.jpg -filter color=Red,Blue -filter 'item_weight_pounds<2.5'
 //	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -diversity 0.3 -candidates 40
 //	lookalike-example -address 127.0.0.1:50051 -image room.jpg -region 0.1,0.2,0.6,0.9
 //	lookalike-example -address host:50051 -ca ca.pem -cert client.pem -key client.key -image-id IMG
@@ -61,7 +61,13 @@ func main() {
 	imageID := flag.String("image-id", "", "query: an image id")
 	image := flag.String("image", "", "query: a photo file")
 	k := flag.Uint("k", 10, "products to return")
-	filter := flag.String("filter", "", "KEY=V1,V2 (any of) or KEY!=V1,V2 (none of)")
+	var clauses []*pb.Clause
+	flag.Func("filter", "KEY=V1,V2 (any of), KEY!=V1,V2 (none of), or KEY<X, KEY<=X, KEY>X, KEY>=X (a number in "+
+		"range); repeat to AND clauses", func(text string) error {
+		clause, err := client.ParseClause(text)
+		clauses = append(clauses, clause)
+		return err
+	})
 	caFile := flag.String("ca", "", "CA certificate (PEM) for TLS")
 	certFile := flag.String("cert", "", "client certificate (PEM) for mTLS, with -key")
 	keyFile := flag.String("key", "", "client key (PEM) for mTLS, with -cert")
@@ -99,21 +105,9 @@ func main() {
 		}
 		query.Region = &pb.Region{XMin: box[0], YMin: box[1], XMax: box[2], YMax: box[3]}
 	}
-	var clauses *pb.Filter
-	if *filter != "" {
-		key, values, negated := *filter, "", false
-		if i := strings.Index(*filter, "!="); i > 0 {
-			key, values, negated = (*filter)[:i], (*filter)[i+2:], true
-		} else if i := strings.Index(*filter, "="); i > 0 {
-			key, values = (*filter)[:i], (*filter)[i+1:]
-		} else {
-			fail("-filter %q is not KEY=V1,V2 or KEY!=V1,V2", *filter)
-		}
-		clause := client.AnyOf(key, strings.Split(values, ",")...)
-		if negated {
-			clause = client.NoneOf(key, strings.Split(values, ",")...)
-		}
-		clauses = &pb.Filter{Clauses: []*pb.Clause{clause}}
+	var filter *pb.Filter
+	if len(clauses) > 0 {
+		filter = &pb.Filter{Clauses: clauses}
 	}
 	lookalike, err := client.Dial(*address, client.Options{Timeout: *timeout, CAFile: *caFile, CertFile: *certFile,
 		KeyFile: *keyFile})
@@ -121,7 +115,7 @@ func main() {
 		fail("%v", err)
 	}
 	defer lookalike.Close()
-	response, err := lookalike.FindSimilar(context.Background(), query, uint32(*k), clauses)
+	response, err := lookalike.FindSimilar(context.Background(), query, uint32(*k), filter)
 	if err != nil {
 		if s, ok := status.FromError(err); ok {
 			fail("%s: %s", client.CodeName(err), s.Message())

@@ -1,6 +1,7 @@
 package com.lookalike.client;
 
 import com.google.protobuf.ByteString;
+import com.lookalike.v1.Filter;
 import com.lookalike.v1.FindSimilarRequest;
 import com.lookalike.v1.FindSimilarResponse;
 import com.lookalike.v1.Match;
@@ -16,7 +17,7 @@ import java.time.Duration;
  *
  * <pre>
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --k 5
- * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg
+ * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg --filter color=Red,Blue --filter 'model_year>=2019'
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --diversity 0.3 --candidates 40
  * lookalike-example-java --address 127.0.0.1:50051 --image room.jpg --region 0.1,0.2,0.6,0.9
  * lookalike-example-java --address host:50051 --ca ca.pem --cert client.pem --key client.key --image-id IMG
@@ -84,6 +85,7 @@ public final class Example {
     Float diversity = null;
     int candidates = 0;
     Region region = null;
+    Filter.Builder filter = Filter.newBuilder();
     for (int i = 0; i < args.length; i += 2) {
       if (i + 1 >= args.length) {
         fail(args[i] + " needs a value");
@@ -103,6 +105,13 @@ public final class Example {
         case "--candidates":
           candidates = number(args[i], value);
           break;
+        case "--filter":
+          try {
+            filter.addClauses(LookalikeClient.parseClause(value));
+          } catch (IllegalArgumentException error) {
+            fail("--filter " + error.getMessage());
+          }
+          break;
         case "--region":
           region = region(value);
           break;
@@ -114,8 +123,8 @@ public final class Example {
           }
           break;
         default:
-          fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --diversity, "
-              + "--candidates, --region, --ca, --cert, --key)");
+          fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --filter, "
+              + "--diversity, --candidates, --region, --ca, --cert, --key)");
       }
     }
     if ((product == null ? 0 : 1) + (imageId == null ? 0 : 1) + (image == null ? 0 : 1) != 1) {
@@ -142,6 +151,9 @@ public final class Example {
       }
       if (region != null) {
         request.setRegion(region);
+      }
+      if (filter.getClausesCount() > 0) {
+        request.setFilter(filter);
       }
       if (diversity != null) {
         request.setDiversity(diversity);

@@ -2,6 +2,7 @@ package com.lookalike.client;
 
 import com.google.gson.Gson;
 import com.google.protobuf.ByteString;
+import com.lookalike.v1.Clause;
 import com.lookalike.v1.EmbedRequest;
 import com.lookalike.v1.EmbedResponse;
 import com.lookalike.v1.Example;
@@ -10,6 +11,7 @@ import com.lookalike.v1.FindSimilarResponse;
 import com.lookalike.v1.GetInfoRequest;
 import com.lookalike.v1.GetInfoResponse;
 import com.lookalike.v1.ImageSimilarityGrpc;
+import com.lookalike.v1.Range;
 import com.lookalike.v1.RecommendRequest;
 import com.lookalike.v1.RecommendResponse;
 import io.grpc.ManagedChannel;
@@ -23,10 +25,13 @@ import java.io.InputStreamReader;
 import java.io.Reader;
 import java.nio.charset.StandardCharsets;
 import java.time.Duration;
+import java.util.Arrays;
 import java.util.List;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.function.Function;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
 
 /**
  * A small wrapper over the generated lookalike.v1 stubs: every call has one deadline, UNAVAILABLE (a
@@ -169,6 +174,67 @@ public final class LookalikeClient implements AutoCloseable {
   /** The served version, its model and index. */
   public GetInfoResponse info() {
     return call(s -> s.getInfo(GetInfoRequest.getDefaultInstance()));
+  }
+
+  /** A filter clause: the product's attribute key has one of the values. */
+  public static Clause anyOf(String key, String... values) {
+    return Clause.newBuilder().setKey(key).addAllAnyOf(Arrays.asList(values)).build();
+  }
+
+  /** A filter clause: the product's attribute key has none of the values. */
+  public static Clause noneOf(String key, String... values) {
+    return Clause.newBuilder().setKey(key).addAllNoneOf(Arrays.asList(values)).build();
+  }
+
+  /**
+   * A filter clause: the product's number attribute key lies in the range, e.g. inRange("model_year",
+   * Range.newBuilder().setGte(2019).build()); a product without the key fails it.
+   */
+  public static Clause inRange(String key, Range range) {
+    return Clause.newBuilder().setKey(key).setRange(range).build();
+  }
+
+  private static final Pattern CLAUSE = Pattern.compile("^([A-Za-z_][A-Za-z0-9_]*)(!=|>=|<=|=|>|<)(.*)$");
+
+  /**
+   * KEY=V1,V2 (any of), KEY!=V1,V2 (none of), or KEY&lt;X, KEY&lt;=X, KEY&gt;X, KEY&gt;=X (a range over a
+   * number attribute), as every lookalike command line takes --filter.
+   *
+   * @throws IllegalArgumentException saying what is wrong with the text
+   */
+  public static Clause parseClause(String text) {
+    Matcher parts = CLAUSE.matcher(text);
+    if (!parts.matches()) {
+      throw new IllegalArgumentException(
+          text + " is not KEY=V1,V2, KEY!=V1,V2, KEY<X, KEY<=X, KEY>X or KEY>=X");
+    }
+    String key = parts.group(1);
+    String operator = parts.group(2);
+    String value = parts.group(3);
+    if (operator.equals("=") || operator.equals("!=")) {
+      String[] values = Arrays.stream(value.split(",")).filter(v -> !v.isEmpty()).toArray(String[]::new);
+      if (values.length == 0) {
+        throw new IllegalArgumentException(text + " needs a key and at least one value");
+      }
+      return operator.equals("=") ? anyOf(key, values) : noneOf(key, values);
+    }
+    double bound;
+    try {
+      bound = Double.parseDouble(value);
+    } catch (NumberFormatException error) {
+      bound = Double.NaN;
+    }
+    if (Double.isNaN(bound)) {
+      throw new IllegalArgumentException(text + ": " + value + " is not a number (KEY" + operator + "X takes one)");
+    }
+    Range.Builder range = Range.newBuilder();
+    switch (operator) {
+      case ">": range.setGt(bound); break;
+      case ">=": range.setGte(bound); break;
+      case "<": range.setLt(bound); break;
+      default: range.setLte(bound); break;
+    }
+    return inRange(key, range.build());
   }
 
   @Override
