@@ -12,7 +12,9 @@ from lookalike import artifacts, deltas, tables
 from lookalike.availability import Availability, change_availability
 from lookalike.v1 import lookalike_pb2 as pb
 from server.app import LookalikeServer, ServerConfig
+from server.catalogue import Catalogue
 from server.core import CoreConfig, SimilarityCore
+from server.filters import Clause, Filter, Range
 from server.fresh import DeltaFeed
 from server.search import SearchConfig
 from tests.server.fakes import close_in_process, fake_version, serve_in_process, with_lists
@@ -22,7 +24,7 @@ COLOURS = {"color": ["red" if p % 2 else "blue" for p in range(20)]}
 
 
 def publish(out, version, products: dict[str, list[tuple[str, np.ndarray]]], colour: dict | None = None,
-            max_rows: int = deltas.DEFAULT_MAX_DELTA_ROWS) -> int:
+            max_rows: int = deltas.DEFAULT_MAX_DELTA_ROWS, weight: dict | None = None) -> int:
     """A delta as `add` writes it: product id -> [(image id, vector)], main image first (of CURRENT's version)."""
     (out / version).mkdir(exist_ok=True)
     if not (out / artifacts.CURRENT).exists():
@@ -32,7 +34,7 @@ def publish(out, version, products: dict[str, list[tuple[str, np.ndarray]]], col
     for product_row, (product_id, images) in enumerate(products.items()):
         product_rows.append({"product_row": product_row, "product_id": product_id, "main_image_id": images[0][0],
                              "first_row": len(image_rows), "image_count": len(images),
-                             "color": (colour or {}).get(product_id)})
+                             "color": (colour or {}).get(product_id), "weight": (weight or {}).get(product_id)})
         for position, (image_id, vector) in enumerate(images):
             image_rows.append({"row": len(image_rows), "image_id": image_id, "product_row": product_row,
                                "product_id": product_id, "role": "main" if position == 0 else "other",
@@ -41,10 +43,12 @@ def publish(out, version, products: dict[str, list[tuple[str, np.ndarray]]], col
     columns = lambda rows, names: {name: [row[name] for row in rows] for name in names}  # noqa: E731
     tables.write_table(staging / artifacts.IMAGES_FILE, columns(image_rows, tables.IMAGE_COLUMNS),
                        tables.IMAGES_SCHEMA)
-    tables.write_table(staging / artifacts.PRODUCTS_FILE, columns(product_rows, [*tables.PRODUCT_COLUMNS, "color"]),
-                       tables.products_schema(["color"]))
+    tables.write_table(staging / artifacts.PRODUCTS_FILE,
+                       columns(product_rows, [*tables.PRODUCT_COLUMNS, "color", "weight"]),
+                       tables.products_schema(["color"], ["weight"]))
     np.save(staging / artifacts.VECTORS_FILE, np.asarray(vectors, np.float32), allow_pickle=False)
     manifest = {"catalogue_root": str(out), "image_folder": "small", "attribute_keys": ["color"],
+                "number_keys": ["weight"],
                 "counts": {"products": len(products), "images": len(image_rows)}}
     return deltas.publish_delta(out, version, staging, manifest, max_rows)[0]
 
@@ -269,3 +273,17 @@ async def test_the_watch_goes_on_when_a_check_fails(tmp_path, caplog):
         assert server.core.hidden.version == 2 and "something nobody expected" in caplog.text
     finally:
         await server.core.close()
+
+
+def test_added_products_keep_the_versions_number_attributes(tmp_path):
+    base = Catalogue(["i-0", "i-1"], ["aa/i-0.png", "aa/i-1.png"], ["", ""], ["main", "main"], np.arange(2),
+                     ["p-0", "p-1"], np.arange(2), np.ones(2, np.int64), {"color": ["red", None]},
+                     numbers={"weight": np.array([1.5, np.nan])})
+    publish(tmp_path, "v1", {"new-a": [("n-a", unit(np.ones(8)))], "new-b": [("n-b", unit(np.ones(8)))]},
+            {"new-a": "blue"}, weight={"new-a": 2.5})
+    fresh, added, error = DeltaFeed(tmp_path, "v1", base, 8).update()
+    filters = fresh.catalogue.filters
+    assert added and error is None and filters.kind("weight") == "number" and filters.kind("color") == "string"
+    assert filters.attributes_of(0) == {"color": "blue", "weight": "2.5"} and filters.attributes_of(1) == {}
+    heavy = Filter((Clause("weight", range=Range(gte=2.0)),))
+    assert filters.allowed(heavy).tolist() == [True, False]
