@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from lookalike import artifacts, tables
-from server.columns import Codes, Strings
+from server.columns import Codes, Strings, narrow
 from server.filters import AttributeIndex
 
 
@@ -20,19 +21,21 @@ class Catalogue:
     (server/filters.py). A version built before products existed (has_products False)
     has one product per image and results carry no product ids."""
 
-    def __init__(self, image_ids: Sequence[str], paths: Sequence[str], labels: Sequence[str],
-                 roles: Sequence[str], row_product: np.ndarray, product_ids: Sequence[str],
-                 first_row: np.ndarray, image_count: np.ndarray,
-                 attributes: dict[str, Sequence[str | None]] | None = None, has_products: bool = True,
-                 numbers: dict[str, np.ndarray] | None = None) -> None:
-        self.image_ids = Strings(image_ids, indexed=True)
-        self.paths = Strings(paths)
-        self.labels = Codes(labels)
-        self.roles = Codes(roles)
-        self.row_product = np.asarray(row_product, np.int64)
-        self.product_ids = Strings(product_ids, indexed=True)
-        self.first_row = np.asarray(first_row, np.int64)
-        self.image_count = np.asarray(image_count, np.int64)
+    def __init__(self, image_ids: Sequence[str] | Strings, paths: Sequence[str] | Strings,
+                 labels: Sequence[str] | Codes, roles: Sequence[str] | Codes, row_product: np.ndarray,
+                 product_ids: Sequence[str] | Strings, first_row: np.ndarray, image_count: np.ndarray,
+                 attributes: dict[str, Sequence[str | None] | pa.Array | pa.ChunkedArray] | None = None,
+                 has_products: bool = True, numbers: dict[str, np.ndarray] | None = None) -> None:
+        # Columns come built (load_catalogue makes them from the tables' buffers) or as values.
+        self.image_ids = image_ids if isinstance(image_ids, Strings) else Strings(image_ids, indexed=True)
+        self.paths = paths if isinstance(paths, Strings) else Strings(paths)
+        self.labels = labels if isinstance(labels, Codes) else Codes(labels)
+        self.roles = roles if isinstance(roles, Codes) else Codes(roles)
+        # Rows and products are counted in int32 (half of int64's bytes, in every worker) while they fit.
+        self.row_product = narrow(row_product)
+        self.product_ids = product_ids if isinstance(product_ids, Strings) else Strings(product_ids, indexed=True)
+        self.first_row = narrow(first_row)
+        self.image_count = narrow(image_count)
         self.has_products = has_products
         rows = len(self.image_ids)
         if not (len(self.paths) == len(self.labels) == len(self.roles) == len(self.row_product) == rows) \
@@ -106,27 +109,20 @@ def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.nda
     # Versions built before number attributes have none: they load and serve as before.
     number_keys = list(manifest.get("number_keys", []))
     products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, keys, number_keys=number_keys)
+    # Columns from the tables' own buffers, not Python lists: 400,000 Python strings a column would leave their
+    # freed memory in each worker (pymalloc keeps an arena while one object in it lives).
     catalogue = Catalogue(
-        image_ids=_pylist(images.column("image_id")), paths=_pylist(images.column("path")),
-        labels=[name or "" for name in _pylist(images.column("label_name"))],
-        roles=_pylist(images.column("role")), row_product=images.column("product_row").to_numpy(),
-        product_ids=_pylist(products.column("product_id")), first_row=products.column("first_row").to_numpy(),
-        image_count=products.column("image_count").to_numpy(),
-        attributes={key: _pylist(products.column(key)) for key in keys},
+        image_ids=Strings.from_arrow(images.column("image_id"), indexed=True),
+        paths=Strings.from_arrow(images.column("path")), labels=Codes.from_arrow(images.column("label_name")),
+        roles=Codes.from_arrow(images.column("role")), row_product=images.column("product_row").to_numpy(),
+        product_ids=Strings.from_arrow(products.column("product_id"), indexed=True),
+        first_row=products.column("first_row").to_numpy(), image_count=products.column("image_count").to_numpy(),
+        attributes={key: products.column(key) for key in keys},
         numbers={key: products.column(key).to_numpy() for key in number_keys})
     vectors = np.load(version_dir / artifacts.VECTORS_FILE, mmap_mode="r", allow_pickle=False)
     if vectors.dtype != np.float32 or vectors.ndim != 2 or len(vectors) != len(catalogue.image_ids):
         raise artifacts.ArtifactError(f"{artifacts.VECTORS_FILE} is not float32 [{len(catalogue.image_ids)}, D]")
     return catalogue, vectors
-
-
-def _pylist(column, chunk_rows: int = 16_384) -> list:
-    """A column's values, converted a slice at a time: pyarrow holds the interpreter for a whole conversion, and
-    a version loads in a thread beside the served one, whose event loop must keep answering meanwhile."""
-    values: list = []
-    for start in range(0, len(column), chunk_rows):
-        values += column.slice(start, chunk_rows).to_pylist()
-    return values
 
 
 def _load_legacy(version_dir: Path) -> tuple[Catalogue, np.ndarray]:

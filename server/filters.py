@@ -10,8 +10,9 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-from server.columns import Strings
+from server.columns import Strings, narrow
 from server.errors import InvalidArgument
 
 # What one request may ask for: bounds the work a filter costs, and says so when a caller overdoes it.
@@ -81,22 +82,29 @@ class PostingLists:
     value as one sorted array with offsets. No Python object per product, even for a key like item_name whose
     every value is different."""
 
-    def __init__(self, values: Sequence[str | None]) -> None:
-        codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+    def __init__(self, values: Sequence[str | None] | pa.Array | pa.ChunkedArray) -> None:
+        if isinstance(values, pa.Array | pa.ChunkedArray):
+            # A table's column: encoded by pyarrow, without a Python string per product (values numbered in order
+            # of first appearance, as factorize numbers them).
+            encoded = (values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values).dictionary_encode()
+            codes = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+            self.uniques = Strings.from_arrow(encoded.dictionary.cast(pa.string()), indexed=True)
+        else:
+            codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
+            self.uniques = Strings([str(value) for value in uniques], indexed=True)
         self.codes = codes.astype(np.int32)  # -1: no value
-        self.uniques = Strings([str(value) for value in uniques], indexed=True)
         order = np.argsort(self.codes, kind="stable")
         present = order[self.codes[order] >= 0]
-        self.products = present.astype(np.int64)
-        counts = np.bincount(self.codes[present], minlength=len(uniques))
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.products = narrow(present)
+        counts = np.bincount(self.codes[present], minlength=len(self.uniques))
+        self.offsets = narrow(np.concatenate([[0], np.cumsum(counts)]))
         self.nbytes = self.codes.nbytes + self.uniques.nbytes + self.products.nbytes + self.offsets.nbytes
 
     def products_with(self, values: tuple[str, ...]) -> np.ndarray:
         """Product rows holding any of the values (unknown values hold none)."""
         codes = self.uniques.find(list(dict.fromkeys(values)))
         if not len(codes):
-            return np.zeros(0, np.int64)
+            return np.zeros(0, self.products.dtype)
         return np.concatenate([self.products[self.offsets[c]:self.offsets[c + 1]] for c in codes.tolist()])
 
     def value_of(self, product_row: int) -> str | None:

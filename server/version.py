@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,5 +172,26 @@ def load_version(artifacts_dir: Path, version: str, max_pixels: int,
         log.info("version %s has the model of %s: sharing it, not loading it again", version, served.name)
     else:
         backend.warmup()
+    release_freed_memory()
     return ServedVersion(version, manifest, backend, index, None if lists is None else ListedNeighbours(lists),
                          model_of=served.model_of if shared else version)
+
+
+def release_freed_memory() -> None:
+    """Gives back to the system what a load allocated and freed: pyarrow's pool keeps the pages of the tables read
+    for the next ones, and glibc's malloc keeps freed pages in its heaps. Kept, they count in every worker's memory
+    (tens of MB at ABO's size); pages still in use are untouched."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    trim = getattr(_libc(), "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None

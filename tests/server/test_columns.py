@@ -1,6 +1,7 @@
 """String columns as arrays: positions by value and values by position, for short ids and long values alike."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from server.columns import Codes, Strings
@@ -34,4 +35,29 @@ def test_an_empty_column_and_one_without_an_index():
 def test_codes_hold_few_distinct_values():
     roles = Codes(["main", "other", "other", "main"])
     assert list(roles) == ["main", "other", "other", "main"] and roles[1] == "other"
-    assert roles.codes.dtype == np.int32 and len(Codes([])) == 0
+    assert roles.codes.dtype == np.int8 and len(Codes([])) == 0
+
+
+@pytest.mark.parametrize("values", [SHORT, LONG, []], ids=["short", "long", "empty"])
+def test_a_column_from_arrow_buffers_is_the_column_from_values(values):
+    from_values = Strings(values, indexed=True)
+    # Sliced and chunked: the buffers' offsets do not start at zero.
+    array = pa.chunked_array([pa.array(["before", *values[:3]]).slice(1), pa.array(values[3:], pa.string())],
+                             pa.string())
+    column = Strings.from_arrow(array, indexed=True)
+    assert list(column) == values and column.nbytes == from_values.nbytes
+    for value in [*set(values), "absent"]:
+        assert list(column.positions(value)) == list(from_values.positions(value))
+    assert list(column.find([*values, "absent"])) == list(from_values.find([*values, "absent"]))
+    assert list(Strings.from_arrow(pa.array(values, pa.large_string()))) == values
+    with pytest.raises(ValueError):
+        Strings.from_arrow(pa.array(["a", None]))
+
+
+def test_codes_from_arrow_number_values_as_the_constructor_does():
+    values = ["other", None, "main", "other", None]
+    codes = Codes.from_arrow(pa.chunked_array([pa.array(values[:2]), pa.array(values[2:])]))
+    expected = Codes([value or "" for value in values])
+    assert list(codes) == list(expected) and codes.uniques == expected.uniques
+    assert codes.codes.tolist() == expected.codes.tolist() and codes.codes.dtype == np.int8
+    assert Codes([str(n) for n in range(300)]).codes.dtype == np.int16

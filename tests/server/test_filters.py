@@ -1,6 +1,7 @@
 """Filters over product attributes: posting lists, clause semantics, and every mistake named."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from server.columns import Strings
@@ -44,6 +45,17 @@ def test_posting_lists_hold_each_values_products():
     assert sorted(lists.products_with(("Blue", "Red", "Blue"))) == [1, 4, 5]
     assert list(lists.products_with(("Green",))) == []
     assert lists.value_counts() == {"Black": 3, "Blue": 2, "Red": 1}
+
+
+@pytest.mark.parametrize("values", [ATTRIBUTES["color"], [None, None], []], ids=["some", "none held", "empty"])
+def test_posting_lists_from_a_tables_column_are_those_from_its_values(values):
+    from_values = PostingLists(values)
+    lists = PostingLists(pa.chunked_array([pa.array(values[:3], pa.string()), pa.array(values[3:], pa.string())]))
+    assert lists.codes.tolist() == from_values.codes.tolist() and list(lists.uniques) == list(from_values.uniques)
+    assert lists.products.tolist() == from_values.products.tolist()
+    assert lists.offsets.tolist() == from_values.offsets.tolist() and lists.values() == values
+    for value in {*values} - {None}:
+        assert lists.products_with((value,)).tolist() == from_values.products_with((value,)).tolist()
 
 
 def test_any_of_is_an_or_and_clauses_are_an_and(index):
