@@ -339,6 +339,7 @@ def _scale(scale: dict) -> list[str]:
                 "model's and runtime's share, so what the ABO catalogue itself adds per worker is the ABO "
                 "difference less the demo's:", "",
                 _table(["version", "workers", "ready s", "processes", "RSS MB", "PSS MB"], rows), ""]
+    out += _memory_from_file()
     swap = serving.get("swap")
     if swap:
         rows = [[name.replace("_", " "), v.get("calls"), v.get("p50_ms"), v.get("p99_ms"), v.get("max_ms")]
@@ -542,6 +543,14 @@ def _swap_from_file() -> list[str]:
 
     found = HERE / "results" / "swap.json"
     return [*section(json.loads(found.read_text())), ""] if found.exists() else []
+
+
+def _memory_from_file() -> list[str]:
+    """The second worker's memory bench/memory.py last measured, kept in the scale section."""
+    from bench.memory import section
+
+    found = HERE / "results" / "memory.json"
+    return section(json.loads(found.read_text())) if found.exists() else []
 
 
 def _scale_from_file() -> list[str]:

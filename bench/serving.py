@@ -65,9 +65,12 @@ def in_process(artifacts_dir: Path, catalogue: Path, batch_sizes=(1, 8, 16, 32, 
 @contextlib.contextmanager
 def server(artifacts_dir: Path, *flags: str):
     port, metrics_port = _free_port(), _free_port()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # This checkout's server (python -m server.cli), whatever checkout the installed lookalike-serve imports.
+    checkout = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")])))
     log = open(artifacts_dir.parent / f"bench-server-{port}.log", "w")
-    process = subprocess.Popen([str(Path(sys.executable).parent / "lookalike-serve"), "--artifacts", artifacts_dir,
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "--artifacts", artifacts_dir,
                                 "--port", str(port), "--metrics-port", str(metrics_port), "--log-format", "text",
                                 "--watch-interval-s", "0", *flags], env=env, stdout=log, stderr=subprocess.STDOUT)
     address = f"127.0.0.1:{port}"
