@@ -7,6 +7,7 @@ import ctypes
 import gc
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -77,17 +78,25 @@ def section(results: dict) -> list[str]:
                      row["abo_workers"]["second_worker_pss_mb"], f"**{row['second_worker_abo_minus_demo_mb']}**",
                      catalogue["nbytes_mb"], round(held - catalogue["before"]["private_mb"], 1)])
     last = results[list(results)[-1]]
+    by_code: dict[str, list[float]] = {}
+    for label, row in results.items():
+        if isinstance(row, dict) and "abo_workers" in row:
+            by_code.setdefault(label.split(",")[0], []).append(row["second_worker_abo_minus_demo_mb"])
+    means = "; ".join(f"{code}: mean **{sum(v) / len(v):.1f} MB** over {len(v)} runs ({', '.join(map(str, v))})"
+                      for code, v in by_code.items())
     return ["**A second worker, measured alone** (issue 17's memory target, ≤ 150 MB beyond the demo's: "
             f"`{last['command']}`, figures in `bench/results/memory.json`): the same measurement as the table above, "
             "on a version of ABO's shape written once by `bench/scale.py` (without neighbour lists) and the demo "
             "build; the catalogue columns are `Catalogue.nbytes`, and what a load leaves is the private memory one "
             "process holds after `load_catalogue` (and the server's release of freed memory) beyond what it held "
             "before. Before, each worker built its columns from Python lists of 395,039 strings a column and kept "
-            "what pyarrow's pool (mimalloc) and malloc had freed: about 215 MB a load left for 57 MB of columns. "
+            "what pyarrow's pool (mimalloc) and malloc had freed: 200 to 215 MB a load left for 57 MB of columns. "
             "The columns are now made from the tables' own buffers (offsets and bytes, pyarrow's dictionary "
             "encoding), positions and counts are int32, codes int8, and a load ends by giving freed memory back.", "",
             _table(["code", "demo: 2nd worker adds PSS MB", "ABO: PSS MB, 1 → 2 workers", "ABO: 2nd worker adds",
-                    "beyond the demo's", "ABO columns MB", "ABO: private MB a load leaves"], rows), ""]
+                    "beyond the demo's", "ABO columns MB", "ABO: private MB a load leaves"], rows), "",
+            f"Beyond the demo's, {means}. Runs of the same code differ by tens of MB: the host's other work maps the "
+            "same TensorFlow libraries, whose pages PSS shares among every process mapping them.", ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from lookalike import artifacts
 
     row: dict = {"measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "command": " ".join(["python -m bench.memory", *(sys.argv[1:] if argv is None else argv)]),
+                 "command": shlex.join(["python", "-m", "bench.memory", *(sys.argv[1:] if argv is None else argv)]),
                  "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                           cwd=HERE.parent).stdout.strip()}
     # A fresh process each, so that nothing loaded before counts.
