@@ -7,11 +7,15 @@ import grpc
 import numpy as np
 import pytest
 
+from client import AsyncImageSimilarityClient, InvalidArgumentError
 from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import CoreConfig, Examples, Query, QueryExpansion, SearchOptions, SimilarityCore
 from server.errors import InvalidArgument
 from server.fresh import DeltaFeed
+from server.metrics import ServerMetrics
 from server.search import SearchConfig
+from server.servicer import ImageSimilarityServicer
 from tests.server.fakes import close_in_process, fake_version, serve_in_process
 from tests.server.test_deltas import publish
 
@@ -187,3 +191,33 @@ async def test_the_core_refuses_it_in_recommend_and_resolves_its_defaults(tmp_pa
         await core.close()
     with pytest.raises(ValueError, match="default_expansion_results"):
         CoreConfig(default_expansion_results=51)
+
+
+async def test_the_python_client_sends_it(tmp_path):
+
+    version, images = fake_version(tmp_path, groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
+    metrics = ServerMetrics()
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
+    server = grpc.aio.server()
+    pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = AsyncImageSimilarityClient(f"127.0.0.1:{port}")
+    try:
+        products, query = _catalogue(version), _query_vector(version)
+        found = await client.find_similar(vector=query, k=6, query_expansion=(2, 4))
+        assert [m.product_id for m in found] == reference(products, query, 6, 2.0, 4)[0]
+        config = CoreConfig()
+        by_default = await client.find_similar(vector=query, k=6, query_expansion=True)
+        assert [m.product_id for m in by_default] == reference(
+            products, query, 6, config.default_expansion_alpha, config.default_expansion_results)[0]
+        plain = await client.find_similar(vector=query, k=6)
+        assert [m.product_id for m in plain] == reference(products, query, 6)[0]
+        by_image = await client.find_similar(images[4], k=6, query_expansion=(None, 3))
+        assert len(by_image) == 6
+        with pytest.raises(InvalidArgumentError, match="alpha must be in 0..10"):
+            await client.find_similar(vector=query, query_expansion=11)
+    finally:
+        await client.close()
+        await server.stop(0)
+        await core.close()
