@@ -9,14 +9,12 @@ import pytest
 
 from client import AsyncImageSimilarityClient, InvalidArgumentError
 from lookalike.v1 import lookalike_pb2 as pb
-from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.core import CoreConfig, Examples, Query, QueryExpansion, SearchOptions, SimilarityCore
 from server.errors import InvalidArgument
 from server.fresh import DeltaFeed
 from server.metrics import ServerMetrics
 from server.search import SearchConfig
-from server.servicer import ImageSimilarityServicer
-from tests.server.fakes import close_in_process, fake_version, serve_in_process
+from tests.server.fakes import close_in_process, fake_version, serve_core, serve_in_process
 from tests.server.test_deltas import publish
 
 # 40 images, 20 products: product p owns images p (main) and p + 20 (a view of it).
@@ -196,12 +194,7 @@ async def test_the_core_refuses_it_in_recommend_and_resolves_its_defaults(tmp_pa
 async def test_the_python_client_sends_it(tmp_path):
 
     version, images = fake_version(tmp_path, groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
-    metrics = ServerMetrics()
-    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
-    server = grpc.aio.server()
-    pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    core, server, port = await serve_core(version, ServerMetrics())
     client = AsyncImageSimilarityClient(f"127.0.0.1:{port}")
     try:
         products, query = _catalogue(version), _query_vector(version)
