@@ -1,19 +1,22 @@
 """Alpha-query expansion in FindSimilar: against a plain numpy reference (fresh products and filters included),
-unset equal to the plain answer, the defaults, and every mistake."""
+unset equal to the plain answer, the defaults, every mistake, the Python client and HTTP/JSON."""
 
 import math
 
 import grpc
 import numpy as np
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from client import AsyncImageSimilarityClient, InvalidArgumentError
 from lookalike.v1 import lookalike_pb2 as pb
 from server.core import CoreConfig, Examples, Query, QueryExpansion, SearchOptions, SimilarityCore
 from server.errors import InvalidArgument
 from server.fresh import DeltaFeed
+from server.http import HttpApi
 from server.metrics import ServerMetrics
 from server.search import SearchConfig
+from server.servicer import ImageSimilarityServicer
 from tests.server.fakes import close_in_process, fake_version, serve_core, serve_in_process
 from tests.server.test_deltas import publish
 
@@ -213,4 +216,27 @@ async def test_the_python_client_sends_it(tmp_path):
     finally:
         await client.close()
         await server.stop(0)
+        await core.close()
+
+
+async def test_http_json_carries_it(tmp_path):
+    """The canonical JSON mapping: queryExpansion {alpha, results} on /v1/similar, as on gRPC."""
+    version, _ = fake_version(tmp_path, groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
+    metrics = ServerMetrics()
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
+    client = TestClient(TestServer(HttpApi(ImageSimilarityServicer(core, metrics), 1024 * 1024, 2,
+                                           lambda: False).app(), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        query = _query_vector(version)
+        body = {"vector": {"values": query.tolist()}, "k": 6, "queryExpansion": {"alpha": 2, "results": 4}}
+        response = await client.post("/v1/similar", json=body)
+        assert response.status == 200
+        found = [match["productId"] for match in (await response.json())["matches"]]
+        assert found == reference(_catalogue(version), query, 6, 2.0, 4)[0]
+        body["queryExpansion"]["results"] = 51
+        response = await client.post("/v1/similar", json=body)
+        assert response.status == 400 and "results must be in 1..50" in (await response.json())["message"]
+    finally:
+        await client.close()
         await core.close()
