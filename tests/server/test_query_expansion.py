@@ -191,7 +191,9 @@ async def test_the_core_refuses_it_in_recommend_and_resolves_its_defaults(tmp_pa
     finally:
         await core.close()
     with pytest.raises(ValueError, match="default_expansion_results"):
-        CoreConfig(default_expansion_results=51)
+        CoreConfig(default_expansion_results=0)
+    with pytest.raises(ValueError, match="default_expansion_alpha"):
+        CoreConfig(default_expansion_alpha=11)
 
 
 async def test_the_python_client_sends_it(tmp_path):
@@ -239,4 +241,22 @@ async def test_http_json_carries_it(tmp_path):
         assert response.status == 400 and "results must be in 1..50" in (await response.json())["message"]
     finally:
         await client.close()
+        await core.close()
+
+
+async def test_the_server_flag_bounds_the_results(tmp_path, monkeypatch):
+    from server.cli import config_from_args, parse_args
+
+    artifacts = ["--artifacts", str(tmp_path)]
+    assert config_from_args(parse_args(artifacts)).core.max_expansion_results == 50
+    monkeypatch.setenv("LOOKALIKE_MAX_EXPANSION_RESULTS", "30")
+    assert config_from_args(parse_args(artifacts)).core.max_expansion_results == 30
+    config = config_from_args(parse_args([*artifacts, "--max-expansion-results", "3"])).core
+    assert config.max_expansion_results == 3
+    core = SimilarityCore(fake_version(tmp_path, groups=GROUPS)[0], config)
+    try:  # the default (5) held to the bound
+        assert core._check_options(SearchOptions(query_expansion=QueryExpansion()))[1].query_expansion.results == 3
+        with pytest.raises(InvalidArgument, match=r"results must be in 1..3, not 4"):
+            core._check_options(SearchOptions(query_expansion=QueryExpansion(results=4)))
+    finally:
         await core.close()
