@@ -105,8 +105,8 @@ def _quality(quality: dict) -> list[str]:
            "fitting the head and projecting every vector (and augmenting), on this shared host. "
            "`+ query expansion A, R`: FindSimilar's query_expansion (a request's option, for photo and vector "
            "queries), each query averaged with its R nearest catalogue images weighted by score^A, then searched "
-           "again; query ms: an exact top-10 search of the catalogue per query, one at a time (with expansion, both "
-           "searches).", ""]
+           "again; query ms: the median time of an exact top-10 search of the catalogue, one query at a time "
+           "(with expansion, both searches).", ""]
     for name, found in quality["sets"].items():
         floor = found["raw_pixel_floor"]
         out += [f"### {name}", "",
