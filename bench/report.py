@@ -102,7 +102,11 @@ def _quality(quality: dict) -> list[str]:
            "with a proxy loss, stopped on a held-out tenth of the catalogue) are build options; pca-whiten and lda "
            "(types - 1) are measured levers a build does not offer. `+ augment N`: --augment-neighbours N, the "
            "catalogue's vectors augmented and the queries' not (it costs nothing at query time). head fit s: "
-           "fitting the head and projecting every vector (and augmenting), on this shared host.", ""]
+           "fitting the head and projecting every vector (and augmenting), on this shared host. "
+           "`+ query expansion A, R`: FindSimilar's query_expansion (a request's option, for photo and vector "
+           "queries), each query averaged with its R nearest catalogue images weighted by score^A, then searched "
+           "again; query ms: the median time of an exact top-10 search of the catalogue, one query at a time "
+           "(with expansion, both searches).", ""]
     for name, found in quality["sets"].items():
         floor = found["raw_pixel_floor"]
         out += [f"### {name}", "",
@@ -113,9 +117,10 @@ def _quality(quality: dict) -> list[str]:
             out += [f"Dropped as a build drops them: {dropped['count']} images {reason}, e.g. "
                     f"`{dropped['examples'][0]}`."]
         out += ["", _table(["backbone", "pooling", "mirror", "head", "dim", "precision@10", "mAP@10", "images/s",
-                            "index MB", "head fit s"],
+                            "index MB", "head fit s", "query ms"],
                            [[r["backbone"], r["pooling"], "yes" if r["mirror"] else "no", r["head"], r["dimension"],
-                             r["precision_at_10"], r["map_at_10"], r["images_per_s"], r["index_mb"], r.get("fit_s")]
+                             r["precision_at_10"], r["map_at_10"], r["images_per_s"], r["index_mb"], r.get("fit_s"),
+                             r.get("query_ms")]
                             for r in found["rows"]]), ""]
         for label, row in (("Default build", found.get("default")), ("Best unsupervised", found["best_unsupervised"]),
                            ("Best with product types", found["best_supervised"])):
@@ -123,6 +128,15 @@ def _quality(quality: dict) -> list[str]:
                 rate = "" if row["images_per_s"] is None else f", {row['images_per_s']} images/s"
                 out.append(f"- {label}: **{describe(row)}**, precision@10 {row['precision_at_10']}, mAP@10 "
                            f"{row['map_at_10']}{rate}.")
+        expanded = [r for r in found["rows"] if r.get("query_expansion")]
+        if expanded:
+            best = max(expanded, key=lambda r: (r["precision_at_10"], r["map_at_10"]))
+            plain = next(r for r in found["rows"] if (r["pooling"], r["mirror"], r["head"]) ==
+                         (best["pooling"], best["mirror"], best["head"].split(" + ")[0]) and r["backbone"] ==
+                         best["backbone"])
+            out.append(f"- Best with query expansion: **{describe(best)}**, precision@10 {best['precision_at_10']} "
+                       f"against {plain['precision_at_10']} without, {best['query_ms']} ms a query against "
+                       f"{plain['query_ms']}.")
         out.append("")
     return out
 

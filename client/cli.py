@@ -61,6 +61,21 @@ def _region(text: str) -> tuple[float, ...]:
     return values
 
 
+def _query_expansion(text: str):
+    """ALPHA[,RESULTS] (either may be empty for the server's default), or "default" for both."""
+    if text == "default":
+        return True
+    parts = text.split(",")
+    try:
+        if len(parts) > 2:
+            raise ValueError
+        alpha = float(parts[0]) if parts[0] else None
+        results = int(parts[1]) if len(parts) == 2 and parts[1] else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ALPHA[,RESULTS] (e.g. 3 or 3,10) or default") from None
+    return alpha, results
+
+
 def _add_region(command: argparse.ArgumentParser, which: str) -> None:
     command.add_argument("--region", type=_region, metavar="X_MIN,Y_MIN,X_MAX,Y_MAX",
                          help=f"use only this box of {which}, relative to its width and height, e.g. 0.1,0.2,0.6,0.9")
@@ -128,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     own.add_argument("--exclude-query", dest="exclude_query", action="store_const", const=True,
                      help="leave the query's own product out, also for a photo or vector matching a catalogue image")
     _add_region(similar, "the query image")
+    similar.add_argument("--query-expansion", type=_query_expansion, metavar="ALPHA[,RESULTS]|default",
+                         help="photo or vector queries: search again with the query averaged with its RESULTS most "
+                              "similar products weighted by score^ALPHA (alpha 0..10, results 1..50; an empty one or "
+                              "'default': the server's)")
     _add_result_options(similar)
     recommend = commands.add_parser("recommend", help="products like the positive examples and unlike the negative "
                                                       "ones")
@@ -192,7 +211,8 @@ def _show(client: ImageSimilarityClient, args, matches) -> int:
 def _similar(client: ImageSimilarityClient, args) -> int:
     vector = json.loads(args.vector) if args.vector else None
     matches = client.find_similar(args.image, image_id=args.image_id, product_id=args.product, vector=vector,
-                                  exclude_query=args.exclude_query, region=args.region, **_result_options(args))
+                                  exclude_query=args.exclude_query, region=args.region,
+                                  query_expansion=args.query_expansion, **_result_options(args))
     return _show(client, args, matches)
 
 

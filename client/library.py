@@ -273,6 +273,30 @@ def _set_options(request, k: int, group_size: int, filters, exclude_products, sc
     request.candidates = candidates
 
 
+def query_expansion_message(value) -> pb.QueryExpansion | None:
+    """None or False: no expansion; True: the server's defaults; a number: that alpha; (alpha, results): both, either
+    None for the server's default. The server bounds them (alpha 0..10, results 1..50)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return pb.QueryExpansion()
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        alpha, results = value
+    else:
+        alpha, results = value, None
+    message = pb.QueryExpansion()
+    if alpha is not None:
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha < float("inf"):
+            raise ValueError(f"query_expansion is True, an alpha >= 0 or (alpha, results), not {value!r}")
+        message.alpha = float(alpha)
+    if results is not None:
+        if not isinstance(results, int) or isinstance(results, bool) or results < 0:
+            raise ValueError(f"query_expansion's results must be a non-negative integer (0: the server's default), "
+                             f"not {results!r}")
+        message.results = results
+    return message
+
+
 def _example(value) -> pb.Example:
     """A product id (str), ImageId, image (path, bytes or PIL), Cropped image or vector (a sequence of numbers)."""
     if isinstance(value, Cropped):
@@ -310,7 +334,7 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
                      item_id: str | None = None, k: int = 10, exclude_query: bool | None = None, search_k: int = 0,
                      group_size: int = 0, with_attributes: bool = False, filters=(), exclude_products=(),
                      score_threshold: float | None = None, diversity: float | None = None,
-                     candidates: int = 0, region=None) -> pb.FindSimilarRequest:
+                     candidates: int = 0, region=None, query_expansion=None) -> pb.FindSimilarRequest:
     if item_id is not None:  # the 0.1 name of image_id
         if image_id is not None:
             raise ValueError("item_id is the old name of image_id: give one of them")
@@ -326,6 +350,11 @@ def _similar_request(image=None, image_id: str | None = None, product_id: str | 
     _set_options(request, k, group_size, filters, exclude_products, score_threshold, diversity, candidates)
     if region is not None and image is None:
         raise ValueError("region applies to an image query only")
+    expansion = query_expansion_message(query_expansion)
+    if expansion is not None:
+        if image is None and vector is None:
+            raise ValueError("query_expansion applies to an image or vector query only")
+        request.query_expansion.CopyFrom(expansion)
     if image is not None:
         request.image = image_bytes(image)
         if region is not None:
@@ -420,7 +449,7 @@ class ImageSimilarityClient(_Base):
                      k: int = 10, exclude_query: bool | None = None, group_size: int = 0,
                      with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                      score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
-                     diversity: float | None = None, candidates: int = 0, region=None,
+                     diversity: float | None = None, candidates: int = 0, region=None, query_expansion=None,
                      timeout_s: float | None = None) -> Matches:
         """The k catalogue products most like an image (path, bytes, PIL), a catalogue image, a product or a
         vector. `exclude_query`: None (the default) lets the server decide, as for every client: the query's
@@ -428,11 +457,14 @@ class ImageSimilarityClient(_Base):
         False asks for one. `filters`: [any_of(key, ...), none_of(key, ...), in_range(key, lt=...)] (all must
         hold) or {key: values}. `diversity` in 0..1 (None or 0: the plain ranking) has MMR choose the k among the
         `candidates` most relevant products (0: the server's default, 4 x k). `region` (x_min, y_min, x_max,
-        y_max), relative to the image's size, searches with that part of an image query only. `item_id` is
-        the 0.1 name of image_id."""
+        y_max), relative to the image's size, searches with that part of an image query only.
+        `query_expansion` (image and vector queries): True for the server's defaults, an alpha, or (alpha,
+        results) averages the query with its `results` most similar products weighted by score^alpha, then
+        searches with that; None, the default, searches with the query alone. `item_id` is the 0.1 name of
+        image_id."""
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
                                    group_size, with_attributes, filters, exclude_products, score_threshold,
-                                   diversity, candidates, region)
+                                   diversity, candidates, region, query_expansion)
         return _matches(self._call(self._stub.FindSimilar, request, timeout_s))
 
     def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10, filters=(),
@@ -494,10 +526,10 @@ class AsyncImageSimilarityClient(_Base):
                            with_attributes: bool = False, filters=(), exclude_products: Iterable[str] = (),
                            score_threshold: float | None = None, search_k: int = 0, item_id: str | None = None,
                            diversity: float | None = None, candidates: int = 0, region=None,
-                           timeout_s: float | None = None) -> Matches:
+                           query_expansion=None, timeout_s: float | None = None) -> Matches:
         request = _similar_request(image, image_id, product_id, vector, item_id, k, exclude_query, search_k,
                                    group_size, with_attributes, filters, exclude_products, score_threshold,
-                                   diversity, candidates, region)
+                                   diversity, candidates, region, query_expansion)
         return _matches(await self._call(self._stub.FindSimilar, request, timeout_s))
 
     async def recommend(self, positive=(), negative=(), *, strategy: str = "average_vector", k: int = 10,

@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-diversity-work", type=int,
                    default=env_default("max_diversity_work", c.max_diversity_work),
                    help="most MMR work a request may ask for, k x candidates similarities; more is INVALID_ARGUMENT")
+    p.add_argument("--max-expansion-results", type=int,
+                   default=env_default("max_expansion_results", c.max_expansion_results),
+                   help="most results a query expansion may average in (each is one more product the first search "
+                        "fetches); more is INVALID_ARGUMENT")
     p.add_argument("--max-message-mb", type=int, default=env_default("max_message_mb", 64),
                    help="largest gRPC message in MiB; a batch of catalogue photos fits in the default")
     p.add_argument("--grace-s", type=float, default=env_default("grace_s", 20.0),
@@ -132,7 +136,8 @@ def config_from_args(args: argparse.Namespace):
                       product_query=args.product_query, result_cache_size=args.result_cache_size,
                       result_cache_mb=args.result_cache_mb, max_search_k_factor=args.max_search_k_factor,
                       max_image_bytes_in_flight=args.max_image_mb_in_flight * 2**20,
-                      max_candidates=args.max_candidates, max_diversity_work=args.max_diversity_work)
+                      max_candidates=args.max_candidates, max_diversity_work=args.max_diversity_work,
+                      max_expansion_results=args.max_expansion_results)
     tls = TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     return ServerConfig(artifacts=args.artifacts, host=args.host, port=args.port, metrics_port=args.metrics_port,
                         core=core, max_message_bytes=args.max_message_mb * 1024 * 1024,

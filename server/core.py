@@ -31,6 +31,7 @@ from server.engine import (  # noqa: F401  (the core's public names: the service
     ProductResult,
     Query,
     QueryEngine,
+    QueryExpansion,
     SearchOptions,
 )
 from server.errors import DeadlineExceeded, InvalidArgument, Overloaded, Unavailable
@@ -104,6 +105,13 @@ class CoreConfig:
     candidates_per_result: int = 4
     # Most MMR work a request may ask for, k x candidates (k = 1,000 among 2,000 took 0.6 s of an index thread).
     max_diversity_work: int = 250_000
+    # Query expansion (image and vector queries): the most first results a request may average in (each one more
+    # product fetched by the first search), the bound on alpha, and the defaults for a request that leaves them unset
+    # (chosen by measurement, BENCHMARKS.md; the results' default is held to the bound).
+    max_expansion_results: int = 50
+    max_expansion_alpha: float = 10.0
+    default_expansion_alpha: float = 3.0
+    default_expansion_results: int = 5
     # Answers to FindSimilar by image id or product id kept per (version, availability, request): a
     # product page asks the same question many times. 0 turns the cache off.
     result_cache_size: int = 4096
@@ -123,6 +131,10 @@ class CoreConfig:
             raise ValueError("default_k must be in 1..max_k")
         if not self.max_k <= self.max_candidates or self.candidates_per_result < 1:
             raise ValueError("max_candidates must be at least max_k and candidates_per_result at least 1")
+        if not (1 <= self.default_expansion_results and 1 <= self.max_expansion_results
+                and 0 <= self.default_expansion_alpha <= self.max_expansion_alpha):
+            raise ValueError("default_expansion_results and max_expansion_results must be at least 1 and "
+                             "default_expansion_alpha in 0..max_expansion_alpha")
         if self.max_search_k_factor < 1 or self.max_image_bytes_in_flight < 1024 * 1024:
             raise ValueError("max_search_k_factor must be at least 1 and max_image_bytes_in_flight at least 1 MiB")
 
@@ -299,7 +311,23 @@ class SimilarityCore:
         k = options.k or self.config.default_k
         if not 1 <= k <= self.config.max_k:
             raise InvalidArgument(f"k must be in 1..{self.config.max_k}, not {k}")
-        return k, self._check_diversity(options, k)
+        return k, self._check_expansion(self._check_diversity(options, k))
+
+    def _check_expansion(self, options: SearchOptions) -> SearchOptions:
+        """The options with query expansion's defaults filled in, so that a request and its cache key say the
+        values used."""
+        expansion = options.query_expansion
+        if expansion is None:
+            return options
+        alpha = self.config.default_expansion_alpha if expansion.alpha is None else expansion.alpha
+        if not (math.isfinite(alpha) and 0 <= alpha <= self.config.max_expansion_alpha):
+            raise InvalidArgument(f"query_expansion.alpha must be in 0..{self.config.max_expansion_alpha:g}, "
+                                  f"not {alpha}")
+        results = expansion.results or min(self.config.default_expansion_results, self.config.max_expansion_results)
+        if not 1 <= results <= self.config.max_expansion_results:
+            raise InvalidArgument(f"query_expansion.results must be in 1..{self.config.max_expansion_results}, "
+                                  f"not {results}")
+        return replace(options, query_expansion=QueryExpansion(float(alpha), results))
 
     def _check_diversity(self, options: SearchOptions, k: int) -> SearchOptions:
         """The options with MMR's candidates resolved: 0 without diversity (the same request, and cache key, as
@@ -326,6 +354,9 @@ class SimilarityCore:
             raise InvalidArgument("set exactly one of image, image_id, product_id or vector")
         if query.region is not None and query.image is None:
             raise InvalidArgument("a region applies to an image query only")
+        if options.query_expansion is not None and query.by_id:
+            raise InvalidArgument("query_expansion applies to image and vector queries only, not to a query by "
+                                  "image_id or product_id")
         region = None if query.region is None else _checked_region(query.region)
         k, options = self._check_options(options)
         images = [query.image] if query.image is not None else []
@@ -372,6 +403,8 @@ class SimilarityCore:
         if examples.strategy not in STRATEGIES:
             raise InvalidArgument(f"strategy must be one of {', '.join(STRATEGIES)}, not {examples.strategy!r}")
         every = examples.positive + examples.negative
+        if options.query_expansion is not None:
+            raise InvalidArgument("query_expansion applies to FindSimilar only")
         k, options = self._check_options(options, max(1, len(every)) if examples.strategy == SUM_SCORES else 1)
         if not every:
             raise InvalidArgument("no examples: give at least one positive (or, with best_score or sum_scores, "

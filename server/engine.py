@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,6 +47,15 @@ class Query:
 
 
 @dataclass(frozen=True)
+class QueryExpansion:
+    """Alpha-query expansion: the query plus its `results` most similar products' best images, each weighted by
+    max(0, score)^alpha. None in a request is the server's default (the core resolves it)."""
+
+    alpha: float | None = None
+    results: int = 0
+
+
+@dataclass(frozen=True)
 class SearchOptions:
     """What a FindSimilar request asks for besides its query."""
 
@@ -64,6 +73,8 @@ class SearchOptions:
     # resolves 0 to its default).
     diversity: float = 0.0
     candidates: int = 0
+    # Searching with the query averaged with its first results (image and vector queries only); None: the plain query.
+    query_expansion: QueryExpansion | None = None
 
     def wanted(self, k: int) -> int:
         """How many products to fetch: k, or MMR's candidates."""
@@ -307,8 +318,30 @@ class QueryEngine:
             return results
         # A hidden product still works as a query ("alternatives to this sold-out product").
         resolved = self.resolve(version, query, self._exclude(query, options))
-        return self.search(version, hidden, NearestScorer(resolved.vectors), resolved.own_products, options, k,
+        vectors = resolved.vectors
+        if options.query_expansion is not None:
+            vectors = self.expand(version, hidden, vectors, resolved, options)
+        return self.search(version, hidden, NearestScorer(vectors), resolved.own_products, options, k,
                            resolved.own_fresh)
+
+    def expand(self, version: ServedVersion, hidden: HiddenProducts, vectors: np.ndarray, resolved: _Resolved,
+               options: SearchOptions) -> np.ndarray:
+        """The query ([1, D]) averaged with its first results' best images (fresh products included), each weighted
+        by max(0, score)^alpha, the query by 1; unit length. The first search keeps the filter, the hidden and the
+        own products, and drops what only shapes the answer (threshold, diversity, groups)."""
+        expansion = options.query_expansion
+        first = replace(options, score_threshold=None, diversity=0.0, candidates=0, group_size=0,
+                        with_attributes=False, query_expansion=None)
+        hits, _ = self._hits(version, hidden, NearestScorer(vectors), resolved.own_products, first,
+                             expansion.results, resolved.own_fresh)
+        if not hits:
+            return vectors
+        best_images = np.asarray([(hit.segment or version.index).vectors[int(hit.rows[0])] for hit in hits],
+                                 np.float32)
+        scores = np.asarray([hit.score for hit in hits], np.float64)
+        weights = np.where(scores > 0, np.maximum(scores, 0) ** expansion.alpha, 0.0)
+        expanded = vectors[0].astype(np.float64) + weights @ best_images.astype(np.float64)
+        return unit(expanded).astype(np.float32)[None, :]
 
     @staticmethod
     def _exclude(query: Query, options: SearchOptions) -> bool:
@@ -316,13 +349,17 @@ class QueryEngine:
 
     def search(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
                options: SearchOptions, k: int, own_fresh: tuple[int, ...] = ()) -> Ranked:
+        hits, plan = self._hits(version, hidden, scorer, own_products, options, options.wanted(k), own_fresh)
+        self._plan(plan)
+        return self.results(version, hits, options, k, plan)
+
+    def _hits(self, version: ServedVersion, hidden: HiddenProducts, scorer: Scorer, own_products: list[int],
+              options: SearchOptions, wanted: int, own_fresh: tuple[int, ...]) -> tuple[list[ProductHit], str]:
+        """The best `wanted` eligible products of the version and its fresh ones, and the version's search plan."""
         mask = eligible_products(version, hidden, options.filter, own_products)
-        wanted = options.wanted(k)
         result = version.index.search(scorer, wanted, allowed=mask, search_k=options.search_k,
                                       group_size=options.group_size, score_threshold=options.score_threshold)
-        hits = self._with_fresh(version, hidden, scorer, own_fresh, options, wanted, result.hits)
-        self._plan(result.plan)
-        return self.results(version, hits, options, k, result.plan)
+        return self._with_fresh(version, hidden, scorer, own_fresh, options, wanted, result.hits), result.plan
 
     def results(self, version: ServedVersion, hits: list[ProductHit], options: SearchOptions,
                 k: int, plan: str = "") -> Ranked:

@@ -21,6 +21,7 @@ from server.core import (
     ImageResult,
     ProductResult,
     Query,
+    QueryExpansion,
     SearchOptions,
     SimilarityCore,
 )
@@ -171,7 +172,12 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
     async def FindSimilar(self, request: pb.FindSimilarRequest, context) -> pb.FindSimilarResponse:  # noqa: N802
         # Unset: None, the core's default (own product left out for id queries only), the same for every client.
         exclude_query = request.exclude_query if request.HasField("exclude_query") else None
-        found = await self.core.find_similar(_query(request), _options(request, exclude_query), _deadline(context))
+        options = _options(request, exclude_query)
+        if request.HasField("query_expansion"):
+            expansion = request.query_expansion
+            alpha = expansion.alpha if expansion.HasField("alpha") else None
+            options = replace(options, query_expansion=QueryExpansion(alpha, expansion.results))
+        found = await self.core.find_similar(_query(request), options, _deadline(context))
         return pb.FindSimilarResponse(matches=[_match(m) for m in found.results], index_version=found.version,
                                       availability_version=found.availability_version, plan=found.plan,
                                       delta_sequence=found.delta_sequence)

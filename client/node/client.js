@@ -86,16 +86,19 @@ class ImageSimilarityClient {
    *   the server's default, 4 x k), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]} |
    *   {key, range: {gt, gte, lt, lte}} (a number key; any of the bounds)], excludeProductIds: [...]} (clauses AND
    *   together; parseClause reads 'KEY=V1,V2', 'KEY!=V', 'KEY<X', 'KEY>=X' ...); region {xMin, yMin, xMax, yMax} (relative to the image's
-   *   size) searches with that part of an image query.
+   *   size) searches with that part of an image query; queryExpansion {alpha?, results?} (an image or vector
+   *   query; {} for the server's defaults; parseQueryExpansion reads '3,5') searches again with the query averaged
+   *   with its `results` most similar products weighted by score^alpha.
    *   excludeQuery unset lets the server decide, as for every client: the query's own product is left out of
    *   an imageId or productId query and kept for an image or vector; true or false asks for one.
    */
-  async findSimilar(query, { excludeQuery, region, ...options } = {}) {
+  async findSimilar(query, { excludeQuery, region, queryExpansion, ...options } = {}) {
     const given = ['image', 'imageId', 'productId', 'vector'].filter((name) => query[name] !== undefined);
     if (given.length !== 1) throw new Error('findSimilar needs exactly one of image, imageId, productId or vector');
     const request = sharedOptions(options);
     if (excludeQuery !== undefined) request.excludeQuery = excludeQuery;
     if (region !== undefined) request.region = region;
+    if (queryExpansion !== undefined) request.queryExpansion = queryExpansion;
     if (query.vector) request.vector = { values: query.vector };
     else request[given[0]] = query[given[0]];
     return this._call('FindSimilar', request);
@@ -151,4 +154,26 @@ function parseClause(text) {
   return operator === '!=' ? { key, noneOf: values } : { key, anyOf: values };
 }
 
-module.exports = { ImageSimilarityClient, SERVICE_CONFIG, grpc, parseClause };
+/**
+ * ALPHA[,RESULTS] (either may be empty for the server's default) or 'default', as every lookalike command line takes
+ * --query-expansion, as a findSimilar queryExpansion; an Error saying what is wrong otherwise. The server bounds
+ * them (alpha 0..10, results 1..50).
+ */
+function parseQueryExpansion(text) {
+  if (text === 'default') return {};
+  const parts = text.split(',');
+  const wrong = () => new Error(`${JSON.stringify(text)} is not ALPHA[,RESULTS] (e.g. 3 or 3,10) or default`);
+  if (parts.length > 2) throw wrong();
+  const expansion = {};
+  if (parts[0] !== '') {
+    expansion.alpha = Number(parts[0]);
+    if (Number.isNaN(expansion.alpha)) throw wrong();
+  }
+  if (parts.length === 2 && parts[1] !== '') {
+    if (!/^[0-9]+$/.test(parts[1])) throw wrong();
+    expansion.results = Number(parts[1]);
+  }
+  return expansion;
+}
+
+module.exports = { ImageSimilarityClient, SERVICE_CONFIG, grpc, parseClause, parseQueryExpansion };

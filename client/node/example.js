@@ -1,17 +1,20 @@
 'use strict';
 // Usage: node example.js HOST:PORT [--filter KEY=V1,V2 | KEY!=V1,V2 | 'KEY<X' | 'KEY>=X' ...] [--diversity D [--candidates N]]
 //          [--region X_MIN,Y_MIN,X_MAX,Y_MAX (the part of each IMAGE_FILE to search with)]
+//          [--query-expansion ALPHA[,RESULTS] (each IMAGE_FILE averaged with its first results, searched again)]
 //          [--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]]
 //          [image:IMAGE_ID | product:PRODUCT_ID | recommend:PRODUCT_ID,PRODUCT_ID | IMAGE_FILE ...]
 // Prints the served version and, for each query, the products most like it as JSON lines; every query
 // obeys the filters (clauses AND together). The query's own product is left out or kept as the server
 // decides (out for image: and product:, kept for a photo). --root-ca turns on TLS, the client pair mTLS.
 const fs = require('fs');
-const { ImageSimilarityClient, grpc, parseClause } = require('./client');
+const {
+  ImageSimilarityClient, grpc, parseClause, parseQueryExpansion,
+} = require('./client');
 
 const USAGE = 'usage: node example.js HOST:PORT [--filter KEY=V1,V2|KEY!=V1,V2|KEY<X|KEY<=X|KEY>X|KEY>=X ...] '
   + '[--diversity D [--candidates N]] '
-  + '[--region X_MIN,Y_MIN,X_MAX,Y_MAX] '
+  + '[--region X_MIN,Y_MIN,X_MAX,Y_MAX] [--query-expansion ALPHA[,RESULTS]] '
   + '[--root-ca CA.pem [--client-cert CERT.pem --client-key KEY.pem]] '
   + '[image:IMAGE_ID | product:PRODUCT_ID | recommend:ID,ID | IMAGE_FILE ...]';
 const TLS_FLAGS = { '--root-ca': 'rootCa', '--client-cert': 'clientCert', '--client-key': 'clientKey' };
@@ -49,6 +52,7 @@ async function main() {
     else if (rest[i] === '--diversity') ranking.diversity = Number(rest[(i += 1)]);
     else if (rest[i] === '--candidates') ranking.candidates = Number(rest[(i += 1)]);
     else if (rest[i] === '--region') region = toRegion(rest[(i += 1)] ?? '');
+    else if (rest[i] === '--query-expansion') ranking.queryExpansion = parseQueryExpansion(rest[(i += 1)] ?? '');
     else if (TLS_FLAGS[rest[i]]) tls[TLS_FLAGS[rest[i]]] = rest[(i += 1)];
     else queries.push(rest[i]);
   }

@@ -53,7 +53,7 @@ class EmbedResponse(_message.Message):
     def __init__(self, vectors: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class FindSimilarRequest(_message.Message):
-    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold", "diversity", "candidates", "region")
+    __slots__ = ("image", "item_id", "vector", "image_id", "product_id", "k", "exclude_query", "search_k", "group_size", "with_attributes", "filter", "score_threshold", "diversity", "candidates", "region", "query_expansion")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class FindSimilarRequest(_message.Message):
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_EXPANSION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     vector: Vector
@@ -84,7 +85,16 @@ class FindSimilarRequest(_message.Message):
     diversity: float
     candidates: int
     region: Region
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ..., region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
+    query_expansion: QueryExpansion
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_query: _Optional[bool] = ..., search_k: _Optional[int] = ..., group_size: _Optional[int] = ..., with_attributes: _Optional[bool] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., score_threshold: _Optional[float] = ..., diversity: _Optional[float] = ..., candidates: _Optional[int] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., query_expansion: _Optional[_Union[QueryExpansion, _Mapping]] = ...) -> None: ...
+
+class QueryExpansion(_message.Message):
+    __slots__ = ("alpha", "results")
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    alpha: float
+    results: int
+    def __init__(self, alpha: _Optional[float] = ..., results: _Optional[int] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("clauses", "exclude_product_ids")

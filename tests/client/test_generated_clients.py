@@ -63,7 +63,8 @@ def _similar(language: str, address: str, kind: str, value: str, tls: dict | Non
              filters: tuple[str, ...] = ()) -> tuple[str, list[tuple[str, str, float]]]:
     """FindSimilar(k=5) from one client with exclude_query left unset: the status code's name and the
     (product_id, image_id, distance) of each match. timeout_s: Python and Go only. ranking: {"diversity": D,
-    "candidates": N}, sent by every client. filters: --filter clauses as the command lines write them."""
+    "candidates": N, "region": (...), "query_expansion": (ALPHA, RESULTS)}, sent by every client. filters: --filter
+    clauses as the command lines write them."""
     tls, ranking = tls or {}, ranking or {}
     if language == "python":
         try:
@@ -77,7 +78,8 @@ def _similar(language: str, address: str, kind: str, value: str, tls: dict | Non
     flags = NODE_FLAGS if language == "node" else EXAMPLE_FLAGS
     tls_args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
     tls_args += [arg for name, value in ranking.items()
-                 for arg in (f"--{name}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
+                 for arg in (f"--{name.replace('_', '-')}",
+                             ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
     tls_args += [arg for text in filters for arg in ("--filter", text)]
     if language == "node":
         command = ["node", NODE_EXAMPLE, address, *tls_args, NODE_FLAGS[kind].format(value)]
@@ -144,6 +146,25 @@ def test_every_client_sends_a_region(clients, server, built, catalogue):
         assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
     for language in LANGUAGES[1:]:
         code, _ = _similar(language, server, "photo", photo, ranking={"region": (0.6, 0.2, 0.1, 0.9)})
+        assert code == "INVALID_ARGUMENT", language
+
+
+def test_every_client_sends_query_expansion(clients, server, built, catalogue):
+    """A photo query with query expansion: the same answer from all four, unlike the plain one; an out-of-range
+    alpha is INVALID_ARGUMENT."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    photo = str(catalogue / "small" / images.iloc[11]["path"])
+    _, plain = _similar("python", server, "photo", photo)
+    answers = {language: _similar(language, server, "photo", photo, ranking={"query_expansion": (1.0, 20)})
+               for language in LANGUAGES}
+    code, python = answers.pop("python")
+    assert code == "OK" and len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in plain])
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
+    for language in LANGUAGES:
+        code, _ = _similar(language, server, "photo", photo, ranking={"query_expansion": (11.0, 5)})
         assert code == "INVALID_ARGUMENT", language
 
 

@@ -180,3 +180,29 @@ def test_the_packaged_service_config_is_the_one_in_protos():
     (method,) = config["methodConfig"]
     assert method["name"] == [{"service": "lookalike.v1.ImageSimilarity"}]
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+
+
+def test_query_expansion_is_sent_when_given_and_checked_first():
+    from client.cli import _query_expansion
+
+    assert not _similar_request(vector=[1.0, 0.0]).HasField("query_expansion")
+    assert not _similar_request(vector=[1.0, 0.0], query_expansion=False).HasField("query_expansion")
+    defaults = _similar_request(vector=[1.0, 0.0], query_expansion=True)
+    assert defaults.HasField("query_expansion") and not defaults.query_expansion.HasField("alpha")
+    assert defaults.query_expansion.results == 0
+    both = _similar_request(vector=[1.0, 0.0], query_expansion=(2, 7)).query_expansion
+    assert both.HasField("alpha") and both.alpha == 2 and both.results == 7
+    assert _similar_request(vector=[1.0], query_expansion=0).query_expansion.HasField("alpha")  # alpha 0 is set
+    with pytest.raises(ValueError, match="image or vector query only"):
+        _similar_request(product_id="P1", query_expansion=True)
+    with pytest.raises(ValueError, match="an alpha >= 0"):
+        _similar_request(vector=[1.0], query_expansion=-1)
+    with pytest.raises(ValueError, match="an alpha >= 0"):
+        _similar_request(vector=[1.0], query_expansion="3")
+    with pytest.raises(ValueError, match="results must be a non-negative integer"):
+        _similar_request(vector=[1.0], query_expansion=(3, 2.5))
+    assert _query_expansion("3") == (3.0, None) and _query_expansion("3,10") == (3.0, 10)
+    assert _query_expansion(",10") == (None, 10) and _query_expansion("default") is True
+    for text in ("x", "3,y", "1,2,3"):
+        with pytest.raises(Exception, match="ALPHA"):
+            _query_expansion(text)

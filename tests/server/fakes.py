@@ -103,16 +103,22 @@ def fake_version(tmp_path, name: str = "fake-v1", delay_s: float = 0.0, groups: 
     return ServedVersion(name, manifest, embedder, index), images
 
 
-async def serve_in_process(tmp_path, **version_args):
-    """The fake version behind the real servicer on a real gRPC server on 127.0.0.1; returns
-    (stub, catalogue images, metrics, parts for close_in_process)."""
-    version, images = fake_version(tmp_path, **version_args)
-    metrics = ServerMetrics()
+async def serve_core(version: ServedVersion, metrics: ServerMetrics):
+    """A core on `version` behind the real servicer on a real gRPC server on 127.0.0.1: (core, server, port)."""
     core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
     server = grpc.aio.server()
     pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    return core, server, port
+
+
+async def serve_in_process(tmp_path, **version_args):
+    """The fake version behind the real servicer on a real gRPC server on 127.0.0.1; returns
+    (stub, catalogue images, metrics, parts for close_in_process)."""
+    version, images = fake_version(tmp_path, **version_args)
+    metrics = ServerMetrics()
+    core, server, port = await serve_core(version, metrics)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     return pb_grpc.ImageSimilarityStub(channel), images, metrics, (channel, server, core)
 

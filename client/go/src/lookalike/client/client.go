@@ -130,6 +130,9 @@ type Query struct {
 	Candidates uint32
 	// With an Image: the part of it to search with, relative to its size (nil: the whole image).
 	Region *pb.Region
+	// With an Image or Vector: search again with the query averaged with its first results (alpha-query
+	// expansion); nil searches with the query alone. ParseQueryExpansion reads the command lines' form.
+	QueryExpansion *pb.QueryExpansion
 }
 
 func (q Query) apply(request *pb.FindSimilarRequest) error {
@@ -156,7 +159,8 @@ func (q Query) apply(request *pb.FindSimilarRequest) error {
 // Query.ExcludeQuery says).
 func (c *Client) FindSimilar(ctx context.Context, query Query, k uint32, filter *pb.Filter) (*pb.FindSimilarResponse, error) {
 	request := &pb.FindSimilarRequest{K: k, ExcludeQuery: query.ExcludeQuery, Filter: filter,
-		Diversity: query.Diversity, Candidates: query.Candidates, Region: query.Region}
+		Diversity: query.Diversity, Candidates: query.Candidates, Region: query.Region,
+		QueryExpansion: query.QueryExpansion}
 	if err := query.apply(request); err != nil {
 		return nil, err
 	}
@@ -258,4 +262,34 @@ func ParseClause(text string) (*pb.Clause, error) {
 	bounds := map[string]*pb.Range{">": {Gt: Bound(bound)}, ">=": {Gte: Bound(bound)}, "<": {Lt: Bound(bound)},
 		"<=": {Lte: Bound(bound)}}
 	return InRange(key, bounds[operator]), nil
+}
+
+// ParseQueryExpansion reads ALPHA[,RESULTS] (either may be empty for the server's default) or "default", as every
+// lookalike command line takes --query-expansion. The server bounds them (alpha 0..10, results 1..50).
+func ParseQueryExpansion(text string) (*pb.QueryExpansion, error) {
+	expansion := &pb.QueryExpansion{}
+	if text == "default" {
+		return expansion, nil
+	}
+	parts := strings.Split(text, ",")
+	wrong := fmt.Errorf("%q is not ALPHA[,RESULTS] (e.g. 3 or 3,10) or default", text)
+	if len(parts) > 2 {
+		return nil, wrong
+	}
+	if parts[0] != "" {
+		alpha, err := strconv.ParseFloat(parts[0], 32)
+		if err != nil {
+			return nil, wrong
+		}
+		value := float32(alpha)
+		expansion.Alpha = &value
+	}
+	if len(parts) == 2 && parts[1] != "" {
+		results, err := strconv.ParseUint(parts[1], 10, 32)
+		if err != nil {
+			return nil, wrong
+		}
+		expansion.Results = uint32(results)
+	}
+	return expansion, nil
 }

@@ -4,6 +4,7 @@
 //	lookalike-example -address 127.0.0.1:50051 -image photo.jpg -filter color=Red,Blue -filter 'item_weight_pounds<2.5'
 //	lookalike-example -address 127.0.0.1:50051 -product B07XYZ -diversity 0.3 -candidates 40
 //	lookalike-example -address 127.0.0.1:50051 -image room.jpg -region 0.1,0.2,0.6,0.9
+//	lookalike-example -address 127.0.0.1:50051 -image shoe.jpg -query-expansion 3,5
 //	lookalike-example -address host:50051 -ca ca.pem -cert client.pem -key client.key -image-id IMG
 //
 // The query's own product is left out or kept as the server decides (out for -product and -image-id,
@@ -75,8 +76,15 @@ func main() {
 	diversity := flag.Float64("diversity", 0, "0..1: results unlike each other (MMR); unset or 0: the plain ranking")
 	candidates := flag.Uint("candidates", 0, "with -diversity: products to choose among (0: the server's default)")
 	region := flag.String("region", "", "with -image: X_MIN,Y_MIN,X_MAX,Y_MAX, the part of the photo to search with")
+	var expansion *pb.QueryExpansion
+	flag.Func("query-expansion", "with -image: ALPHA[,RESULTS] or default, search again with the photo averaged "+
+		"with its RESULTS most similar products weighted by score^ALPHA", func(text string) (err error) {
+		expansion, err = client.ParseQueryExpansion(text)
+		return err
+	})
 	flag.Parse()
-	query := client.Query{ProductID: *product, ImageID: *imageID, Candidates: uint32(*candidates)}
+	query := client.Query{ProductID: *product, ImageID: *imageID, Candidates: uint32(*candidates),
+		QueryExpansion: expansion}
 	flag.Visit(func(f *flag.Flag) {
 		if f.Name == "diversity" {
 			value := float32(*diversity)

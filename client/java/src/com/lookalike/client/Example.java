@@ -5,6 +5,7 @@ import com.lookalike.v1.Filter;
 import com.lookalike.v1.FindSimilarRequest;
 import com.lookalike.v1.FindSimilarResponse;
 import com.lookalike.v1.Match;
+import com.lookalike.v1.QueryExpansion;
 import com.lookalike.v1.Region;
 import io.grpc.StatusRuntimeException;
 import java.io.File;
@@ -20,6 +21,7 @@ import java.time.Duration;
  * lookalike-example-java --address 127.0.0.1:50051 --image photo.jpg --filter color=Red,Blue --filter 'model_year>=2019'
  * lookalike-example-java --address 127.0.0.1:50051 --product B07XYZ --diversity 0.3 --candidates 40
  * lookalike-example-java --address 127.0.0.1:50051 --image room.jpg --region 0.1,0.2,0.6,0.9
+ * lookalike-example-java --address 127.0.0.1:50051 --image shoe.jpg --query-expansion 3,5
  * lookalike-example-java --address host:50051 --ca ca.pem --cert client.pem --key client.key --image-id IMG
  * </pre>
  *
@@ -85,6 +87,7 @@ public final class Example {
     Float diversity = null;
     int candidates = 0;
     Region region = null;
+    QueryExpansion expansion = null;
     Filter.Builder filter = Filter.newBuilder();
     for (int i = 0; i < args.length; i += 2) {
       if (i + 1 >= args.length) {
@@ -115,6 +118,13 @@ public final class Example {
         case "--region":
           region = region(value);
           break;
+        case "--query-expansion":
+          try {
+            expansion = LookalikeClient.parseQueryExpansion(value);
+          } catch (IllegalArgumentException error) {
+            fail("--query-expansion " + error.getMessage());
+          }
+          break;
         case "--diversity":
           try {
             diversity = Float.parseFloat(value);
@@ -124,7 +134,7 @@ public final class Example {
           break;
         default:
           fail("unknown option " + args[i] + " (--address, --product, --image-id, --image, --k, --filter, "
-              + "--diversity, --candidates, --region, --ca, --cert, --key)");
+              + "--diversity, --candidates, --region, --query-expansion, --ca, --cert, --key)");
       }
     }
     if ((product == null ? 0 : 1) + (imageId == null ? 0 : 1) + (image == null ? 0 : 1) != 1) {
@@ -151,6 +161,9 @@ public final class Example {
       }
       if (region != null) {
         request.setRegion(region);
+      }
+      if (expansion != null) {
+        request.setQueryExpansion(expansion);
       }
       if (filter.getClausesCount() > 0) {
         request.setFilter(filter);

@@ -11,6 +11,7 @@ import com.lookalike.v1.FindSimilarResponse;
 import com.lookalike.v1.GetInfoRequest;
 import com.lookalike.v1.GetInfoResponse;
 import com.lookalike.v1.ImageSimilarityGrpc;
+import com.lookalike.v1.QueryExpansion;
 import com.lookalike.v1.Range;
 import com.lookalike.v1.RecommendRequest;
 import com.lookalike.v1.RecommendResponse;
@@ -195,6 +196,35 @@ public final class LookalikeClient implements AutoCloseable {
   }
 
   private static final Pattern CLAUSE = Pattern.compile("^([A-Za-z_][A-Za-z0-9_]*)(!=|>=|<=|=|>|<)(.*)$");
+
+  /**
+   * ALPHA[,RESULTS] (either may be empty for the server's default) or "default", as every lookalike command
+   * line takes --query-expansion; set it on a photo or vector FindSimilarRequest. The server bounds them
+   * (alpha 0..10, results 1..50).
+   *
+   * @throws IllegalArgumentException saying what is wrong with the text
+   */
+  public static QueryExpansion parseQueryExpansion(String text) {
+    QueryExpansion.Builder expansion = QueryExpansion.newBuilder();
+    if (text.equals("default")) {
+      return expansion.build();
+    }
+    String[] parts = text.split(",", -1);
+    try {
+      if (parts.length > 2) {
+        throw new NumberFormatException();
+      }
+      if (!parts[0].isEmpty()) {
+        expansion.setAlpha(Float.parseFloat(parts[0]));
+      }
+      if (parts.length == 2 && !parts[1].isEmpty()) {
+        expansion.setResults(Integer.parseUnsignedInt(parts[1]));
+      }
+    } catch (NumberFormatException error) {
+      throw new IllegalArgumentException(text + " is not ALPHA[,RESULTS] (e.g. 3 or 3,10) or default");
+    }
+    return expansion.build();
+  }
 
   /**
    * KEY=V1,V2 (any of), KEY!=V1,V2 (none of), or KEY&lt;X, KEY&lt;=X, KEY&gt;X, KEY&gt;=X (a range over a
