@@ -421,8 +421,38 @@ def put_section(path: Path, begin: str, end: str, lines: list[str], anchor: str)
     return path
 
 
+def _memory_rows(memory: dict) -> list[list[str]]:
+    """The server's memory (bench/memory.py's summary): at the start, at the end of the warm-up, at the end and
+    the most, with the growth after the warm-up; total, anonymous, file-backed split into ARTIFACTS and the rest."""
+    if not memory:
+        return []
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f}"
+
+    def row(name: str, label: str) -> list[list[str]]:
+        f = memory.get(name)
+        if not f:
+            return []
+        growth = "-" if f["growth_after_warmup_pct"] is None else f"{f['growth_after_warmup_pct']:+.1f}%"
+        return [[label, f"{mib(f['first'])}, {mib(f['warm'])}, {mib(f['last'])}, {mib(f['max'])} ({growth})"]]
+
+    warm_up = f"its first {memory['warmup_s']:g} s"
+    rows = [*row("rss", f"server memory, MiB: at the start, at the end of the warm-up ({warm_up}), at the end, max "
+                        "(growth after the warm-up); total RSS"),
+            *row("anon", "anonymous: Python objects, the result cache, allocator arenas"),
+            *row("result_cache", "of which the result cache (its own count of its answers' bytes)"),
+            *row("file", "file-backed"),
+            *row("file_other", "of which libraries (TensorFlow and the rest)"),
+            *row("file_artifacts", "of which ARTIFACTS' mapped files")]
+    if "file_artifacts_mapped" in memory:
+        rows.append(["size of ARTIFACTS' files mapped (the most their pages can take), MiB: max",
+                     mib(memory["file_artifacts_mapped"]["max"])])
+    return rows
+
+
 def _chaos(chaos: dict) -> list[str]:
-    hostile, rss = chaos.get("hostile", {}), chaos.get("rss_mib", {})
+    hostile = chaos.get("hostile", {})
     rows = [
         ["requests (OK, each checked against the version and availability it names)",
          f"{chaos['requests']:,} ({chaos['ok']:,}, {chaos['answers_checked']:,} checked)"],
@@ -439,11 +469,7 @@ def _chaos(chaos: dict) -> list[str]:
          f"{hostile.get('requests', 0):,} ({hostile.get('kinds', 0)}): "
          f"{hostile.get('requests', 0) - hostile.get('unclear', 0):,} / {hostile.get('unclear', 0)}"],
     ]
-    if rss:
-        rows.append(["RSS MiB: first, after the first tenth, last, max", f"{rss['first']:,.0f}, "
-                     f"{rss.get('settled', rss['first']):,.0f}, {rss['last']:,.0f}, {rss['max']:,.0f} (growth "
-                     f"{rss['growth_pct']}% from the first sample, {rss.get('growth_after_settled_pct', '-')}% "
-                     f"after the first tenth)"])
+    rows += _memory_rows(chaos.get("memory_mib", {}))
     return [f"Chaos for {chaos['duration_s']:g} s ({chaos['callers']} callers with short deadlines and cancels, "
             f"{chaos['slow_callers']} slow ones; CURRENT swapped between two versions, SIGHUP, hides and unhides, "
             "oversized and hostile requests mixed in; bench/chaos.py, the test's driver):", "",
