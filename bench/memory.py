@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 # /proc/PID/status fields (kB) and the names the figures use, in MiB.
@@ -94,22 +95,25 @@ def growth_pct(before: float, after: float) -> float:
     return round(100 * (after - before) / before, 1) if before else 0.0
 
 
-def summary(samples: list[dict], warmup_s: float) -> dict:
-    """Samples ({"t": seconds since the start, "rss", "anon", "file", "shmem", ...}) summed up: each field at the
-    first sample, at the end of the warm-up (the first sample at or after `warmup_s`; None when the run was
-    shorter), at the last one, its maximum, and its growth from the warm-up's end to the last sample; plus a
-    series of every field once a minute."""
+def summary(samples: list[dict], warmup_s: float, window_s: float = 300.0) -> dict:
+    """Samples ({"t": seconds since the start, "rss", "anon", "file", "shmem", ...}) summed up, per field: the first
+    sample, the median of the `window_s` after the warm-up (its first `warmup_s`) and of the last `window_s` (one
+    sample swings with the requests in flight; a median of many does not), the maximum, the growth from the one
+    median to the other, and the least-squares trend after the warm-up in MiB per 10 minutes (a leak is a steady
+    slope). Without a sample past the warm-up, those are None. Plus a series of every field once a minute."""
     if not samples:
         return {}
-    first, last = samples[0], samples[-1]
-    warm_t = next((s["t"] for s in samples if s["t"] >= warmup_s), None)
-    out: dict = {"warmup_s": warmup_s, "warmup_end_t": warm_t, "last_t": last["t"], "samples": len(samples)}
-    for name in (name for name in first if name not in ("t", "processes")):
-        values = [s[name] for s in samples if name in s]
-        at_warm = None if warm_t is None else next((s[name] for s in samples if s["t"] >= warm_t and name in s), None)
-        at_last = next(s[name] for s in reversed(samples) if name in s)
-        out[name] = {"first": values[0], "warm": at_warm, "last": at_last, "max": max(values),
-                     "growth_after_warmup_pct": None if at_warm is None else growth_pct(at_warm, at_last)}
+    last_t = samples[-1]["t"]
+    out: dict = {"warmup_s": warmup_s, "window_s": window_s, "last_t": last_t, "samples": len(samples)}
+    for name in (name for name in samples[0] if name not in ("t", "processes")):
+        points = [(s["t"], s[name]) for s in samples if name in s]
+        after = [(t, v) for t, v in points if t >= warmup_s]
+        warm = [v for t, v in after if t < warmup_s + window_s]
+        end = [v for t, v in after if t > last_t - window_s]
+        out[name] = {"first": points[0][1], "warm": _median(warm), "last": _median(end),
+                     "max": max(v for _, v in points),
+                     "growth_after_warmup_pct": growth_pct(_median(warm), _median(end)) if warm and end else None,
+                     "trend_mib_per_10min": round(_slope(after) * 600, 1) if len(after) >= 2 else None}
     minute, series = -1, []
     for s in samples:
         if int(s["t"] // 60) > minute:
@@ -117,3 +121,15 @@ def summary(samples: list[dict], warmup_s: float) -> dict:
             series.append(s)
     out["series"] = series
     return out
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 1) if values else None
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of value over time, per second."""
+    mean_t = statistics.fmean(t for t, _ in points)
+    mean_v = statistics.fmean(v for _, v in points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread if spread else 0.0

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+import pytest
+
 from bench import memory
 
 STATUS = """Name:\tlookalike-serve
@@ -52,24 +54,28 @@ def test_a_live_process_sums_to_its_status():
     assert memory.sample(2**22 + 1) is None  # above Linux's largest pid_max: never a process
 
 
-def test_growth_is_measured_from_the_end_of_the_warm_up():
-    samples = [{"t": t, "rss": 1000.0 + min(t, 120), "anon": 600.0 + min(t, 100) + t / 100, "processes": 1}
-               for t in range(0, 600, 5)]
-    samples[0]["file_artifacts"] = 10.0  # detailed fields only in some samples
-    samples[36]["file_artifacts"] = 20.0
-    figures = memory.summary(samples, warmup_s=180)
-    assert figures["warmup_end_t"] == 180 and figures["last_t"] == 595 and figures["samples"] == 120
-    assert figures["rss"] == {"first": 1000.0, "warm": 1120.0, "last": 1120.0, "max": 1120.0,
-                              "growth_after_warmup_pct": 0.0}
-    assert figures["anon"]["first"] == 600.0 and figures["anon"]["warm"] == 701.8
-    assert figures["anon"]["growth_after_warmup_pct"] == round(100 * (705.95 - 701.8) / 701.8, 1)
-    assert figures["file_artifacts"] == {"first": 10.0, "warm": 20.0, "last": 20.0, "max": 20.0,
-                                         "growth_after_warmup_pct": 0.0}
-    assert [s["t"] for s in figures["series"]] == [0, 60, 120, 180, 240, 300, 360, 420, 480, 540]
-    assert memory.summary([], 180) == {}
-    short = memory.summary(samples[:10], warmup_s=180)  # a run shorter than the warm-up: no growth to speak of
-    assert short["warmup_end_t"] is None and short["rss"]["warm"] is None
-    assert short["rss"]["growth_after_warmup_pct"] is None and short["rss"]["last"] == 1045.0
+def test_growth_is_measured_between_medians_after_the_warm_up_and_the_trend_finds_a_slope():
+    # Every 5 s for 30 minutes: a rise over the first 2 minutes, then flat with spikes (requests in flight) in
+    # rss, and a steady 1 MiB a minute in anon.
+    samples = [{"t": t, "rss": 1000.0 + min(t, 120) + (80 if t % 60 == 0 else 0), "anon": 600.0 + min(t, 100) + t / 60,
+                "processes": 1} for t in range(0, 1800, 5)]
+    samples[0]["file_artifacts"] = 10.0  # detailed fields are in some samples only
+    samples[60]["file_artifacts"] = samples[-1]["file_artifacts"] = 20.0
+    figures = memory.summary(samples, warmup_s=300, window_s=300)
+    assert (figures["last_t"], figures["samples"], figures["window_s"]) == (1795, 360, 300)
+    assert figures["rss"] == {"first": 1080.0, "warm": 1120.0, "last": 1120.0, "max": 1200.0,
+                              "growth_after_warmup_pct": 0.0, "trend_mib_per_10min": pytest.approx(0, abs=1)}
+    anon = figures["anon"]
+    assert anon["first"] == 600.0 and anon["trend_mib_per_10min"] == 10.0
+    # Medians of [300, 600) and (1495, 1795]: 447.5 s and 1647.5 s.
+    assert anon["warm"] == pytest.approx(707.5, abs=0.05) and anon["last"] == pytest.approx(727.5, abs=0.05)
+    assert anon["growth_after_warmup_pct"] == pytest.approx(100 * 20 / 707.5, abs=0.05)
+    assert figures["file_artifacts"]["warm"] == 20.0 and figures["file_artifacts"]["growth_after_warmup_pct"] == 0
+    assert [s["t"] for s in figures["series"]] == list(range(0, 1800, 60))
+    assert memory.summary([], 300) == {}
+    short = memory.summary(samples[:20], warmup_s=300)  # a run shorter than the warm-up: no growth to speak of
+    assert short["anon"]["warm"] is None and short["anon"]["last"] is None
+    assert short["anon"]["growth_after_warmup_pct"] is None and short["anon"]["trend_mib_per_10min"] is None
 
 
 def test_growth_pct():
