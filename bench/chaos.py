@@ -73,6 +73,8 @@ class ChaosConfig:
     synthetic_products: int = 12_000
     seed: int = 0
     watch_interval_s: float = 0.2
+    # One caller of hostile and oversized requests beside the others (False: none, to measure without them).
+    hostile: bool = True
     # Small, so that an oversized message is cheap to send.
     max_message_mb: int = 4
     # Annoy for any query allowed more rows than this: both versions' queries go through the mapped file.
@@ -809,7 +811,7 @@ class Chaos:
         self.began = time.monotonic()
         seeds = range(self.config.seed * 1000, self.config.seed * 1000 + self.config.callers + self.config.slow_callers)
         actors = [self.caller(seed, slow=i >= self.config.callers) for i, seed in enumerate(seeds)]
-        actors += [self.hostile(), self.swapper(), self.sighupper(), self.hider()]
+        actors += [self.swapper(), self.sighupper(), self.hider()] + ([self.hostile()] if self.config.hostile else [])
         tasks = [asyncio.ensure_future(actor) for actor in actors]
         await self.watchdog()
         self.stop.set()
@@ -939,6 +941,17 @@ def run(artifacts_dir: Path, catalogue: Path, config: ChaosConfig = ChaosConfig(
     return figures
 
 
+def _config_value(item: str) -> tuple[str, bool | int | float]:
+    """FIELD=VALUE for a numeric or yes/no field of ChaosConfig, converted to the field's type."""
+    name, _, value = item.partition("=")
+    default = getattr(ChaosConfig(), name, None)
+    if isinstance(default, bool):
+        return name, value.lower() in ("1", "true", "yes")
+    if isinstance(default, int | float):
+        return name, type(default)(float(value))
+    raise ValueError(f"--set {item}: not a numeric or yes/no field of ChaosConfig")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -948,11 +961,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="an empty folder for the copy and the server log")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--server-command", nargs="+", help="instead of this interpreter's lookalike-serve")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="other ChaosConfig fields, to see what one actor does alone: e.g. callers=0 "
+                             "swap_every_s=1e9 hostile=0 (the run's problems then say what it never saw)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO")
+    try:
+        overrides = dict(_config_value(item) for item in args.set)
+    except ValueError as error:
+        parser.error(str(error))
     copy = private_copy(args.artifacts, args.work / "ARTIFACTS")
     config = ChaosConfig(duration_s=args.duration_s,
-                         server_command=tuple(args.server_command) if args.server_command else None)
+                         server_command=tuple(args.server_command) if args.server_command else None, **overrides)
     figures = run(copy, args.catalogue, config)
     print(json.dumps(figures, indent=2))
     return 1 if figures["problems"] else 0

@@ -1,6 +1,7 @@
 """The benchmark's quality metrics on hand-made cases."""
 
 import numpy as np
+import pytest
 
 from bench.quality import precision_and_map_at_10
 
@@ -57,3 +58,14 @@ def test_the_reliability_section_replaces_its_predecessor_and_reads_the_chaos_fi
     assert "allocator arenas | 600, 690, 700, 720 (+1.4%; -0.3) |" in text
     assert "| size of the ARTIFACTS files mapped, MiB: max | 30 |" in text
     assert "From the first sample to the median after the warm-up, MiB: total +100; anonymous +90," in text
+
+
+def test_chaos_experiments_set_numeric_and_yes_no_fields_only():
+    from bench.chaos import _config_value
+
+    assert _config_value("callers=0") == ("callers", 0)
+    assert _config_value("swap_every_s=1e9") == ("swap_every_s", 1e9)
+    assert _config_value("hostile=0") == ("hostile", False) and _config_value("hostile=yes") == ("hostile", True)
+    for wrong in ("server_command=lookalike-serve", "no_such_field=1"):
+        with pytest.raises(ValueError, match="not a numeric or yes/no field"):
+            _config_value(wrong)
