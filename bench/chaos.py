@@ -34,6 +34,7 @@ import grpc
 import numpy as np
 from google.protobuf import text_format
 
+from bench import rss
 from lookalike import artifacts, neighbours
 from lookalike.availability import change_availability, read_availability
 from lookalike.v1 import lookalike_pb2 as pb
@@ -72,10 +73,17 @@ class ChaosConfig:
     synthetic_products: int = 12_000
     seed: int = 0
     watch_interval_s: float = 0.2
+    # One caller of hostile and oversized requests beside the others (False: none, to measure without them).
+    hostile: bool = True
     # Small, so that an oversized message is cheap to send.
     max_message_mb: int = 4
     # Annoy for any query allowed more rows than this: both versions' queries go through the mapped file.
     exact_max_rows: int = 256
+    # Memory is sampled this often; its growth is measured from the end of the warm-up to the end of the run. By
+    # 300 s the result cache holds its byte bound (2 minutes at 55 requests a second), both versions have been
+    # swapped in hundreds of times and every kind of query has run: what grows after that is not filling up.
+    memory_every_s: float = 5.0
+    memory_warmup_s: float = 300.0
     # The server command; None: this interpreter's lookalike-serve.
     server_command: tuple[str, ...] | None = None
 
@@ -422,16 +430,6 @@ def scrape(metrics_port: int) -> dict[str, float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
 # ----------------------------------------------------------------------------- what the callers send
 
 
@@ -621,7 +619,8 @@ class Chaos:
         self.availability_floor = 0  # the newest availability version an answer has named so far
         self.exit_code: int | None = None
         self.crashed_after_s: float | None = None
-        self.rss: list[float] = []
+        self.memory: list[dict] = []  # bench.rss samples, each with "t": seconds since the start
+        self.metrics_port: int | None = None
         self.began = time.monotonic()
         self.stop = asyncio.Event()
 
@@ -783,25 +782,40 @@ class Chaos:
 
     async def watchdog(self) -> None:
         """Polls the server process throughout: an exit (-11 is a segfault) ends the run at once."""
-        next_rss = 0.0
+        next_sample = 0.0
         while not self.stop.is_set() and time.monotonic() - self.began < self.config.duration_s:
             if self.process.poll() is not None:
                 self.exit_code = self.process.returncode
                 self.crashed_after_s = round(time.monotonic() - self.began, 1)
                 self.stop.set()
                 return
-            if time.monotonic() >= next_rss:
-                if (rss := rss_mib(self.process.pid)) is not None:
-                    self.rss.append(rss)
-                next_rss = time.monotonic() + 5
+            if time.monotonic() >= next_sample:
+                await self.sample_memory()
+                next_sample = time.monotonic() + self.config.memory_every_s
             await asyncio.sleep(0.05)
 
-    async def run(self, address: str) -> None:
-        self.address = address
+    async def sample_memory(self) -> None:
+        """/proc/PID/status of the server's processes; every sixth sample also their smaps (the file-backed pages
+        of ARTIFACTS apart from the rest) and what the result cache holds."""
+        detailed = len(self.memory) % 6 == 0
+        root = self.artifacts_dir.resolve() if detailed else None
+        taken = await asyncio.to_thread(rss.sample, self.process.pid, root)
+        if taken is None:
+            return
+        if detailed and self.metrics_port is not None:
+            held = (await asyncio.to_thread(scrape, self.metrics_port)).get("lookalike_result_cache_bytes{}")
+            if held is not None:
+                taken["result_cache"] = round(held / (1 << 20), 1)
+        self.memory.append({"t": round(time.monotonic() - self.began, 1)} | taken)
+        if detailed:
+            log.info("memory at %.0f s (MiB): %s", self.memory[-1]["t"], taken)
+
+    async def run(self, address: str, metrics_port: int | None = None) -> None:
+        self.address, self.metrics_port = address, metrics_port
         self.began = time.monotonic()
         seeds = range(self.config.seed * 1000, self.config.seed * 1000 + self.config.callers + self.config.slow_callers)
         actors = [self.caller(seed, slow=i >= self.config.callers) for i, seed in enumerate(seeds)]
-        actors += [self.hostile(), self.swapper(), self.sighupper(), self.hider()]
+        actors += [self.swapper(), self.sighupper(), self.hider()] + ([self.hostile()] if self.config.hostile else [])
         tasks = [asyncio.ensure_future(actor) for actor in actors]
         await self.watchdog()
         self.stop.set()
@@ -845,7 +859,6 @@ def _figures(chaos: Chaos, config: ChaosConfig, metrics: dict[str, float]) -> di
     hostile = Counter()
     for by_code in chaos.hostile_codes.values():
         hostile.update(by_code)
-    rss = chaos.rss
     return {
         "duration_s": config.duration_s, "callers": config.callers, "slow_callers": config.slow_callers,
         "versions": {name: {"products": len(view.product_ids), "images": len(view.image_ids)}
@@ -866,20 +879,8 @@ def _figures(chaos: Chaos, config: ChaosConfig, metrics: dict[str, float]) -> di
                                            if any(code == "OK" or code == "INTERNAL" for code in by_code)}},
         "crashes": int(chaos.exit_code is not None), "server_exit_code": chaos.exit_code,
         "crashed_after_s": chaos.crashed_after_s,
-        "rss_mib": rss_figures(rss),
+        "memory_mib": rss.summary(chaos.memory, config.memory_warmup_s),
     }
-
-
-def rss_figures(rss: list[float]) -> dict:
-    """RSS samples (every 5 s) summed up: first, last, max and growth, from the start and from the end of the
-    first tenth of the run (when both versions' columns, caches and arenas have been touched: steady state)."""
-    if not rss:
-        return {}
-    settled = rss[len(rss) // 10]
-    return {"first": rss[0], "settled": settled, "last": rss[-1], "max": max(rss),
-            "growth_pct": round(100 * (rss[-1] - rss[0]) / rss[0], 1),
-            "growth_after_settled_pct": round(100 * (rss[-1] - settled) / settled, 1),
-            "samples": len(rss)}
 
 
 def _problems(figures: dict) -> list[str]:
@@ -925,7 +926,7 @@ def run(artifacts_dir: Path, catalogue: Path, config: ChaosConfig = ChaosConfig(
     try:
         mix = Mix([views[first], views[second]], _photos(address, views[first], catalogue))
         chaos = Chaos(config, artifacts_dir, views, mix, process)
-        asyncio.run(chaos.run(address))
+        asyncio.run(chaos.run(address, metrics_port))
         alive = process.poll() is None
         figures = _figures(chaos, config, scrape(metrics_port) if alive else {})
         figures["health_at_end"] = health(address) if alive else "EXITED"
@@ -944,6 +945,17 @@ def run(artifacts_dir: Path, catalogue: Path, config: ChaosConfig = ChaosConfig(
     return figures
 
 
+def _config_value(item: str) -> tuple[str, bool | int | float]:
+    """FIELD=VALUE for a numeric or yes/no field of ChaosConfig, converted to the field's type."""
+    name, _, value = item.partition("=")
+    default = getattr(ChaosConfig(), name, None)
+    if isinstance(default, bool):
+        return name, value.lower() in ("1", "true", "yes")
+    if isinstance(default, int | float):
+        return name, type(default)(float(value))
+    raise ValueError(f"--set {item}: not a numeric or yes/no field of ChaosConfig")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -953,11 +965,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="an empty folder for the copy and the server log")
     parser.add_argument("--duration-s", type=float, default=60.0)
     parser.add_argument("--server-command", nargs="+", help="instead of this interpreter's lookalike-serve")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                        help="other ChaosConfig fields, to see what one actor does alone: e.g. callers=0 "
+                             "swap_every_s=1e9 hostile=0 (the run's problems then say what it never saw)")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO")
+    try:
+        overrides = dict(_config_value(item) for item in args.set)
+    except ValueError as error:
+        parser.error(str(error))
     copy = private_copy(args.artifacts, args.work / "ARTIFACTS")
     config = ChaosConfig(duration_s=args.duration_s,
-                         server_command=tuple(args.server_command) if args.server_command else None)
+                         server_command=tuple(args.server_command) if args.server_command else None, **overrides)
     figures = run(copy, args.catalogue, config)
     print(json.dumps(figures, indent=2))
     return 1 if figures["problems"] else 0

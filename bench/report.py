@@ -437,8 +437,38 @@ def put_section(path: Path, begin: str, end: str, lines: list[str], anchor: str)
     return path
 
 
+def _memory_rows(memory: dict) -> list[list[str]]:
+    """The server's memory (bench/rss.py's summary), total, anonymous and file-backed split into ARTIFACTS and
+    the rest: at the start, just after the warm-up and at the end, the most, the growth and the trend."""
+    if not memory:
+        return []
+
+    def mib(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.0f}"
+
+    def row(name: str, label: str) -> list[list[str]]:
+        f = memory.get(name)
+        if not f:
+            return []
+        growth = "-" if f["growth_after_warmup_pct"] is None else f"{f['growth_after_warmup_pct']:+.1f}%"
+        trend = "-" if f["trend_mib_per_10min"] is None else f"{f['trend_mib_per_10min']:+.1f}"
+        return [[label, f"{mib(f['first'])}, {mib(f['warm'])}, {mib(f['last'])}, {mib(f['max'])} ({growth}; {trend})"]]
+
+    window = f"{memory['window_s'] / 60:g} minutes"
+    head = (f"server memory, MiB: the first sample, the median of the {window} after the warm-up (the first "
+            f"{memory['warmup_s'] / 60:g} minutes), the median of the last {window}, max (growth from the one median "
+            "to the other; trend after the warm-up, MiB per 10 minutes): total RSS")
+    rows = [*row("rss", head), *row("anon", "anonymous: Python objects, the result cache, allocator arenas"),
+            *row("result_cache", "of which the result cache (its own count of its answers' bytes)"),
+            *row("file", "file-backed"), *row("file_other", "of which libraries (TensorFlow and the rest)"),
+            *row("file_artifacts", "of which ARTIFACTS' mapped files")]
+    if "file_artifacts_mapped" in memory:
+        rows.append(["size of the ARTIFACTS files mapped, MiB: max", mib(memory["file_artifacts_mapped"]["max"])])
+    return rows
+
+
 def _chaos(chaos: dict) -> list[str]:
-    hostile, rss = chaos.get("hostile", {}), chaos.get("rss_mib", {})
+    hostile = chaos.get("hostile", {})
     rows = [
         ["requests (OK, each checked against the version and availability it names)",
          f"{chaos['requests']:,} ({chaos['ok']:,}, {chaos['answers_checked']:,} checked)"],
@@ -455,15 +485,30 @@ def _chaos(chaos: dict) -> list[str]:
          f"{hostile.get('requests', 0):,} ({hostile.get('kinds', 0)}): "
          f"{hostile.get('requests', 0) - hostile.get('unclear', 0):,} / {hostile.get('unclear', 0)}"],
     ]
-    if rss:
-        rows.append(["RSS MiB: first, after the first tenth, last, max", f"{rss['first']:,.0f}, "
-                     f"{rss.get('settled', rss['first']):,.0f}, {rss['last']:,.0f}, {rss['max']:,.0f} (growth "
-                     f"{rss['growth_pct']}% from the first sample, {rss.get('growth_after_settled_pct', '-')}% "
-                     f"after the first tenth)"])
+    rows += _memory_rows(chaos.get("memory_mib", {}))
     return [f"Chaos for {chaos['duration_s']:g} s ({chaos['callers']} callers with short deadlines and cancels, "
             f"{chaos['slow_callers']} slow ones; CURRENT swapped between two versions, SIGHUP, hides and unhides, "
             "oversized and hostile requests mixed in; bench/chaos.py, the test's driver):", "",
-            _table(["", "figure"], rows)]
+            _table(["", "figure"], rows), *_memory_note(chaos.get("memory_mib", {}))]
+
+
+def _memory_note(memory: dict) -> list[str]:
+    """What the rise before the warm-up's end was made of, read from the same figures."""
+    if not memory or memory.get("rss", {}).get("warm") is None:
+        return []
+
+    def rise(name: str) -> str:
+        f = memory.get(name)
+        return "-" if not f or f["warm"] is None else f"{f['warm'] - f['first']:+,.0f}"
+
+    return ["", f"The warm-up (the first {memory['warmup_s'] / 60:g} minutes) lets the result cache reach its byte "
+            "bound and both versions be swapped in many times (a swap a second); what grows after it is not filling "
+            "up. From the first sample to the median after the warm-up, MiB: total "
+            f"{rise('rss')}; anonymous {rise('anon')}, of which the result cache's own count {rise('result_cache')}; "
+            f"file-backed {rise('file')}, of which ARTIFACTS' mapped files {rise('file_artifacts')} and libraries "
+            f"{rise('file_other')}. File-backed pages are page cache, shared by every process mapping the files and "
+            "dropped by the kernel under pressure; ARTIFACTS' pages never exceed the size of the files mapped, once "
+            "per mapping (a version loaded again while its retiring instance finishes maps its files twice)."]
 
 
 def _reliability(rel: dict) -> list[str]:

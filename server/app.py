@@ -115,7 +115,8 @@ class LookalikeServer:
         loaded = await loop.run_in_executor(None, load_version, self.config.artifacts, version,
                                             self.config.core.max_pixels, self.config.search,
                                             self.config.model_threads, served)
-        if loaded.model_of == loaded.name:
+        # Not `model_of == name`: a version swapped back in shares the model its first load read, under its own name.
+        if served is None or loaded.embedder is not served.embedder:
             self.metrics.model_loads.inc()
         return loaded
 

@@ -70,6 +70,8 @@ class CoreObserver(BatchObserver):
 
     def result_cache(self, hit: bool) -> None: ...
 
+    def result_cache_held(self, entries: int, held_bytes: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class CoreConfig:
@@ -389,8 +391,8 @@ class SimilarityCore:
             if results is None:
                 results = await runtime.run_in(self._index_pool, self.engine.find, version, hidden, query, options,
                                                k, not on_loop)
-            if key is not None:
-                self._results.put(key, results, key_bytes(options))
+            if key is not None and self._results.put(key, results, key_bytes(options)):
+                self._observer.result_cache_held(len(self._results), self._results.bytes)
             return Answer(results, version.name, hidden.version, plan=results.plan,
                           delta_sequence=version.delta_sequence)
         finally:

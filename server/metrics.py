@@ -58,6 +58,11 @@ class ServerMetrics(CoreObserver):
                                    "the server keeps what it had)", ["result"], registry=r)
         self.result_cache_lookups = Counter("lookalike_result_cache", "FindSimilar by id answers looked up in the "
                                             "result cache, by result (hit, miss)", ["result"], registry=r)
+        # What the cache holds against --result-cache-size / --result-cache-mb (the bytes are the cache's estimate).
+        self.result_cache_entries = Gauge("lookalike_result_cache_entries", "answers the result cache holds",
+                                          registry=r, multiprocess_mode="livesum")
+        self.result_cache_bytes = Gauge("lookalike_result_cache_bytes", "memory the result cache's answers hold, "
+                                        "as its byte bound counts it", registry=r, multiprocess_mode="livesum")
         self.retire_collection_seconds = Histogram(
             "lookalike_retire_collection_seconds", "the full garbage collection that frees a retired version (the "
             "event loop waits for it)", buckets=_LATENCY_BUCKETS, registry=r)
@@ -66,6 +71,10 @@ class ServerMetrics(CoreObserver):
 
     def result_cache(self, hit: bool) -> None:
         self.result_cache_lookups.labels("hit" if hit else "miss").inc()
+
+    def result_cache_held(self, entries: int, held_bytes: int) -> None:
+        self.result_cache_entries.set(entries)
+        self.result_cache_bytes.set(held_bytes)
 
     def served(self, version: str) -> None:
         if not self.multiprocess:

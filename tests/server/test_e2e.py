@@ -218,6 +218,13 @@ def test_reload_while_requests_run_changes_version_without_failures(served_copy)
         assert versions[0] == first and versions[-1] == second
         # The new version has the same model: shared, not loaded again (and no collection to free it).
         assert helpers.scrape(metrics_port)["lookalike_model_loads_total{}"] == 1
+        # Nor when the first version comes back: it shares the model its own first load read.
+        for version in (first, second):
+            artifacts.write_current(served_copy, version)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and client.find_similar(image_id=image_id, k=3).version != version:
+                time.sleep(0.1)
+        assert helpers.scrape(metrics_port)["lookalike_model_loads_total{}"] == 1
         # Broken: the index does not match its checksum. Refused; the old version keeps serving.
         broken = _add_version(served_copy, "v-broken", corrupt=True)
         artifacts.write_current(served_copy, broken)

@@ -33,6 +33,10 @@ async def test_repeated_questions_are_answered_from_the_cache_and_never_stale(tm
                                          filter=pb.Filter(exclude_product_ids=[first.matches[0].product_id]))
         assert first.matches[0].product_id not in _products(await stub.FindSimilar(excluded))
         assert (_lookups(metrics, "miss"), _lookups(metrics, "hit")) == (4, 1)
+        # What it holds is exported as the cache counts it (the soak reads it beside the server's RSS).
+        held = metrics.registry.get_sample_value("lookalike_result_cache_bytes")
+        assert metrics.registry.get_sample_value("lookalike_result_cache_entries") == len(core._results) == 4
+        assert held == core._results.bytes > 0
         # A hide is a new availability version: the cached answer is not reused.
         core.set_availability(Availability(1, {first.matches[0].product_id: {}}))
         after = await stub.FindSimilar(request)
