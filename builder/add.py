@@ -127,7 +127,9 @@ def run_add(config: AddConfig) -> AddResult:
         "attribute_keys": sorted(catalogue.attribute_keys),
         "number_keys": sorted(catalogue.number_keys),
         "attribute_keys_not_served": sorted({*catalogue.attribute_keys, *catalogue.number_keys} - served_keys),
-        "embedding": {"embedded": len(kept) - len(errors), "failed": len(errors), **cache_report},
+        "embedding": {"embedded": len(kept) - len(errors), "failed": len(errors),
+                      "model": "the cache's trunk and the version's head.npz" if embedder.from_trunk
+                      else "the version's SavedModel", **cache_report},
         "seconds": round(time.perf_counter() - started, 3),
     }
     sequence, path = deltas.publish_delta(config.out, version, staging, delta_manifest, config.max_delta_rows)
@@ -261,19 +263,32 @@ def scan_folder(images: Path, max_aspect_difference: int) -> pd.DataFrame:
 
 
 class _Embedder:
-    """The version's SavedModel with its preprocessing, and the feature cache's trunk of the same model when the
-    cache has it (its features are what a build reads back)."""
+    """The version's model, run as the feature cache's trunk of the same model plus the version's head (head.npz,
+    versions since deltas): one backbone run gives both the features a build reads back and the vector. Without
+    either, the version's SavedModel gives the vectors, and the trunk, when the cache has it, the features."""
 
     def __init__(self, version_dir: Path, manifest: dict, config: AddConfig) -> None:
+        from builder.model import load_head
         from lookalike.runner import SavedModelEmbedder
 
-        self.model = SavedModelEmbedder(version_dir / artifacts.MODEL_DIR, intra_op_threads=config.model_threads)
         self.preprocess = Preprocessor(PreprocessConfig(preprocessing=manifest["preprocessing"]))
         self.batch_size = config.batch_size
         self.cache = cache_for(config, manifest)
         self.key = manifest.get("embedding", {}).get("model_key")
         trunk_dir = self.cache.trunk_dir(self.key) if self.key else None
         self.trunk = SavedModelEmbedder(trunk_dir) if trunk_dir is not None and trunk_dir.is_dir() else None
+        head_file = version_dir / artifacts.HEAD_FILE
+        self.from_trunk = self.trunk is not None and artifacts.HEAD_FILE in manifest["files"] and head_file.is_file()
+        self.head = load_head(head_file) if self.from_trunk else None
+        self.model = None if self.from_trunk else SavedModelEmbedder(version_dir / artifacts.MODEL_DIR,
+                                                                     intra_op_threads=config.model_threads)
+
+    def vectors(self, pixels: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        if not self.from_trunk:
+            return self.model(pixels)
+        from builder.model import l2_normalise
+
+        return l2_normalise(self.head.apply(features) if self.head is not None else features)
 
     def embed(self, kept: pd.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, str]]:
         """Vectors by image id, trunk features by sha256 (when the cache has the trunk), errors by image id."""
@@ -291,11 +306,12 @@ class _Embedder:
             if not batch:
                 continue
             pixels = np.stack(batch)
-            for (image_id, _), vector in zip(good, self.model(pixels), strict=True):
+            trunk = self.trunk(pixels) if self.trunk is not None else None
+            for position, ((image_id, digest), vector) in enumerate(zip(good, self.vectors(pixels, trunk),
+                                                                         strict=True)):
                 vectors[image_id] = vector
-            if self.trunk is not None:
-                for (_, digest), feature in zip(good, self.trunk(pixels), strict=True):
-                    features[digest] = feature
+                if trunk is not None:
+                    features[digest] = trunk[position]
         return vectors, features, errors
 
 

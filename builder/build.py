@@ -42,6 +42,7 @@ from builder.model import (
     export,
     fit_head,
     l2_normalise,
+    save_head,
 )
 from builder.sample import LABELS_FILE
 from lookalike import artifacts, tables
@@ -459,6 +460,7 @@ def run_build(config: BuildConfig) -> BuildResult:
         config = replace(config, head=head_fit.get("chosen", config.head))
         image_vectors = l2_normalise(head.apply(features) if head is not None else features)
         dimension = export(trunk, staging / artifacts.MODEL_DIR, head)
+        save_head(head, staging / artifacts.HEAD_FILE)
     position = {image_id: n for n, image_id in enumerate(ids)}
     vectors = image_vectors[[position[i] for i in catalogue.rows["image_id"]]]
     if config.augment_neighbours:

@@ -144,6 +144,24 @@ def fit_head(head: str, features: np.ndarray, dimension: int, labels=None,
     return None
 
 
+def save_head(head: Head | None, path: Path) -> None:
+    """The head's projections as plain arrays (no pickle) beside the SavedModel that holds them too: `add` applies
+    them to the feature cache's trunk output, so one backbone run gives both the features and the vector."""
+    arrays: dict[str, np.ndarray] = {"weights": np.asarray([w for _, w in head.parts] if head else [], np.float64)}
+    for n, (projection, _) in enumerate(head.parts if head else ()):
+        arrays[f"mean_{n}"], arrays[f"matrix_{n}"] = projection.mean, projection.matrix
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def load_head(path: Path) -> Head | None:
+    """What save_head wrote: the head, or None for a version whose vectors are the trunk's, normalised."""
+    with np.load(path, allow_pickle=False) as arrays:
+        weights = arrays["weights"].tolist()
+        parts = tuple((Projection(arrays[f"mean_{n}"], arrays[f"matrix_{n}"]), float(w)) for n, w in enumerate(weights))
+    return Head(parts) if parts else None
+
+
 def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     """Unit-length rows; an all-zero row stays zero rather than becoming NaN."""
     vectors = np.asarray(vectors, np.float32)

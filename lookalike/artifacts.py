@@ -19,6 +19,8 @@ DATASET_FILE = "dataset.parquet"
 IMAGES_FILE = "images.parquet"
 PRODUCTS_FILE = "products.parquet"
 VECTORS_FILE = "vectors.npy"
+# The head inside the SavedModel, as arrays (versions since deltas): lets `add` run only the backbone.
+HEAD_FILE = "head.npz"
 # Versions built by 0.1 have items.parquet (image rows with their vectors) and no products.
 LEGACY_ITEMS_FILE = "items.parquet"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -3,6 +3,8 @@
 import gzip
 import json
 
+import numpy as np
+
 from builder.add import listings_table
 from builder.catalogue import membership_from_listings
 
@@ -29,3 +31,22 @@ def test_local_listings_match_what_spark_reads(tmp_path):
     membership = membership_from_listings(table)
     assert membership.report["malformed_listings"] == 3
     assert membership.pairs["image_id"].tolist() == ["m2", "m1", "o1", "o2"]
+
+
+def test_the_trunk_and_the_versions_head_give_the_versions_vectors(tmp_path):
+    """What `add` computes from one backbone run (the cache's trunk, then head.npz) equals the version's model."""
+    from builder.model import Head, Projection, export, l2_normalise, load_head, save_head
+    from lookalike.runner import SavedModelEmbedder
+    from tests.builder.fake_build import fake_trunk
+
+    trunk = fake_trunk("fake", "pca")
+    pixels = np.random.default_rng(3).integers(0, 255, (24, 256, 256, 3), dtype=np.uint8)
+    export(trunk, tmp_path / "trunk", head=None, normalise=False)  # as the feature cache holds it
+    features = SavedModelEmbedder(tmp_path / "trunk")(pixels)
+    for head in (None, Head(((Projection.fit_pca(features, 6), 1.0),)),
+                 Head(((Projection.fit_pca(features, 4), 0.7), (Projection.fit_pca(features[::-1], 3), 0.3)))):
+        export(trunk, tmp_path / "model", head)
+        save_head(head, tmp_path / "head.npz")
+        loaded = load_head(tmp_path / "head.npz")
+        from_trunk = l2_normalise(loaded.apply(features) if loaded is not None else features)
+        assert np.allclose(from_trunk, SavedModelEmbedder(tmp_path / "model")(pixels), atol=1e-5)

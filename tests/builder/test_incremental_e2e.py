@@ -76,6 +76,8 @@ def test_a_rebuild_embeds_only_new_and_changed_contents(tmp_path):
         shutil.copy(catalogue / "small" / f"zz/new-{n}.png", folder / "small" / "zz" / f"new-{n}.png")
     delta = run_add(AddConfig(out=out, images=folder))
     assert delta.manifest["counts"]["products"] == 2 and delta.manifest["embedding"]["features_cached"] == 2
+    # One backbone run an image: the cache's trunk, then the version's head (head.npz).
+    assert delta.manifest["embedding"]["model"] == "the cache's trunk and the version's head.npz"
     first_version = artifacts.read_current(out)
 
     second = _build(catalogue, out, cache)
