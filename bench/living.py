@@ -106,13 +106,23 @@ def _hide_to_effect(address: str, out: Path, catalogue: Path, rounds: int) -> di
 
 
 def evaluate(work: Path, images: int, hide_rounds: int = 5, watch_interval_s: float = 0.5, added: int = ADDED,
-             removed: int = REMOVED, window_s: float = 5.0) -> dict:
-    """window_s: how long serving latency is measured idle and during the rebuild."""
+             removed: int = REMOVED, window_s: float = 5.0,
+             full: tuple[Path, Path, dict, float] | None = None) -> dict:
+    """window_s: how long serving latency is measured idle and during the rebuild. full: (catalogue, ARTIFACTS,
+    manifest, seconds) of a full build made already (bench-quick's builder run), copied with its feature cache
+    instead of building the sample of `images` again."""
     catalogue, out = work / f"living-catalogue-{images}", work / f"living-artifacts-{images}"
     shutil.rmtree(catalogue, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
-    written = _cli("sample", "fashion-mnist", "--out", catalogue, "--limit", images, "--max-images-per-product", 1)
-    first, full_seconds = _build(catalogue, out)
+    if full is None:
+        sample = _cli("sample", "fashion-mnist", "--out", catalogue, "--limit", images, "--max-images-per-product",
+                      1).stdout.strip()
+        first, full_seconds = _build(catalogue, out)
+    else:
+        shutil.copytree(full[0], catalogue, symlinks=True)
+        shutil.copytree(full[1], out, symlinks=True, ignore=shutil.ignore_patterns(".leases", ".staging-*"))
+        first, full_seconds = full[2], full[3]
+        sample = f"the builder run's catalogue ({full[0].name})"
     query_catalogue = work / f"living-queries-{images}"
     shutil.rmtree(query_catalogue, ignore_errors=True)
     shutil.copytree(catalogue, query_catalogue)  # the old version's queries, from files that stay put
@@ -141,7 +151,7 @@ def evaluate(work: Path, images: int, hide_rounds: int = 5, watch_interval_s: fl
         hiding = _hide_to_effect(address, out, catalogue, hide_rounds)  # queries of the rebuilt version
     second = rebuild["manifest"]
     return {
-        "images": first["counts"]["images_indexed"], "sample": written.stdout.strip(),
+        "images": first["counts"]["images_indexed"], "sample": sample,
         "full": {"seconds": round(full_seconds, 1), "embedded": first["embedding"]["embedded"],
                  "stage_seconds": first["timings_seconds"]},
         "rebuild": {"seconds": round(rebuild["seconds"], 1), "added": added, "removed": removed,

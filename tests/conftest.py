@@ -33,11 +33,18 @@ def catalogue(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_catalogue(tmp_path_factory) -> Path:
+    """The test catalogue's layout and problems (banners, a corrupt file, broken listings) on 40 products (about
+    90 images), for builds whose point is the builder's logic, not the catalogue's size."""
+    return helpers.make_catalogue(tmp_path_factory.mktemp("small-catalogue"), 40)
+
+
+@pytest.fixture(scope="session")
 def built(tmp_path_factory, catalogue) -> Path:
     """ARTIFACTS built by the real CLI from the test catalogue; tests must not modify it."""
     out = Path(REUSE) / "ARTIFACTS" if REUSE else tmp_path_factory.mktemp("artifacts") / "ARTIFACTS"
     if not (REUSE and (out / "CURRENT").exists()):
-        helpers.build(catalogue, out)
+        helpers.build(catalogue, out, *helpers.SESSION_BUILD_OPTIONS)
     return out
 
 

@@ -121,6 +121,13 @@ def load_catalogue(catalogue: Path, out: Path) -> Path:
     return out
 
 
+# The session's build takes the options that change the model (GeM pooling, the LDA head on product types) rather
+# than the defaults: every end-to-end test then proves they are served exactly as built, at the price of one real
+# build instead of two. The defaults (avg pooling, --head auto) are built for real by bench-quick in make test
+# and by make demo; --head auto's choice is tested with the fake trunk (tests/builder/test_quality_build.py).
+SESSION_BUILD_OPTIONS = ("--pooling", "gem", "--head", "lda")
+
+
 def build(images: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "lookalike-build", "build", "--images", images, "--out", out,
                            "--chunk-size", "64", *extra], check=check, env=env(), capture_output=True,

@@ -11,39 +11,30 @@ from PIL import Image
 from builder.model import LabelError
 from client.library import ImageSimilarityClient
 from lookalike import artifacts
-from tests import helpers
 from tests.builder import fake_build
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def gem_lda(tmp_path_factory, catalogue):
-    out = tmp_path_factory.mktemp("gem-lda") / "ARTIFACTS"
-    result = helpers.build(catalogue, out, "--pooling", "gem", "--head", "lda", "--dimension", "64")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out
-
-
-def test_gem_and_lda_are_served_exactly_as_built(gem_lda, catalogue):
-    version_dir = gem_lda / artifacts.read_current(gem_lda)
+def test_gem_and_lda_are_served_exactly_as_built(built, served, catalogue):
+    """The session's build (tests/conftest.py) has GeM pooling and the LDA head."""
+    version_dir = built / artifacts.read_current(built)
     manifest = json.loads((version_dir / artifacts.MANIFEST).read_text())
-    assert manifest["pooling"] == "gem" and manifest["head"] == "lda" and manifest["dimension"] == 64
+    assert manifest["pooling"] == "gem" and manifest["head"] == "lda" and manifest["dimension"] == 128
+    assert manifest["head_requested"] == "lda"
     # The sample's ten classes plus the test listings' types (BANNER's images are all dropped).
     assert manifest["head_fit"]["label_key"] == "product_type" and manifest["head_fit"]["labels"] >= 11
     images = pd.read_parquet(version_dir / artifacts.IMAGES_FILE)
     vectors = np.load(version_dir / artifacts.VECTORS_FILE)
-    with helpers.serving(gem_lda) as (_, address, _metrics):
-        client = ImageSimilarityClient(address)
+    with ImageSimilarityClient(served.address) as client:
         rows = images.iloc[[0, 40, 301]]
-        served = client.embed([catalogue / "small" / path for path in rows["path"]])
-        assert np.allclose(served, vectors[rows["row"].to_numpy()], atol=1e-4)
+        vectors_served = client.embed([catalogue / "small" / path for path in rows["path"]])
+        assert np.allclose(vectors_served, vectors[rows["row"].to_numpy()], atol=1e-4)
         # Learned from product types: neighbours share the query's type far above chance (0.1).
         products = images.drop_duplicates("product_id").iloc[:30]
         same_type = [match.label == row["label_name"] for _, row in products.iterrows()
                      for match in client.find_similar(product_id=row["product_id"], k=5)]
         assert np.mean(same_type) > 0.6
-        client.close()
 
 
 def test_a_supervised_head_refuses_a_catalogue_without_labels_and_huge_images_are_dropped(tmp_path):

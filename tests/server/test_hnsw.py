@@ -143,9 +143,9 @@ def test_a_version_names_its_index_file_and_every_earlier_one_is_annoy():
 
 
 @pytest.mark.e2e
-def test_a_build_with_index_hnsw_is_checked_loaded_and_served_like_exact_search(tmp_path, catalogue):
+def test_a_build_with_index_hnsw_is_checked_loaded_and_served_like_exact_search(tmp_path, small_catalogue):
     out = tmp_path / "ARTIFACTS"
-    manifest = fake_build.run(catalogue, out, head="none", index="hnsw", chunk_size=64, neighbours=0)
+    manifest = fake_build.run(small_catalogue, out, head="none", index="hnsw", chunk_size=64, neighbours=0)
     index = manifest["index"]
     assert index["kind"] == "hnsw" and index["file"] == artifacts.HNSW_INDEX_FILE
     assert index["recall_at_10"] >= 0.95 and index["ef_search"] == index["search_k"] >= 10 and index["M"] == 16
@@ -158,7 +158,7 @@ def test_a_build_with_index_hnsw_is_checked_loaded_and_served_like_exact_search(
         vectors, catalogue_ = version.index.vectors, version.catalogue
         allowed = np.ones(catalogue_.product_count, bool)
         allowed[::3] = False
-        for row in range(0, len(vectors), 41):
+        for row in range(0, len(vectors), 7):
             result = version.index.search(NearestScorer(vectors[row]), 10, allowed=allowed)
             assert [hit.product_row for hit in result.hits] == exact(vectors, catalogue_, vectors[row], 10, allowed)
     finally:
