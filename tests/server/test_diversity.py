@@ -114,12 +114,15 @@ async def test_diversity_zero_is_the_plain_answer(served):
                   pb.RecommendRequest(positive=[pb.Example(product_id="prod-002")], k=6,
                                       strategy=pb.RECOMMEND_STRATEGY_BEST_SCORE)):
         method = stub.FindSimilar if isinstance(plain, pb.FindSimilarRequest) else stub.Recommend
-        zero = type(plain)()
-        zero.CopyFrom(plain)
-        zero.diversity, zero.candidates = 0.0, 17
-        expected, answered = await method(plain), await method(zero)
-        assert [(m.product_id, m.image_id, m.score) for m in answered.matches] == [
-            (m.product_id, m.image_id, m.score) for m in expected.matches]
+        expected = await method(plain)
+        # candidates are ignored at diversity 0, as the proto says: below k or above the bound too.
+        for candidates in (17, 3, 5000):
+            zero = type(plain)()
+            zero.CopyFrom(plain)
+            zero.diversity, zero.candidates = 0.0, candidates
+            answered = await method(zero)
+            assert [(m.product_id, m.image_id, m.score) for m in answered.matches] == [
+                (m.product_id, m.image_id, m.score) for m in expected.matches]
 
 
 async def test_recommend_with_diversity_equals_the_reference(served):
@@ -192,6 +195,15 @@ async def test_diversity_work_is_bounded(tmp_path):
             await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=500, diversity=0.5, candidates=1000))
         answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=20, diversity=0.5))
         assert len(answer.results) == 20  # 20 x 80 by default: well within
+        # The default candidates are held to the work bound: k from 251 to 500 is answered without candidates set.
+        for k, candidates in ((250, 1000), (300, 833), (500, 500)):
+            answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=k, diversity=0.5))
+            assert len(answer.results) == version.catalogue.product_count - 1
+            assert core._check_options(SearchOptions(k=k, diversity=0.5))[1].candidates == candidates
+        with pytest.raises(InvalidArgument, match=r"with diversity, k must be in 1\.\.500 .* not 501"):
+            await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=501, diversity=0.5))
+        with pytest.raises(InvalidArgument, match=r"for k = 300, candidates must be in 300\.\.833"):
+            await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=300, diversity=0.5, candidates=834))
     finally:
         await core.close()
 
