@@ -99,7 +99,7 @@ def _add_result_options(command: argparse.ArgumentParser) -> None:
                               "is the plain ranking")
     command.add_argument("--candidates", type=int, default=0, metavar="N",
                          help="with --diversity: how many of the most relevant products to choose among (default: "
-                              "the server's, 4 x k)")
+                              "the server's, 4 x k within its bounds)")
     command.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
     command.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
     command.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),

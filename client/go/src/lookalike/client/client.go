@@ -125,7 +125,7 @@ type Query struct {
 	// left out of a ProductID or ImageID query, kept for an Image or Vector.
 	ExcludeQuery *bool
 	// Diversity in 0..1: maximal marginal relevance chooses the k among the Candidates most relevant
-	// products; nil or 0 is the plain ranking. Candidates 0 is the server's default, 4 x k.
+	// products; nil or 0 is the plain ranking. Candidates 0 is the server's default, 4 x k within its bounds.
 	Diversity  *float32
 	Candidates uint32
 	// With an Image: the part of it to search with, relative to its size (nil: the whole image).
