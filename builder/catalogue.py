@@ -283,13 +283,20 @@ def membership_from_csv(table: pd.DataFrame, path: Path | str = PRODUCTS_CSV) ->
     later_main = (rows["role"] == "main") & rows.duplicated(["product_id", "role"])
     rows.loc[later_main | (rows["role"] == ""), "role"] = "other"
     pairs = _ordered_pairs(rows[["product_id", "image_id", "role", "position"]])
-    attributes = (rows.groupby("product_id", sort=False)[keys].first().reset_index() if keys
+    attributes = (_first_values(rows, keys) if keys
                   else rows[["product_id"]].drop_duplicates().reset_index(drop=True))
     number_keys = tuple(key for key in keys if _is_numeric(table[key]))
     for key in number_keys:
         attributes[key] = _as_numbers(attributes[key])
     report = {"rows": int(len(table)), "rows_without_ids": int(blank.sum()), "number_columns": list(number_keys)}
     return Membership(pairs, attributes, "products.csv", report, number_keys)
+
+
+def _first_values(rows: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each product's first non-empty value per column: first() skips nulls only, and a CSV's blank may be "" or
+    " " (a product whose first row is blank and a later one "5" holds 5)."""
+    values = rows[keys].apply(lambda column: column.where(column.astype("string").str.strip() != ""))
+    return values.assign(product_id=rows["product_id"]).groupby("product_id", sort=False)[keys].first().reset_index()
 
 
 def _as_numbers(column: pd.Series) -> pd.Series:

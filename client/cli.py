@@ -99,7 +99,7 @@ def _add_result_options(command: argparse.ArgumentParser) -> None:
                               "is the plain ranking")
     command.add_argument("--candidates", type=int, default=0, metavar="N",
                          help="with --diversity: how many of the most relevant products to choose among (default: "
-                              "the server's, 4 x k)")
+                              "the server's, 4 x k within its bounds)")
     command.add_argument("--group-size", type=int, default=0, help="list up to this many images of each product")
     command.add_argument("--with-attributes", action="store_true", help="show each product's attributes")
     command.add_argument("--catalogue", type=Path, default=os.environ.get("LOOKALIKE_CATALOGUE"),
@@ -261,21 +261,19 @@ def _print_table(args, matches) -> None:
 
 def _sheet(client: ImageSimilarityClient, args, matches) -> None:
     """One tile for the query, then one per product: its best-matching image."""
-    from PIL import Image
-
-    from client.sheet import contact_sheet
+    from client.sheet import contact_sheet, open_image
 
     small = args.catalogue / "small" if args.catalogue else None
     if args.command == "recommend":
         first = args.positive_image[:1]
-        query_image, caption = (Image.open(first[0]) if first else None), ["recommended for", _query_name(args)]
+        query_image, caption = (open_image(first[0]) if first else None), ["recommended for", _query_name(args)]
     elif args.image:
-        query_image, caption = Image.open(args.image), ["query", args.image.name]
+        query_image, caption = open_image(args.image), ["query", args.image.name]
     else:
         own = (client.find_similar(image_id=args.image_id, product_id=args.product, k=1, exclude_query=False)
                if args.image_id or args.product else [])
         path = small / own[0].path if own and small is not None else None
-        query_image = Image.open(path) if path is not None and path.is_file() else None
+        query_image = open_image(path)
         caption = ["query", _query_name(args), own[0].label if own else ""]
     neighbours = [(small / m.path if small else None, [m.product_id or m.image_id, m.label, f"score {m.score:.3f}"])
                   for m in matches]

@@ -456,8 +456,8 @@ class ImageSimilarityClient(_Base):
         own product is left out of an image_id or product_id query and kept for a photo or vector; True or
         False asks for one. `filters`: [any_of(key, ...), none_of(key, ...), in_range(key, lt=...)] (all must
         hold) or {key: values}. `diversity` in 0..1 (None or 0: the plain ranking) has MMR choose the k among the
-        `candidates` most relevant products (0: the server's default, 4 x k). `region` (x_min, y_min, x_max,
-        y_max), relative to the image's size, searches with that part of an image query only.
+        `candidates` most relevant products (0: the server's default, 4 x k within its bounds). `region` (x_min,
+        y_min, x_max, y_max), relative to the image's size, searches with that part of an image query only.
         `query_expansion` (image and vector queries): True for the server's defaults, an alpha, or (alpha,
         results) averages the query with its `results` most similar products weighted by score^alpha, then
         searches with that; None, the default, searches with the query alone. `item_id` is the 0.1 name of

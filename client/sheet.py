@@ -6,6 +6,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
+from lookalike.preprocess import ImageError, decode
+
 TILE = 160
 CAPTION = 46
 REGION_COLOUR = (30, 90, 230)
@@ -33,11 +35,16 @@ def _tile(image: Image.Image | None, lines: list[str], highlight: bool, region=N
     return tile
 
 
-def _open(path: Path | None) -> Image.Image | None:
-    if path is None or not path.is_file():
+def open_image(path: Path | str | None) -> Image.Image | None:
+    """An image file as the server sees it: decoded by the shared decode (EXIF orientation applied, transparency
+    on white), so that a region outlined on it covers the pixels the server crops. None when there is no such
+    file or it is not an image."""
+    if path is None or not Path(path).is_file():
         return None
-    with Image.open(path) as image:
-        return image.copy()
+    try:
+        return Image.fromarray(decode(Path(path).read_bytes()))
+    except ImageError:
+        return None
 
 
 def contact_sheet(query_image: Image.Image | None, query_lines: list[str],
@@ -45,7 +52,7 @@ def contact_sheet(query_image: Image.Image | None, query_lines: list[str],
                   query_region: tuple[float, float, float, float] | None = None) -> Path:
     """Writes a PNG: the query first (outlined in red, its region, when it has one, in blue), then each neighbour
     with its caption."""
-    tiles = [_tile(query_image, query_lines, True, query_region)] + [_tile(_open(p), lines, False)
+    tiles = [_tile(query_image, query_lines, True, query_region)] + [_tile(open_image(p), lines, False)
                                                                      for p, lines in neighbours]
     rows = (len(tiles) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + CAPTION)), (235, 235, 235))

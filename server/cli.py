@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="most products diversity (MMR) may choose among, a request's `candidates` (at least max k)")
     p.add_argument("--max-diversity-work", type=int,
                    default=env_default("max_diversity_work", c.max_diversity_work),
-                   help="most MMR work a request may ask for, k x candidates similarities; more is INVALID_ARGUMENT")
+                   help="most MMR work a request may ask for, k x candidates similarities; more is INVALID_ARGUMENT "
+                        "(candidates being at least k, diversity's k is at most its square root)")
     p.add_argument("--max-expansion-results", type=int,
                    default=env_default("max_expansion_results", c.max_expansion_results),
                    help="most results a query expansion may average in (each is one more product the first search "

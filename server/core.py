@@ -333,18 +333,24 @@ class SimilarityCore:
 
     def _check_diversity(self, options: SearchOptions, k: int) -> SearchOptions:
         """The options with MMR's candidates resolved: 0 without diversity (the same request, and cache key, as
-        before diversity existed), else the request's or the default."""
-        diversity, limit = options.diversity, self.config.max_candidates
+        before diversity existed, whatever candidates it sent), else the request's or the default: 4 x k held to
+        max_candidates and to the work bound, never below k. k x candidates within the work bound with candidates
+        at least k puts diversity's own bound on k: isqrt(max_diversity_work), 500 by default."""
+        diversity, limit, work = options.diversity, self.config.max_candidates, self.config.max_diversity_work
         if not (math.isfinite(diversity) and 0 <= diversity <= 1):
             raise InvalidArgument(f"diversity must be in 0..1, not {diversity}")
-        if options.candidates and not k <= options.candidates <= limit:
-            raise InvalidArgument(f"candidates must be in k..{limit} ({k}..{limit}), not {options.candidates}")
         if diversity == 0:
             return replace(options, diversity=0.0, candidates=0)
-        options = replace(options, candidates=options.candidates or min(limit, self.config.candidates_per_result * k))
-        if k * options.candidates > self.config.max_diversity_work:
+        if k * k > work:
+            raise InvalidArgument(f"with diversity, k must be in 1..{math.isqrt(work)} (MMR's work, k x candidates "
+                                  f"with candidates at least k, is bounded by {work:,}), not {k}")
+        if options.candidates and not k <= options.candidates <= limit:
+            raise InvalidArgument(f"candidates must be in k..{limit} ({k}..{limit}), not {options.candidates}")
+        options = replace(options, candidates=options.candidates or max(
+            k, min(limit, self.config.candidates_per_result * k, work // k)))
+        if k * options.candidates > work:
             raise InvalidArgument(f"diversity over k x candidates = {k} x {options.candidates} is more work than the "
-                                  f"{self.config.max_diversity_work:,} allowed: ask for fewer results or candidates")
+                                  f"{work:,} allowed: for k = {k}, candidates must be in {k}..{work // k}")
         return options
 
     async def find_similar(self, query: Query, options: SearchOptions = SearchOptions(),

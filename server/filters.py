@@ -125,8 +125,10 @@ def format_number(value: float) -> str:
 
 class SortedNumbers:
     """For one number key: the value per product (NaN: none) and the products holding one, sorted by it. A range's
-    products are one slice of that order, found by two binary searches: how many pass is known before any mask is
-    built, as a posting list's length is. Costs 20 bytes a product."""
+    products are one slice of that order, found by two binary searches, without a pass over the values. The
+    planner does not count that slice: like any filter's, a range's products go into the request's one mask
+    (every clause, hidden and excluded products), and the plan is chosen from the images of the products that
+    mask keeps. Costs 20 bytes a product."""
 
     def __init__(self, values: Sequence[float | None] | np.ndarray) -> None:
         self.values = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
@@ -150,7 +152,8 @@ class SortedNumbers:
         return start, max(start, end)
 
     def count(self, range_: Range) -> int:
-        """How many products the range lets through: the planner's selectivity, without touching a product."""
+        """How many products the range alone lets through, from its slice's length (bench.ranges sizes its ranges
+        so); a request's plan counts its combined mask instead."""
         start, end = self.span(range_)
         return end - start
 

@@ -83,7 +83,7 @@ class ImageSimilarityClient {
    * @param {{image?: Buffer, imageId?: string, productId?: string, vector?: number[]}} query
    * @param {object} [options] k, excludeQuery, searchK, groupSize, withAttributes, scoreThreshold, diversity
    *   (0..1: MMR among the `candidates` most relevant products; unset or 0: the plain ranking), candidates (0:
-   *   the server's default, 4 x k), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]} |
+   *   the server's default, 4 x k within its bounds), and filter: {clauses: [{key, anyOf: [...]} | {key, noneOf: [...]} |
    *   {key, range: {gt, gte, lt, lte}} (a number key; any of the bounds)], excludeProductIds: [...]} (clauses AND
    *   together; parseClause reads 'KEY=V1,V2', 'KEY!=V', 'KEY<X', 'KEY>=X' ...); region {xMin, yMin, xMax, yMax} (relative to the image's
    *   size) searches with that part of an image query; queryExpansion {alpha?, results?} (an image or vector

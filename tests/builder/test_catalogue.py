@@ -114,6 +114,19 @@ def test_products_csv_columns_of_numbers_become_number_attributes():
     assert products.loc["bag-9", "sku"] == "x-12" and "nothing" not in products
 
 
+
+def test_products_csv_attributes_take_each_products_first_non_empty_value():
+    """A product listed on several rows takes, per column, the first value that is not empty: a blank first row
+    (as a CSV writes a missing value) neither hides a later number nor stands for a string."""
+    table = pd.DataFrame({"product_id": ["shoe-1", "shoe-1", "shoe-1", "bag-9"],
+                          "image_id": ["img-a1", "img-a2", "img-a3", "img-b1"],
+                          "price": ["", " ", "5", "7.5"], "colour": [" ", "red", "blue", ""]})
+    membership = membership_from_csv(table)
+    assert membership.number_keys == ("price",)
+    products = assemble(membership, SCANNED).products.set_index("product_id")
+    assert products.loc["shoe-1", "price"] == 5.0 and products.loc["bag-9", "price"] == 7.5
+    assert products.loc["shoe-1", "colour"] == "red" and pd.isna(products.loc["bag-9", "colour"])
+
 # ABO's number fields as its listings write them: normalized to pounds and inches, the raw value in the
 # marketplace's unit; model_year a list of one value.
 WEIGHED = {

@@ -76,23 +76,39 @@ def _similar(language: str, address: str, kind: str, value: str, tls: dict | Non
         except LookalikeError as error:
             return error.code.name, []
     flags = NODE_FLAGS if language == "node" else EXAMPLE_FLAGS
-    tls_args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
-    tls_args += [arg for name, value in ranking.items()
-                 for arg in (f"--{name.replace('_', '-')}",
-                             ",".join(map(str, value)) if isinstance(value, tuple) else str(value))]
-    tls_args += [arg for text in filters for arg in ("--filter", text)]
+    args = [arg for name, path in tls.items() for arg in (flags[name], str(path))]
+    args += _ranking_flags(ranking) + [arg for text in filters for arg in ("--filter", text)]
+    code, answer = _example(language, address, [*args, NODE_FLAGS[kind].format(value)],
+                            [*args, EXAMPLE_FLAGS[kind], value, "--k", "5",
+                             *(["--timeout", f"{timeout_s}s"] if timeout_s else [])])
+    return code, _matches(answer)
+
+
+def _ranking_flags(ranking: dict) -> list[str]:
+    """{"diversity": 0.5, "region": (...)} as every example's command line takes it: --diversity 0.5 ..."""
+    return [arg for name, value in ranking.items()
+            for arg in (f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple)
+                        else str(value))]
+
+
+def _example(language: str, address: str, node_args: list[str], example_args: list[str]) -> tuple[str, dict]:
+    """Node's example or a compiled one: the status code's name (OK, or as the example printed it) and its JSON
+    answer (Node's last line)."""
     if language == "node":
-        command = ["node", NODE_EXAMPLE, address, *tls_args, NODE_FLAGS[kind].format(value)]
+        command = ["node", NODE_EXAMPLE, address, *node_args]
     else:
-        command = [BIN / EXAMPLES[language], "--address", address, *tls_args, EXAMPLE_FLAGS[kind], value, "--k", "5"]
-        command += ["--timeout", f"{timeout_s}s"] if timeout_s else []
+        command = [BIN / EXAMPLES[language], "--address", address, *example_args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         code = re.search(r"\b([A-Z][A-Z_]{3,}): ", result.stderr)
-        return (code.group(1) if code else result.stderr), []
-    answer = json.loads(result.stdout.strip().splitlines()[-1] if language == "node" else result.stdout)
-    return "OK", [(m.get("product_id", m.get("productId")), m.get("image_id", m.get("imageId")), m["distance"])
-                  for m in answer["matches"]]
+        return (code.group(1) if code else result.stderr), {}
+    return "OK", json.loads(result.stdout.strip().splitlines()[-1] if language == "node" else result.stdout)
+
+
+def _matches(answer: dict, measure: str = "distance") -> list[tuple[str, str, float]]:
+    """(product_id, image_id, distance or score) of each match, as any example prints them."""
+    return [(m.get("product_id", m.get("productId")), m.get("image_id", m.get("imageId")), m[measure])
+            for m in answer.get("matches", [])]
 
 
 def test_every_client_gives_the_same_answers_with_the_servers_defaults(clients, server, built, catalogue):
@@ -146,6 +162,62 @@ def test_every_client_sends_a_region(clients, server, built, catalogue):
         assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
     for language in LANGUAGES[1:]:
         code, _ = _similar(language, server, "photo", photo, ranking={"region": (0.6, 0.2, 0.1, 0.9)})
+        assert code == "INVALID_ARGUMENT", language
+
+
+def _recommend(language: str, address: str, positive: list[str], negative: list[str],
+               ranking: dict) -> tuple[str, list[tuple[str, str, float]]]:
+    """Recommend(k=5) by product ids from one client: the status code's name and the (product_id, image_id,
+    score) of each match. ranking: {"strategy": S, "diversity": D, "candidates": N}."""
+    if language == "python":
+        try:
+            with ImageSimilarityClient(address) as client:
+                matches = client.recommend(positive, negative, k=5, **ranking)
+            return "OK", [(m.product_id, m.image_id, m.score) for m in matches]
+        except LookalikeError as error:
+            return error.code.name, []
+    args = _ranking_flags(ranking) + ["--negative", ",".join(negative)]
+    code, answer = _example(language, address, [*args, f"recommend:{','.join(positive)}"],
+                            [*args, "--recommend", ",".join(positive), "--k", "5"])
+    return code, _matches(answer, "score")
+
+
+def test_every_client_sends_sum_scores_and_diversity_on_recommend(clients, server, built):
+    """sum_scores (its scores a sum over the examples) with diversity: the same answer and scores from all four,
+    unlike sum_scores alone and unlike the default strategy; candidates below k are INVALID_ARGUMENT."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    positive, negative = list(images.iloc[[42, 7]]["product_id"]), [images.iloc[11]["product_id"]]
+    ranking = {"strategy": "sum_scores", "diversity": 0.9, "candidates": 30}
+    _, plain = _recommend("python", server, positive, negative, {"strategy": "sum_scores"})
+    _, average = _recommend("python", server, positive, negative, {"diversity": 0.9, "candidates": 30})
+    answers = {language: _recommend(language, server, positive, negative, ranking) for language in LANGUAGES}
+    code, python = answers.pop("python")
+    assert code == "OK" and len(python) == 5 and [m[0] for m in python] != [m[0] for m in plain]
+    assert [m[2] for m in python] != pytest.approx([m[2] for m in average], abs=1e-3)
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
+    for language in LANGUAGES:
+        code, _ = _recommend(language, server, positive, negative, {**ranking, "candidates": 3})
+        assert code == "INVALID_ARGUMENT", language
+
+
+def test_every_client_embeds_a_region(clients, server, built, catalogue):
+    """Embed with a region: the same vector from all four, unlike the whole photo's; an empty region is
+    INVALID_ARGUMENT."""
+    images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
+    photo = str(catalogue / "small" / images.iloc[11]["path"])
+    with ImageSimilarityClient(server) as client:
+        whole, python = client.embed([photo]), client.embed([photo], regions=[(0.1, 0.2, 0.6, 0.9)])
+    assert python.shape == whole.shape and abs(float(python[0] @ whole[0])) < 0.999
+    for language in LANGUAGES[1:]:
+        code, answer = _example(language, server, ["--region", "0.1,0.2,0.6,0.9", f"embed:{photo}"],
+                                ["--region", "0.1,0.2,0.6,0.9", "--embed", photo])
+        assert code == "OK", (language, code)
+        assert answer["vectors"][0] == pytest.approx(python[0].tolist(), abs=1e-5), language
+        code, _ = _example(language, server, ["--region", "0.6,0.2,0.1,0.9", f"embed:{photo}"],
+                           ["--region", "0.6,0.2,0.1,0.9", "--embed", photo])
         assert code == "INVALID_ARGUMENT", language
 
 

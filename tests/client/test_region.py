@@ -1,13 +1,16 @@
 """Query regions in the Python library, the CLI and the contact sheet, without a server."""
 
+from argparse import Namespace
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from client import Cropped
-from client.cli import main
+from client.cli import _sheet, main
 from client.library import _embed_request, _recommend_request, _similar_request, region_message
 from client.sheet import REGION_COLOUR, TILE, contact_sheet
+from lookalike.preprocess import crop, decode
 
 
 def test_a_region_goes_with_every_kind_of_image_query(tmp_path):
@@ -64,3 +67,26 @@ def test_the_contact_sheet_outlines_the_region_on_the_query_tile(tmp_path):
     plain = np.asarray(Image.open(contact_sheet(Image.new("RGB", (100, 100), "white"), ["query"], [],
                                                 tmp_path / "plain.png")).convert("RGB"))
     assert not np.all(plain == REGION_COLOUR, axis=2).any()
+
+
+def test_the_contact_sheet_outlines_the_pixels_the_server_crops_from_a_rotated_photo(tmp_path):
+    """A camera's portrait photo is stored landscape with EXIF orientation 6; the server turns it upright before
+    cropping, so the sheet's outline must lie on the upright photo too: over the red half, not across both."""
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :40], pixels[:, 40:] = (255, 0, 0), (0, 0, 255)  # stored: left red, right blue; upright: top red
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    photo = tmp_path / "portrait.jpg"
+    image.save(photo, "JPEG", exif=exif, quality=95)
+    region = (0.0, 0.0, 1.0, 0.5)
+    served = crop(decode(photo.read_bytes()), region).reshape(-1, 3).mean(axis=0)
+    assert served == pytest.approx((255, 0, 0), abs=8)
+    args = Namespace(command="similar", image=photo, image_id=None, product=None, catalogue=None, region=region,
+                     sheet=tmp_path / "sheet.png")
+    _sheet(None, args, [])
+    tile = np.asarray(Image.open(args.sheet).convert("RGB"))[:TILE, :TILE]
+    ys, xs = np.nonzero(np.all(tile == REGION_COLOUR, axis=2))
+    inside = tile[ys.min() + 3:ys.max() - 2, xs.min() + 3:xs.max() - 2].reshape(-1, 3).astype(float)
+    assert inside.mean(axis=0) == pytest.approx(served, abs=8)
+    assert abs((ys.max() - ys.min()) - (xs.max() - xs.min())) <= 1  # the upright 40 x 80 photo's top half: square

@@ -2,17 +2,20 @@
 diversity 0 equal to the plain answer, the neighbour lists' candidates, and every mistake."""
 
 import math
+from dataclasses import replace
 
 import grpc
 import numpy as np
 import pytest
 
+from lookalike.availability import Availability
 from lookalike.v1 import lookalike_pb2 as pb
 from server.core import CoreConfig, Query, SearchOptions, SimilarityCore
 from server.diversity import mmr
 from server.engine import NEIGHBOUR_LIST
 from server.errors import InvalidArgument
-from server.search import SearchConfig
+from server.filters import Clause, Filter, Range
+from server.search import EXACT, SearchConfig
 from tests.server.fakes import close_in_process, fake_version, serve_in_process, with_lists
 from tests.server.test_neighbour_lists import Plans
 
@@ -114,20 +117,23 @@ async def test_diversity_zero_is_the_plain_answer(served):
                   pb.RecommendRequest(positive=[pb.Example(product_id="prod-002")], k=6,
                                       strategy=pb.RECOMMEND_STRATEGY_BEST_SCORE)):
         method = stub.FindSimilar if isinstance(plain, pb.FindSimilarRequest) else stub.Recommend
-        zero = type(plain)()
-        zero.CopyFrom(plain)
-        zero.diversity, zero.candidates = 0.0, 17
-        expected, answered = await method(plain), await method(zero)
-        assert [(m.product_id, m.image_id, m.score) for m in answered.matches] == [
-            (m.product_id, m.image_id, m.score) for m in expected.matches]
+        expected = await method(plain)
+        # candidates are ignored at diversity 0, as the proto says: below k or above the bound too.
+        for candidates in (17, 3, 5000):
+            zero = type(plain)()
+            zero.CopyFrom(plain)
+            zero.diversity, zero.candidates = 0.0, candidates
+            answered = await method(zero)
+            assert [(m.product_id, m.image_id, m.score) for m in answered.matches] == [
+                (m.product_id, m.image_id, m.score) for m in expected.matches]
 
 
 async def test_recommend_with_diversity_equals_the_reference(served):
     stub, _, version = served
-    response = await stub.Recommend(pb.RecommendRequest(
-        positive=[pb.Example(product_id="prod-001"), pb.Example(product_id="prod-002")],
-        negative=[pb.Example(product_id="prod-010")], strategy=pb.RECOMMEND_STRATEGY_SUM_SCORES, k=4,
-        diversity=0.3, score_threshold=-0.5))
+    request = pb.RecommendRequest(positive=[pb.Example(product_id="prod-001"), pb.Example(product_id="prod-002")],
+                                  negative=[pb.Example(product_id="prod-010")],
+                                  strategy=pb.RECOMMEND_STRATEGY_SUM_SCORES, k=4, diversity=0.3)
+    response = await stub.Recommend(request)
     positives = np.stack([_product_vector(version, 1), _product_vector(version, 2)])
     negative = _product_vector(version, 10)
 
@@ -139,7 +145,26 @@ async def test_recommend_with_diversity_equals_the_reference(served):
                                   allowed=lambda p: True)
     assert _products(response) == expected
     assert [m.score for m in response.matches] == pytest.approx(scores, abs=1e-5)
-    assert all(m.score >= -0.5 for m in response.matches)
+    # A threshold between the plain ranking's 3rd and 4th scores leaves MMR three candidates: three come back.
+    plain = await stub.Recommend(pb.RecommendRequest(positive=request.positive, negative=request.negative,
+                                                     strategy=request.strategy, k=4))
+    request.score_threshold = (plain.matches[2].score + plain.matches[3].score) / 2
+    thresholded = await stub.Recommend(request)
+    expected, scores = _reference(version, sum_scores, 4, 3, 0.3, excluded={1, 2, 10})
+    assert len(thresholded.matches) == 3 and _products(thresholded) == expected
+    assert sorted(_products(thresholded)) == sorted(_products(plain)[:3])
+    assert [m.score for m in thresholded.matches] == pytest.approx(scores, abs=1e-5)
+
+
+async def test_a_threshold_with_diversity_leaves_out_what_it_leaves_out_without(served):
+    stub, images, _ = served
+    for query in ({"product_id": "prod-005"}, {"image": images[3]}):
+        plain = await stub.FindSimilar(pb.FindSimilarRequest(**query, k=10))
+        threshold = (plain.matches[2].score + plain.matches[3].score) / 2
+        for diversity in (0.0, 0.5, 1.0):
+            answer = await stub.FindSimilar(pb.FindSimilarRequest(**query, k=5, diversity=diversity,
+                                                                  score_threshold=threshold))
+            assert sorted(_products(answer)) == sorted(_products(plain)[:3]), (query.keys(), diversity)
 
 
 async def test_diversity_takes_its_candidates_from_the_neighbour_lists(tmp_path):
@@ -162,6 +187,36 @@ async def test_diversity_takes_its_candidates_from_the_neighbour_lists(tmp_path)
     finally:
         for core in cores:
             await core.close()
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["neighbour-list", "search"])
+async def test_hidden_products_are_never_candidates(tmp_path, listed):
+    """Hidden products leave the candidates before MMR chooses, alone and beside a range filter: the answer is
+    MMR over the best products that are neither hidden nor filtered out."""
+    weights = [None if p % 5 == 0 else p / 2 for p in range(20)]
+    version, _ = fake_version(tmp_path, groups=GROUPS, numbers={"weight": weights},
+                              config=SearchConfig(exact_max_rows=0 if listed else 10_000))
+    core = SimilarityCore(with_lists(version, 16) if listed else version,
+                          CoreConfig(max_pixels=1_000_000, result_cache_size=0))
+    query, options = Query(product_id="prod-004"), SearchOptions(k=5, diversity=0.5, candidates=10)
+    vector = _product_vector(version, 4)
+    try:
+        first = [r.product_id for r in (await core.find_similar(query, options)).results]
+        hidden = {int(first[0][-3:]), int(first[2][-3:])}
+        core.set_availability(Availability(1, {f"prod-{p:03d}": {} for p in hidden}))
+        answer = await core.find_similar(query, options)
+        assert answer.plan == (NEIGHBOUR_LIST if listed else EXACT)
+        expected, scores = _reference(version, lambda v: v @ vector, 5, 10, 0.5, excluded={4, *hidden})
+        assert [r.product_id for r in answer.results] == expected
+        assert [r.score for r in answer.results] == pytest.approx(scores, abs=1e-5)
+        ranged = await core.find_similar(query, replace(options, filter=Filter((Clause("weight",
+                                                                                       range=Range(gte=3)),))))
+        expected, scores = _reference(version, lambda v: v @ vector, 5, 10, 0.5, excluded={4, *hidden},
+                                      allowed=lambda p: weights[p] is not None and weights[p] >= 3)
+        assert [r.product_id for r in ranged.results] == expected
+        assert [r.score for r in ranged.results] == pytest.approx(scores, abs=1e-5)
+    finally:
+        await core.close()
 
 
 @pytest.mark.parametrize(("diversity", "candidates", "message"), [
@@ -192,6 +247,15 @@ async def test_diversity_work_is_bounded(tmp_path):
             await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=500, diversity=0.5, candidates=1000))
         answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=20, diversity=0.5))
         assert len(answer.results) == 20  # 20 x 80 by default: well within
+        # The default candidates are held to the work bound: k from 251 to 500 is answered without candidates set.
+        for k, candidates in ((250, 1000), (300, 833), (500, 500)):
+            answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=k, diversity=0.5))
+            assert len(answer.results) == version.catalogue.product_count - 1
+            assert core._check_options(SearchOptions(k=k, diversity=0.5))[1].candidates == candidates
+        with pytest.raises(InvalidArgument, match=r"with diversity, k must be in 1\.\.500 .* not 501"):
+            await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=501, diversity=0.5))
+        with pytest.raises(InvalidArgument, match=r"for k = 300, candidates must be in 300\.\.833"):
+            await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=300, diversity=0.5, candidates=834))
     finally:
         await core.close()
 

@@ -125,7 +125,7 @@ type Query struct {
 	// left out of a ProductID or ImageID query, kept for an Image or Vector.
 	ExcludeQuery *bool
 	// Diversity in 0..1: maximal marginal relevance chooses the k among the Candidates most relevant
-	// products; nil or 0 is the plain ranking. Candidates 0 is the server's default, 4 x k.
+	// products; nil or 0 is the plain ranking. Candidates 0 is the server's default, 4 x k within its bounds.
 	Diversity  *float32
 	Candidates uint32
 	// With an Image: the part of it to search with, relative to its size (nil: the whole image).
@@ -171,9 +171,18 @@ func (c *Client) FindSimilar(ctx context.Context, query Query, k uint32, filter 
 
 // Embed returns one unit vector per encoded image.
 func (c *Client) Embed(ctx context.Context, images ...[]byte) (*pb.EmbedResponse, error) {
+	return c.EmbedRegions(ctx, images, nil)
+}
+
+// EmbedRegions returns one unit vector per encoded image, of the part of it its region covers (relative to
+// its size, as Query.Region): regions is nil for the whole images, else holds exactly one per image.
+func (c *Client) EmbedRegions(ctx context.Context, images [][]byte, regions []*pb.Region) (*pb.EmbedResponse, error) {
+	if len(regions) != 0 && len(regions) != len(images) {
+		return nil, fmt.Errorf("%d regions for %d images: give one per image", len(regions), len(images))
+	}
 	ctx, cancel := c.deadline(ctx)
 	defer cancel()
-	return c.stub.Embed(ctx, &pb.EmbedRequest{Images: images})
+	return c.stub.Embed(ctx, &pb.EmbedRequest{Images: images, Regions: regions})
 }
 
 // Recommend returns k products like the positive products and unlike the negative ones.
@@ -187,6 +196,16 @@ func (c *Client) Recommend(ctx context.Context, positive, negative []string, k u
 	}
 	request := &pb.RecommendRequest{Positive: examples(positive), Negative: examples(negative), K: k, Filter: filter}
 	return c.RecommendWith(ctx, request)
+}
+
+// ParseStrategy reads a Recommend strategy as every lookalike command line and client names it:
+// average_vector, best_score or sum_scores.
+func ParseStrategy(name string) (pb.RecommendStrategy, error) {
+	value, ok := pb.RecommendStrategy_value["RECOMMEND_STRATEGY_"+strings.ToUpper(name)]
+	if !ok || value == int32(pb.RecommendStrategy_RECOMMEND_STRATEGY_UNSPECIFIED) {
+		return 0, fmt.Errorf("strategy %q is not average_vector, best_score or sum_scores", name)
+	}
+	return pb.RecommendStrategy(value), nil
 }
 
 // RecommendWith sends any RecommendRequest (a strategy such as sum_scores, image or vector examples,

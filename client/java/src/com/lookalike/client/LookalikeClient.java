@@ -15,6 +15,8 @@ import com.lookalike.v1.QueryExpansion;
 import com.lookalike.v1.Range;
 import com.lookalike.v1.RecommendRequest;
 import com.lookalike.v1.RecommendResponse;
+import com.lookalike.v1.RecommendStrategy;
+import com.lookalike.v1.Region;
 import io.grpc.ManagedChannel;
 import io.grpc.netty.GrpcSslContexts;
 import io.grpc.netty.NettyChannelBuilder;
@@ -28,6 +30,7 @@ import java.nio.charset.StandardCharsets;
 import java.time.Duration;
 import java.util.Arrays;
 import java.util.List;
+import java.util.Locale;
 import java.util.Map;
 import java.util.concurrent.TimeUnit;
 import java.util.function.Function;
@@ -151,7 +154,21 @@ public final class LookalikeClient implements AutoCloseable {
 
   /** One unit vector per encoded image. */
   public EmbedResponse embed(List<byte[]> images) {
-    EmbedRequest.Builder request = EmbedRequest.newBuilder();
+    return embed(images, List.of());
+  }
+
+  /**
+   * One unit vector per encoded image, of the part of it its region covers (relative to its size, as
+   * FindSimilarRequest's region): regions empty for the whole images, else exactly one per image.
+   *
+   * @throws IllegalArgumentException when there are regions but not one per image
+   */
+  public EmbedResponse embed(List<byte[]> images, List<Region> regions) {
+    if (!regions.isEmpty() && regions.size() != images.size()) {
+      throw new IllegalArgumentException(
+          regions.size() + " regions for " + images.size() + " images: give one per image");
+    }
+    EmbedRequest.Builder request = EmbedRequest.newBuilder().addAllRegions(regions);
     images.forEach(image -> request.addImages(ByteString.copyFrom(image)));
     return call(s -> s.embed(request.build()));
   }
@@ -170,6 +187,24 @@ public final class LookalikeClient implements AutoCloseable {
    */
   public RecommendResponse recommend(RecommendRequest request) {
     return call(s -> s.recommend(request));
+  }
+
+  /**
+   * A Recommend strategy as every lookalike command line and client names it: average_vector, best_score or
+   * sum_scores.
+   *
+   * @throws IllegalArgumentException for any other name
+   */
+  public static RecommendStrategy parseStrategy(String name) {
+    try {
+      RecommendStrategy strategy = RecommendStrategy.valueOf("RECOMMEND_STRATEGY_" + name.toUpperCase(Locale.ROOT));
+      if (strategy != RecommendStrategy.RECOMMEND_STRATEGY_UNSPECIFIED && strategy != RecommendStrategy.UNRECOGNIZED) {
+        return strategy;
+      }
+    } catch (IllegalArgumentException error) {
+      // the message below names the choices
+    }
+    throw new IllegalArgumentException("strategy " + name + " is not average_vector, best_score or sum_scores");
   }
 
   /** The served version, its model and index. */
