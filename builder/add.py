@@ -359,14 +359,9 @@ def _replaced(out: Path, version: str, version_dir: Path, product_ids: list[str]
 
     from lookalike.tables import read_products
 
-    wanted = pa.array(product_ids, pa.string())
-    tables_ = [read_products(version_dir / artifacts.PRODUCTS_FILE, columns=["product_id"])]
-    tables_ += [read_products(path / artifacts.PRODUCTS_FILE, columns=["product_id"])
-                for _, path in deltas.list_deltas(out, version)]
-    found: set[str] = set()
-    for table in tables_:
-        column = table.column("product_id")
-        found.update(column.filter(pc.is_in(column, wanted)).to_pylist())
+    column = read_products(version_dir / artifacts.PRODUCTS_FILE, columns=["product_id"]).column("product_id")
+    found = set(column.filter(pc.is_in(column, pa.array(product_ids, pa.string()))).to_pylist())
+    found.update(deltas.delta_product_ids(out, version)[1] & set(product_ids))
     return sorted(found)
 
 
@@ -377,18 +372,9 @@ def products_not_absorbed(out: Path, product_ids: set[str]) -> dict | None:
         version = artifacts.read_current(out)
     except artifacts.ArtifactError:
         return None
-    published = deltas.list_deltas(out, version)
+    published, added = deltas.delta_product_ids(out, version, skip_unreadable=True)
     if not published:
         return None
-    from lookalike.tables import read_products
-
-    added: set[str] = set()
-    for _, path in published:
-        try:
-            added.update(read_products(path / artifacts.PRODUCTS_FILE, columns=["product_id"])
-                         .column("product_id").to_pylist())
-        except (artifacts.ArtifactError, OSError, ValueError):
-            continue
     missing = sorted(added - product_ids)
-    return {"of_version": version, "deltas": len(published), "products": len(added),
+    return {"of_version": version, "deltas": published, "products": len(added),
             "not_in_this_build": {"count": len(missing), "examples": missing[:10]}}

@@ -147,6 +147,22 @@ def delta_rows(path: Path) -> int:
         raise DeltaError(f"{path / DELTA_MANIFEST} cannot be read: {error}") from None
 
 
+def delta_product_ids(out: Path, version: str, skip_unreadable: bool = False) -> tuple[int, set[str]]:
+    """(how many deltas the version has, the product ids they define). skip_unreadable: a delta whose products
+    table cannot be read is left out rather than raising (for reports, never for what add publishes)."""
+    published = list_deltas(out, version)
+    product_ids: set[str] = set()
+    for _, path in published:
+        try:
+            table = tables.read_products(path / artifacts.PRODUCTS_FILE, columns=["product_id"])
+        except (artifacts.ArtifactError, OSError, ValueError):
+            if not skip_unreadable:
+                raise
+            continue
+        product_ids.update(table.column("product_id").to_pylist())
+    return len(published), product_ids
+
+
 def check_room(out: Path, version: str, rows: int, max_delta_rows: int) -> list[tuple[int, Path]]:
     """The version's published deltas, when `rows` more image rows keep them within max_delta_rows; else DeltaError
     saying to run a build."""
