@@ -177,8 +177,9 @@ def _levers(quality: dict) -> list[str]:
            "with --augment-neighbours N (the expansion's first search reads the stored, augmented vectors). Costs: "
            "features s is the backbone over catalogue and queries; head fit s fits the head and projects every "
            "vector (an augmented row's includes its augment s, the exact all-pairs scan of the catalogue); query ms "
-           "is the median of an exact top-10 search, one query at a time (with expansion, both searches). Wall "
-           "times on a host shared with other work, so they rank costs roughly, no more.", ""]
+           "is the median CPU time (not wall time, which on this loaded host is mostly a wait for a core) of an "
+           "exact top-10 search, one query at a time (with expansion, both searches). Features and head fit s are "
+           "wall times on a host shared with other work, so they rank costs roughly, no more.", ""]
     for name, found in quality["sets"].items():
         rows, default, auto = found["rows"], found.get("default"), found.get("auto_head")
         features = ", ".join(f"{backbone} {seconds} s ({(found['catalogue_size'] + found['query_count']) / seconds:.0f}"
