@@ -57,6 +57,13 @@ AUGMENT_NEIGHBOURS = (3, 10)
 EXPANDED_HEADS = ("pca", "lda", "metric")
 QUERY_EXPANSIONS = ((3.0, 5), (1.0, 20), (0.0, 5))  # (3, 5): the server's default when a request asks
 QUERY_TIMING_QUERIES = 200  # queries timed one at a time for each row's query ms
+# The server's default expansion (what a request that sets query_expansion gets) also measured on the augmented
+# catalogues: a build with --augment-neighbours serves its augmented vectors to the expansion's first search.
+AUGMENTED_EXPANSION = QUERY_EXPANSIONS[0]
+# Issue 22's targets for precision@10 at 10,000 / 2,000 (Fashion-MNIST) and 6,119 / 1,532 (openclipart), with the
+# set's labels as product types (supervised heads) and without them.
+TARGETS = {"fashion-mnist": {"with product types": 0.90, "without product types": 0.84},
+           "openclipart": {"with product types": 0.75}}
 
 
 @dataclass
@@ -163,18 +170,21 @@ def pooled_features(backbone: str, images: np.ndarray, batch_size: int = 32) -> 
     return {pooling: np.concatenate(parts) for pooling, parts in out.items()}
 
 
-def _cached_features(data: LabelledSet, backbone: str, mirrored: bool = False) -> dict[str, np.ndarray]:
+def _cached_features(data: LabelledSet, backbone: str, mirrored: bool = False) -> tuple[dict[str, np.ndarray], float]:
     """Features of catalogue then queries (or of their mirrors), kept in bench/work so a second run
-    measures heads only."""
+    measures heads only, and the seconds the backbone took over them (when they were computed)."""
     path = FEATURES / f"{data.key}-{backbone}{'-mirrored' if mirrored else ''}.npz"
     if path.exists():
         with np.load(path, allow_pickle=False) as stored:
-            return {pooling: stored[pooling] for pooling in POOLINGS}
+            seconds = float(stored["seconds"]) if "seconds" in stored.files else None
+            return {pooling: stored[pooling] for pooling in POOLINGS}, seconds
     images = np.concatenate([data.catalogue, data.queries])
+    started = time.perf_counter()
     features = pooled_features(backbone, images[:, :, ::-1] if mirrored else images)
+    seconds = round(time.perf_counter() - started, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **features)
-    return features
+    np.savez(path, seconds=np.float64(seconds), **features)
+    return features, seconds
 
 
 def pca_whiten(catalogue: np.ndarray, everything: np.ndarray, dimension: int) -> np.ndarray:
@@ -224,7 +234,8 @@ def with_augmented(vectors_by_head: dict[str, np.ndarray], n: int,
             name = f"{head} + augment {neighbours}"
             started = time.perf_counter()
             out[name] = np.vstack([augment(out[head][:n], neighbours), out[head][n:]])
-            seconds[name] = round(seconds[head] + time.perf_counter() - started, 2)
+            seconds[f"{name} alone"] = round(time.perf_counter() - started, 2)
+            seconds[name] = round(seconds[head] + seconds[f"{name} alone"], 2)
     return out
 
 
@@ -243,30 +254,46 @@ def expand_queries(catalogue: np.ndarray, queries: np.ndarray, alpha: float, res
 
 
 def query_ms(catalogue: np.ndarray, queries: np.ndarray, expansion: tuple[float, int] | None) -> float:
-    """The median milliseconds of an exact top-10 search, one query at a time (with the expansion: both searches);
-    the median, because on a shared host a few queries wait for a core."""
+    """The median CPU milliseconds (the process's, every thread's) of an exact top-10 search, one query at a time
+    (with the expansion: both searches). CPU time, not wall time: on a host loaded to several times its cores, a
+    niced query's wall time is mostly its wait for a core (medians of 6 to 16 ms against 0.2 to 0.4 of work)."""
     seconds = []
     for query in queries[:QUERY_TIMING_QUERIES]:
-        started = time.perf_counter()
+        started = time.process_time()
         query = query[None, :]
         if expansion is not None:
             query = expand_queries(catalogue, query, *expansion)
         np.argpartition(-(query @ catalogue.T)[0], 9)[:10]
-        seconds.append(time.perf_counter() - started)
+        seconds.append(time.process_time() - started)
     return round(1000 * float(np.median(seconds)), 3)
 
 
 def with_expanded_queries(vectors_by_head: dict[str, np.ndarray], n: int) -> tuple[dict[str, np.ndarray], dict]:
-    """The expanded heads' vectors again with their queries expanded (QUERY_EXPANSIONS), and each row's query ms."""
+    """The expanded heads' vectors again with their queries expanded (QUERY_EXPANSIONS; their augmented catalogues
+    with the server's default expansion alone), and each row's query ms."""
     out, times = {}, {}
-    for head in EXPANDED_HEADS:
+    augmented = [f"{head} + augment {neighbours}" for head in EXPANDED_HEADS for neighbours in AUGMENT_NEIGHBOURS]
+    for head in [*EXPANDED_HEADS, *(name for name in augmented if name in vectors_by_head)]:
         catalogue, queries = vectors_by_head[head][:n], vectors_by_head[head][n:]
         times[head] = query_ms(catalogue, queries, None)
-        for alpha, results in QUERY_EXPANSIONS:
+        for alpha, results in QUERY_EXPANSIONS if head in EXPANDED_HEADS else (AUGMENTED_EXPANSION,):
             name = f"{head} + query expansion {alpha:g}, {results}"
             out[name] = np.vstack([catalogue, expand_queries(catalogue, queries, alpha, results)])
             times[name] = query_ms(catalogue, queries, (alpha, results))
     return out, times
+
+
+def auto_head(features: np.ndarray, n: int, labels: np.ndarray, dimension: int) -> dict:
+    """What a default build's `--head auto` picks on this catalogue (each image its own product, as the metric
+    row): lda or metric by their held-out precision@10, with the figures it chose by."""
+    started = time.perf_counter()
+    names = np.array([str(label) for label in labels])
+    _, report = fit_supervised(AUTO_HEAD, features[:n], names, np.arange(n), dimension, DEFAULT_TYPE_WEIGHT)
+    held_out = report["held_out"]
+    return {"chosen": report["chosen"], "held_out_precision_at_10": held_out["precision_at_10"],
+            "held_out_queries": held_out["queries"],
+            "margin": held_out["margin"],
+            "metric_epochs": report["metric"]["epochs"], "seconds": round(time.perf_counter() - started, 1)}
 
 
 def model_images_per_s(backbone: str, pooling: str, mirror: bool, head: Head, images: np.ndarray) -> float:
@@ -303,16 +330,20 @@ def evaluate_set(data: LabelledSet, backbones, mirror_backbones=(), dimension: i
                                          data.query_labels)
     floor = {"backbone": "raw pixels (32x32)", "pooling": "-", "mirror": False, "head": "none", "dimension": 3072,
              "precision_at_10": round(p10, 4), "map_at_10": round(map10, 4)}
-    rows, sizes = [], {}
+    rows, sizes, feature_seconds, auto = [], {}, {}, None
+    defaults = BuildConfig(images=Path("."), out=Path("."))
     for backbone in backbones:
         started = time.perf_counter()
-        features = _cached_features(data, backbone)
+        features, feature_seconds[backbone] = _cached_features(data, backbone)
         trunks = [(pooling, False, features[pooling]) for pooling in POOLINGS]
         if backbone in mirror_backbones:
-            flipped = _cached_features(data, backbone, mirrored=True)
+            flipped, _ = _cached_features(data, backbone, mirrored=True)
             trunks.append(("gem", True, (features["gem"] + flipped["gem"]) / 2))
         log.info("%s %s features in %.0f s", data.name, backbone, time.perf_counter() - started)
         for pooling, mirror, pooled in trunks:
+            if defaults.head == AUTO_HEAD and (backbone, pooling, mirror) == (defaults.backbone, defaults.pooling,
+                                                                              defaults.mirror):
+                auto = auto_head(pooled, n, data.catalogue_labels, dimension)
             seconds: dict[str, float] = {}
             vectors_by_head = with_augmented(heads(pooled, n, data.catalogue_labels, dimension, seconds), n, seconds)
             expanded, times = with_expanded_queries(vectors_by_head, n)
@@ -332,11 +363,11 @@ def evaluate_set(data: LabelledSet, backbones, mirror_backbones=(), dimension: i
                              "map_at_10": round(map10, 4), "images_per_s": rate,
                              "index_mb": sizes[vectors.shape[1]],
                              "fit_s": seconds.get(head, seconds.get(base_head(head))),
+                             "augment_s": seconds.get(f"{head.split(' + query expansion')[0]} alone"),
                              "query_expansion": " + query expansion" in head, "query_ms": times.get(head)})
                 log.info("%s %s", data.name, rows[-1])
-    # Both sets have labels, so the default build's auto head is lda here.
-    defaults = BuildConfig(images=Path("."), out=Path("."))
-    head = "lda" if defaults.head == AUTO_HEAD else defaults.head
+    # Both sets have labels, so the default build's auto head is lda or metric, by the held-out split.
+    head = auto["chosen"] if auto is not None else defaults.head
     default = next((r for r in rows if (r["backbone"], r["pooling"], r["mirror"], r["head"]) ==
                     (defaults.backbone, defaults.pooling, defaults.mirror, head)), None)
     rank = lambda r: (r["precision_at_10"], r["map_at_10"])  # noqa: E731
@@ -345,6 +376,7 @@ def evaluate_set(data: LabelledSet, backbones, mirror_backbones=(), dimension: i
     supervised = [r for r in rows if r["buildable"] and r["supervised"] and not r["query_expansion"]]
     return {"data_set": data.name, "source": data.source, "catalogue_size": n, "query_count": len(data.queries),
             "labels": list(data.label_names), "dropped": data.dropped, "raw_pixel_floor": floor, "rows": rows,
+            "features_s": feature_seconds, "auto_head": auto,
             "best_unsupervised": max(unsupervised, key=rank), "best_supervised": max(supervised, key=rank),
             "default": default}
 
@@ -366,26 +398,55 @@ def evaluate(catalogue_size: int, query_count: int, backbones, mirror_backbones=
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.quality`: the quality tables alone (no index, serving or build), as markdown."""
+    """`python -m bench.quality`: the quality tables alone (no index, serving or build), as markdown; with --section,
+    also BENCHMARKS.md's section on the levers against issue 22's targets (from the results written to --json)."""
     import argparse
+    import datetime
     import json
+    import os
+    import sys
 
-    from bench.report import _quality
+    from bench.report import _quality, write_levers_section
 
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=main.__doc__)
     parser.add_argument("--catalogue", type=int, default=10000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--backbones", nargs="+", default=["efficientnet_lite0"])
-    parser.add_argument("--colour-set", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--sets", nargs="*", choices=["fashion-mnist", "openclipart"],
+                        default=["fashion-mnist", "openclipart"],
+                        help="openclipart only when Debian's package is; none: --section from --json alone")
+    parser.add_argument("--colour-set", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-colour-set: as --sets fashion-mnist")
+    parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True,
+                        help="the exported model's images/s, on the Fashion-MNIST catalogue")
+    parser.add_argument("--json", type=Path, help="also write the results here (keeping the sets this run did not "
+                        "measure from the file's previous results)")
+    parser.add_argument("--section", action="store_true", help="also write BENCHMARKS.md's levers section")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    results = {"sets": {"fashion-mnist": evaluate_set(fashion_mnist(args.catalogue, args.queries), args.backbones,
-                                                      speed=False)}}
-    if args.colour_set and (clip_art := openclipart()) is not None:
-        results["sets"]["openclipart"] = evaluate_set(clip_art, args.backbones, speed=False)
+    command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    measured = {}
+    loaders = {"fashion-mnist": lambda: fashion_mnist(args.catalogue, args.queries), "openclipart": openclipart}
+    for name in args.sets:
+        if name == "openclipart" and not args.colour_set:
+            continue
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        data = loaders[name]()
+        if data is None:
+            continue
+        found = evaluate_set(data, args.backbones, speed=args.speed and name == "fashion-mnist")
+        found["run"] = {"command": command, "started_at": at, "seconds": round(time.perf_counter() - started),
+                        "cores": os.cpu_count(), "niceness": os.nice(0),
+                        "load_average": [round(load, 1), round(os.getloadavg()[0], 1)]}
+        measured[name] = found
+    # Read again now, so that two runs of different sets at once both land.
+    kept = json.loads(args.json.read_text())["sets"] if args.json and args.json.exists() else {}
+    results = {"sets": {name: measured.get(name, kept.get(name)) for name in loaders if name in {*measured, *kept}}}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.section:
+        write_levers_section(results)
     print("\n".join(_quality(results)))
     return 0
 
