@@ -6,8 +6,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-from lookalike.preprocess import ImageError, decode
-
 TILE = 160
 CAPTION = 46
 REGION_COLOUR = (30, 90, 230)
@@ -36,14 +34,18 @@ def _tile(image: Image.Image | None, lines: list[str], highlight: bool, region=N
 
 
 def open_image(path: Path | str | None) -> Image.Image | None:
-    """An image file as the server sees it: decoded by the shared decode (EXIF orientation applied, transparency
-    on white), so that a region outlined on it covers the pixels the server crops. None when there is no such
-    file or it is not an image."""
+    """An image file turned upright as the server turns it before it crops (EXIF orientation applied, as
+    lookalike.preprocess.decode does; client/ stays apart from it), so that a region outlined on it covers the
+    pixels the server crops. None when there is no such file or it is not an image."""
     if path is None or not Path(path).is_file():
         return None
     try:
-        return Image.fromarray(decode(Path(path).read_bytes()))
-    except ImageError:
+        with Image.open(path) as image:
+            image.seek(0)
+            upright = ImageOps.exif_transpose(image)
+            upright.load()
+            return upright
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
 
 
