@@ -1,22 +1,36 @@
-"""The HTTP layer in-process, with no model: what it decides on its own (loading, sizes, routes, timeouts)."""
+"""The HTTP layer in-process: what it decides on its own (loading, sizes, routes, timeouts), and beside a gRPC server
+on a fake model, the deadline and the admission budget the two share."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from server.http import HttpAbort, HttpApi, parse_timeout
+from lookalike.v1 import lookalike_pb2 as pb
+from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.admission import Admission, AdmissionInterceptor
+from server.core import CoreConfig, SimilarityCore
+from server.http import HttpAbort, HttpApi, max_body_bytes, parse_timeout
 from server.metrics import ServerMetrics
 from server.servicer import ImageSimilarityServicer
+from tests.server import fakes
+
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
 async def loading_client():
     """An HttpApi whose servicer has no core yet (the server is loading), with a 1 MiB message limit."""
-    api = HttpApi(ImageSimilarityServicer(None, ServerMetrics()), 1024 * 1024, 2, lambda: False)
+    api = HttpApi(ImageSimilarityServicer(None, ServerMetrics()), 1024 * 1024, Admission(2), lambda: False,
+                  body_idle_s=0.3)
     client = TestClient(TestServer(api.app(), host="127.0.0.1"))
     await client.start_server()
     yield client
@@ -32,9 +46,9 @@ async def test_in_process_loading_oversize_and_unknown_routes(loading_client):
         assert response.status == 503 and (await response.json())["code"] == "UNAVAILABLE", route
     # Parsed, then over the limit as a message; and a body too large to read at all.
     image = base64.b64encode(b"x" * (1024 * 1024 + 1)).decode()
-    response = await loading_client.post("/v1/embed", data=json.dumps({"images": [image]}))
+    response = await loading_client.post("/v1/embed", data=json.dumps({"images": [image]}), headers=JSON)
     assert response.status == 413 and (await response.json())["code"] == "RESOURCE_EXHAUSTED"
-    response = await loading_client.post("/v1/embed", data=b" " * (3 * 1024 * 1024))
+    response = await loading_client.post("/v1/embed", data=b" " * (3 * 1024 * 1024), headers=JSON)
     assert response.status == 413 and (await response.json())["code"] == "RESOURCE_EXHAUSTED"
     response = await loading_client.get("/v1/nothing")
     assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND"
@@ -55,3 +69,153 @@ def test_grpc_timeout_header(header, seconds):
 def test_a_malformed_grpc_timeout_is_refused(header):
     with pytest.raises(HttpAbort, match="grpc-timeout"):
         parse_timeout(header)
+
+
+async def test_a_body_is_read_only_up_to_what_a_message_under_the_limit_takes_in_json(loading_client):
+    limit = 1024 * 1024
+    bound = max_body_bytes(limit)
+    assert bound == 4 * -(-limit // 3) + 256 * 1024  # base64 of the limit plus the stated allowance
+    # The largest image a message under the limit holds, in base64: read and parsed (then UNAVAILABLE: loading).
+    largest = json.dumps({"images": [base64.b64encode(b"x" * (limit - 16)).decode()]})
+    assert len(largest) < bound
+    response = await loading_client.post("/v1/embed", data=largest, headers=JSON)
+    assert response.status == 503, await response.text()
+    # Whitespace between a message's fields, past the bound (the old one was twice the limit plus 64 KiB): 413.
+    padded = '{"images": []' + " " * (bound - 13) + "}"
+    assert len(padded) == bound + 1 < 2 * limit
+    response = await loading_client.post("/v1/embed", data=padded, headers=JSON)
+    assert response.status == 413 and str(bound) in (await response.json())["message"]
+
+
+@pytest.mark.parametrize(("content_type", "status"), [
+    ("text/plain", 400), ("application/x-www-form-urlencoded", 400), ("multipart/form-data; boundary=x", 400),
+    ("application/json", 503), ("application/json; charset=utf-8", 503), (None, 503)])
+async def test_a_body_must_be_json(loading_client, content_type, status):
+    """A form or text is INVALID_ARGUMENT, as grpc-gateway answers a body it cannot decode; JSON, or a body with no
+    Content-Type, goes on (to UNAVAILABLE here: the model is loading)."""
+    headers, skip = ({"Content-Type": content_type}, ()) if content_type else ({}, ["Content-Type"])
+    response = await loading_client.post("/v1/similar", data=b'{"productId": "p"}', headers=headers,
+                                         skip_auto_headers=skip)
+    answer = await response.json()
+    assert response.status == status, answer
+    if status == 400:
+        assert answer["code"] == "INVALID_ARGUMENT" and "application/json" in answer["message"]
+
+
+async def test_a_body_that_stops_arriving_is_refused(loading_client):
+    """A slow upload does not hold its admission place past body_idle_s (0.3 s here) without a byte."""
+    reader, writer = await asyncio.open_connection(loading_client.host, loading_client.port)
+    writer.write(b"POST /v1/similar HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"productId\"")
+    await writer.drain()
+    started = time.monotonic()
+    answer = await asyncio.wait_for(reader.read(4096), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"DEADLINE_EXCEEDED" in answer, answer
+    assert 0.25 < time.monotonic() - started < 5
+
+
+@pytest.fixture
+async def slow_pair(tmp_path):
+    """A fake model that takes 0.3 s a batch behind one core, served by a gRPC server and an HttpApi drawing on one
+    admission budget of a single call: (gRPC stub, HTTP client, core, admission, catalogue images)."""
+    version, images = fakes.fake_version(tmp_path, delay_s=0.3)
+    metrics = ServerMetrics()
+    core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
+    servicer = ImageSimilarityServicer(core, metrics)
+    admission = Admission(1)
+    server = grpc.aio.server(interceptors=[AdmissionInterceptor(admission)])
+    pb_grpc.add_ImageSimilarityServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = TestClient(TestServer(HttpApi(servicer, 1024 * 1024, admission, lambda: True).app(), host="127.0.0.1"))
+    await client.start_server()
+    yield pb_grpc.ImageSimilarityStub(channel), client, core, admission, images
+    await client.close()
+    await channel.close()
+    await server.stop(0)
+    await core.close()
+
+
+async def _grpc_embed(stub, image: bytes, timeout_s: float | None = None):
+    try:
+        return "OK", len((await stub.Embed(pb.EmbedRequest(images=[image]), timeout=timeout_s)).vectors)
+    except grpc.aio.AioRpcError as error:
+        return error.code().name, error.details()
+
+
+async def _http_embed(client, image: bytes, headers: dict | None = None):
+    response = await client.post("/v1/embed", data=json.dumps({"images": [base64.b64encode(image).decode()]}),
+                                 headers={**JSON, **(headers or {})})
+    answer = await response.json()
+    return response.status, ("OK", len(answer["vectors"])) if response.status == 200 else (answer["code"],
+                                                                                           answer["message"])
+
+
+async def _settled(core, admission) -> None:
+    """Waits (bounded) for what a call holds to be given back: its admission place and its images in the core."""
+    for _ in range(100):
+        if admission.in_flight == 0 and core.admitted_images == 0 and core.admitted_bytes == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"left behind: {admission.in_flight} calls, {core.admitted_images} images")
+
+
+async def test_an_http_deadline_cancels_the_call_as_grpcs_does(slow_pair):
+    """The model takes 0.3 s; with a 20 ms deadline both protocols answer DEADLINE_EXCEEDED at the deadline (HTTP
+    answered 200 after 0.3 s before), and neither leaves its admission place or its images behind."""
+    stub, client, core, admission, images = slow_pair
+    started = time.monotonic()
+    grpc_outcome = await _grpc_embed(stub, images[0], 0.02)
+    grpc_s = time.monotonic() - started
+    await _settled(core, admission)
+    started = time.monotonic()
+    status, http_outcome = await _http_embed(client, images[0], {"grpc-timeout": "20m"})
+    http_s = time.monotonic() - started
+    assert grpc_outcome == http_outcome == ("DEADLINE_EXCEEDED", "Deadline Exceeded")
+    assert status == 504
+    assert grpc_s < 0.2 and http_s < 0.2, (grpc_s, http_s)
+    await _settled(core, admission)
+    # A deadline the call meets is no deadline at all.
+    assert await _http_embed(client, images[1], {"grpc-timeout": "5S"}) == (200, ("OK", 1))
+
+
+async def test_grpc_and_http_draw_on_one_admission_budget(slow_pair):
+    """One place (max_concurrent_rpcs 1): while a gRPC call holds it an HTTP call is refused, and the other way round;
+    before, each protocol had its own budget and a process ran twice --max-concurrent-rpcs."""
+    stub, client, core, admission, images = slow_pair
+    holding = asyncio.ensure_future(_grpc_embed(stub, images[0]))
+    while admission.in_flight == 0:
+        await asyncio.sleep(0.005)
+    status, refused = await _http_embed(client, images[1])
+    assert status == 429 and refused[0] == "RESOURCE_EXHAUSTED" and "gRPC and HTTP together" in refused[1]
+    assert await holding == ("OK", 1)
+    await _settled(core, admission)
+
+    holding = asyncio.ensure_future(_http_embed(client, images[0]))
+    while admission.in_flight == 0:
+        await asyncio.sleep(0.005)
+    refused = await _grpc_embed(stub, images[1])
+    assert refused[0] == "RESOURCE_EXHAUSTED" and "gRPC and HTTP together" in refused[1]
+    assert await holding == (200, ("OK", 1))
+    await _settled(core, admission)
+    assert await _grpc_embed(stub, images[2]) == ("OK", 1)
+
+
+async def test_large_bodies_are_parsed_on_the_http_layers_own_threads(slow_pair):
+    """With the default executor (where versions load and swap) busy, a large body is still parsed and answered: the
+    parsing does not queue behind a swap, nor a swap behind a flood of parsing."""
+    stub, client, core, admission, images = slow_pair
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 30)
+    try:
+        padding = " " * (512 * 1024)  # over ON_LOOP_JSON_BYTES: parsed off the event loop
+        body = '{"images": ["' + base64.b64encode(images[0]).decode() + '"]' + padding + "}"
+        response = await asyncio.wait_for(client.post("/v1/embed", data=body, headers=JSON), 10)
+        assert response.status == 200 and len((await response.json())["vectors"]) == 1
+    finally:
+        release.set()
+        await busy
