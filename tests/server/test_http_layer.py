@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -18,6 +19,7 @@ from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.admission import Admission, AdmissionInterceptor
 from server.core import CoreConfig, SimilarityCore
+from server.fresh import DeltaFeed
 from server.http import HttpAbort, HttpApi, max_body_bytes, parse_timeout
 from server.metrics import ServerMetrics
 from server.servicer import ImageSimilarityServicer
@@ -219,3 +221,54 @@ async def test_large_bodies_are_parsed_on_the_http_layers_own_threads(slow_pair)
     finally:
         release.set()
         await busy
+
+
+async def test_images_and_attributes_include_the_deltas_products(tmp_path):
+    """GET /v1/images/{id} serves a delta's image from the folder `add` read it from, and no longer the old images of
+    a product a delta replaced; /v1/attributes counts the served products (the version's less the replaced, plus the
+    deltas'); a catalogue file that is a symlink out of the root is 404."""
+    from tests.server.test_deltas import COLOURS, GROUPS, publish, unit
+
+    weights = {"weight": np.arange(20, dtype=np.float64)}
+    _, images, metrics, parts = await fakes.serve_in_process(tmp_path, groups=GROUPS, attributes=COLOURS,
+                                                             numbers=weights)
+    core = parts[2]
+    catalogue = core.version.catalogue
+    root = tmp_path / "catalogue" / "small"
+    (root / "aa").mkdir(parents=True)
+    for image_id, image in (("item-005", images[5]), ("item-003", images[3])):
+        (root / catalogue.paths[int(catalogue.rows_of_image(image_id)[0])]).write_bytes(image)
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(images[7])
+    (root / catalogue.paths[int(catalogue.rows_of_image("item-007")[0])]).symlink_to(outside)
+    client = TestClient(TestServer(HttpApi(ImageSimilarityServicer(core, metrics), 1024 * 1024, Admission(2),
+                                           lambda: True, tmp_path / "catalogue").app(), host="127.0.0.1"))
+    await client.start_server()
+    try:
+        # A new product (green, the heaviest) and prod-003 (red, weight 3) replaced by a green one without a weight.
+        vector = unit(np.ones(fakes.DIMENSION))
+        publish(tmp_path, core.version.name, {"new-001": [("new-img-1", vector)], "prod-003": [("prod3-b", vector)]},
+                {"new-001": "green", "prod-003": "green"}, weight={"new-001": 50.0})
+        (tmp_path / "small" / "zz").mkdir(parents=True)  # publish's manifest: catalogue_root is tmp_path
+        (tmp_path / "small" / "zz" / "new-img-1.png").write_bytes(images[11])
+        fresh, added, error = DeltaFeed(tmp_path, core.version.name, catalogue, fakes.DIMENSION).update()
+        assert added and error is None and await core.apply_fresh(core.version.name, fresh)
+
+        response = await client.get("/v1/images/new-img-1")
+        assert response.status == 200 and await response.read() == images[11]
+        assert response.headers["Content-Type"] == "image/png"
+        response = await client.get("/v1/images/item-005")
+        assert response.status == 200 and await response.read() == images[5]
+        for gone in ("item-003", "item-007", "prod3-b"):  # replaced; a symlink out of the root; no file
+            response = await client.get(f"/v1/images/{gone}")
+            assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND", gone
+
+        answer = await (await client.get("/v1/attributes")).json()
+        assert answer["deltaSequence"] == 1
+        assert answer["attributes"]["color"] == [{"value": "blue", "products": 10}, {"value": "red", "products": 9},
+                                                 {"value": "green", "products": 2}]
+        # Weights 0..19, less prod-003's 3, plus new-001's 50 (the replacing prod-003 has none).
+        assert answer["numbers"]["weight"] == {"min": 0.0, "max": 50.0, "products": 20}
+    finally:
+        await client.close()
+        await fakes.close_in_process(parts)
