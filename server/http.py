@@ -22,12 +22,11 @@ from google.protobuf.message import Message
 from lookalike.v1 import lookalike_pb2 as pb
 from server.admission import Admission
 from server.errors import ServingError, status_of
-from server.openapi import ROUTES, openapi_document
+from server.openapi import CONSOLE_DIR, ROUTES, openapi_document
 from server.servicer import ImageSimilarityServicer
 from server.version import ServedVersion
 
 log = logging.getLogger(__name__)
-CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 # grpc-gateway's mapping of gRPC status codes to HTTP statuses (runtime.HTTPStatusFromCode).
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
@@ -48,6 +47,8 @@ _IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"
                 ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 # Distinct values offered per attribute key by /v1/attributes (the most common first): enough for a console's list.
 MAX_ATTRIBUTE_VALUES = 500
+# Image ids listed by /v1/products/{product_id}/images, main first: as many as a match's group_size may list.
+MAX_PRODUCT_IMAGES = 100
 # JSON of more than this many bytes (a body, or an answer of that size on the wire) is parsed or written in a
 # thread: a 32 MiB body takes a fifth of a second to parse, which the event loop (gRPC's too) must not wait for.
 ON_LOOP_JSON_BYTES = 256 * 1024
@@ -143,6 +144,7 @@ class HttpApi:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/v1/attributes", self.attributes)
         app.router.add_get("/v1/images/{image_id}", self.image)
+        app.router.add_get("/v1/products/{product_id}/images", self.product_images)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/", self.console_index)
         app.router.add_static("/console/", CONSOLE_DIR, follow_symlinks=False)
@@ -285,6 +287,22 @@ class HttpApi:
         return web.FileResponse(path, headers={
             "Content-Type": _IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
             "Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+
+    async def product_images(self, request: web.Request) -> web.Response:
+        """A served product's image ids, main first (its definition in the latest delta that holds it, else the
+        version's), for the console to show a product query's picture and a result's other images."""
+        product_id = request.match_info["product_id"]
+        version = self.servicer.core.version
+        fresh = version.fresh
+        catalogue, row = version.catalogue, version.catalogue.product_row(product_id)
+        if fresh is not None and (fresh_row := fresh.catalogue.product_row(product_id)) is not None:
+            catalogue, row = fresh.catalogue, fresh_row
+        if row is None:
+            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"product {product_id!r} is not in version {version.name}")
+        rows = catalogue.rows_of_product(row)
+        return web.json_response({"productId": product_id, "version": version.name, "imageCount": len(rows),
+                                  "images": [{"imageId": catalogue.image_ids[int(r)], "role": catalogue.roles[int(r)]}
+                                             for r in rows[:MAX_PRODUCT_IMAGES]]})
 
     def _image_root(self, manifest: dict) -> Path | None:
         base = self.catalogue_dir or (Path(manifest["catalogue_root"]) if manifest.get("catalogue_root") else None)

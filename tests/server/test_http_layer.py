@@ -263,6 +263,15 @@ async def test_images_and_attributes_include_the_deltas_products(tmp_path):
             response = await client.get(f"/v1/images/{gone}")
             assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND", gone
 
+        # A product's images, main first: a delta's definition wins over the version's.
+        for product_id, expected in (("new-001", ["new-img-1"]), ("prod-003", ["prod3-b"]),
+                                     ("prod-005", ["item-005", "item-025"])):
+            answer = await (await client.get(f"/v1/products/{product_id}/images")).json()
+            assert [image["imageId"] for image in answer["images"]] == expected, product_id
+            assert answer["imageCount"] == len(expected) and answer["images"][0]["role"] == "main"
+        response = await client.get("/v1/products/no-such-product/images")
+        assert response.status == 404 and (await response.json())["code"] == "NOT_FOUND"
+
         answer = await (await client.get("/v1/attributes")).json()
         assert answer["deltaSequence"] == 1
         assert answer["attributes"]["color"] == [{"value": "blue", "products": 10}, {"value": "red", "products": 9},
