@@ -200,6 +200,10 @@ async def test_grpc_and_http_draw_on_one_admission_budget(slow_pair):
         await asyncio.sleep(0.005)
     refused = await _grpc_embed(stub, images[1])
     assert refused[0] == "RESOURCE_EXHAUSTED" and "gRPC and HTTP together" in refused[1]
+    # Refused before its message is read: one over the server's 4 MiB receive limit gets the budget's answer, not
+    # the size's.
+    refused = await _grpc_embed(stub, b"x" * (5 * 1024 * 1024))
+    assert refused[0] == "RESOURCE_EXHAUSTED" and "gRPC and HTTP together" in refused[1], refused
     assert await holding == (200, ("OK", 1))
     await _settled(core, admission)
     assert await _grpc_embed(stub, images[2]) == ("OK", 1)
