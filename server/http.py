@@ -340,7 +340,7 @@ def served_attributes(version: ServedVersion) -> dict:
         lists = filters.lists(key)
         counts = Counter(lists.value_counts())
         if superseded is not None:  # a replaced product's old value is no longer served
-            gone = lists.codes[: len(superseded)][superseded]
+            gone = lists.codes[superseded]
             counts.subtract({lists.uniques[code]: int(n) for code, n in enumerate(np.bincount(gone[gone >= 0]))
                              if n})
         if fresh is not None:
