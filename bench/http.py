@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         result = summarize(json.loads(args.out.read_text()))
     else:
         result = measure(args.artifacts, args.catalogue, args.concurrency, args.duration_s, args.rounds)
-        result["command"] = (f"python -m bench.http --rounds {args.rounds} --duration-s {args.duration_s:g} "
+        result["command"] = (f"python -m bench.http --artifacts {args.artifacts} --catalogue {args.catalogue} "
+                             f"--rounds {args.rounds} --duration-s {args.duration_s:g} "
                              f"--concurrency {args.concurrency}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
