@@ -123,6 +123,11 @@ def summarize(result: dict) -> dict:
     for statistic in ("median", "best"):
         off, on = result[statistic]["grpc_http_off"]["qps"], result[statistic]["grpc_http_on"]["qps"]
         result[f"grpc_qps_change_with_http_on_pct_{statistic}"] = round(100 * (on - off) / off, 1)
+    # Round by round: each round's two servers ran one right after the other, so their ratio is the least disturbed
+    # by the neighbours' load drifting between rounds.
+    paired = sorted(round(100 * (on["qps"] - off["qps"]) / off["qps"], 1)
+                    for off, on in zip(runs["grpc_http_off"], runs["grpc_http_on"], strict=True))
+    result["paired_change_pct"] = {"median": statistics.median(paired), "min": paired[0], "max": paired[-1]}
     difference = abs(result["median"]["grpc_http_on"]["qps"] - result["median"]["grpc_http_off"]["qps"])
     result["difference_within_spread"] = any(high - low >= difference for low, high in (
         result["spread_qps"]["grpc_http_off"], result["spread_qps"]["grpc_http_on"]))
@@ -166,8 +171,12 @@ def section(result: dict) -> list[str]:
     lines += ["", f"gRPC with the HTTP port on against off: {result['grpc_qps_change_with_http_on_pct_median']:+.1f}% "
               f"QPS in the medians, {result['grpc_qps_change_with_http_on_pct_best']:+.1f}% in the best rounds "
               f"(target: no worse than -5%). The port-off rounds spread over {off_low:.0f} to {off_high:.0f} QPS, "
-              f"the port-on rounds over {on_low:.0f} to {on_high:.0f}: {verdict}. The host's {loads}, on 2 cores, "
-              "other work included.", HTTP_END]
+              f"the port-on rounds over {on_low:.0f} to {on_high:.0f}: {verdict}."
+              + (" Round by round (each round's two servers ran one right after the other), gRPC's change with the "
+                 f"port on has a median of {result['paired_change_pct']['median']:+.1f}% and ranges from "
+                 f"{result['paired_change_pct']['min']:+.1f}% to {result['paired_change_pct']['max']:+.1f}%."
+                 if "paired_change_pct" in result else "")
+              + f" The host's {loads}, on 2 cores, other work included.", HTTP_END]
     return lines
 
 
