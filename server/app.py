@@ -22,6 +22,7 @@ from lookalike.availability import AVAILABILITY_FILE, AvailabilityError, read_av
 from lookalike.leases import remove_lease, write_lease
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.admission import Admission, AdmissionInterceptor
 from server.core import CoreConfig, SimilarityCore
 from server.fresh import DeltaFeed
 from server.metrics import ServerMetrics
@@ -54,7 +55,8 @@ class ServerConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     # Largest request or response in bytes: 64 MiB holds a 64-image batch of large catalogue JPEGs.
     max_message_bytes: int = 64 * 1024 * 1024
-    # RPCs handled at once by this process (health checks included); more are refused with RESOURCE_EXHAUSTED.
+    # Calls handled at once by this process, gRPC's (health checks included) and HTTP's together; more are refused
+    # with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
     # SIGTERM: how long requests in flight may take to finish before the process exits anyway.
     grace_s: float = 20.0
@@ -108,6 +110,7 @@ class LookalikeServer:
         self._lease_holder = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._availability_stamp: tuple | None = None
         self._feed: DeltaFeed | None = None  # the served version's deltas, as read so far
+        self.admission = Admission(config.max_concurrent_rpcs)  # gRPC and HTTP draw from the one budget
 
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()
@@ -189,8 +192,8 @@ class LookalikeServer:
 
         tls = self.config.tls
         context = ssl_context(tls.cert_file, tls.key_file, tls.client_ca_file) if tls else None
-        api = HttpApi(self._servicer, self.config.max_message_bytes, self.config.max_concurrent_rpcs,
-                      self._ready, self.config.catalogue)
+        api = HttpApi(self._servicer, self.config.max_message_bytes, self.admission, self._ready,
+                      self.config.catalogue)
         self._http = await start_http(api, self.config.host, self.config.http_port, context)
         self.http_port = bound_port(self._http)
         log.info("HTTP listening on %s:%s (console at http%s://%s:%s/)", self.config.host, self.http_port,
@@ -206,9 +209,10 @@ class LookalikeServer:
         current = artifacts.read_current(self.config.artifacts)
         limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
                   ("grpc.max_send_message_length", self.config.max_message_bytes)]
-        # Beyond max_concurrent_rpcs a call is refused with RESOURCE_EXHAUSTED before its message is read, which
-        # bounds the bytes buffered ahead of admission to about max_concurrent_rpcs x max_message_bytes.
-        self._server = grpc.aio.server(options=limits, maximum_concurrent_rpcs=self.config.max_concurrent_rpcs)
+        # Beyond max_concurrent_rpcs (gRPC's and HTTP's calls together) a call is refused with RESOURCE_EXHAUSTED
+        # before its message is read, which bounds the bytes buffered ahead of admission to about
+        # max_concurrent_rpcs x max_message_bytes.
+        self._server = grpc.aio.server(options=limits, interceptors=[AdmissionInterceptor(self.admission)])
         servicer = self._servicer = ImageSimilarityServicer(None, self.metrics)
         pb_grpc.add_ImageSimilarityServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

@@ -95,8 +95,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=env_default("max_image_mb_in_flight", c.max_image_bytes_in_flight // 2**20),
                    help="encoded image MiB admitted at once; beyond it image requests get RESOURCE_EXHAUSTED")
     p.add_argument("--max-concurrent-rpcs", type=int, default=env_default("max_concurrent_rpcs", 256),
-                   help="RPCs handled at once per process; beyond it calls get RESOURCE_EXHAUSTED before their "
-                        "message is read")
+                   help="calls handled at once per process, gRPC's and HTTP's together; beyond it calls get "
+                        "RESOURCE_EXHAUSTED before their message or body is read")
     p.add_argument("--workers", type=int, default=env_default("workers", 1),
                    help="server processes on one port (SO_REUSEPORT), each with its own event loop, batcher and "
                         "model; a supervisor restarts any that dies and serves their metrics together")

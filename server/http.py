@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from lookalike.v1 import lookalike_pb2 as pb
+from server.admission import Admission
 from server.errors import ServingError, status_of
-from server.filters import NUMBER
-from server.openapi import ROUTES, openapi_document
+from server.openapi import CONSOLE_DIR, ROUTES, openapi_document
 from server.servicer import ImageSimilarityServicer
+from server.version import ServedVersion
 
 log = logging.getLogger(__name__)
-CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 # grpc-gateway's mapping of gRPC status codes to HTTP statuses (runtime.HTTPStatusFromCode).
 HTTP_STATUS = {
     grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.UNKNOWN: 500,
@@ -43,16 +47,38 @@ _IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"
                 ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff"}
 # Distinct values offered per attribute key by /v1/attributes (the most common first): enough for a console's list.
 MAX_ATTRIBUTE_VALUES = 500
+# Image ids listed by /v1/products/{product_id}/images, main first: as many as a match's group_size may list.
+MAX_PRODUCT_IMAGES = 100
 # JSON of more than this many bytes (a body, or an answer of that size on the wire) is parsed or written in a
 # thread: a 32 MiB body takes a fifth of a second to parse, which the event loop (gRPC's too) must not wait for.
 ON_LOOP_JSON_BYTES = 256 * 1024
+# Those threads are the HTTP layer's own, not the default executor that loads and swaps versions: a flood of large
+# bodies waits for these two (admission bounds how many wait) while a swap or a hide goes ahead.
+JSON_THREADS = 2
+# JSON carries bytes in base64, 4 characters for 3 bytes; what else a request holds beside its images (field names,
+# quotes, numbers written out, e.g. a 4096-dimension vector query at ~15 characters a value) fits in this allowance.
+JSON_ALLOWANCE_BYTES = 256 * 1024
+# A body that stops arriving for this long is refused, so a slow upload cannot hold an admission place forever:
+# DEADLINE_EXCEEDED, with HTTP's own status for it (grpc-gateway's 504 would blame a server upstream).
+BODY_IDLE_S = 30.0
+BODY_IDLE_STATUS = 408
+# gRPC's client-side message for a call past its deadline, which an HTTP caller gets too.
+DEADLINE_MESSAGE = "Deadline Exceeded"
+
+
+def max_body_bytes(max_message_bytes: int) -> int:
+    """The largest JSON body that can hold a message of max_message_bytes: its bytes in base64, plus the allowance."""
+    return -(-max_message_bytes // 3) * 4 + JSON_ALLOWANCE_BYTES
 
 
 class HttpAbort(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    """An answer of a gRPC code, with grpc-gateway's HTTP status for it unless `status` says otherwise."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.status = status
 
 
 class HttpContext:
@@ -89,32 +115,28 @@ def error_response(code: grpc.StatusCode, message: str, status: int | None = Non
                              status=status or HTTP_STATUS.get(code, 500))
 
 
-async def message_response(message: Message) -> web.Response:
-    write = json_format.MessageToJson
-    text = (write(message, indent=None) if message.ByteSize() <= ON_LOOP_JSON_BYTES
-            else await asyncio.to_thread(write, message, indent=None))
-    return web.Response(text=text, content_type="application/json")
-
-
 class HttpApi:
     """The routes; every RPC goes through the gRPC servicer, so metrics, error mapping and admission are one code."""
 
-    def __init__(self, servicer: ImageSimilarityServicer, max_message_bytes: int, max_concurrent: int,
-                 ready: Callable[[], bool], catalogue_dir: Path | None = None) -> None:
+    def __init__(self, servicer: ImageSimilarityServicer, max_message_bytes: int, admission: Admission,
+                 ready: Callable[[], bool], catalogue_dir: Path | None = None,
+                 body_idle_s: float = BODY_IDLE_S) -> None:
         self.servicer = servicer
         self.max_message_bytes = max_message_bytes
-        self.max_concurrent = max_concurrent
+        # A body is read only up to what can hold a message gRPC would accept; the parsed message is then held to
+        # the limit itself, exactly as gRPC holds it.
+        self.max_body_bytes = max_body_bytes(max_message_bytes)
+        self.admission = admission  # the process's one budget of calls, which the gRPC port draws from too
         self.ready = ready
         self.catalogue_dir = catalogue_dir
-        self.in_flight = 0
-        self._attributes: tuple[str, dict] | None = None
+        self.body_idle_s = body_idle_s
+        self._json_pool = ThreadPoolExecutor(JSON_THREADS, thread_name_prefix="http-json")
+        self._attributes: tuple[tuple[str, int], dict] | None = None
         self._openapi: dict | None = None
 
     def app(self) -> web.Application:
-        # JSON carries bytes as base64 (4/3 of them) plus field names: a body up to twice the message limit is read
-        # and parsed, and the parsed message is then held to the limit itself, exactly as gRPC holds it.
-        app = web.Application(client_max_size=2 * self.max_message_bytes + 64 * 1024,
-                              middlewares=[self._errors])
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        app.on_cleanup.append(self._close)
         for method, route in ROUTES.items():
             verb = "GET" if method == "GetInfo" else "POST"
             app.router.add_route(verb, route, self._rpc_handler(method))
@@ -122,6 +144,7 @@ class HttpApi:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/v1/attributes", self.attributes)
         app.router.add_get("/v1/images/{image_id}", self.image)
+        app.router.add_get("/v1/products/{product_id}/images", self.product_images)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/", self.console_index)
         app.router.add_static("/console/", CONSOLE_DIR, follow_symlinks=False)
@@ -132,13 +155,13 @@ class HttpApi:
         try:
             return await handler(request)
         except HttpAbort as error:
-            return error_response(error.code, error.message)
+            return error_response(error.code, error.message, error.status)
         except ServingError as error:  # a route outside the servicer, e.g. while the model still loads
             return error_response(status_of(error), str(error))
         except web.HTTPRequestEntityTooLarge:
             return error_response(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"the request is larger than the server's limit of {self.max_message_bytes} "
-                                  "bytes", TOO_LARGE_STATUS)
+                                  f"bytes ({self.max_body_bytes} bytes of JSON)", TOO_LARGE_STATUS)
         except web.HTTPException as error:
             if error.status < 400:
                 raise
@@ -155,30 +178,64 @@ class HttpApi:
                                .input_type.name)
 
         async def handle(request: web.Request) -> web.Response:
-            if self.in_flight >= self.max_concurrent:
-                raise HttpAbort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"more than {self.max_concurrent} requests at once; retry shortly")
-            self.in_flight += 1
+            timeout_s = parse_timeout(request.headers.get("grpc-timeout"))
+            _check_content_type(request)
+            self.admission.enter()  # before the body is read, as gRPC's side admits before reading a message
             try:
-                message = await self._parse(request, request_type())
-                context = HttpContext(parse_timeout(request.headers.get("grpc-timeout")))
-                return await message_response(await rpc(message, context))
+                context = HttpContext(timeout_s)
+                # As gRPC does at a call's deadline: the call is cancelled wherever it is (reading the body, waiting
+                # for the model), gives back what it holds, and DEADLINE_EXCEEDED is the answer.
+                async with asyncio.timeout(timeout_s):
+                    message = await self._parse(request, request_type())
+                    return await self._message_response(await rpc(message, context))
+            except TimeoutError:
+                if context.time_remaining() != 0.0:
+                    raise
+                raise HttpAbort(grpc.StatusCode.DEADLINE_EXCEEDED, DEADLINE_MESSAGE) from None
             finally:
-                self.in_flight -= 1
+                self.admission.leave()
 
         return handle
+
+    async def _in_pool(self, function, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self._json_pool,
+                                                                functools.partial(function, *args, **kwargs))
+
+    async def _message_response(self, message: Message) -> web.Response:
+        write = json_format.MessageToJson
+        text = (write(message, indent=None) if message.ByteSize() <= ON_LOOP_JSON_BYTES
+                else await self._in_pool(write, message, indent=None))
+        return web.Response(text=text, content_type="application/json")
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, up to max_body_bytes (413 beyond), each part within body_idle_s of the last (408 beyond)."""
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
+        body = bytearray()
+        while True:
+            try:
+                async with asyncio.timeout(self.body_idle_s):
+                    part = await request.content.readany()
+            except TimeoutError:
+                raise HttpAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the body stopped arriving for "
+                                f"{self.body_idle_s:g} s after {len(body)} bytes", BODY_IDLE_STATUS) from None
+            if not part:
+                return bytes(body)
+            body += part
+            if len(body) > self.max_body_bytes:
+                raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=len(body))
 
     async def _parse(self, request: web.Request, message: Message) -> Message:
         if request.method == "GET":
             return message
-        body = await request.read()
+        body = await self._read_body(request)
         if not body.strip():
             return message
         try:
             if len(body) <= ON_LOOP_JSON_BYTES:
                 json_format.Parse(body, message)
             else:
-                await asyncio.to_thread(json_format.Parse, body, message)
+                await self._in_pool(json_format.Parse, body, message)
         except (json_format.ParseError, UnicodeDecodeError) as error:
             raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"the body is not a {message.DESCRIPTOR.full_name} in JSON: {error}") from None
@@ -196,19 +253,13 @@ class HttpApi:
         return web.json_response({"status": "NOT_SERVING"}, status=503)
 
     async def attributes(self, _request: web.Request) -> web.Response:
-        """Each string attribute key's values in the served version, the most common first, and each number key's
-        bounds, for the console's filters."""
+        """Each string attribute key's values among the served products (the version's and its deltas'), the most
+        common first, and each number key's bounds, for the console's filters."""
         version = self.servicer.core.version
-        if self._attributes is None or self._attributes[0] != version.name:
-            filters = version.catalogue.filters
-            values = {}
-            for key in filters.string_keys:
-                counts = filters.lists(key).value_counts()
-                ranked = sorted(counts, key=lambda value: (-counts[value], value))[:MAX_ATTRIBUTE_VALUES]
-                values[key] = [{"value": value, "products": counts[value]} for value in ranked]
-            numbers = {info.key: {"min": info.min, "max": info.max, "products": info.product_count}
-                       for info in filters.describe() if info.kind == NUMBER}
-            self._attributes = (version.name, {"version": version.name, "attributes": values, "numbers": numbers})
+        key = (version.name, version.delta_sequence)
+        if self._attributes is None or self._attributes[0] != key:
+            self._attributes = (key, {"version": version.name, "deltaSequence": version.delta_sequence,
+                                      **served_attributes(version)})
         return web.json_response(self._attributes[1])
 
     async def image(self, request: web.Request) -> web.StreamResponse:
@@ -237,6 +288,22 @@ class HttpApi:
             "Content-Type": _IMAGE_TYPES.get(path.suffix.lower(), "application/octet-stream"),
             "Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
 
+    async def product_images(self, request: web.Request) -> web.Response:
+        """A served product's image ids, main first (its definition in the latest delta that holds it, else the
+        version's), for the console to show a product query's picture and a result's other images."""
+        product_id = request.match_info["product_id"]
+        version = self.servicer.core.version
+        fresh = version.fresh
+        catalogue, row = version.catalogue, version.catalogue.product_row(product_id)
+        if fresh is not None and (fresh_row := fresh.catalogue.product_row(product_id)) is not None:
+            catalogue, row = fresh.catalogue, fresh_row
+        if row is None:
+            raise HttpAbort(grpc.StatusCode.NOT_FOUND, f"product {product_id!r} is not in version {version.name}")
+        rows = catalogue.rows_of_product(row)
+        return web.json_response({"productId": product_id, "version": version.name, "imageCount": len(rows),
+                                  "images": [{"imageId": catalogue.image_ids[int(r)], "role": catalogue.roles[int(r)]}
+                                             for r in rows[:MAX_PRODUCT_IMAGES]]})
+
     def _image_root(self, manifest: dict) -> Path | None:
         base = self.catalogue_dir or (Path(manifest["catalogue_root"]) if manifest.get("catalogue_root") else None)
         if base is None:
@@ -250,6 +317,47 @@ class HttpApi:
 
     async def console_index(self, _request: web.Request) -> web.FileResponse:
         return web.FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def _close(self, _app: web.Application) -> None:
+        self._json_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _check_content_type(request: web.Request) -> None:
+    """A body is JSON: another declared type (a form, text/plain) is INVALID_ARGUMENT, the code grpc-gateway gives a
+    body it cannot decode; no Content-Type at all is read as JSON, as grpc-gateway reads it."""
+    if request.method == "POST" and "Content-Type" in request.headers and request.content_type != "application/json":
+        raise HttpAbort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the body must be JSON (Content-Type: application/json), not {request.content_type!r}")
+
+
+def served_attributes(version: ServedVersion) -> dict:
+    """The string keys' values with their product counts and the number keys' bounds, over the products served:
+    the version's, less those a delta replaced, and the deltas'."""
+    filters, fresh = version.catalogue.filters, version.fresh
+    superseded = fresh.superseded if fresh is not None else None
+    values = {}
+    for key in filters.string_keys:
+        lists = filters.lists(key)
+        counts = Counter(lists.value_counts())
+        if superseded is not None:  # a replaced product's old value is no longer served
+            gone = lists.codes[superseded]
+            counts.subtract({lists.uniques[code]: int(n) for code, n in enumerate(np.bincount(gone[gone >= 0]))
+                             if n})
+        if fresh is not None:
+            counts.update(fresh.catalogue.filters.lists(key).value_counts())
+        ranked = sorted((v for v in counts if counts[v] > 0), key=lambda v: (-counts[v], v))[:MAX_ATTRIBUTE_VALUES]
+        values[key] = [{"value": value, "products": counts[value]} for value in ranked]
+    numbers = {}
+    for key in filters.number_keys:
+        held = filters.numbers(key).values
+        if superseded is not None:
+            held = held[~superseded]
+        if fresh is not None:
+            held = np.concatenate([held, fresh.catalogue.filters.numbers(key).values])
+        held = held[~np.isnan(held)]
+        numbers[key] = {"min": float(held.min()) if len(held) else None,
+                        "max": float(held.max()) if len(held) else None, "products": len(held)}
+    return {"attributes": values, "numbers": numbers}
 
 
 def ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> ssl.SSLContext:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from lookalike.v1 import lookalike_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ImageSimilarity"]
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+_CONSOLE_TYPES = {".css": "text/css", ".js": "text/javascript", ".html": "text/html"}
 # Each RPC's HTTP route; GetInfo takes no body and is a GET.
 ROUTES = {"Embed": "/v1/embed", "FindSimilar": "/v1/similar", "Recommend": "/v1/recommend", "GetInfo": "/v1/info"}
 _SCALARS = {
@@ -98,9 +102,21 @@ def openapi_document() -> dict:
         "parameters": [{"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}],
         "responses": {"200": {"description": "the image file", "content": {"image/*": {"schema": {
             "type": "string", "format": "binary"}}}}, **errors}}}
+    paths["/v1/products/{product_id}/images"] = {"get": {
+        "operationId": "ProductImages", "summary": "a served product's image ids and roles, main first (at most 100; "
+                                                   "imageCount says how many it has)",
+        "parameters": [{"name": "product_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {**text, **errors}}}
     paths["/openapi.json"] = {"get": {"operationId": "OpenApi", "summary": "this document", "responses": text}}
     paths["/"] = {"get": {"operationId": "Console", "summary": "the console (HTML)",
                           "responses": {"200": {"description": "the console", "content": {"text/html": {}}}}}}
+    files = sorted(path.name for path in CONSOLE_DIR.iterdir() if path.suffix in _CONSOLE_TYPES)
+    paths["/console/{file}"] = {"get": {
+        "operationId": "ConsoleFile", "summary": "the console's page, style sheet and script (static files)",
+        "parameters": [{"name": "file", "in": "path", "required": True, "schema": {"type": "string", "enum": files}}],
+        "responses": {"200": {"description": "the file", "content": {
+            content_type: {} for content_type in sorted({_CONSOLE_TYPES[Path(f).suffix] for f in files})}},
+            "404": {"description": "no such file"}}}}
     return {"openapi": "3.0.3",
             "info": {"title": "lookalike", "version": "v1",
                      "description": f"{SERVICE.full_name} over HTTP/JSON, generated from {pb.DESCRIPTOR.name}"},

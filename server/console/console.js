@@ -21,6 +21,11 @@ function imageUrl(imageId) {
   return "/v1/images/" + encodeURIComponent(imageId);
 }
 
+function productImages(productId) {
+  // A product's image ids, main first (the server lists at most 100 and says how many there are).
+  return call(`/v1/products/${encodeURIComponent(productId)}/images`);
+}
+
 async function call(path, body) {
   const response = await fetch(path, body === undefined ? {} : {
     method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
@@ -75,7 +80,6 @@ function drawFilters() {
 
 function options() {
   const request = {k: Number($("k").value) || 10, withAttributes: true};
-  if ($("with-group").checked) request.groupSize = 5;
   const clauses = {};
   const ranges = [];
   for (const {key, mode, value} of filters) {
@@ -90,31 +94,69 @@ function options() {
   return request;
 }
 
+function queryLink(attributes, ...children) {
+  // A link that makes its product or image the query; the one already in the address runs it again (no hashchange).
+  const link = element("a", attributes, ...children);
+  link.addEventListener("click", (event) => {
+    if (new URL(link.href).hash === location.hash) { event.preventDefault(); fromHash(); }
+  });
+  return link;
+}
+
+async function showOthers(button, box, productId, matchedImageId) {
+  button.disabled = true;
+  try {
+    const answer = await productImages(productId);
+    const images = answer.images || [];
+    box.replaceChildren(...images.map((image) => queryLink(
+      {href: "#image=" + encodeURIComponent(image.imageId), title: `${image.imageId} (${image.role})`},
+      element("img", {src: imageUrl(image.imageId), alt: image.imageId,
+                      class: image.imageId === matchedImageId ? "matched-image" : ""}))));
+    const more = answer.imageCount - images.length;
+    if (more > 0) box.append(element("span", {}, `and ${more} more`));
+    button.textContent = `${answer.imageCount} image${answer.imageCount === 1 ? "" : "s"}`;
+  } catch (error) {
+    box.replaceChildren(element("span", {class: "error"}, error.message));
+    button.disabled = false;
+  }
+}
+
 function tile(match) {
   const imageId = match.imageId || match.itemId;
-  const link = element("a", {class: "tile", href: "#product=" + encodeURIComponent(match.productId || ""),
-                             "data-product-id": match.productId || "", "data-image-id": imageId});
-  if (!match.productId) link.setAttribute("href", "#image=" + encodeURIComponent(imageId));
-  link.append(element("img", {class: "tile-image", src: imageUrl(imageId), alt: imageId, loading: "eager"}),
-              element("div", {class: "score"}, `score ${(match.score || 0).toFixed(3)}`),
-              element("div", {class: "product"}, match.productId || imageId),
-              element("div", {class: "matched"}, `image ${imageId}`));
+  const productId = match.productId || "";
+  const href = productId ? "#product=" + encodeURIComponent(productId) : "#image=" + encodeURIComponent(imageId);
   const attributes = element("dl");
   for (const [key, value] of Object.entries(match.attributes || {}).sort()) {
     attributes.append(element("dt", {}, key), element("dd", {}, value));
   }
-  link.append(attributes);
-  const others = (match.images || []).filter((image) => image.imageId !== imageId);
-  if (others.length) {
-    link.append(element("div", {class: "others"}, ...others.map((image) =>
-      element("img", {src: imageUrl(image.imageId), alt: image.imageId, title: `${image.imageId} ` +
-                      `(${image.role}, score ${(image.score || 0).toFixed(3)})`}))));
+  const box = element("div", {class: "tile", "data-product-id": productId, "data-image-id": imageId},
+    queryLink({class: "tile-link", href},
+              element("img", {class: "tile-image", src: imageUrl(imageId), alt: imageId, loading: "eager"}),
+              element("div", {class: "score"}, `score ${(match.score || 0).toFixed(3)}`),
+              element("div", {class: "product"}, productId || imageId),
+              element("div", {class: "matched"}, `image ${imageId}`), attributes));
+  if (productId) {
+    const others = element("div", {class: "others"});
+    const button = element("button", {type: "button", class: "other-images"}, "all its images");
+    button.addEventListener("click", () => showOthers(button, others, productId, imageId));
+    box.append(button, others);
   }
-  return link;
+  return box;
 }
 
 function drawQuery(parts) {
   $("query-view").replaceChildren(element("strong", {}, "query:"), ...parts);
+}
+
+function productPicture(productId) {
+  // The product's main image, once the server names it; nothing when it cannot (the query's own answer says why).
+  const picture = element("img", {alt: productId});
+  picture.hidden = true;
+  productImages(productId).then((answer) => {
+    const main = (answer.images || [])[0];
+    if (main) Object.assign(picture, {src: imageUrl(main.imageId), alt: main.imageId, hidden: false});
+  }).catch(() => {});
+  return picture;
 }
 
 async function run(path, request, queryParts) {
@@ -145,7 +187,8 @@ function findSimilar() {
     request[$("kind").value] = value;
     const label = `${$("kind").value === "productId" ? "product" : "image"} ${value}`;
     const parts = [label];
-    if ($("kind").value === "imageId") parts.unshift(element("img", {src: imageUrl(value), alt: value}));
+    parts.unshift($("kind").value === "imageId" ? element("img", {src: imageUrl(value), alt: value})
+                                                : productPicture(value));
     run("/v1/similar", request, parts);
   } else {
     request.image = photo.base64;

@@ -231,7 +231,11 @@ def test_openapi_lists_every_route_and_resolves(served, sample):
         OAS30Validator({"$ref": f"#/components/schemas/{schema}", "components": document["components"]}).validate(
             json.loads(answer))
     assert set(document["paths"]) == {"/v1/embed", "/v1/similar", "/v1/recommend", "/v1/info", "/healthz",
-                                      "/readyz", "/v1/attributes", "/v1/images/{image_id}", "/openapi.json", "/"}
+                                      "/readyz", "/v1/attributes", "/v1/images/{image_id}", "/openapi.json", "/",
+                                      "/v1/products/{product_id}/images", "/console/{file}"}
+    # Every console file the document names is served.
+    for name in document["paths"]["/console/{file}"]["get"]["parameters"][0]["schema"]["enum"]:
+        assert http(served, f"/console/{name}")[0] == 200, name
     schemas = document["components"]["schemas"]
     assert set(pb.DESCRIPTOR.message_types_by_name) <= set(schemas)
     # Every field of every message, by its JSON name; every reference resolves.

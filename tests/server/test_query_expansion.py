@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from client import AsyncImageSimilarityClient, InvalidArgumentError
 from lookalike.v1 import lookalike_pb2 as pb
+from server.admission import Admission
 from server.core import CoreConfig, Examples, Query, QueryExpansion, SearchOptions, SimilarityCore
 from server.errors import InvalidArgument
 from server.fresh import DeltaFeed
@@ -226,7 +227,7 @@ async def test_http_json_carries_it(tmp_path):
     version, _ = fake_version(tmp_path, groups=GROUPS, config=SearchConfig(exact_max_rows=10_000))
     metrics = ServerMetrics()
     core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
-    client = TestClient(TestServer(HttpApi(ImageSimilarityServicer(core, metrics), 1024 * 1024, 2,
+    client = TestClient(TestServer(HttpApi(ImageSimilarityServicer(core, metrics), 1024 * 1024, Admission(2),
                                            lambda: False).app(), host="127.0.0.1"))
     await client.start_server()
     try:

@@ -110,7 +110,8 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         before = _requests_by_worker(workers)
         for _ in range(24):
             request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/similar", method="POST",
-                                             data=json.dumps({"productId": product, "k": 3}).encode())
+                                             data=json.dumps({"productId": product, "k": 3}).encode(),
+                                             headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=30) as response:
                 assert response.status == 200 and len(json.loads(response.read())["matches"]) == 3
         by_worker = _requests_by_worker(workers)
