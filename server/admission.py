@@ -30,6 +30,11 @@ class Admission:
         self.in_flight -= 1
 
 
+# Health checks and reflection take no place: a probe must learn the server's state however busy it is (HTTP's
+# /healthz and /readyz take none either), and neither reads an image. grpc's own limiter counted them.
+UNCOUNTED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """gRPC's side of the budget, in place of the server's own maximum_concurrent_rpcs (which only gRPC's calls could
     draw from). It runs in the call's task before the request is read; the place is given back when that task ends,
@@ -39,6 +44,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.admission = admission
 
     async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(UNCOUNTED_SERVICES):
+            return await continuation(handler_call_details)
         try:
             self.admission.enter()
         except Overloaded as error:

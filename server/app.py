@@ -55,8 +55,8 @@ class ServerConfig:
     core: CoreConfig = field(default_factory=CoreConfig)
     # Largest request or response in bytes: 64 MiB holds a 64-image batch of large catalogue JPEGs.
     max_message_bytes: int = 64 * 1024 * 1024
-    # Calls handled at once by this process, gRPC's (health checks included) and HTTP's together; more are refused
-    # with RESOURCE_EXHAUSTED.
+    # Calls handled at once by this process, gRPC's (health checks and reflection apart) and HTTP's together; more are
+    # refused with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 256
     # SIGTERM: how long requests in flight may take to finish before the process exits anyway.
     grace_s: float = 20.0

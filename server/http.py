@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from lookalike.v1 import lookalike_pb2 as pb
 from server.admission import Admission
-from server.errors import ServingError, status_of
+from server.errors import Overloaded, ServingError, status_of
 from server.openapi import CONSOLE_DIR, ROUTES, openapi_document
 from server.servicer import ImageSimilarityServicer
 from server.version import ServedVersion
@@ -58,10 +58,16 @@ JSON_THREADS = 2
 # JSON carries bytes in base64, 4 characters for 3 bytes; what else a request holds beside its images (field names,
 # quotes, numbers written out, e.g. a 4096-dimension vector query at ~15 characters a value) fits in this allowance.
 JSON_ALLOWANCE_BYTES = 256 * 1024
-# A body that stops arriving for this long is refused, so a slow upload cannot hold an admission place forever:
-# DEADLINE_EXCEEDED, with HTTP's own status for it (grpc-gateway's 504 would blame a server upstream).
+# A body that stops arriving for this long is refused: DEADLINE_EXCEEDED, with HTTP's own status for it
+# (grpc-gateway's 504 would blame a server upstream).
 BODY_IDLE_S = 30.0
 BODY_IDLE_STATUS = 408
+# ...and so is one that arrives slower, on average, than this after its first BODY_IDLE_S: a byte now and then
+# would otherwise keep the idle timer from firing and hold an admission place as long as the sender likes.
+MIN_BODY_BYTES_PER_S = 64 * 1024
+# Of the process's admission budget, the share that HTTP calls still reading their body may hold, so that slow
+# uploads (each bounded by the two rules above) never leave gRPC's calls without a place.
+MAX_READING_SHARE = 0.5
 # gRPC's client-side message for a call past its deadline, which an HTTP caller gets too.
 DEADLINE_MESSAGE = "Deadline Exceeded"
 
@@ -120,7 +126,7 @@ class HttpApi:
 
     def __init__(self, servicer: ImageSimilarityServicer, max_message_bytes: int, admission: Admission,
                  ready: Callable[[], bool], catalogue_dir: Path | None = None,
-                 body_idle_s: float = BODY_IDLE_S) -> None:
+                 body_idle_s: float = BODY_IDLE_S, min_body_bytes_per_s: float = MIN_BODY_BYTES_PER_S) -> None:
         self.servicer = servicer
         self.max_message_bytes = max_message_bytes
         # A body is read only up to what can hold a message gRPC would accept; the parsed message is then held to
@@ -130,6 +136,9 @@ class HttpApi:
         self.ready = ready
         self.catalogue_dir = catalogue_dir
         self.body_idle_s = body_idle_s
+        self.min_body_bytes_per_s = min_body_bytes_per_s
+        self.max_reading = max(1, int(admission.limit * MAX_READING_SHARE))
+        self.reading = 0  # HTTP calls reading their body now (on the event loop: no lock)
         self._json_pool = ThreadPoolExecutor(JSON_THREADS, thread_name_prefix="http-json")
         self._attributes: tuple[tuple[str, int], dict] | None = None
         self._openapi: dict | None = None
@@ -208,17 +217,34 @@ class HttpApi:
         return web.Response(text=text, content_type="application/json")
 
     async def _read_body(self, request: web.Request) -> bytes:
-        """The body, up to max_body_bytes (413 beyond), each part within body_idle_s of the last (408 beyond)."""
+        """The body, up to max_body_bytes (413 beyond); each part within body_idle_s of the last, and the whole at
+        min_body_bytes_per_s on average after its first body_idle_s (408 otherwise); while at most max_reading
+        calls read theirs (429 beyond)."""
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
+        if self.reading >= self.max_reading:
+            raise Overloaded(f"more than {self.max_reading} HTTP bodies arriving at once on this server process "
+                             f"(half of --max-concurrent-rpcs); retry shortly")
+        self.reading += 1
+        try:
+            return await self._read_parts(request)
+        finally:
+            self.reading -= 1
+
+    async def _read_parts(self, request: web.Request) -> bytes:
         body = bytearray()
+        started = time.monotonic()
         while True:
+            # What the average rate allows for the next part, never more than the idle limit.
+            allowed = started + self.body_idle_s + len(body) / self.min_body_bytes_per_s - time.monotonic()
             try:
-                async with asyncio.timeout(self.body_idle_s):
+                async with asyncio.timeout(max(0.0, min(self.body_idle_s, allowed))):
                     part = await request.content.readany()
             except TimeoutError:
-                raise HttpAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the body stopped arriving for "
-                                f"{self.body_idle_s:g} s after {len(body)} bytes", BODY_IDLE_STATUS) from None
+                raise HttpAbort(grpc.StatusCode.DEADLINE_EXCEEDED, f"the body arrived too slowly: {len(body)} bytes "
+                                f"in {time.monotonic() - started:.1f} s (a part at least every "
+                                f"{self.body_idle_s:g} s, {self.min_body_bytes_per_s / 1024:g} KiB/s on average "
+                                f"after the first {self.body_idle_s:g} s)", BODY_IDLE_STATUS) from None
             if not part:
                 return bytes(body)
             body += part

@@ -14,6 +14,7 @@ from lookalike.availability import AVAILABILITY_FILE
 from lookalike.leases import LEASES_DIR
 from lookalike.v1 import lookalike_pb2 as pb
 from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
+from server.admission import Admission, AdmissionInterceptor
 from server.app import LookalikeServer, ServerConfig
 from server.core import CoreConfig, Query, SearchOptions, SimilarityCore
 from server.errors import InvalidArgument, Overloaded
@@ -146,7 +147,9 @@ async def test_rpcs_beyond_the_concurrency_bound_are_refused_before_their_messag
     version, images = fake_version(tmp_path, delay_s=0.5)
     metrics = ServerMetrics()
     core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
-    server = grpc.aio.server(maximum_concurrent_rpcs=2)
+    # The process's admission budget, as server/app.py installs it (in place of grpc's maximum_concurrent_rpcs).
+    admission = Admission(2)
+    server = grpc.aio.server(interceptors=[AdmissionInterceptor(admission)])
     pb_grpc.add_ImageSimilarityServicer_to_server(ImageSimilarityServicer(core, metrics), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -159,6 +162,11 @@ async def test_rpcs_beyond_the_concurrency_bound_are_refused_before_their_messag
             assert codes.count(grpc.StatusCode.OK) >= 2
             assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 1
             assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            for _ in range(500):  # every place given back, once the server's call tasks have ended
+                if admission.in_flight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert admission.in_flight == 0
     finally:
         await server.stop(0)
         await core.close()
