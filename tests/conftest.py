@@ -56,3 +56,9 @@ def served(built) -> helpers.Served:
     http_port = helpers.free_port()
     with helpers.serving(built, "--http-port", str(http_port)) as (process, address, metrics_port):
         yield helpers.Served(process, address, metrics_port, tuple(helpers.SEEN_HEALTH), http_port)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The builder's tests last: make test runs bench-quick beside pytest, and its Spark builds take the first minutes;
+    two Spark builds at once on 2 cores each take twice as long, while the server's tests mostly wait on sockets."""
+    items.sort(key=lambda item: item.nodeid.startswith("tests/builder/"))
