@@ -111,6 +111,19 @@ def _matches(answer: dict, measure: str = "distance") -> list[tuple[str, str, fl
             for m in answer.get("matches", [])]
 
 
+def _agreeing(answers: dict, scores: bool = True, context: tuple = ()) -> list[tuple[str, str, float]]:
+    """Python's matches, once every client's answer is OK and the others' matches are Python's (their scores too, to
+    1e-5, unless scores is False)."""
+    code, python = answers.pop("python")
+    assert code == "OK", ("python", *context, code)
+    for language, (code, answer) in answers.items():
+        assert code == "OK", (language, *context, code)
+        assert [m[:2] for m in answer] == [m[:2] for m in python], (language, *context)
+        if scores:
+            assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), (language, *context)
+    return python
+
+
 def test_every_client_gives_the_same_answers_with_the_servers_defaults(clients, server, built, catalogue):
     """exclude_query unset in all four: a photo's own product comes back, an id query's does not."""
     images = pd.read_parquet(built / artifacts.read_current(built) / artifacts.IMAGES_FILE)
@@ -120,12 +133,8 @@ def test_every_client_gives_the_same_answers_with_the_servers_defaults(clients, 
                ("product_id", product["product_id"], product["product_id"])]
     for kind, value, own_product in queries:
         answers = {language: _similar(language, server, kind, value) for language in LANGUAGES}
-        code, python = answers.pop("python")
-        assert code == "OK" and len(python) == 5
-        for language, (code, answer) in answers.items():
-            assert code == "OK", (language, kind, code)
-            assert [m[:2] for m in answer] == [m[:2] for m in python], (language, kind)
-            assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), (language, kind)
+        python = _agreeing(answers, context=(kind,))
+        assert len(python) == 5
         assert (own_product in [m[0] for m in python]) == (kind == "photo"), kind
 
 
@@ -137,11 +146,8 @@ def test_every_client_sends_diversity_and_candidates(clients, server, built):
     answers = {language: _similar(language, server, "product_id", product, ranking={"diversity": 0.9,
                                                                                    "candidates": 30})
                for language in LANGUAGES}
-    code, python = answers.pop("python")
-    assert code == "OK" and len(python) == 5 and [m[0] for m in python] != [m[0] for m in plain]
-    for language, (code, answer) in answers.items():
-        assert code == "OK", (language, code)
-        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+    python = _agreeing(answers, scores=False)
+    assert len(python) == 5 and [m[0] for m in python] != [m[0] for m in plain]
     for language in LANGUAGES[1:]:
         code, _ = _similar(language, server, "product_id", product, ranking={"diversity": 0.5, "candidates": 3})
         assert code == "INVALID_ARGUMENT", language
@@ -154,12 +160,8 @@ def test_every_client_sends_a_region(clients, server, built, catalogue):
     _, whole = _similar("python", server, "photo", photo)
     answers = {language: _similar(language, server, "photo", photo, ranking={"region": (0.1, 0.2, 0.6, 0.9)})
                for language in LANGUAGES}
-    code, python = answers.pop("python")
-    assert code == "OK" and len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in whole])
-    for language, (code, answer) in answers.items():
-        assert code == "OK", (language, code)
-        assert [m[:2] for m in answer] == [m[:2] for m in python], language
-        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
+    python = _agreeing(answers)
+    assert len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in whole])
     for language in LANGUAGES[1:]:
         code, _ = _similar(language, server, "photo", photo, ranking={"region": (0.6, 0.2, 0.1, 0.9)})
         assert code == "INVALID_ARGUMENT", language
@@ -191,13 +193,9 @@ def test_every_client_sends_sum_scores_and_diversity_on_recommend(clients, serve
     _, plain = _recommend("python", server, positive, negative, {"strategy": "sum_scores"})
     _, average = _recommend("python", server, positive, negative, {"diversity": 0.9, "candidates": 30})
     answers = {language: _recommend(language, server, positive, negative, ranking) for language in LANGUAGES}
-    code, python = answers.pop("python")
-    assert code == "OK" and len(python) == 5 and [m[0] for m in python] != [m[0] for m in plain]
+    python = _agreeing(answers)
+    assert len(python) == 5 and [m[0] for m in python] != [m[0] for m in plain]
     assert [m[2] for m in python] != pytest.approx([m[2] for m in average], abs=1e-3)
-    for language, (code, answer) in answers.items():
-        assert code == "OK", (language, code)
-        assert [m[:2] for m in answer] == [m[:2] for m in python], language
-        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
     for language in LANGUAGES:
         code, _ = _recommend(language, server, positive, negative, {**ranking, "candidates": 3})
         assert code == "INVALID_ARGUMENT", language
@@ -229,12 +227,8 @@ def test_every_client_sends_query_expansion(clients, server, built, catalogue):
     _, plain = _similar("python", server, "photo", photo)
     answers = {language: _similar(language, server, "photo", photo, ranking={"query_expansion": (1.0, 20)})
                for language in LANGUAGES}
-    code, python = answers.pop("python")
-    assert code == "OK" and len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in plain])
-    for language, (code, answer) in answers.items():
-        assert code == "OK", (language, code)
-        assert [m[:2] for m in answer] == [m[:2] for m in python], language
-        assert [m[2] for m in answer] == pytest.approx([m[2] for m in python], abs=1e-5), language
+    python = _agreeing(answers)
+    assert len(python) == 5 and [m[2] for m in python] != pytest.approx([m[2] for m in plain])
     for language in LANGUAGES:
         code, _ = _similar(language, server, "photo", photo, ranking={"query_expansion": (11.0, 5)})
         assert code == "INVALID_ARGUMENT", language
@@ -253,11 +247,8 @@ def test_every_client_sends_range_and_string_clauses(clients, server, built):
                                      and float(m.attributes["model_year"]) >= 2016
                                      and m.attributes.get("country") != "JP" for m in checked)
     answers = {language: _similar(language, server, "product_id", product, filters=filters) for language in LANGUAGES}
-    code, python = answers.pop("python")
-    assert code == "OK" and [m[0] for m in python] == [m.product_id for m in checked]
-    for language, (code, answer) in answers.items():
-        assert code == "OK", (language, code)
-        assert [m[:2] for m in answer] == [m[:2] for m in python], language
+    python = _agreeing(answers, scores=False)
+    assert [m[0] for m in python] == [m.product_id for m in checked]
     for wrong in ("product_type>1", "model_year=2019"):
         for language in LANGUAGES:
             code, _ = _similar(language, server, "product_id", product, filters=(wrong,))
