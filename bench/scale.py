@@ -53,7 +53,7 @@ PROFILES = {
     "quick": {"products": 1000, "images": 2700, "types": 40, "build_products": 0, "duration_s": 0.5,
               "recall_queries": 100, "swaps": 0, "demo_products": 150, "full_serving": False,
               "reindex_budget_s": 600, "build_budget_s": 0},
-    "full": {"products": ABO_PRODUCTS, "images": ABO_IMAGES, "types": ABO_TYPES, "build_products": 10_000,
+    "full": {"products": ABO_PRODUCTS, "images": ABO_IMAGES, "types": ABO_TYPES, "build_products": 6_000,
              "duration_s": 6.0, "recall_queries": 300, "swaps": 3, "demo_products": 1000, "full_serving": True,
              # Time budgets: a step past its budget is stopped and reported, so that the run stays bounded.
              "reindex_budget_s": 1500, "build_budget_s": 600},
