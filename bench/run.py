@@ -43,6 +43,11 @@ PROFILES = {
 }
 
 
+# The default build (avg pooling, --head auto) must serve exactly what it indexed: the session build of the
+# tests is GeM + lda, so this is where the defaults' export is checked end to end.
+SERVED_AS_BUILT_COSINE = 0.999
+
+
 def _build(products: int, work: Path) -> tuple[Path, Path, dict, float]:
     """The real builder CLI end to end on the sample; returns (catalogue, artifacts, manifest, seconds)."""
     catalogue, out = work / f"catalogue-{products}-products", work / f"artifacts-{products}-products"
@@ -104,6 +109,11 @@ def targets(results: dict) -> list[dict]:
             complete = row["returned_of_10"] == row["possible_of_10"] and row["recall_at_10"] >= 0.95
             add(f"filtered FindSimilar at {row['selectivity']} selectivity: results / possible, recall@10",
                 f"{row['returned_of_10']} / {row['possible_of_10']}, {row['recall_at_10']}", "all, >= 0.95", complete)
+    as_built = results["in_process"].get("served_as_built") or {}
+    if as_built.get("rows"):
+        add(f"the default build ({as_built['pooling']} / {as_built['head']}): its SavedModel on {as_built['rows']} "
+            "indexed images / their stored vectors, smallest cosine", as_built["min_cosine"],
+            f">= {SERVED_AS_BUILT_COSINE}", as_built["min_cosine"] >= SERVED_AS_BUILT_COSINE)
     add("index recall@10 at the served search_k", results["build"]["recall_at_10"], ">= 0.95",
         results["build"]["recall_at_10"] >= 0.95)
     rebuild = results["living"]
@@ -172,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     log.info("in-process pipeline: this machine's limit")
     results["in_process"] = serving.in_process(out, catalogue, config["in_process_batch_sizes"],
                                                config["in_process_images"])
+    as_built = results["in_process"]["served_as_built"]
+    if as_built.get("rows") and as_built["min_cosine"] < SERVED_AS_BUILT_COSINE:
+        # Not a speed figure: a build serving other vectors than it indexed is broken, and make test must fail.
+        raise SystemExit(f"the {as_built['pooling']} / {as_built['head']} build's SavedModel embeds its own images "
+                         f"unlike its stored vectors: cosine {as_built['min_cosine']} < {SERVED_AS_BUILT_COSINE}")
     log.info("server under closed-loop load, batching on and off")
     results["server"] = serving.server_runs(out, catalogue, config["concurrencies"], config["duration_s"])
     log.info("--workers 1 and 2 under the compiled load generator")

@@ -35,6 +35,7 @@ def in_process(artifacts_dir: Path, catalogue: Path, batch_sizes=(1, 8, 16, 32, 
     manifest = artifacts.load_manifest(version_dir, verify=False)
     backend = SavedModelBackend(version_dir / artifacts.MODEL_DIR, manifest["preprocessing"], 40_000_000)
     backend.warmup()
+    served_as_built = served_against_built(backend, version_dir, manifest)
     images, _ = load_queries(catalogue, limit=images_per_size)
     pool = ThreadPoolExecutor(threads)
     single = []
@@ -59,7 +60,28 @@ def in_process(artifacts_dir: Path, catalogue: Path, batch_sizes=(1, 8, 16, 32, 
     pool.shutdown()
     best = max(throughput, key=throughput.get)
     return {"single_image_latency_ms": round(statistics.median(single) * 1000, 2),
-            "images_per_s_by_batch_size": throughput, "best_batch_size": best, "limit_images_per_s": throughput[best]}
+            "images_per_s_by_batch_size": throughput, "best_batch_size": best, "limit_images_per_s": throughput[best],
+            "served_as_built": served_as_built}
+
+
+def served_against_built(backend, version_dir: Path, manifest: dict, rows: int = 32) -> dict:
+    """The version's first index rows embedded again by the SavedModel the server loads (decode, preprocess,
+    trunk and head as exported) against the vectors the build stored: the smallest cosine between the two. A
+    build whose export differs from what it indexed (pooling, head) would serve queries unlike its index."""
+    from server.catalogue import load_catalogue
+
+    if manifest.get("augmentation") or manifest.get("mirror"):
+        return {"rows": 0, "skipped": "the stored vectors are not the model's own (augmentation or mirror)"}
+    served_catalogue, _ = load_catalogue(version_dir, manifest)
+    images = Path(manifest["catalogue_root"]) / manifest["image_folder"]
+    vectors = np.load(version_dir / artifacts.VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+    picked = range(min(rows, len(vectors)))
+    batch = np.stack([backend.preprocess((images / served_catalogue.paths[row]).read_bytes()) for row in picked])
+    served = np.asarray(backend.embed(batch), np.float64)
+    built = np.asarray(vectors[:len(picked)], np.float64)
+    cosines = np.einsum("ij,ij->i", served, built) / (np.linalg.norm(served, axis=1) * np.linalg.norm(built, axis=1))
+    return {"rows": len(picked), "min_cosine": round(float(cosines.min()), 6),
+            "pooling": manifest.get("pooling"), "head": manifest.get("head")}
 
 
 @contextlib.contextmanager
