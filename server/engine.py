@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,8 +93,9 @@ class Examples:
     ignore_missing: bool = False
 
 
-@dataclass(frozen=True)
-class ImageResult:
+# Results are named tuples, immutable as frozen dataclasses are and made in half their time: a list answer makes
+# twenty of them.
+class ImageResult(NamedTuple):
     image_id: str
     distance: float
     score: float
@@ -102,8 +104,7 @@ class ImageResult:
     role: str
 
 
-@dataclass(frozen=True)
-class ProductResult:
+class ProductResult(NamedTuple):
     """A matched product: its best image, optionally its group of images, and its attributes."""
 
     product_id: str  # "" for a version built before products
@@ -235,18 +236,18 @@ def listed_eligible(version: ServedVersion, hidden: HiddenProducts, filter_: Fil
     """Which entries of a neighbour list (product rows, -1 past its end) a result may come from: eligible_products's
     rule looked up for the list's entries alone, so that a list answer costs the same whatever the catalogue's size
     (eligible_products builds a mask over every product as soon as the query's own product is left out)."""
-    present = products >= 0
-    listed = np.where(present, products, 0)  # the padding looks up product 0, and `present` drops it
-    eligible = present
+    eligible = products >= 0
     superseded = None if version.fresh is None else version.fresh.superseded
-    for keep, mask in ((True, version.catalogue.filters.allowed(filter_)), (False, hidden.mask(version)),
-                       (False, superseded)):
-        if mask is not None:
-            eligible = eligible & (mask[listed] if keep else ~mask[listed])
+    masks = [(keep, mask) for keep, mask in ((True, version.catalogue.filters.allowed(filter_) if filter_ else None),
+                                             (False, hidden.mask(version)), (False, superseded)) if mask is not None]
+    # The padding (-1) looks up product 0 and `eligible` already drops it; without masks no look-up is needed.
+    listed = np.where(eligible, products, 0) if masks or filter_.exclude_product_ids else products
+    for keep, mask in masks:
+        eligible &= mask[listed] if keep else ~mask[listed]
     if filter_.exclude_product_ids:
-        eligible = eligible & ~np.isin(listed, version.catalogue.filters.excluded_rows(filter_))
+        eligible &= ~np.isin(listed, version.catalogue.filters.excluded_rows(filter_))
     for product in own_products:
-        eligible = eligible & (listed != product)
+        eligible &= listed != product
     return eligible
 
 
@@ -339,8 +340,8 @@ class QueryEngine:
         labels, roles = catalogue.labels.take(rows), catalogue.roles.take(rows)
         product_rows = products.tolist()
         product_ids = catalogue.product_ids.take(products) if catalogue.has_products else [""] * len(rows)
-        images = [ImageResult(*image) for image in zip(ids, distances[order].tolist(), scores[order].tolist(), paths,
-                                                       labels, roles, strict=True)]
+        images = list(map(ImageResult._make, zip(ids, distances[order].tolist(), scores[order].tolist(), paths, labels,
+                                                 roles, strict=True)))
         return Ranked([ProductResult(product_id, image, [image] if options.group_size else [],
                                      catalogue.attributes_of(product) if options.with_attributes else {})
                        for product_id, image, product in zip(product_ids, images, product_rows, strict=True)],

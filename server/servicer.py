@@ -97,7 +97,12 @@ def _clause(message: pb.Clause) -> Clause:
     return Clause(message.key, tuple(message.any_of), tuple(message.none_of), range_)
 
 
+_NO_FILTER = Filter()
+
+
 def _filter(message: pb.Filter) -> Filter:
+    if not message.clauses and not message.exclude_product_ids:
+        return _NO_FILTER  # most requests: nothing to copy out of the message
     return Filter(tuple(_clause(c) for c in message.clauses), tuple(message.exclude_product_ids))
 
 
