@@ -79,30 +79,42 @@ class Strings:
         order, hashes = self._index()
         key = value.encode()
         digest = hash(key)
-        start = int(np.searchsorted(hashes, digest, "left"))
-        end = int(np.searchsorted(hashes, digest, "right"))
+        start = int(hashes.searchsorted(digest, "left"))
+        end = int(hashes.searchsorted(digest, "right"))
         # Equal hashes keep their positions' order (a stable sort): the matches come out ascending.
         return np.asarray([p for p in order[start:end].tolist() if self._bytes(p) == key], np.int64)
 
     def position(self, value: str) -> int | None:
-        """The first position holding `value`, or None."""
-        found = self.positions(value)
-        return int(found[0]) if len(found) else None
+        """The first position holding `value`, or None (the look-up of every query by product id: no array made)."""
+        order, hashes = self._index()
+        key = value.encode()
+        digest = hash(key)
+        return self._first(order, hashes, key, digest, int(hashes.searchsorted(digest, "left")))
 
     def find(self, values: Sequence[str]) -> np.ndarray:
         """The first position of each of `values` that is present (absent ones are left out), in their order."""
         order, hashes = self._index()
         keys = [value.encode() for value in values]
         digests = np.fromiter((hash(key) for key in keys), np.int64, len(keys))
-        starts = np.searchsorted(hashes, digests, "left").tolist()
-        found = []
-        for key, digest, start in zip(keys, digests.tolist(), starts, strict=True):
-            while start < len(hashes) and hashes[start] == digest:
-                if self._bytes(int(order[start])) == key:
-                    found.append(int(order[start]))
-                    break
-                start += 1
-        return np.asarray(found, np.int64)
+        starts = hashes.searchsorted(digests, "left").tolist()
+        found = (self._first(order, hashes, key, digest, start)
+                 for key, digest, start in zip(keys, digests.tolist(), starts, strict=True))
+        return np.asarray([position for position in found if position is not None], np.int64)
+
+    def _first(self, order: np.ndarray, hashes: np.ndarray, key: bytes, digest: int, start: int) -> int | None:
+        """The first position holding `key` among the run of equal hashes from `start` (positions ascend in it)."""
+        while start < len(hashes) and hashes[start] == digest:
+            if self._bytes(int(order[start])) == key:
+                return int(order[start])
+            start += 1
+        return None
+
+    def take(self, positions: np.ndarray) -> list[str]:
+        """The strings at many positions: one gather of the offsets instead of two numpy look-ups a string."""
+        positions = np.asarray(positions, np.int64)
+        starts, ends = self._offsets[positions].tolist(), self._offsets[positions + 1].tolist()
+        data = self._data
+        return [data[start:end].decode() for start, end in zip(starts, ends, strict=True)]
 
 
 class Codes:
@@ -139,6 +151,11 @@ class Codes:
 
     def __iter__(self) -> Iterator[str]:
         return (self.uniques[code] for code in self.codes)
+
+    def take(self, positions: np.ndarray) -> list[str]:
+        """The values at many positions."""
+        uniques = self.uniques
+        return [uniques[code] for code in self.codes[positions].tolist()]
 
 
 def narrow(positions: np.ndarray) -> np.ndarray:

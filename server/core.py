@@ -340,7 +340,8 @@ class SimilarityCore:
         if not (math.isfinite(diversity) and 0 <= diversity <= 1):
             raise InvalidArgument(f"diversity must be in 0..1, not {diversity}")
         if diversity == 0:
-            return replace(options, diversity=0.0, candidates=0)
+            # The request as it came when it is already that (every plain request: no copy on the hot path).
+            return options if options.candidates == 0 else replace(options, diversity=0.0, candidates=0)
         if k * k > work:
             raise InvalidArgument(f"with diversity, k must be in 1..{math.isqrt(work)} (MMR's work, k x candidates "
                                   f"with candidates at least k, is bounded by {work:,}), not {k}")

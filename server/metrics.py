@@ -68,6 +68,19 @@ class ServerMetrics(CoreObserver):
             "event loop waits for it)", buckets=_LATENCY_BUCKETS, registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (neighbour_list, "
                              "exact, annoy, annoy_then_exact)", ["plan"], registry=r)
+        # Children bound once per label values: labels() costs more than the inc() or observe() it leads to, twice
+        # per RPC on the path of the cheapest calls.
+        self._rpc_children: dict[tuple[str, str], tuple] = {}
+        self._plan_children: dict[str, Counter] = {}
+
+    def rpc_done(self, method: str, code: str, seconds: float) -> None:
+        """One RPC finished with `code` after `seconds`."""
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            children = self._rpc_children[(method, code)] = (self.requests.labels(method, code),
+                                                             self.latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def result_cache(self, hit: bool) -> None:
         self.result_cache_lookups.labels("hit" if hit else "miss").inc()
@@ -96,4 +109,7 @@ class ServerMetrics(CoreObserver):
         self.queue_depth_gauge.set(depth)
 
     def plan_chosen(self, plan: str) -> None:
-        self.plans.labels(plan).inc()
+        child = self._plan_children.get(plan)
+        if child is None:
+            child = self._plan_children[plan] = self.plans.labels(plan)
+        child.inc()

@@ -18,7 +18,6 @@ from server.core import (
     BEST_SCORE,
     SUM_SCORES,
     Examples,
-    ImageResult,
     ProductResult,
     Query,
     QueryExpansion,
@@ -61,8 +60,7 @@ def _rpc(method):
                 await context.abort(code, "internal error; see the server log")
             raise
         finally:
-            self.metrics.requests.labels(name, code.name).inc()
-            self.metrics.latency.labels(name).observe(time.perf_counter() - started)
+            self.metrics.rpc_done(name, code.name, time.perf_counter() - started)
 
     return wrapper
 
@@ -99,7 +97,12 @@ def _clause(message: pb.Clause) -> Clause:
     return Clause(message.key, tuple(message.any_of), tuple(message.none_of), range_)
 
 
+_NO_FILTER = Filter()
+
+
 def _filter(message: pb.Filter) -> Filter:
+    if not message.clauses and not message.exclude_product_ids:
+        return _NO_FILTER  # most requests: nothing to copy out of the message
     return Filter(tuple(_clause(c) for c in message.clauses), tuple(message.exclude_product_ids))
 
 
@@ -128,21 +131,21 @@ def _examples(request: pb.RecommendRequest) -> Examples:
                     ignore_missing=request.ignore_missing)
 
 
-def _image_match(image: ImageResult) -> pb.ImageMatch:
-    return pb.ImageMatch(image_id=image.image_id, distance=image.distance, score=image.score, path=image.path,
-                         role=image.role)
-
-
-def _match(result: ProductResult) -> pb.Match:
-    best = result.image
-    match = pb.Match(item_id=best.image_id, image_id=best.image_id, product_id=result.product_id,
-                     distance=best.distance, score=best.score, path=best.path, label=best.label)
-    # Only when asked for (group_size, with_attributes): an empty list or map still costs a call each.
-    if result.images:
-        match.images.extend(_image_match(image) for image in result.images)
-    if result.attributes:
-        match.attributes.update(result.attributes)
-    return match
+def _add_matches(matches, results: list[ProductResult]) -> None:
+    """Each result added in place to a response's repeated field: a Match built apart would be copied in again."""
+    add = matches.add
+    for result in results:
+        best = result.image
+        match = add(item_id=best.image_id, image_id=best.image_id, product_id=result.product_id,
+                    distance=best.distance, score=best.score, path=best.path, label=best.label)
+        # Only when asked for (group_size, with_attributes): an empty list or map still costs a call each.
+        if result.images:
+            add_image = match.images.add
+            for image in result.images:
+                add_image(image_id=image.image_id, distance=image.distance, score=image.score, path=image.path,
+                          role=image.role)
+        if result.attributes:
+            match.attributes.update(result.attributes)
 
 
 class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
@@ -178,18 +181,20 @@ class ImageSimilarityServicer(pb_grpc.ImageSimilarityServicer):
             alpha = expansion.alpha if expansion.HasField("alpha") else None
             options = replace(options, query_expansion=QueryExpansion(alpha, expansion.results))
         found = await self.core.find_similar(_query(request), options, _deadline(context))
-        return pb.FindSimilarResponse(matches=[_match(m) for m in found.results], index_version=found.version,
-                                      availability_version=found.availability_version, plan=found.plan,
-                                      delta_sequence=found.delta_sequence)
+        response = pb.FindSimilarResponse(index_version=found.version, availability_version=found.availability_version,
+                                          plan=found.plan, delta_sequence=found.delta_sequence)
+        _add_matches(response.matches, found.results)
+        return response
 
     @_rpc
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendResponse:  # noqa: N802
         found = await self.core.recommend(_examples(request), _options(request), _deadline(context))
-        return pb.RecommendResponse(matches=[_match(m) for m in found.results], index_version=found.version,
-                                    availability_version=found.availability_version,
-                                    missing_product_ids=found.missing_product_ids,
-                                    missing_image_ids=found.missing_image_ids, plan=found.plan,
-                                    delta_sequence=found.delta_sequence)
+        response = pb.RecommendResponse(index_version=found.version, availability_version=found.availability_version,
+                                        missing_product_ids=found.missing_product_ids,
+                                        missing_image_ids=found.missing_image_ids, plan=found.plan,
+                                        delta_sequence=found.delta_sequence)
+        _add_matches(response.matches, found.results)
+        return response
 
     @_rpc
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:  # noqa: N802

@@ -23,6 +23,8 @@ def test_positions_by_value_and_values_by_position(values):
     assert list(column.find(asked)) == [values.index(values[3]), values.index(values[0]), values.index(values[3])]
     assert list(column.find(["absent", "B07X\0"])) == [] and list(column.find([])) == []
     assert list(column.find([""])) == ([values.index("")] if "" in values else [])
+    picked = np.asarray([len(values) - 1, 0, 3, 0])
+    assert column.take(picked) == [values[i] for i in picked] and column.take(np.zeros(0, np.int32)) == []
 
 
 def test_an_empty_column_and_one_without_an_index():
@@ -36,6 +38,7 @@ def test_codes_hold_few_distinct_values():
     roles = Codes(["main", "other", "other", "main"])
     assert list(roles) == ["main", "other", "other", "main"] and roles[1] == "other"
     assert roles.codes.dtype == np.int8 and len(Codes([])) == 0
+    assert roles.take(np.asarray([2, 0, 2])) == ["other", "main", "other"]
 
 
 @pytest.mark.parametrize("values", [SHORT, LONG, []], ids=["short", "long", "empty"])

@@ -75,6 +75,19 @@ async def test_a_list_answer_equals_the_exact_search(cores, query, options):
     assert plans.plans, "every answer names its plan"
 
 
+@pytest.mark.parametrize("options", [SearchOptions(k=5), SearchOptions(k=4, group_size=1, with_attributes=True),
+                                     SearchOptions(k=6, score_threshold=0.99)],
+                         ids=["plain", "one-image-groups", "threshold"])
+async def test_a_list_answer_is_the_exact_search_to_the_last_bit(cores, options):
+    """Rendered from the list's arrays, every field of every match is what the search renders: ids, paths, labels,
+    roles, attributes, scores and distances."""
+    listed, exact, plans = cores()
+    for query in QUERIES:
+        answer = await listed.find_similar(query, options)
+        assert plans.plans[-1] == NEIGHBOUR_LIST and answer.results
+        assert answer.results == (await exact.find_similar(query, options)).results
+
+
 async def test_the_list_answers_without_searching_when_it_holds_k_eligible_products(cores):
     listed, exact, plans = cores(n=8)
     answer = await listed.find_similar(Query(product_id="prod-004"), SearchOptions(k=5))
@@ -110,10 +123,10 @@ def test_lists_of_a_padded_catalogue_say_when_they_are_exhausted():
     products = np.asarray([3, 1, 2, -1, -1], np.int32)
     scores = np.asarray([0.9, 0.8, 0.5, -np.inf, -np.inf], np.float32)
     assert list(products[walk_list(products, scores, None, 2, None)]) == [3, 1]
-    mask = np.asarray([True, False, True, True])
-    assert list(products[walk_list(products, scores, mask, 5, None)]) == [3, 2]  # padded: nothing past the end
+    eligible = np.asarray([True, False, True, True, True])  # product 1 left out, per list entry
+    assert list(products[walk_list(products, scores, eligible, 5, None)]) == [3, 2]  # padded: nothing past the end
     full = np.asarray([3, 1, 2], np.int32)
-    assert walk_list(full, scores[:3], mask, 5, None) is None  # products past the end may qualify
+    assert walk_list(full, scores[:3], eligible[:3], 5, None) is None  # products past the end may qualify
     assert list(full[walk_list(full, scores[:3], None, 5, 0.7)]) == [3, 1]  # past the threshold none can
 
 

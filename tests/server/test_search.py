@@ -229,3 +229,18 @@ def test_tied_products_go_to_the_lower_product_row_as_in_the_neighbour_lists():
         positions, found = top_products(scores, products, 10)
         assert list(found) == sorted(set(products[tied].tolist()))[:10], trial
         assert np.all(scores[positions] == np.float32(1.5))
+
+
+def test_distances_to_one_probe_are_numpys_norm_to_the_last_bit():
+    """The one-probe path (every query by id) skips np.linalg.norm's wrapper, not its arithmetic."""
+    from server.search import nearest_distances
+
+    rng = np.random.default_rng(7)
+    for rows, dimension in ((0, 8), (1, 128), (13, 128), (40, 512)):
+        vectors = rng.standard_normal((rows, dimension)).astype(np.float32)
+        probe = rng.standard_normal((1, dimension)).astype(np.float32)
+        if rows:
+            probe[0] = vectors[0] + np.float32(1e-6) * rng.standard_normal(dimension).astype(np.float32)
+        expected = np.linalg.norm(vectors[:, None, :] - probe[None, :, :], axis=2).min(axis=1)
+        found = nearest_distances(vectors[::1], probe)
+        assert found.dtype == expected.dtype and np.array_equal(found, expected)
