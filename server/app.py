@@ -250,8 +250,9 @@ class LookalikeServer:
             os.write(self.config.ready_fd, b"ready\n")
             os.close(self.config.ready_fd)
 
-    def _collect_retired(self, version: str, seconds: float) -> None:
-        self.metrics.retire_collection_seconds.observe(seconds)
+    def _collect_retired(self, version: str, seconds: float | None) -> None:
+        if seconds is not None:  # None: freed by reference counts, no collection ran
+            self.metrics.retire_collection_seconds.observe(seconds)
         self._write_lease(self._leased_versions())
 
     def _write_lease(self, versions: list[str]) -> None:
