@@ -23,8 +23,9 @@ RELEASE_POLL_S = 0.005
 
 def free_frozen_cycles() -> tuple[int, float]:
     """Frees what a retired version leaves in reference cycles (its model is full of them) when the server froze
-    its heap out of the garbage collector's sight (server/app.py): a full collection, the one pause a swap costs,
-    once the old version's last user is done. Returns the objects freed and the seconds it took."""
+    its heap out of the garbage collector's sight (server/app.py): a full collection, the one pause a swap to a
+    version with a model of its own costs (a third of a second with TensorFlow's heap), once the old version's
+    last user is done. Returns the objects freed and the seconds it took."""
     if not gc.get_freeze_count():
         return 0, 0.0  # nothing frozen: the collector finds the cycles on its own
     started = time.perf_counter()
