@@ -316,6 +316,6 @@ async def test_a_version_a_pool_thread_still_holds_is_freed_by_reference_counts_
         holder.join(5)
         assert retired == [("fake-v1", None)] and old() is None and core.loaded_versions() == ["fake-v2"]
         assert collections == []
-        assert ticks >= 10  # the event loop ran while the retirement waited
+        assert ticks >= 3  # the event loop ran while the retirement waited (a blocking wait: 0 or 1)
     finally:
         await core.close()
