@@ -92,23 +92,24 @@ def products_schema(attribute_keys: Sequence[str] = (), number_keys: Sequence[st
     return schema
 
 
-def read_images(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+def read_images(path: Path, columns: Sequence[str] | None = None, use_threads: bool = True) -> pa.Table:
     """A version's images.parquet, checked against IMAGES_SCHEMA (ArtifactError naming the file and the
     missing, mistyped or null column); only `columns`, in that order, when given. Columns the schema does
-    not know are left out."""
-    return _read(Path(path), _schema("IMAGES_SCHEMA"), columns)
+    not know are left out. Without use_threads, read on the calling thread alone (a server loading a version
+    beside the served one leaves the other cores to the requests)."""
+    return _read(Path(path), _schema("IMAGES_SCHEMA"), columns, use_threads)
 
 
 def read_products(path: Path, attribute_keys: Sequence[str] = (), columns: Sequence[str] | None = None,
-                  number_keys: Sequence[str] = ()) -> pa.Table:
+                  number_keys: Sequence[str] = (), use_threads: bool = True) -> pa.Table:
     """A version's products.parquet, checked against products_schema(attribute_keys, number_keys) (pass the
     manifest's attribute_keys and number_keys): the fixed columns, then one string column per attribute key and
-    one float64 column per number key. Only `columns` when given."""
+    one float64 column per number key. Only `columns` when given; use_threads as read_images'."""
     try:
         schema = products_schema(attribute_keys, number_keys)
     except ValueError as error:  # the manifest names a key no builder would write
         raise ArtifactError(f"{path}: {error}") from None
-    return _read(Path(path), schema, columns)
+    return _read(Path(path), schema, columns, use_threads)
 
 
 def read_dataset(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
@@ -165,7 +166,7 @@ def _conform(data: pa.Table | Mapping[str, Any], schema: pa.Schema, where: Path 
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _read(path: Path, schema: pa.Schema, columns: Sequence[str] | None) -> pa.Table:
+def _read(path: Path, schema: pa.Schema, columns: Sequence[str] | None, use_threads: bool = True) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -181,4 +182,4 @@ def _read(path: Path, schema: pa.Schema, columns: Sequence[str] | None) -> pa.Ta
     except (OSError, pa.ArrowInvalid) as error:
         raise ArtifactError(f"{path} is not a parquet file: {error}") from None
     check_schema(found, schema, path)
-    return _conform(pq.read_table(path, columns=schema.names), schema, path)
+    return _conform(pq.read_table(path, columns=schema.names, use_threads=use_threads), schema, path)

@@ -101,14 +101,17 @@ def load_catalogue(version_dir: Path, manifest: dict) -> tuple[Catalogue, np.nda
     files = manifest["files"]
     if artifacts.IMAGES_FILE not in files:
         return _load_legacy(version_dir)
+    # Read on this thread alone: pyarrow's pool would take every core from the requests served meanwhile.
     images = tables.read_images(version_dir / artifacts.IMAGES_FILE,
-                                columns=["row", "image_id", "product_row", "role", "path", "label_name"])
+                                columns=["row", "image_id", "product_row", "role", "path", "label_name"],
+                                use_threads=False)
     if not np.array_equal(images.column("row").to_numpy(), np.arange(images.num_rows)):
         raise artifacts.ArtifactError(f"{artifacts.IMAGES_FILE} rows are not in index order")
     keys = list(manifest.get("attribute_keys", []))
     # Versions built before number attributes have none: they load and serve as before.
     number_keys = list(manifest.get("number_keys", []))
-    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, keys, number_keys=number_keys)
+    products = tables.read_products(version_dir / artifacts.PRODUCTS_FILE, keys, number_keys=number_keys,
+                                    use_threads=False)
     # Columns from the tables' own buffers, not Python lists: 400,000 Python strings a column would leave their
     # freed memory in each worker (pymalloc keeps an arena while one object in it lives).
     catalogue = Catalogue(

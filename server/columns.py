@@ -11,12 +11,12 @@ import pyarrow as pa
 class Strings:
     """Strings by position, packed in one buffer with offsets; with `indexed`, positions by string too.
 
-    The index is each string's hash, sorted, with the positions in that order: a look-up is a binary search
-    and a byte comparison (microseconds at 400,000 ids, vectorised over many values), whatever the strings'
-    length, and building it sorts integers, which never holds the interpreter for long (sorting the strings
-    themselves would, stalling the event loop while a version loads beside the served one). A column costs
-    its UTF-8 bytes plus 4 bytes a row, 16 when indexed (8 and 24 past 2 GB of bytes or 2**31 rows). Hashes are
-    Python's, so the index lives in memory."""
+    The index is each string's hash (string_hashes), sorted, with the positions in that order: a look-up is a
+    binary search and a byte comparison (microseconds at 400,000 ids, vectorised over many values), whatever the
+    strings' length. Building it is numpy's work on whole slices of the column, which releases the interpreter
+    (a Python call per string, or sorting the strings themselves, held it for tens of milliseconds at a time,
+    stalling the event loop while a version loads beside the served one). A column costs its UTF-8 bytes plus
+    4 bytes a row, 16 when indexed (8 and 24 past 2 GB of bytes or 2**31 rows)."""
 
     def __init__(self, values: Sequence[str], indexed: bool = False) -> None:
         encoded = [value.encode() for value in values]
@@ -49,10 +49,10 @@ class Strings:
         self._order: np.ndarray | None = None
         self._hashes: np.ndarray | None = None
         if indexed:
-            bounds = offsets.tolist()
-            hashes = np.fromiter((hash(data[start:end]) for start, end in zip(bounds[:-1], bounds[1:], strict=True)),
-                                 np.int64, len(bounds) - 1)
-            self._order = narrow(np.argsort(hashes, kind="stable"))
+            hashes = string_hashes(offsets, np.frombuffer(data, np.uint8))
+            # numpy's default sort releases the interpreter (its stable sort did not): equal hashes may come in any
+            # order, which the look-ups put right.
+            self._order = narrow(np.argsort(hashes))
             self._hashes = hashes[self._order]
         extra = 0 if self._order is None else self._order.nbytes + self._hashes.nbytes
         self.nbytes = len(self._data) + self._offsets.nbytes + extra
@@ -78,36 +78,40 @@ class Strings:
         """Every position holding `value`, ascending (an image shared by two products has two rows)."""
         order, hashes = self._index()
         key = value.encode()
-        digest = hash(key)
+        digest = np.uint64(string_hash(key))
         start = int(hashes.searchsorted(digest, "left"))
         end = int(hashes.searchsorted(digest, "right"))
-        # Equal hashes keep their positions' order (a stable sort): the matches come out ascending.
-        return np.asarray([p for p in order[start:end].tolist() if self._bytes(p) == key], np.int64)
+        return np.asarray(sorted(p for p in order[start:end].tolist() if self._bytes(p) == key), np.int64)
 
     def position(self, value: str) -> int | None:
-        """The first position holding `value`, or None (the look-up of every query by product id: no array made)."""
+        """The first position holding `value`, or None (the look-up of every query by product id)."""
         order, hashes = self._index()
         key = value.encode()
-        digest = hash(key)
-        return self._first(order, hashes, key, digest, int(hashes.searchsorted(digest, "left")))
+        digest = np.uint64(string_hash(key))
+        start = int(hashes.searchsorted(digest, "left"))
+        end = int(hashes.searchsorted(digest, "right"))
+        if end - start == 1:  # nearly always: one string of this hash
+            position = int(order[start])
+            return position if self._bytes(position) == key else None
+        # Equal hashes are in no particular order: the first position is the least of the matches.
+        return min((p for p in order[start:end].tolist() if self._bytes(p) == key), default=None)
 
     def find(self, values: Sequence[str]) -> np.ndarray:
         """The first position of each of `values` that is present (absent ones are left out), in their order."""
         order, hashes = self._index()
         keys = [value.encode() for value in values]
-        digests = np.fromiter((hash(key) for key in keys), np.int64, len(keys))
-        starts = hashes.searchsorted(digests, "left").tolist()
-        found = (self._first(order, hashes, key, digest, start)
-                 for key, digest, start in zip(keys, digests.tolist(), starts, strict=True))
-        return np.asarray([position for position in found if position is not None], np.int64)
-
-    def _first(self, order: np.ndarray, hashes: np.ndarray, key: bytes, digest: int, start: int) -> int | None:
-        """The first position holding `key` among the run of equal hashes from `start` (positions ascend in it)."""
-        while start < len(hashes) and hashes[start] == digest:
-            if self._bytes(int(order[start])) == key:
-                return int(order[start])
-            start += 1
-        return None
+        offsets = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum([len(key) for key in keys], out=offsets[1:])
+        digests = string_hashes(offsets, np.frombuffer(b"".join(keys), np.uint8))
+        starts = np.searchsorted(hashes, digests, "left").tolist()
+        ends = np.searchsorted(hashes, digests, "right").tolist()
+        found = []
+        for key, start, end in zip(keys, starts, ends, strict=True):
+            # Usually one candidate; equal hashes are in no particular order, so the first position is the least.
+            matches = [p for p in order[start:end].tolist() if self._bytes(p) == key]
+            if matches:
+                found.append(min(matches))
+        return np.asarray(found, np.int64)
 
     def take(self, positions: np.ndarray) -> list[str]:
         """The strings at many positions: one gather of the offsets instead of two numpy look-ups a string."""
@@ -156,6 +160,64 @@ class Codes:
         """The values at many positions."""
         uniques = self.uniques
         return [uniques[code] for code in self.codes[positions].tolist()]
+
+
+# A string's hash: the polynomial of its UTF-8 bytes (each plus one, so that zeros count) in HASH_BASE, modulo 2**64,
+# mixed by splitmix64's finaliser. numpy computes it for a column a slice at a time (HASH_SLICE_BYTES of strings,
+# a few MB of temporaries: its steps that hold the interpreter, such as np.repeat, stay well under a millisecond),
+# and Python for one value, with the same integers.
+HASH_BASE = 0x100000001B3
+HASH_SLICE_BYTES = 2**18
+HASH_SLICE = 65_536
+_MASK = 2**64 - 1
+_MIX = (30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB133111EB, 31)
+
+
+def string_hashes(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """uint64 hashes of the strings data[offsets[i]:offsets[i + 1]] (data: their UTF-8 bytes as uint8)."""
+    offsets = np.asarray(offsets, np.int64)
+    count = len(offsets) - 1
+    hashes = np.zeros(max(count, 0), np.uint64)
+    if count <= 0:
+        return hashes
+    lengths = np.diff(offsets)
+    # powers[k] = HASH_BASE ** k modulo 2**64 (uint64 products wrap).
+    powers = np.cumprod(np.concatenate([[1], np.full(int(lengths.max()), HASH_BASE)]).astype(np.uint64))
+    first = 0
+    while first < count:
+        # The strings of at most HASH_SLICE_BYTES (one at least), and at most HASH_SLICE of them.
+        last = int(np.searchsorted(offsets, offsets[first] + HASH_SLICE_BYTES, "right")) - 1
+        last = min(max(last, first + 1), first + HASH_SLICE)
+        begin = int(offsets[first])
+        ends = offsets[first + 1:last + 1] - begin
+        sizes = lengths[first:last]
+        # Horner's order: a string's last byte has power 0.
+        place = np.repeat(ends - 1, sizes) - np.arange(int(ends[-1]))
+        terms = (data[begin:begin + int(ends[-1])].astype(np.uint64) + np.uint64(1)) * powers[place]
+        sums = np.zeros(len(terms) + 1, np.uint64)
+        np.cumsum(terms, out=sums[1:])
+        hashes[first:last] = sums[ends] - sums[ends - sizes]
+        first = last
+    first_shift, first_factor, second_shift, second_factor, third_shift = (np.uint64(x) for x in _MIX)
+    hashes ^= hashes >> first_shift
+    hashes *= first_factor
+    hashes ^= hashes >> second_shift
+    hashes *= second_factor
+    hashes ^= hashes >> third_shift
+    return hashes
+
+
+def string_hash(key: bytes) -> int:
+    """string_hashes' hash of one string's UTF-8 bytes, in Python: a look-up's, without numpy's fixed costs."""
+    value = 0
+    for byte in key:
+        value = (value * HASH_BASE + byte + 1) & _MASK
+    first_shift, first_factor, second_shift, second_factor, third_shift = _MIX
+    value ^= value >> first_shift
+    value = (value * first_factor) & _MASK
+    value ^= value >> second_shift
+    value = (value * second_factor) & _MASK
+    return value ^ (value >> third_shift)
 
 
 def narrow(positions: np.ndarray) -> np.ndarray:

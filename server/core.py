@@ -146,7 +146,7 @@ class SimilarityCore:
 
     def __init__(self, version: ServedVersion, config: CoreConfig = CoreConfig(),
                  observer: CoreObserver | None = None,
-                 on_retired: Callable[[str, float], None] | None = None) -> None:
+                 on_retired: Callable[[str, float | None], None] | None = None) -> None:
         self.config = config
         self._observer = observer or CoreObserver()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -154,7 +154,8 @@ class SimilarityCore:
         self._index_pool = ThreadPoolExecutor(config.index_threads, thread_name_prefix="index")
         self.engine = QueryEngine(config.product_query, self._observer)
         self._results = ResultCache(config.result_cache_size, config.result_cache_mb * 1024 * 1024)
-        # on_retired(version name, seconds): once a swapped-out version's last user has left, it is unloaded and freed.
+        # on_retired(version name, seconds): once a swapped-out version's last user has left, it is unloaded and freed;
+        # seconds is the collection that freed it, None when reference counts did (server/versions.py).
         self._on_retired = on_retired
         self._versions = Versions(version, self._make_batcher, self._retired)
         self.hidden = HiddenProducts(Availability())
@@ -162,7 +163,7 @@ class SimilarityCore:
         self.admitted_images = 0
         self.admitted_bytes = 0
 
-    def _retired(self, name: str, seconds: float) -> None:
+    def _retired(self, name: str, seconds: float | None) -> None:
         self.hidden.forget(name)
         if self._on_retired is not None:
             self._on_retired(name, seconds)

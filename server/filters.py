@@ -93,8 +93,12 @@ class PostingLists:
             codes, uniques = pd.factorize(pd.Series(values, dtype=object), use_na_sentinel=True)
             self.uniques = Strings([str(value) for value in uniques], indexed=True)
         self.codes = codes.astype(np.int32)  # -1: no value
-        order = np.argsort(self.codes, kind="stable")
-        present = order[self.codes[order] >= 0]
+        # Products grouped by code, ascending within each: one sort of the distinct keys code x products + product,
+        # which numpy's default sort does without holding the interpreter (its stable sort held it, stalling the
+        # event loop while a version loads beside the served one).
+        rows = max(len(self.codes), 1)
+        keys = np.sort(self.codes.astype(np.int64) * rows + np.arange(len(self.codes)))
+        present = keys[keys >= 0] % rows
         self.products = narrow(present)
         counts = np.bincount(self.codes[present], minlength=len(self.uniques))
         self.offsets = narrow(np.concatenate([[0], np.cumsum(counts)]))

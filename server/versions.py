@@ -14,12 +14,18 @@ from server.batcher import MicroBatcher
 from server.version import ServedVersion
 
 log = logging.getLogger(__name__)
+# How long a retired version sharing the served model may take to be freed by reference counts once its last user
+# has left (a pool thread drops a finished job's arguments a moment after the job's future is done), checked every
+# RELEASE_POLL_S; past it, what still holds it is collected.
+RELEASE_WAIT_S = 2.0
+RELEASE_POLL_S = 0.005
 
 
 def free_frozen_cycles() -> tuple[int, float]:
     """Frees what a retired version leaves in reference cycles (its model is full of them) when the server froze
-    its heap out of the garbage collector's sight (server/app.py): a full collection, the one pause a swap costs,
-    once the old version's last user is done. Returns the objects freed and the seconds it took."""
+    its heap out of the garbage collector's sight (server/app.py): a full collection, the one pause a swap to a
+    version with a model of its own costs (a third of a second with TensorFlow's heap), once the old version's
+    last user is done. Returns the objects freed and the seconds it took."""
     if not gc.get_freeze_count():
         return 0, 0.0  # nothing frozen: the collector finds the cycles on its own
     started = time.perf_counter()
@@ -27,6 +33,16 @@ def free_frozen_cycles() -> tuple[int, float]:
     freed = gc.collect()
     gc.freeze()
     return freed, time.perf_counter() - started
+
+
+async def _released(parts: list[weakref.ref], wait_s: float) -> bool:
+    """Whether the objects behind `parts` are all freed within wait_s, checked every RELEASE_POLL_S."""
+    deadline = time.monotonic() + wait_s
+    while any(part() is not None for part in parts):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(RELEASE_POLL_S)
+    return True
 
 
 class VersionRuntime:
@@ -78,7 +94,7 @@ class Versions:
     """The served version and the retiring ones; a retiring version is unloaded when its last user leaves."""
 
     def __init__(self, version: ServedVersion, make_batcher: Callable[[ServedVersion], MicroBatcher],
-                 on_retired: Callable[[str, float], None] | None = None) -> None:
+                 on_retired: Callable[[str, float | None], None] | None = None) -> None:
         self._make_batcher = make_batcher
         self._on_retired = on_retired
         self.current = VersionRuntime(version, make_batcher(version))
@@ -107,21 +123,31 @@ class Versions:
         version.close()
         self._retiring.discard(runtime)
         name = version.name
-        # A version whose model lives on in another (server/version.py shares an unchanged model) leaves only
-        # arrays and plain objects: freed by their reference counts, once the short-lived cycles that may still
-        # point at it (a thread job's concurrent future and its asyncio twin refer to each other) are collected.
-        # That collection leaves the frozen heap alone, so it costs what was allocated since, not the model. The
-        # weak references say whether it was enough; if not, the full collection frees what is left.
+        # A version whose model lives on in another (server/version.py shares an unchanged model) holds no reference
+        # cycle (its columns are arrays, its index a mapping): it is freed by reference counts, on whichever thread
+        # drops the last one. That may be a moment after its last user left: a pool thread that ran a job for it
+        # (its load, its masks, a search) drops the job's arguments after the job's future is done. So the
+        # retirement waits for that, yielding the event loop, instead of collecting: a full collection walks the
+        # whole frozen heap (TensorFlow's objects: a third of a second at ABO's size) while every request waits.
+        # The weak references say when the version is gone; should something still hold it past the wait, the
+        # collections below free what cycles hold (and the log says so).
         model_in_use = any(version.embedder is other.version.embedder for other in (self.current, *self._retiring))
         parts = [weakref.ref(version), weakref.ref(version.index), weakref.ref(version.catalogue)]
-        del runtime, version  # the last references to the old version: the collection below can free it
-        started = time.perf_counter()
-        freed = gc.collect() if model_in_use else 0
-        if model_in_use and all(part() is None for part in parts):
+        del runtime, version  # the last references this task holds
+        freed, seconds = 0, None
+        if not (model_in_use and await _released(parts, RELEASE_WAIT_S)):
+            if model_in_use:
+                log.warning("version %s still referenced %.1f s after its last user left: collecting", name,
+                            RELEASE_WAIT_S)
+            started = time.perf_counter()
+            # What was allocated since the heap was frozen: the short-lived cycles (an exception's traceback, a
+            # thread job's futures) that may hold the version, at the cost of the objects made since, not the model.
+            freed = gc.collect() if model_in_use else 0
             seconds = time.perf_counter() - started
-        else:
-            freed, seconds = free_frozen_cycles()
-        log.info("unloaded version %s (%d objects freed in %.0f ms)", name, freed, seconds * 1000)
+            if not (model_in_use and all(part() is None for part in parts)):
+                freed, seconds = free_frozen_cycles()
+        log.info("unloaded version %s (%s)", name, "freed by reference counts" if seconds is None else
+                 f"{freed} objects freed by a collection of {seconds * 1000:.0f} ms")
         if self._on_retired is not None:
             self._on_retired(name, seconds)
 

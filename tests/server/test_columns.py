@@ -64,3 +64,27 @@ def test_codes_from_arrow_number_values_as_the_constructor_does():
     assert list(codes) == list(expected) and codes.uniques == expected.uniques
     assert codes.codes.tolist() == expected.codes.tolist() and codes.codes.dtype == np.int8
     assert Codes([str(n) for n in range(300)]).codes.dtype == np.int16
+
+
+def test_look_ups_are_right_when_every_string_has_the_same_hash(monkeypatch):
+    """Equal hashes come out of the (unstable) sort in any order: positions stay ascending, find gives the first."""
+    from server import columns
+
+    monkeypatch.setattr(columns, "string_hashes", lambda offsets, data: np.zeros(len(offsets) - 1, np.uint64))
+    monkeypatch.setattr(columns, "string_hash", lambda key: 0)
+    values = ["b", "a", "b", "c", "a", "b"] * 50
+    column = Strings(values, indexed=True)
+    for value in ("a", "b", "c"):
+        assert list(column.positions(value)) == [i for i, v in enumerate(values) if v == value]
+    assert list(column.find(["c", "absent", "b", "a"])) == [3, 0, 1]
+
+
+def test_the_hash_of_a_column_is_the_hash_of_each_value():
+    from server.columns import HASH_SLICE, string_hash, string_hashes
+
+    values = ["", "a", "ü-ß", "x" * 300, "B07X\0", *(f"img-{i}" for i in range(HASH_SLICE + 5))]
+    keys = [value.encode() for value in values]
+    offsets = np.concatenate([[0], np.cumsum([len(key) for key in keys])])
+    hashes = string_hashes(offsets, np.frombuffer(b"".join(keys), np.uint8))
+    assert [int(h) for h in hashes[:5]] == [string_hash(key) for key in keys[:5]]
+    assert int(hashes[-1]) == string_hash(keys[-1]) and len(set(hashes.tolist())) == len(values)
