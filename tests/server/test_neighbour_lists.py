@@ -7,8 +7,10 @@ from lookalike.availability import Availability
 from server.core import CoreConfig, CoreObserver, Examples, Query, SearchOptions, SimilarityCore
 from server.engine import NEIGHBOUR_LIST
 from server.filters import Clause, Filter
+from server.fresh import DeltaFeed
 from server.search import SearchConfig
 from tests.server.fakes import fake_version, with_lists
+from tests.server.test_deltas import publish
 
 # 40 images, 20 products: product p owns images p (main) and p + 20 (a view of it).
 GROUPS = [[p, p + 20] for p in range(20)]
@@ -149,3 +151,32 @@ async def test_every_answer_names_the_plan_that_found_it(tmp_path):
         assert (await core.find_similar(Query(product_id="prod-003"), SearchOptions(k=12))).plan == "exact"
     finally:
         await core.close()
+
+
+async def test_exclusion_and_threshold_bite_on_the_list_path(cores):
+    """Options that change the answer (the first product excluded, a threshold between the 2nd and 3rd
+    scores), answered from the list, equal the exact search."""
+    listed, exact, plans = cores()
+    for query in QUERIES:
+        first = (await listed.find_similar(query, SearchOptions(k=4))).results
+        for options in (SearchOptions(k=3, filter=Filter(exclude_product_ids=(first[0].product_id,))),
+                        SearchOptions(k=4, score_threshold=(first[1].score + first[2].score) / 2)):
+            answer = await listed.find_similar(query, options)
+            assert plans.plans[-1] == NEIGHBOUR_LIST
+            assert answer.results == (await exact.find_similar(query, options)).results
+            assert len(answer.results) < len(first) or options.score_threshold is None
+
+
+async def test_a_replaced_product_answers_by_its_delta_only(tmp_path):
+    """A product a delta replaced is never answered with its old image from the version's list."""
+    version, _ = fake_version(tmp_path, name="v1", groups=GROUPS, attributes={"color": COLOURS})
+    core = SimilarityCore(with_lists(version, 8), CoreConfig(max_pixels=1_000_000, result_cache_size=0))
+    listed = (await core.find_similar(Query(product_id="prod-004"), SearchOptions(k=3))).results
+    replaced = listed[0].product_id
+    far = np.asarray(version.index.vectors[version.catalogue.rows_of_image("item-017")[0]])
+    publish(tmp_path, "v1", {replaced: [("moved", far)]})
+    fresh, _, _ = DeltaFeed(tmp_path, "v1", version.catalogue, version.index.dimension).update()
+    assert await core.apply_fresh("v1", fresh)
+    answer = (await core.find_similar(Query(product_id="prod-004"), SearchOptions(k=3))).results
+    assert all(r.image.image_id != listed[0].image.image_id for r in answer), "the replaced product's old image"
+    await core.close()
