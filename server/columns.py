@@ -45,6 +45,9 @@ class Strings:
 
     def _fill(self, offsets: np.ndarray, data: bytes, indexed: bool) -> None:
         self._offsets = offsets
+        # The same offsets read one at a time as Python ints (a memoryview's item is one; a numpy array's is a
+        # numpy scalar made per read): take()'s few positions cost no numpy call.
+        self._starts = memoryview(offsets)
         self._data = data
         self._order: np.ndarray | None = None
         self._hashes: np.ndarray | None = None
@@ -61,7 +64,7 @@ class Strings:
         return len(self._offsets) - 1
 
     def _bytes(self, position: int) -> bytes:
-        return self._data[self._offsets[position]:self._offsets[position + 1]]
+        return self._data[self._starts[position]:self._starts[position + 1]]
 
     def __getitem__(self, position: int) -> str:
         return self._bytes(position).decode()
@@ -113,12 +116,12 @@ class Strings:
                 found.append(min(matches))
         return np.asarray(found, np.int64)
 
-    def take(self, positions: np.ndarray) -> list[str]:
-        """The strings at many positions: one gather of the offsets instead of two numpy look-ups a string."""
-        positions = np.asarray(positions, np.int64)
-        starts, ends = self._offsets[positions].tolist(), self._offsets[positions + 1].tolist()
-        data = self._data
-        return [data[start:end].decode() for start, end in zip(starts, ends, strict=True)]
+    def take(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """The strings at a few positions (an answer's): each offset read as a Python int, no numpy call a string."""
+        if isinstance(positions, np.ndarray):
+            positions = positions.tolist()
+        starts, data = self._starts, self._data
+        return [data[starts[position]:starts[position + 1]].decode() for position in positions]
 
 
 class Codes:
@@ -144,6 +147,7 @@ class Codes:
     def _fill(self, codes: np.ndarray, uniques: list[str]) -> None:
         width = next(dtype for dtype in (np.int8, np.int16, np.int32) if len(uniques) <= np.iinfo(dtype).max + 1)
         self.codes = codes.astype(width)
+        self._code_of = memoryview(self.codes)  # codes read as Python ints, as Strings._starts
         self.uniques = uniques
         self.nbytes = self.codes.nbytes
 
@@ -151,15 +155,17 @@ class Codes:
         return len(self.codes)
 
     def __getitem__(self, position: int) -> str:
-        return self.uniques[self.codes[position]]
+        return self.uniques[self._code_of[position]]
 
     def __iter__(self) -> Iterator[str]:
         return (self.uniques[code] for code in self.codes)
 
-    def take(self, positions: np.ndarray) -> list[str]:
-        """The values at many positions."""
-        uniques = self.uniques
-        return [uniques[code] for code in self.codes[positions].tolist()]
+    def take(self, positions: Sequence[int] | np.ndarray) -> list[str]:
+        """The values at a few positions."""
+        if isinstance(positions, np.ndarray):
+            positions = positions.tolist()
+        uniques, code_of = self.uniques, self._code_of
+        return [uniques[code_of[position]] for position in positions]
 
 
 # A string's hash: the polynomial of its UTF-8 bytes (each plus one, so that zeros count) in HASH_BASE, modulo 2**64,

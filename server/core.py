@@ -222,7 +222,7 @@ class SimilarityCore:
         whichever version the images are for: a swap does not make room."""
         if self.draining:
             raise Unavailable("the server is shutting down")
-        count, size = len(images), sum(len(image) for image in images)
+        count, size = len(images), sum(map(len, images))
         if count and self.admitted_images + count > self.config.batcher.max_queue:
             raise Overloaded(f"{self.admitted_images} images are queued (max_queue "
                              f"{self.config.batcher.max_queue}): retry later")
@@ -237,7 +237,7 @@ class SimilarityCore:
 
     def _release(self, runtime: VersionRuntime, images: list[bytes]) -> None:
         self.admitted_images -= len(images)
-        self.admitted_bytes -= sum(len(image) for image in images)
+        self.admitted_bytes -= sum(map(len, images))
         runtime.leave()
 
     def _check_search_k(self, version: ServedVersion, options: SearchOptions) -> None:
@@ -373,7 +373,8 @@ class SimilarityCore:
         runtime = self._acquire(images)
         try:
             version = runtime.version
-            version.catalogue.filters.check(options.filter)
+            if options.filter:  # an empty one has nothing to check
+                version.catalogue.filters.check(options.filter)
             self._check_search_k(version, options)
             if images:
                 vector = (await self._embed_on(runtime, images, deadline, [region]))[0]
@@ -390,7 +391,7 @@ class SimilarityCore:
                                   delta_sequence=version.delta_sequence)
             # A neighbour list answers on the event loop (tens of microseconds of numpy) unless the filter is
             # large enough to take longer to compile or MMR has much to do; a search, or either of those, in a thread.
-            on_loop = len(options.filter.exclude_product_ids) + sum(
+            on_loop = not options.filter or len(options.filter.exclude_product_ids) + sum(
                 len(clause.any_of) + len(clause.none_of) for clause in options.filter.clauses) <= MAX_LOOP_VALUES
             on_loop = on_loop and (options.diversity == 0 or k * options.candidates <= MAX_LOOP_MMR)
             on_loop = on_loop and (version.fresh is None or version.fresh.rows <= MAX_LOOP_FRESH_ROWS)

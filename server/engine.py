@@ -193,8 +193,7 @@ class HiddenProducts:
         return sum(int(mask.sum()) for mask in masks if mask is not None)
 
 
-@dataclass(frozen=True)
-class _Resolved:
+class _Resolved(NamedTuple):
     """A query made ready for search: its vectors ([m, D], unit), the products that are its own (when asked
     to leave them out), and its neighbour list when the version has one for exactly this query."""
 
@@ -251,6 +250,21 @@ def listed_eligible(version: ServedVersion, hidden: HiddenProducts, filter_: Fil
     return eligible
 
 
+def unmasked_head(products: np.ndarray, rows: np.ndarray, own_products: list[int],
+                  wanted: int) -> tuple[list[int], list[int]] | None:
+    """walk_list's first `wanted` entries (their products and best rows) when nothing but the query's own products
+    is left out: read from the head of the list in Python, a dozen entries costing less than numpy calls over the
+    list. None when the head holds fewer (a padded or short list): walk_list then tells."""
+    end = wanted + len(own_products)
+    head = products[:end].tolist()
+    kept = [position for position, product in enumerate(head) if product >= 0 and product not in own_products]
+    if len(kept) < wanted:
+        return None
+    del kept[wanted:]
+    head_rows = rows[:end].tolist()
+    return [head[position] for position in kept], [head_rows[position] for position in kept]
+
+
 def walk_list(products: np.ndarray, scores: np.ndarray, eligible: np.ndarray | None, k: int,
               score_threshold: float | None) -> np.ndarray | None:
     """The positions in a neighbour list of its first k eligible entries (best first; `eligible` per entry, None:
@@ -292,9 +306,18 @@ class QueryEngine:
             return None
         kind, row = resolved.list_position
         products, best_rows, scores = version.neighbours.list_of(kind, row)
-        eligible = listed_eligible(version, hidden, options.filter, resolved.own_products, products)
         threshold = options.score_threshold
         wanted = options.wanted(k)  # with diversity, MMR's candidates come from the list too
+        scorer = NearestScorer(resolved.vectors)
+        # The common answer (a product page's "more like this"): each product by the best image its list names,
+        # scored again exactly and rendered from lists, with no hit objects between.
+        best_only = options.group_size <= 1 and options.diversity == 0 and version.fresh is None
+        if best_only and threshold is None and not options.filter and hidden.mask(version) is None:
+            head = unmasked_head(products, best_rows, resolved.own_products, wanted)
+            if head is not None:
+                self._plan(NEIGHBOUR_LIST)
+                return self._best_rows(version, scorer, *head, options, k)
+        eligible = listed_eligible(version, hidden, options.filter, resolved.own_products, products)
         if threshold is None:
             found = walk_list(products, scores, eligible, wanted, None)
         else:
@@ -305,12 +328,9 @@ class QueryEngine:
             found = walk_list(products, scores, eligible, wanted + near, threshold - SCORE_TOLERANCE)
         if found is None:
             return None
-        scorer = NearestScorer(resolved.vectors)
         self._plan(NEIGHBOUR_LIST)
-        if options.group_size <= 1 and options.diversity == 0 and version.fresh is None:
-            # The common answer (a product page's "more like this"): each product by the best image its list names,
-            # scored again exactly and rendered from arrays, with no hit objects between.
-            return self._best_rows(version, scorer, products[found], best_rows[found], options, k)
+        if best_only:
+            return self._best_rows(version, scorer, products[found].tolist(), best_rows[found].tolist(), options, k)
         if options.group_size <= 1:
             # The list names each product's best image: scored again exactly, no other image of it is read.
             hits = version.index.describe_rows(scorer, products[found], best_rows[found])
@@ -322,29 +342,31 @@ class QueryEngine:
         return self.results(version, hits, options, k, NEIGHBOUR_LIST)
 
     @staticmethod
-    def _best_rows(version: ServedVersion, scorer: Scorer, products: np.ndarray, rows: np.ndarray,
+    def _best_rows(version: ServedVersion, scorer: Scorer, products: list[int], rows: list[int],
                    options: SearchOptions, k: int) -> Ranked:
         """describe_rows, the threshold and results() in one, for products of the version's own catalogue given
         with their best rows: the same answer (describe_rows's scores, distances and order) without a ProductHit
-        per product or two numpy look-ups per string."""
-        rows = np.asarray(rows, np.int64)
+        per product, from Python lists once the rows are scored (a dozen entries cost less than numpy calls)."""
         vectors = version.index.vectors[rows]
-        scores, distances = scorer.scores(vectors), scorer.distances(vectors)
-        order = np.argsort(-scores, kind="stable")
+        scored = scorer.scores(vectors)
+        scores, distances = scored.tolist(), scorer.distances(vectors).tolist()
+        # describe_rows's order, np.argsort(-scores, kind="stable"): best first, equal scores in list order (sorted
+        # is stable, reversed too).
+        order = sorted(range(len(rows)), key=scores.__getitem__, reverse=True)
         if options.score_threshold is not None:
-            order = order[scores[order] >= options.score_threshold]
-        order = order[:k]
-        rows, products = rows[order], products[order]
+            passing = (scored >= options.score_threshold).tolist()  # numpy's comparison (float32), as before
+            order = [position for position in order if passing[position]]
+        del order[k:]
+        rows, products = [rows[position] for position in order], [products[position] for position in order]
         catalogue = version.index.catalogue
         ids, paths = catalogue.image_ids.take(rows), catalogue.paths.take(rows)
         labels, roles = catalogue.labels.take(rows), catalogue.roles.take(rows)
-        product_rows = products.tolist()
         product_ids = catalogue.product_ids.take(products) if catalogue.has_products else [""] * len(rows)
-        images = list(map(ImageResult._make, zip(ids, distances[order].tolist(), scores[order].tolist(), paths, labels,
-                                                 roles, strict=True)))
+        distances, scores = [distances[position] for position in order], [scores[position] for position in order]
+        images = list(map(ImageResult._make, zip(ids, distances, scores, paths, labels, roles, strict=True)))
         return Ranked([ProductResult(product_id, image, [image] if options.group_size else [],
                                      catalogue.attributes_of(product) if options.with_attributes else {})
-                       for product_id, image, product in zip(product_ids, images, product_rows, strict=True)],
+                       for product_id, image, product in zip(product_ids, images, products, strict=True)],
                       NEIGHBOUR_LIST)
 
     @staticmethod
@@ -465,16 +487,18 @@ class QueryEngine:
 
     def _product_vectors(self, index, product: int) -> np.ndarray:
         """A product's query vectors: its images' normalised mean (product_query "mean"), or each of them."""
-        # A slice (the product's rows are contiguous), not a gather; np.mean's and np.linalg.norm's own operations
-        # without their Python wrappers (a tenth of a list answer's time): the same float32 sums, the same bits.
+        # A slice (the product's rows are contiguous), not a gather; np.mean's and np.linalg.norm's arithmetic without
+        # their Python wrappers: the same bits as the builder's product_query_vectors (tested): a fraction of the time.
         start, count = int(index.catalogue.first_row[product]), int(index.catalogue.image_count[product])
         vectors = index.vectors[start:start + count]
-        if self.product_query == "mean":
-            vectors = np.add.reduce(vectors, axis=0, keepdims=True)
-            np.true_divide(vectors, np.intp(count), out=vectors, casting="unsafe")  # as np.mean divides
-            flat = vectors.ravel()
-            vectors /= max(float(np.sqrt(flat.dot(flat))), 1e-12)
-        return vectors
+        if self.product_query != "mean":
+            return vectors
+        if count != 1:  # the mean of one vector is that vector
+            # np.mean divides the float32 sum in float64 and rounds to float32; float32's own division rounds the
+            # same (float64 holds more than twice float32's precision), without a float64 loop and its casts.
+            vectors = np.add.reduce(vectors, axis=0, keepdims=True) / np.float32(count)
+        flat = vectors[0]
+        return vectors / max(float(np.sqrt(flat.dot(flat))), 1e-12)
 
     def recommend(self, version: ServedVersion, hidden: HiddenProducts, examples: Examples, options: SearchOptions,
                   k: int) -> Answer:

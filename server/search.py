@@ -151,7 +151,8 @@ class NearestScorer:
         self.probes = np.atleast_2d(np.asarray(probes, np.float32))
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
-        return similarities(vectors, self.probes).max(axis=1)
+        found = similarities(vectors, self.probes)
+        return found[:, 0] if len(self.probes) == 1 else found.max(axis=1)  # one probe: no reduction to make
 
     def distances(self, vectors: np.ndarray) -> np.ndarray:
         return nearest_distances(vectors, self.probes)

@@ -25,6 +25,7 @@ def test_positions_by_value_and_values_by_position(values):
     assert list(column.find([""])) == ([values.index("")] if "" in values else [])
     picked = np.asarray([len(values) - 1, 0, 3, 0])
     assert column.take(picked) == [values[i] for i in picked] and column.take(np.zeros(0, np.int32)) == []
+    assert column.take(picked.tolist()) == [values[i] for i in picked] and column.take([]) == []
 
 
 def test_an_empty_column_and_one_without_an_index():
@@ -38,7 +39,8 @@ def test_codes_hold_few_distinct_values():
     roles = Codes(["main", "other", "other", "main"])
     assert list(roles) == ["main", "other", "other", "main"] and roles[1] == "other"
     assert roles.codes.dtype == np.int8 and len(Codes([])) == 0
-    assert roles.take(np.asarray([2, 0, 2])) == ["other", "main", "other"]
+    assert roles.take(np.asarray([2, 0, 2])) == ["other", "main", "other"] == roles.take([2, 0, 2])
+    assert roles[np.int64(1)] == "other" and roles.take([]) == []
 
 
 @pytest.mark.parametrize("values", [SHORT, LONG, []], ids=["short", "long", "empty"])

@@ -180,3 +180,51 @@ async def test_a_replaced_product_answers_by_its_delta_only(tmp_path):
     answer = (await core.find_similar(Query(product_id="prod-004"), SearchOptions(k=3))).results
     assert all(r.image.image_id != listed[0].image.image_id for r in answer), "the replaced product's old image"
     await core.close()
+
+
+def test_the_head_of_an_unmasked_list_is_what_walk_list_finds():
+    """unmasked_head (the plain request's walk, in Python) takes the entries walk_list takes when only the query's
+    own products are left out, or says it cannot tell (a padded or short head)."""
+    from server.engine import unmasked_head, walk_list
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        listed = int(rng.integers(1, 30))
+        n = listed + int(rng.integers(0, 4))  # padded past the listed products, or not
+        products = np.full(n, -1, np.int32)
+        products[:listed] = rng.permutation(50)[:listed]
+        rows = np.where(products >= 0, products * 3 + 1, -1).astype(np.int32)
+        scores = np.sort(rng.random(n).astype(np.float32))[::-1].copy()
+        own = [int(products[rng.integers(0, listed)])] if rng.random() < 0.7 else []
+        wanted = int(rng.integers(1, 15))
+        eligible = np.isin(products, own, invert=True)
+        found = walk_list(products, scores, eligible, wanted, None)
+        head = unmasked_head(products, rows, own, wanted)
+        if head is None:
+            assert found is None or len(found) < wanted, trial
+        else:
+            assert found is not None and len(found) == wanted, trial
+            assert head == (products[found].tolist(), rows[found].tolist()), trial
+
+
+def test_a_products_query_vector_is_the_builders_to_the_last_bit():
+    """The server's product query (np.mean's and np.linalg.norm's arithmetic without their wrappers) is the vector
+    the builder made the product's neighbour list for, bit for bit: products of one to nine images."""
+    from types import SimpleNamespace
+
+    from lookalike.neighbours import product_query_vectors
+    from server.engine import QueryEngine
+
+    rng = np.random.default_rng(5)
+    for dimension in (8, 128, 512):
+        counts = rng.integers(1, 10, 300)
+        vectors = rng.standard_normal((int(counts.sum()), dimension)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        first_row = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        index = SimpleNamespace(vectors=vectors, catalogue=SimpleNamespace(first_row=first_row, image_count=counts))
+        expected = product_query_vectors(vectors, first_row, counts)
+        engine = QueryEngine()
+        for product in range(len(counts)):
+            found = engine._product_vectors(index, product)
+            assert found.shape == (1, dimension) and found.dtype == np.float32
+            assert np.array_equal(found[0].view(np.uint32), expected[product].view(np.uint32)), (dimension, product)

@@ -189,3 +189,23 @@ async def test_swap_finishes_in_flight_requests_on_the_old_version(tmp_path):
         await channel.close()
         await h.server.stop(0)
         await h.core.close()
+
+
+def test_the_options_of_plain_requests_are_made_once_and_differ_when_a_field_does():
+    """Requests without a filter share the SearchOptions of their fields; any field changed gives other options, and
+    a filter is never shared."""
+    from server.core import SearchOptions
+    from server.filters import Filter
+    from server.servicer import _options
+
+    plain = _options(pb.FindSimilarRequest(product_id="a", k=10), None)
+    assert plain == SearchOptions(k=10) and _options(pb.FindSimilarRequest(product_id="b", k=10), None) is plain
+    changed = [pb.FindSimilarRequest(k=11), pb.FindSimilarRequest(k=10, search_k=5),
+               pb.FindSimilarRequest(k=10, group_size=2), pb.FindSimilarRequest(k=10, with_attributes=True),
+               pb.FindSimilarRequest(k=10, score_threshold=0.0), pb.FindSimilarRequest(k=10, diversity=0.5),
+               pb.FindSimilarRequest(k=10, candidates=20)]
+    made = [_options(request, None) for request in changed] + [_options(pb.FindSimilarRequest(k=10), False)]
+    assert len({id(options) for options in made}) == len(made) and plain not in made
+    assert made[4].score_threshold == 0.0 and made[6].candidates == 20 and made[-1].exclude_query is False
+    excluded = _options(pb.FindSimilarRequest(k=10, filter=pb.Filter(exclude_product_ids=["x"])), None)
+    assert excluded.filter == Filter(exclude_product_ids=("x",)) and excluded != plain
