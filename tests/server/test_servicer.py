@@ -1,6 +1,7 @@
 """The servicer in-process over real gRPC on 127.0.0.1 with a deterministic fake model: every status code."""
 
 import asyncio
+import time
 
 import grpc
 import numpy as np
@@ -157,8 +158,16 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(tmp_
         embedder.gate.clear()
         slow = asyncio.ensure_future(h.stub.Embed(pb.EmbedRequest(images=[images[0]]), timeout=30))
         await _until(lambda: embedder.batches == [1])
-        late = h.stub.Embed(pb.EmbedRequest(images=[images[1]]), timeout=0.2)
-        assert await _code(late) == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Its deadline passes while it waits in the queue: it must be queued first, whatever the host's load
+        # (a request arriving after its deadline is refused before the queue, and never counted there).
+        late = asyncio.ensure_future(_code(h.stub.Embed(pb.EmbedRequest(images=[images[1]]), timeout=2.0)))
+        await _until(lambda: h.core.queue_depth() == 1 or late.done())
+        assert await late == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert h.core.queue_depth() == 1, "the late request was refused before it reached the queue"
+        # The client's deadline is its own clock's: wait for the server's too, or the model could take the late
+        # request an instant before the server sees its deadline pass (and rightly compute it).
+        queued = list(h.core._versions.current.batcher._queue)
+        await _until(lambda: all(p.future.done() or p.deadline <= time.monotonic() for p in queued))
         embedder.gate.set()
         await slow
         # The batcher takes the late request next and drops it: counted, never computed.
