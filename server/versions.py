@@ -105,11 +105,15 @@ class Versions:
         self._on_retired = on_retired
         self.current = VersionRuntime(version, make_batcher(version))
         self._retiring: set[VersionRuntime] = set()
+        # Names of retired versions whose unload (a thread unmapping their files) has not finished: still on disk.
+        self._unloading: list[str] = []
         self._tasks: set[asyncio.Task] = set()
 
     def loaded(self) -> list[str]:
-        """The served version and any still finishing requests after a swap: what must stay on disk."""
-        return sorted({self.current.version.name, *(runtime.version.name for runtime in self._retiring)})
+        """The served version, any still finishing requests after a swap, and any still being unmapped: what must
+        stay on disk."""
+        return sorted({self.current.version.name, *(runtime.version.name for runtime in self._retiring),
+                       *self._unloading})
 
     def swap(self, version: ServedVersion) -> ServedVersion:
         """Serves `version` from now on; the old one finishes what uses it, then is unloaded."""
@@ -126,8 +130,9 @@ class Versions:
         await runtime.idle.wait()
         await runtime.batcher.close()
         version = runtime.version
-        self._retiring.discard(runtime)
         name = version.name
+        self._unloading.append(name)
+        self._retiring.discard(runtime)
         # A version whose model lives on in another (server/version.py shares an unchanged model) holds no reference
         # cycle (its columns are arrays, its index a mapping): it is freed by reference counts, on whichever thread
         # drops the last one. That may be a moment after its last user left: a pool thread that ran a job for it
@@ -140,10 +145,14 @@ class Versions:
         parts = [weakref.ref(version), weakref.ref(version.index), weakref.ref(version.catalogue)]
         # Unloaded and, when this task holds the last reference, freed in a thread: unmapping Annoy's file and the
         # version's memory-mapped columns and lists costs 10 to 20 ms at ABO's size, which on the event loop every
-        # request waited for. Both calls release the interpreter while they unmap.
+        # request waited for. numpy's memory maps release the interpreter while they unmap; Annoy's unload (annoy
+        # 1.17) does not, so its part (a few ms at ABO's size) still holds the loop from the thread.
         held = [version]
         del runtime, version  # the last references this task holds, but for `held`, which the thread empties
-        await asyncio.get_running_loop().run_in_executor(None, _unload, held)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _unload, held)
+        finally:
+            self._unloading.remove(name)
         freed, seconds = 0, None
         if not (model_in_use and await _released(parts, RELEASE_WAIT_S)):
             if model_in_use:

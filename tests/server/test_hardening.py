@@ -288,8 +288,11 @@ async def test_a_retired_version_is_unloaded_and_freed_off_the_event_loop(tmp_pa
         following.embedder = version.embedder
         unload = type(version.index).unload
 
+        on_disk_while_unmapped = []
+
         def recording(index) -> None:
             unloaded_on.append(threading.get_ident())
+            on_disk_while_unmapped.append(core.loaded_versions())  # what a prune must keep meanwhile
             unload(index)
 
         monkeypatch.setattr(type(version.index), "unload", recording)
@@ -309,6 +312,7 @@ async def test_a_retired_version_is_unloaded_and_freed_off_the_event_loop(tmp_pa
         assert retired == [("fake-v1", None)] and core.loaded_versions() == ["fake-v2"]
         assert len(unloaded_on) == 1 and len(freed_on) == 1
         assert loop_thread not in unloaded_on + freed_on
+        assert on_disk_while_unmapped == [["fake-v1", "fake-v2"]]
     finally:
         await core.close()
 
