@@ -111,31 +111,28 @@ def _attribute_info(info: KeyInfo) -> pb.AttributeInfo:
                             max=info.max)
 
 
-# The SearchOptions of requests without a filter, by their fields: clients send the same few (a product page's k),
-# and a frozen dataclass of ten fields costs more to make than the rest of a request's parsing. Bounded: requests
-# varying their fields all the time only refill it.
-_PLAIN_OPTIONS: dict[tuple, SearchOptions] = {}
-MAX_PLAIN_OPTIONS = 1024
+@functools.lru_cache(maxsize=1024)
+def _plain_options(k: int, exclude_query: bool | None, search_k: int, group_size: int, with_attributes: bool,
+                   score_threshold: float | None, diversity: float, candidates: int) -> SearchOptions:
+    """The SearchOptions of a request without a filter, made once per distinct fields: clients send the same few (a
+    product page's k), and a frozen dataclass of ten fields costs more to make than the rest of a request's parsing."""
+    return SearchOptions(k=k, exclude_query=exclude_query, search_k=search_k, group_size=group_size,
+                         with_attributes=with_attributes, filter=_NO_FILTER, score_threshold=score_threshold,
+                         diversity=diversity, candidates=candidates)
 
 
 def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
              exclude_query: bool | None = False) -> SearchOptions:
     threshold = request.score_threshold if request.HasField("score_threshold") else None
-    k, search_k, group_size, with_attributes, diversity, candidates = (
-        request.k, request.search_k, request.group_size, request.with_attributes, request.diversity,
-        request.candidates)
+    fields = (request.k, exclude_query, request.search_k, request.group_size, request.with_attributes, threshold,
+              request.diversity, request.candidates)
     filter_ = _filter(request.filter)
-    fields = (k, exclude_query, search_k, group_size, with_attributes, threshold, diversity, candidates)
-    options = _PLAIN_OPTIONS.get(fields) if filter_ is _NO_FILTER else None
-    if options is None:
-        options = SearchOptions(k=k, exclude_query=exclude_query, search_k=search_k, group_size=group_size,
-                                with_attributes=with_attributes, filter=filter_, score_threshold=threshold,
-                                diversity=diversity, candidates=candidates)
-        if filter_ is _NO_FILTER:
-            if len(_PLAIN_OPTIONS) >= MAX_PLAIN_OPTIONS:
-                _PLAIN_OPTIONS.clear()
-            _PLAIN_OPTIONS[fields] = options
-    return options
+    if filter_ is _NO_FILTER:
+        return _plain_options(*fields)
+    k, exclude_query, search_k, group_size, with_attributes, threshold, diversity, candidates = fields
+    return SearchOptions(k=k, exclude_query=exclude_query, search_k=search_k, group_size=group_size,
+                         with_attributes=with_attributes, filter=filter_, score_threshold=threshold,
+                         diversity=diversity, candidates=candidates)
 
 
 _STRATEGIES = {pb.RECOMMEND_STRATEGY_UNSPECIFIED: AVERAGE_VECTOR, pb.RECOMMEND_STRATEGY_AVERAGE_VECTOR: AVERAGE_VECTOR,
