@@ -454,6 +454,16 @@ def _scale(scale: dict) -> list[str]:
                 f"Failed probes: {swap['errors']}. The server's own count of the full collections that freed a "
                 f"retired version: {_counts(swap.get('retire_collections'))}.", "",
                 _table(["GetInfo probe", "calls", "p50 ms", "p99 ms", "max ms"], rows), ""]
+    holds = serving.get("swap_holds")
+    if holds:
+        rows = [[step, holds[step]["max_ms"], ", ".join(f"{v:g}" for v in holds[step]["each_ms"])]
+                for step in ("load", "unload", "free")]
+        out += ["**The swap's own pauses** (`interpreter_holds`): what the reload does off the event loop, run in one "
+                "process on a thread each while a ticker thread (0.2 ms sleeps) stands in for the loop: loading the "
+                "next version beside the served one (sharing its model), unloading the retired one, dropping its last "
+                "reference. The longest the ticker waited is the longest the interpreter was held (the host's own "
+                "stalls count too); the GetInfo probe above adds the RPC stack and the load generator sharing the "
+                "two cores:", "", _table(["step", "max ms", "each swap, ms"], rows), ""]
     if errors:
         out += ["Parts that failed in this run: " + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ".", ""]
     return [*out, SCALE_END]

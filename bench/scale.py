@@ -846,6 +846,68 @@ def swap_pause(artifacts_dir: Path, catalogue: Path, versions: tuple[str, str], 
             "errors": sum(1 for s in samples if s[2].startswith("error")), "retire_collections": collections}
 
 
+class _Ticker:
+    """A thread that sleeps 0.2 ms at a time and records how late each wake-up was: while another thread holds the
+    interpreter, it cannot run, so its longest gap is the longest the event loop would have waited then."""
+
+    def __init__(self) -> None:
+        self.gaps: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.is_set():
+            time.sleep(0.0002)
+            now = time.perf_counter()
+            self.gaps.append(now - last)
+            last = now
+
+    def __enter__(self) -> _Ticker:
+        self._thread.start()
+        time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _held_ms(function, *args) -> tuple[float, object]:
+    """The longest the interpreter was held (ms) while function(*args) ran on a thread of its own, and its result."""
+    result = []
+    with _Ticker() as ticker:
+        worker = threading.Thread(target=lambda: result.append(function(*args)))
+        worker.start()
+        worker.join()
+    if not result:
+        raise RuntimeError(f"{getattr(function, '__name__', function)} failed on its thread")
+    return round(max(ticker.gaps) * 1000, 1), result[0]
+
+
+def interpreter_holds(artifacts_dir: Path, versions: tuple[str, str], rounds: int = 3) -> dict:
+    """The swap's pauses as the server's own code causes them, apart from the host and the load generator: in this
+    process, what the server's reload does off its event loop (loading the next version beside the served one,
+    sharing its model; then the retired version's unload and last reference, server/versions.py), each on a thread
+    while a ticker stands in for the event loop. Reports the longest hold of each step over `rounds` swaps each
+    way, in ms."""
+    from server.search import SearchConfig
+    from server.version import load_version
+
+    served = load_version(artifacts_dir, versions[0], 10_000_000)
+    holds: dict[str, list[float]] = {"load": [], "unload": [], "free": []}
+    for n in range(2 * rounds):
+        held, loaded = _held_ms(load_version, artifacts_dir, versions[(n + 1) % 2], 10_000_000, SearchConfig(), 0,
+                                served)
+        holds["load"].append(held)
+        retired, served = [served], loaded
+        holds["unload"].append(_held_ms(retired[0].close)[0])
+        # The last reference dropped on the thread, as the server's retirement does.
+        holds["free"].append(_held_ms(retired.clear)[0])
+    return {step: {"max_ms": max(values), "each_ms": values} for step, values in holds.items()}
+
+
 # -- the run ---------------------------------------------------------------------------------------------------
 
 
@@ -965,6 +1027,11 @@ def targets(results: dict) -> list[dict]:
     if swap and swap.get("at_swap", {}).get("calls"):
         add("swap: GetInfo max ms within 100 ms of the swap", swap["at_swap"]["max_ms"], "<= 10",
             swap["at_swap"]["max_ms"] <= 10)
+    holds = serving.get("swap_holds")
+    if holds and "load" in holds:
+        longest = max(holds[step]["max_ms"] for step in ("load", "unload", "free"))
+        add("swap: longest interpreter hold by the server's load, unload and free of a version (in process)",
+            longest, "<= 10", longest <= 10)
     return rows
 
 
@@ -1095,11 +1162,14 @@ def run(profile: str, demo: tuple[Path, Path] | None = None, embedding_images_pe
         results["serving"]["workers"] = guarded("workers", lambda: {"demo": workers_memory(demo_out, demo_catalogue),
                                                                     "abo": workers_memory(abo_out, queries)})
         part("workers", begin)
-    if config["swaps"] and served != "abo-shape" and "swap" in parts:
+    if served != "abo-shape" and "swap" in parts:
         begin = time.perf_counter()
-        results["serving"]["swap"] = guarded("swap", swap_pause, abo_out, queries, (served, "abo-shape"),
-                                             config["swaps"])
-        artifacts.write_current(abo_out, served)
+        if config["swaps"]:
+            results["serving"]["swap"] = guarded("swap", swap_pause, abo_out, queries, (served, "abo-shape"),
+                                                 config["swaps"])
+            artifacts.write_current(abo_out, served)
+        results["serving"]["swap_holds"] = guarded("swap_holds", interpreter_holds, abo_out, (served, "abo-shape"),
+                                                   max(1, config["swaps"]))
         part("swap", begin)
     if "realism" in parts:
         begin = time.perf_counter()

@@ -41,8 +41,11 @@ class AnnoyNeighbours:
 
         self.n_trees = n_trees
         self._annoy = AnnoyIndex(dimension, metric)
-        # prefault: read the pages in now, so the first queries do not pay for page faults.
-        if not self._annoy.load(str(path), prefault=True):
+        # Not prefaulted: Annoy maps the file holding the interpreter, and prefaulting 255 MB at ABO's size held it
+        # (so the event loop serving the previous version) for 14 ms. The file's pages are in the page cache (the
+        # manifest's check has just read them); the first searches map them as they fault, outside the interpreter
+        # (measured: 1 ms more over each of the first ten 51,200-node searches).
+        if not self._annoy.load(str(path), prefault=False):
             raise artifacts.ArtifactError(f"annoy could not load {path}")
 
     def __len__(self) -> int:
