@@ -730,6 +730,12 @@ def serving_runs(artifacts_dir: Path, catalogue: Path, duration_s: float, full: 
                 rate = round(row[name]["qps"] * share, 1)
                 report = compiled_load(address, catalogue, f"{name}=1", duration_s, mode="open", rate=rate)
                 row[f"{name}_open_{int(share * 100)}"] = {"rate": rate, **_point(report, name)}
+        if full:
+            # The stack's own tail: GetInfo (a 14 us handler) at half its own maximum, and at by product's half rate.
+            for key, rate in (("info_open_50", round(row["info"]["qps"] * 0.5, 1)),
+                              ("info_at_product_50", row["product_open_50"]["rate"])):
+                row[key] = {"rate": rate, **_point(compiled_load(address, catalogue, "info=1", duration_s,
+                                                                 mode="open", rate=rate), "info")}
         row["memory_after_load"] = memory_of(process.pid)
         row["plans"] = plans(metrics_port)
     return row
