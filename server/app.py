@@ -110,7 +110,8 @@ class LookalikeServer:
         self._lease_holder = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self._availability_stamp: tuple | None = None
         self._feed: DeltaFeed | None = None  # the served version's deltas, as read so far
-        self.admission = Admission(config.max_concurrent_rpcs)  # gRPC and HTTP draw from the one budget
+        # gRPC and HTTP draw from the one budget; what it refuses is counted by protocol.
+        self.admission = Admission(config.max_concurrent_rpcs, self.metrics.admission_refused)
 
     async def _load(self, version: str) -> ServedVersion:
         loop = asyncio.get_running_loop()

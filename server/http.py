@@ -189,7 +189,7 @@ class HttpApi:
         async def handle(request: web.Request) -> web.Response:
             timeout_s = parse_timeout(request.headers.get("grpc-timeout"))
             _check_content_type(request)
-            self.admission.enter()  # before the body is read, as gRPC's side admits before reading a message
+            self.admission.enter("http")  # before the body is read, as gRPC's side admits before reading a message
             try:
                 context = HttpContext(timeout_s)
                 # As gRPC does at a call's deadline: the call is cancelled wherever it is (reading the body, waiting

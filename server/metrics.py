@@ -66,6 +66,11 @@ class ServerMetrics(CoreObserver):
         self.retire_collection_seconds = Histogram(
             "lookalike_retire_collection_seconds", "the full garbage collection that frees a retired version (the "
             "event loop waits for it)", buckets=_LATENCY_BUCKETS, registry=r)
+        # Refused before the servicer sees them (so not in lookalike_requests): a client learns RESOURCE_EXHAUSTED
+        # (HTTP 429), the operator that the process ran out of places.
+        self.admission_refusals = Counter("lookalike_admission_refused", "calls refused at once because "
+                                          "--max-concurrent-rpcs calls were in flight, by protocol (grpc, http)",
+                                          ["protocol"], registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (neighbour_list, "
                              "exact, annoy, annoy_then_exact)", ["plan"], registry=r)
         # Children bound once per label values: labels() costs more than the inc() or observe() it leads to, twice
@@ -81,6 +86,9 @@ class ServerMetrics(CoreObserver):
                                                              self.latency.labels(method))
         children[0].inc()
         children[1].observe(seconds)
+
+    def admission_refused(self, protocol: str) -> None:
+        self.admission_refusals.labels(protocol).inc()
 
     def result_cache(self, hit: bool) -> None:
         self.result_cache_lookups.labels("hit" if hit else "miss").inc()

@@ -182,12 +182,12 @@ async def test_health_and_reflection_take_no_place_in_the_budget():
 @pytest.fixture
 async def slow_pair(tmp_path):
     """A fake model that takes 0.3 s a batch behind one core, served by a gRPC server and an HttpApi drawing on one
-    admission budget of a single call: (gRPC stub, HTTP client, core, admission, catalogue images)."""
+    admission budget of a single call: (gRPC stub, HTTP client, core, admission, catalogue images, metrics)."""
     version, images = fakes.fake_version(tmp_path, delay_s=0.3)
     metrics = ServerMetrics()
     core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), metrics)
     servicer = ImageSimilarityServicer(core, metrics)
-    admission = Admission(1)
+    admission = Admission(1, metrics.admission_refused)
     server = grpc.aio.server(interceptors=[AdmissionInterceptor(admission)])
     pb_grpc.add_ImageSimilarityServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -195,7 +195,7 @@ async def slow_pair(tmp_path):
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     client = TestClient(TestServer(HttpApi(servicer, 1024 * 1024, admission, lambda: True).app(), host="127.0.0.1"))
     await client.start_server()
-    yield pb_grpc.ImageSimilarityStub(channel), client, core, admission, images
+    yield pb_grpc.ImageSimilarityStub(channel), client, core, admission, images, metrics
     await client.close()
     await channel.close()
     await server.stop(0)
@@ -229,7 +229,7 @@ async def _settled(core, admission) -> None:
 async def test_an_http_deadline_cancels_the_call_as_grpcs_does(slow_pair):
     """The model takes 0.3 s; with a 20 ms deadline both protocols answer DEADLINE_EXCEEDED at the deadline (HTTP
     answered 200 after 0.3 s before), and neither leaves its admission place or its images behind."""
-    stub, client, core, admission, images = slow_pair
+    stub, client, core, admission, images, metrics = slow_pair
     grpc_outcome = await _grpc_embed(stub, images[0], 0.02)
     await _settled(core, admission)
     # Before, HTTP answered 200 with the vector once the model was done: the outcome says where the call ended.
@@ -244,7 +244,7 @@ async def test_an_http_deadline_cancels_the_call_as_grpcs_does(slow_pair):
 async def test_grpc_and_http_draw_on_one_admission_budget(slow_pair):
     """One place (max_concurrent_rpcs 1): while a gRPC call holds it an HTTP call is refused, and the other way round;
     before, each protocol had its own budget and a process ran twice --max-concurrent-rpcs."""
-    stub, client, core, admission, images = slow_pair
+    stub, client, core, admission, images, metrics = slow_pair
     holding = asyncio.ensure_future(_grpc_embed(stub, images[0]))
     while admission.in_flight == 0:
         await asyncio.sleep(0.005)
@@ -265,12 +265,18 @@ async def test_grpc_and_http_draw_on_one_admission_budget(slow_pair):
     assert await holding == (200, ("OK", 1))
     await _settled(core, admission)
     assert await _grpc_embed(stub, images[2]) == ("OK", 1)
+    # Refused before the servicer saw them, so in no RPC count: the server counts them apart, by protocol.
+    registry = metrics.registry
+    assert [registry.get_sample_value("lookalike_admission_refused_total", {"protocol": protocol})
+            for protocol in ("grpc", "http")] == [2.0, 1.0]
+    assert registry.get_sample_value("lookalike_requests_total", {"method": "Embed", "code": "RESOURCE_EXHAUSTED"}) \
+        is None
 
 
 async def test_large_bodies_are_parsed_on_the_http_layers_own_threads(slow_pair):
     """With the default executor (where versions load and swap) busy, a large body is still parsed and answered: the
     parsing does not queue behind a swap, nor a swap behind a flood of parsing."""
-    stub, client, core, admission, images = slow_pair
+    stub, client, core, admission, images, metrics = slow_pair
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(1))
     release = threading.Event()
