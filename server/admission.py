@@ -14,18 +14,22 @@ class Admission:
     """At most `limit` calls at once, whichever protocol brought them; one more is refused at once (never queued),
     before its message is read, so the bytes buffered ahead of admission stay about limit x the message limit."""
 
-    def __init__(self, limit: int, on_refused: Callable[[str], None] | None = None) -> None:
+    def __init__(self, limit: int, on_refused: Callable[[str, str], None] | None = None) -> None:
         if limit < 1:
             raise ValueError("the admission limit must be at least 1")
         self.limit = limit
         self.in_flight = 0
-        self._on_refused = on_refused  # told the protocol of each call refused (the server counts them)
+        self._on_refused = on_refused  # told (protocol, reason) of each call refused: the server counts them
+
+    def refused(self, protocol: str, reason: str) -> None:
+        """Says a call was refused before the servicer saw it (by this budget, or by a share of it)."""
+        if self._on_refused is not None:
+            self._on_refused(protocol, reason)
 
     def enter(self, protocol: str = "grpc") -> None:
         """Takes a place, or raises Overloaded (RESOURCE_EXHAUSTED)."""
         if self.in_flight >= self.limit:
-            if self._on_refused is not None:
-                self._on_refused(protocol)
+            self.refused(protocol, "budget")
             raise Overloaded(f"more than {self.limit} calls at once on this server process (--max-concurrent-rpcs, "
                              "gRPC and HTTP together); retry shortly")
         self.in_flight += 1

@@ -223,6 +223,7 @@ class HttpApi:
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
         if self.reading >= self.max_reading:
+            self.admission.refused("http", "http_bodies")
             raise Overloaded(f"more than {self.max_reading} HTTP bodies arriving at once on this server process "
                              f"(half of --max-concurrent-rpcs); retry shortly")
         self.reading += 1

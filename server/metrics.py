@@ -68,9 +68,10 @@ class ServerMetrics(CoreObserver):
             "event loop waits for it)", buckets=_LATENCY_BUCKETS, registry=r)
         # Refused before the servicer sees them (so not in lookalike_requests): a client learns RESOURCE_EXHAUSTED
         # (HTTP 429), the operator that the process ran out of places.
-        self.admission_refusals = Counter("lookalike_admission_refused", "calls refused at once because "
-                                          "--max-concurrent-rpcs calls were in flight, by protocol (grpc, http)",
-                                          ["protocol"], registry=r)
+        self.admission_refusals = Counter("lookalike_admission_refused", "calls refused at once, by protocol (grpc, "
+                                          "http) and reason (budget: --max-concurrent-rpcs calls in flight; "
+                                          "http_bodies: HTTP's share of it still reading bodies)",
+                                          ["protocol", "reason"], registry=r)
         self.plans = Counter("lookalike_query_plans", "index queries by the plan chosen (neighbour_list, "
                              "exact, annoy, annoy_then_exact)", ["plan"], registry=r)
         # Children bound once per label values: labels() costs more than the inc() or observe() it leads to, twice
@@ -87,8 +88,8 @@ class ServerMetrics(CoreObserver):
         children[0].inc()
         children[1].observe(seconds)
 
-    def admission_refused(self, protocol: str) -> None:
-        self.admission_refusals.labels(protocol).inc()
+    def admission_refused(self, protocol: str, reason: str) -> None:
+        self.admission_refusals.labels(protocol, reason).inc()
 
     def result_cache(self, hit: bool) -> None:
         self.result_cache_lookups.labels("hit" if hit else "miss").inc()

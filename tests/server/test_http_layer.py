@@ -31,9 +31,11 @@ JSON = {"Content-Type": "application/json"}
 @pytest.fixture
 async def loading_client():
     """An HttpApi whose servicer has no core yet (the server is loading), with a 1 MiB message limit."""
-    api = HttpApi(ImageSimilarityServicer(None, ServerMetrics()), 1024 * 1024, Admission(2), lambda: False,
-                  body_idle_s=0.3)
+    metrics = ServerMetrics()
+    api = HttpApi(ImageSimilarityServicer(None, metrics), 1024 * 1024, Admission(2, metrics.admission_refused),
+                  lambda: False, body_idle_s=0.3)
     client = TestClient(TestServer(api.app(), host="127.0.0.1"))
+    client.metrics = metrics
     await client.start_server()
     yield client
     await client.close()
@@ -149,10 +151,25 @@ async def test_bodies_still_arriving_hold_at_most_half_the_budget(loading_client
     answer = await response.json()
     assert response.status == 429 and answer["code"] == "RESOURCE_EXHAUSTED", answer
     assert "HTTP bodies arriving at once" in answer["message"]
+    assert loading_client.metrics.registry.get_sample_value(
+        "lookalike_admission_refused_total", {"protocol": "http", "reason": "http_bodies"}) == 1.0
     assert (await asyncio.wait_for(reader.read(4096), 10)).startswith(b"HTTP/1.1 408")
     writer.close()
     response = await loading_client.post("/v1/similar", data=json.dumps({"productId": "p"}), headers=JSON)
     assert response.status == 503 and (await response.json())["code"] == "UNAVAILABLE"  # admitted: still loading
+
+
+def test_the_server_counts_what_its_admission_refuses(tmp_path):
+    """The server's one budget reports its refusals to the server's metrics (the tests above build their own)."""
+    from server.app import LookalikeServer, ServerConfig
+    from server.errors import Overloaded
+
+    server = LookalikeServer(ServerConfig(artifacts=tmp_path, metrics_port=-1, max_concurrent_rpcs=1))
+    server.admission.enter()
+    with pytest.raises(Overloaded):
+        server.admission.enter("http")
+    assert server.metrics.registry.get_sample_value(
+        "lookalike_admission_refused_total", {"protocol": "http", "reason": "budget"}) == 1.0
 
 
 async def test_health_and_reflection_take_no_place_in_the_budget():
@@ -267,7 +284,7 @@ async def test_grpc_and_http_draw_on_one_admission_budget(slow_pair):
     assert await _grpc_embed(stub, images[2]) == ("OK", 1)
     # Refused before the servicer saw them, so in no RPC count: the server counts them apart, by protocol.
     registry = metrics.registry
-    assert [registry.get_sample_value("lookalike_admission_refused_total", {"protocol": protocol})
+    assert [registry.get_sample_value("lookalike_admission_refused_total", {"protocol": protocol, "reason": "budget"})
             for protocol in ("grpc", "http")] == [2.0, 1.0]
     assert registry.get_sample_value("lookalike_requests_total", {"method": "Embed", "code": "RESOURCE_EXHAUSTED"}) \
         is None
