@@ -461,12 +461,14 @@ def _scale(scale: dict) -> list[str]:
     if holds:
         rows = [[step, holds[step]["max_ms"], ", ".join(f"{v:g}" for v in holds[step]["each_ms"])]
                 for step in ("load", "unload", "free")]
-        out += ["**The swap's own pauses** (`interpreter_holds`): what the reload does off the event loop, run in one "
-                "process on a thread each while a ticker thread (0.2 ms sleeps) stands in for the loop: loading the "
-                "next version beside the served one (sharing its model), unloading the retired one, dropping its last "
-                "reference. The longest the ticker waited is the longest the interpreter was held (the host's own "
-                "stalls count too); the GetInfo probe above adds the RPC stack and the load generator sharing the "
-                "two cores:", "", _table(["step", "max ms", "each swap, ms"], rows), ""]
+        out += ["**The swap's own pauses** (`interpreter_holds`): the three costliest steps of a swap that run off the "
+                "event loop, in one process (heap frozen as the server's), each on a thread while a ticker thread "
+                "(0.2 ms sleeps) stands in for the loop: loading the next version beside the served one (sharing its "
+                "model), unloading the retired one, dropping its last reference. Not measured here: the delta feed's "
+                "read and the hidden products' masks (no deltas, nothing hidden in this run). The longest the ticker "
+                "waited is the longest the interpreter was held (the host's own stalls count too); the GetInfo probe "
+                "above adds the RPC stack and the load generator sharing the two cores:", "",
+                _table(["step", "max ms", "each swap, ms"], rows), ""]
     if errors:
         out += ["Parts that failed in this run: " + "; ".join(f"{k}: {v}" for k, v in errors.items()) + ".", ""]
     return [*out, SCALE_END]

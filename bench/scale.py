@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import gzip
 import hashlib
 import io
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -714,7 +716,8 @@ def _point(report: dict, operation: str) -> dict:
 
 def serving_runs(artifacts_dir: Path, catalogue: Path, duration_s: float, full: bool = True) -> dict:
     """One server, result cache off: GetInfo (the ceiling), FindSimilar by product id and by image id (closed loop
-    with 8 callers on 4 connections, then open loop at 50% and 80% of that maximum), photo FindSimilar."""
+    with 8 callers on 4 connections, then open loop at 50% and 80% of that maximum), photo FindSimilar; and GetInfo
+    in open loop at half its maximum and at by product's half rate (the RPC stack's own tail)."""
     from bench.serving import compiled_load, server
 
     begin = time.perf_counter()
@@ -881,36 +884,58 @@ class _Ticker:
 
 
 def _held_ms(function, *args) -> tuple[float, object]:
-    """The longest the interpreter was held (ms) while function(*args) ran on a thread of its own, and its result."""
-    result = []
+    """The longest the interpreter was held (ms) while function(*args) ran on a thread of its own, and its result
+    (what it raised there is raised here)."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = function(*args)
+        except BaseException as error:  # noqa: BLE001 - raised again on the caller's thread
+            outcome["error"] = error
+
     with _Ticker() as ticker:
-        worker = threading.Thread(target=lambda: result.append(function(*args)))
+        worker = threading.Thread(target=run)
         worker.start()
-        worker.join()
-    if not result:
-        raise RuntimeError(f"{getattr(function, '__name__', function)} failed on its thread")
-    return round(max(ticker.gaps) * 1000, 1), result[0]
+        worker.join(300)
+    if worker.is_alive():
+        raise TimeoutError(f"{getattr(function, '__name__', function)} still running after 300 s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return round(max(ticker.gaps) * 1000, 1), outcome["result"]
 
 
 def interpreter_holds(artifacts_dir: Path, versions: tuple[str, str], rounds: int = 3) -> dict:
     """The swap's pauses as the server's own code causes them, apart from the host and the load generator: in this
-    process, what the server's reload does off its event loop (loading the next version beside the served one,
-    sharing its model; then the retired version's unload and last reference, server/versions.py), each on a thread
-    while a ticker stands in for the event loop. Reports the longest hold of each step over `rounds` swaps each
-    way, in ms."""
+    process, the three steps of a swap that run off the event loop and cost the most (loading the next version beside
+    the served one, sharing its model: server/version.py load_version; then the retired version's unload and the drop
+    of its last reference: server/versions.py _unload), each on a thread while a ticker stands in for the event loop,
+    the heap frozen as the server freezes it. Reports the longest hold of each step over `rounds` swaps each way,
+    in ms."""
     from server.search import SearchConfig
     from server.version import load_version
 
     served = load_version(artifacts_dir, versions[0], 10_000_000)
+    gc.collect()
+    gc.freeze()  # as server/app.py does before SERVING: no collection walks the model while a step is timed
     holds: dict[str, list[float]] = {"load": [], "unload": [], "free": []}
-    for n in range(2 * rounds):
-        held, loaded = _held_ms(load_version, artifacts_dir, versions[(n + 1) % 2], 10_000_000, SearchConfig(), 0,
-                                served)
-        holds["load"].append(held)
-        retired, served = [served], loaded
-        holds["unload"].append(_held_ms(retired[0].close)[0])
-        # The last reference dropped on the thread, as the server's retirement does.
-        holds["free"].append(_held_ms(retired.clear)[0])
+    try:
+        for n in range(2 * rounds):
+            held, loaded = _held_ms(load_version, artifacts_dir, versions[(n + 1) % 2], 10_000_000, SearchConfig(),
+                                    0, served)
+            if loaded.embedder is not served.embedder:
+                raise RuntimeError(f"{versions[(n + 1) % 2]} did not share the served model: not the swap measured")
+            holds["load"].append(held)
+            retired, served = [served], loaded
+            holds["unload"].append(_held_ms(retired[0].close)[0])
+            gone = weakref.ref(retired[0].catalogue)
+            # The last reference dropped on the thread, as the server's retirement does.
+            holds["free"].append(_held_ms(retired.clear)[0])
+            if gone() is not None:
+                raise RuntimeError("the retired version was not freed by its last reference: the free step timed "
+                                   "nothing")
+    finally:
+        gc.unfreeze()
     return {step: {"max_ms": max(values), "each_ms": values} for step, values in holds.items()}
 
 
