@@ -28,7 +28,7 @@ from server.fresh import DeltaFeed
 from server.metrics import ServerMetrics
 from server.search import SearchConfig
 from server.servicer import ImageSimilarityServicer
-from server.version import ServedVersion, load_version
+from server.version import ServedVersion, load_version, model_identity
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageSimilarity"].full_name
@@ -105,6 +105,9 @@ class LookalikeServer:
         self._availability_lock = asyncio.Lock()
         self._loading: str | None = None
         self._refused_version: str | None = None
+        # A worker of --workers N (it has a ready_fd) hands a version with a model of its own to a fresh worker the
+        # supervisor starts, instead of swapping it in (server/workers.py); the version it last asked one for.
+        self._handed_over: str | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._lease_holder = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -247,9 +250,8 @@ class LookalikeServer:
             self._tasks.append(loop.create_task(self._watch()))
         self._tasks.append(loop.create_task(self._renew_lease()))
         log.info("serving version %s", version.name)
-        if self.config.ready_fd >= 0:
+        if self.config.ready_fd >= 0:  # kept open: later it asks for a fresh worker (_hand_over)
             os.write(self.config.ready_fd, b"ready\n")
-            os.close(self.config.ready_fd)
 
     def _collect_retired(self, version: str, seconds: float | None) -> None:
         if seconds is not None:  # None: freed by reference counts, no collection ran
@@ -324,6 +326,11 @@ class LookalikeServer:
                 return False
             if wanted == self.core.version.name or (wanted == self._refused_version and not force):
                 return wanted == self.core.version.name
+            if self.config.ready_fd >= 0:
+                if wanted == self._handed_over and not force:
+                    return False  # a fresh worker is on its way
+                if await asyncio.get_running_loop().run_in_executor(None, self._has_model_of_its_own, wanted):
+                    return self._hand_over(wanted)
             # Leased before it is mapped, as at start, so a prune running meanwhile leaves it alone.
             self._loading = wanted
             self._write_lease(self._leased_versions())
@@ -347,6 +354,32 @@ class LookalikeServer:
             self.metrics.served(version.name)
             return True
 
+    def _has_model_of_its_own(self, version: str) -> bool:
+        """Whether `version` needs a model other than the served one (its manifest only; a version that cannot be read
+        is not: the load that follows says what is wrong)."""
+        try:
+            manifest = artifacts.load_manifest(self.config.artifacts / artifacts.check_version_name(version),
+                                               verify=False)
+            return model_identity(manifest) != model_identity(self.core.version.manifest)
+        except (artifacts.ArtifactError, OSError, KeyError, ValueError):
+            return False
+
+    def _hand_over(self, version: str) -> bool:
+        """Asks the supervisor for a fresh worker to serve `version` (a model of its own): swapped in here, the old
+        model's reference cycles would need a full collection of the frozen heap, a third of a second with every
+        request waiting (server/versions.py). This worker serves on until the fresh one is ready and the supervisor
+        tells it to stop (SIGTERM: it drains). False: nothing swapped here."""
+        try:
+            os.write(self.config.ready_fd, f"replace {version}\n".encode())
+        except OSError as error:  # the supervisor is gone: this worker is stopping anyway (PR_SET_PDEATHSIG)
+            log.error("cannot ask the supervisor to replace this worker: %s", error)
+            return False
+        self._handed_over = version
+        self.metrics.reloads.labels("handed_over").inc()
+        log.info("version %s has a model of its own: a fresh worker will serve it, this one serves %s until then",
+                 version, self.core.version.name)
+        return False
+
     async def _watch(self) -> None:
         while not self._stopped.is_set():
             try:
@@ -369,13 +402,24 @@ class LookalikeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        log.info("draining: health NOT_SERVING, grace %.1f s", self.config.grace_s)
-        await self.health.enter_graceful_shutdown()
-        await self.core.drain(self.config.grace_s)
-        # Model work is done; what is left are health Watch streams, which never end on their own.
-        await self._server.stop(1.0)
-        if self._http is not None:
-            await self._http.cleanup()
+        if self._handed_over is not None:
+            # Replaced by a fresh worker on the same ports: listening stops first, so that new connections go to
+            # the workers still listening instead of being refused here; calls in flight finish within grace_s.
+            log.info("replaced: no longer listening; calls in flight get %.1f s", self.config.grace_s)
+            closing = [asyncio.ensure_future(self._server.stop(self.config.grace_s))]
+            if self._http is not None:
+                closing.append(asyncio.ensure_future(self._http.cleanup()))
+            await self.core.drain(self.config.grace_s)
+            await self._server.stop(1.0)  # what is left: health Watch streams, which never end on their own
+            await asyncio.gather(*closing)
+        else:
+            log.info("draining: health NOT_SERVING, grace %.1f s", self.config.grace_s)
+            await self.health.enter_graceful_shutdown()
+            await self.core.drain(self.config.grace_s)
+            # Model work is done; what is left are health Watch streams, which never end on their own.
+            await self._server.stop(1.0)
+            if self._http is not None:
+                await self._http.cleanup()
         for task in self._tasks:
             task.cancel()
         await self.core.close()

@@ -12,6 +12,10 @@ workers share its pages. The supervisor:
 - forwards SIGHUP (reload, availability) and SIGTERM/SIGINT (drain) to every worker and waits for them;
 - restarts a worker that dies, with a backoff, and logs it; a worker that dies before it ever served
   stops the whole server (the version or the configuration is bad, and a restart would not help);
+- replaces, one at a time, a worker that asks to be (a new version with a model of its own, which it would
+  otherwise swap in and then free with a full collection of its heap, a third of a second with every request
+  waiting): a fresh worker loads the new version beside it, and once it listens the old one drains and exits.
+  A fresh worker that dies before it serves is logged, and the old one serves on;
 - serves every worker's Prometheus metrics, summed (histograms, counters) or per worker, on
   `--metrics-port` (prometheus-client's multiprocess mode), plus its own worker gauges.
 """
@@ -32,12 +36,13 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("lookalike-serve.supervisor")
 READY = b"ready\n"
+REPLACE = b"replace "  # + the version a worker wants a fresh worker to serve
 # A worker that dies sooner than this after it started counts as a crash loop: its restarts back off.
 _STABLE_S = 30.0
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
-@dataclass
+@dataclass(eq=False)  # a worker is itself: its replacement has the same index
 class Worker:
     index: int
     process: subprocess.Popen
@@ -48,6 +53,9 @@ class Worker:
     quick_deaths: int = 0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)
+    successor_of: Worker | None = None  # the worker this one replaces, until this one is ready
+    replaced: bool = False  # told to drain: its successor is ready
+    unread: bytes = b""  # the start of a message from the worker whose end has not arrived
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -80,6 +88,7 @@ class Supervisor:
         self.metrics_dir = tempfile.mkdtemp(prefix="lookalike-metrics-")
         self.metrics_port = metrics_port
         self.workers: list[Worker] = []
+        self._to_replace: list[Worker] = []
         self.stopping = False
         self._pending: list[int] = []
         self._registry = None
@@ -93,6 +102,8 @@ class Supervisor:
         MultiProcessCollector(registry, path=self.metrics_dir)
         self._alive = Gauge("lookalike_workers", "worker processes by state", ["state"], registry=registry)
         self._restarts = Counter("lookalike_worker_restarts", "workers restarted after they died", registry=registry)
+        self._replacements = Counter("lookalike_worker_replacements", "workers replaced by a fresh one serving a "
+                                     "version with a model of its own", registry=registry)
         self._registry = registry
         if self.metrics_port >= 0:
             server, _ = start_http_server(self.metrics_port, addr=self.host, registry=registry)
@@ -119,38 +130,79 @@ class Supervisor:
         log.info("worker %d started, pid %d, %d model threads", index, process.pid, self.model_threads)
         return process, read_fd
 
-    def _start(self, index: int) -> Worker:
+    def _start(self, index: int, successor_of: Worker | None = None) -> Worker:
         process, ready_fd = self._spawn(index)
-        return Worker(index, process, ready_fd, time.monotonic())
+        return Worker(index, process, ready_fd, time.monotonic(), successor_of=successor_of)
 
     def _restart(self, worker: Worker) -> None:
         os.close(worker.ready_fd)
         process, worker.ready_fd = self._spawn(worker.index)
         worker.process, worker.started_at, worker.ready, worker.restart_at = process, time.monotonic(), False, None
+        worker.unread = b""
         worker.restarts += 1
         self._restarts.inc()
 
-    def _read_ready(self) -> None:
-        fds = {w.ready_fd: w for w in self.workers if not w.ready and w.restart_at is None}
+    def _drop(self, worker: Worker) -> None:
+        """Forgets a worker that has exited and is not to be restarted."""
+        os.close(worker.ready_fd)
+        self.workers.remove(worker)
+
+    def _read_messages(self) -> None:
+        """What the workers wrote on their pipes: "ready" once listening, "replace VERSION" to be replaced."""
+        fds = {w.ready_fd: w for w in self.workers if w.restart_at is None and w.process.poll() is None}
         if not fds:
             return
         readable, _, _ = select.select(list(fds), [], [], 0)
         for fd in readable:
+            worker = fds[fd]
             try:
-                data = os.read(fd, 64)
+                data = os.read(fd, 4096)
             except BlockingIOError:
                 continue
-            if data.startswith(READY):
-                worker = fds[fd]
-                worker.ready = True
-                log.info("worker %d (pid %d) is serving", worker.index, worker.process.pid)
+            *lines, worker.unread = (worker.unread + data).split(b"\n")
+            for line in lines:
+                self._on_message(worker, line + b"\n")
+
+    def _on_message(self, worker: Worker, message: bytes) -> None:
+        if message == READY:
+            worker.ready = True
+            log.info("worker %d (pid %d) is serving", worker.index, worker.process.pid)
+            old, worker.successor_of = worker.successor_of, None
+            if old is not None and old.process.poll() is None:
+                log.info("worker %d (pid %d) replaced by pid %d: draining it", old.index, old.process.pid,
+                         worker.process.pid)
+                old.replaced = True
+                old.process.send_signal(signal.SIGTERM)
+                self._replacements.inc()
+        elif message.startswith(REPLACE):
+            version = message[len(REPLACE):].strip().decode(errors="replace")
+            waiting = worker in self._to_replace or any(w.successor_of is worker for w in self.workers)
+            if self.stopping or worker.replaced or waiting:
+                return
+            log.info("worker %d (pid %d) asks for a fresh worker to serve version %s (a model of its own)",
+                     worker.index, worker.process.pid, version)
+            self._to_replace.append(worker)
+
+    def _replace_next(self) -> None:
+        """Starts a fresh worker for the first that asked, when no other replacement is under way: one at a time,
+        so at most one worker more than asked for loads a model."""
+        if self.stopping or any(w.successor_of is not None for w in self.workers):
+            return
+        while self._to_replace:
+            old = self._to_replace.pop(0)
+            if old in self.workers and old.process.poll() is None and not old.replaced:
+                successor = self._start(old.index, successor_of=old)
+                self.workers.append(successor)
+                log.info("worker %d (pid %d): its replacement is pid %d", old.index, old.process.pid,
+                         successor.process.pid)
+                return
 
     def _reap(self) -> int | None:
         """Restarts dead workers; returns an exit code when the server must stop."""
         from prometheus_client.multiprocess import mark_process_dead
 
         now = time.monotonic()
-        for worker in self.workers:
+        for worker in list(self.workers):
             if worker.restart_at is not None:
                 if now >= worker.restart_at:
                     self._restart(worker)
@@ -159,7 +211,23 @@ class Supervisor:
             if code is None:
                 continue
             mark_process_dead(worker.process.pid, self.metrics_dir)
-            if not worker.ready and worker.restarts == 0:
+            if worker.replaced:
+                log.info("worker %d (pid %d) exited with %d, replaced", worker.index, worker.process.pid, code)
+                self._drop(worker)
+                continue
+            if worker.successor_of in self.workers:
+                old = worker.successor_of
+                log.error("pid %d, started to replace worker %d (pid %d), exited with %d before it served: the old "
+                          "worker serves on", worker.process.pid, old.index, old.process.pid, code)
+                self._drop(worker)
+                continue
+            if any(w.successor_of is worker for w in self.workers):
+                log.error("worker %d (pid %d) died with %d while its replacement starts: that takes its place",
+                          worker.index, worker.process.pid, code)
+                self._drop(worker)
+                continue
+            # (A replacement whose old worker died meanwhile is restarted, as that one would have been.)
+            if not worker.ready and worker.restarts == 0 and worker.successor_of is None:
                 log.error("worker %d (pid %d) exited with %d before it ever served: stopping", worker.index,
                           worker.process.pid, code)
                 return code or 1
@@ -213,11 +281,12 @@ class Supervisor:
                         self._signal(signal.SIGHUP)
                     else:
                         return self._stop()
-                self._read_ready()
+                self._read_messages()
                 code = self._reap()
                 if code is not None:
                     self._stop()
                     return code
+                self._replace_next()
                 self._update_gauges()
                 time.sleep(0.1)
         finally:

@@ -1,5 +1,6 @@
 """`lookalike-serve --workers 2` for real: one port, load spread over both workers, metrics summed,
-availability and SIGHUP reaching every worker, a killed worker restarted, SIGTERM draining them all."""
+availability and SIGHUP reaching every worker, a version with a model of its own served by fresh workers, a killed
+worker restarted, SIGTERM draining them all."""
 
 import json
 import os
@@ -140,6 +141,25 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         _until(lambda: _served_versions(metrics_port) == {pid: "v-next" for pid in workers})
         assert all(_answer_version(address) == "v-next" for _ in range(4))
 
+        # A version with a model of its own (another preprocessing: another model identity) is not swapped in, which
+        # would cost each worker a full collection of its heap: fresh workers load it, one at a time, and the old
+        # ones drain and exit. The port answers throughout.
+        _with_model_of_its_own(source, served_copy / "v-model")
+        artifacts.write_current(served_copy, "v-model")
+        answered = []
+        deadline = time.monotonic() + 240
+        while set(_served_versions(metrics_port).values()) != {"v-model"} or len(_workers(supervisor)) != 2:
+            assert time.monotonic() < deadline, (_served_versions(metrics_port), _workers(supervisor))
+            answered += [bool(answer) for answer in _fresh_answers(address, query, 1)]
+        replaced = _workers(supervisor)
+        assert not set(replaced) & set(workers) and set(_served_versions(metrics_port)) == set(replaced)
+        assert _metric(metrics_port, "lookalike_worker_replacements_total{}") == 2
+        assert _metric(metrics_port, "lookalike_reloads_total{result=handed_over}") >= 2
+        assert _metric(metrics_port, "lookalike_retire_collection_seconds_count{}") == 0  # no full collection
+        assert answered and all(answered)
+        assert all(_answer_version(address) == "v-model" for _ in range(4))
+        workers = replaced
+
         # A worker that dies is restarted; the port answers on.
         os.kill(workers[0], signal.SIGKILL)
         _until(lambda: _metric(metrics_port, "lookalike_worker_restarts_total{}") == 1)
@@ -153,6 +173,16 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(60) == 0
         assert not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in children)
+
+
+def _with_model_of_its_own(source: Path, target: Path) -> None:
+    """A copy of the version `source` whose model is another to the server: the same SavedModel behind the other
+    preprocessing, so its model identity differs and it loads."""
+    shutil.copytree(source, target)
+    manifest = json.loads((target / artifacts.MANIFEST).read_text())
+    manifest["version"] = target.name
+    manifest["preprocessing"] = "clahe-grey" if manifest["preprocessing"] == "plain" else "plain"
+    (target / artifacts.MANIFEST).write_text(json.dumps(manifest))
 
 
 def _served_versions(metrics_port: int) -> dict[int, str]:
