@@ -106,8 +106,10 @@ class LookalikeServer:
         self._loading: str | None = None
         self._refused_version: str | None = None
         # A worker of --workers N (it has a ready_fd) hands a version with a model of its own to a fresh worker the
-        # supervisor starts, instead of swapping it in (server/workers.py); the version it last asked one for.
+        # supervisor starts, instead of swapping it in (server/workers.py): the version it last asked one for, and
+        # the last version whose model it compared with its own (name, whether it has a model of its own).
         self._handed_over: str | None = None
+        self._model_check: tuple[str, bool] | None = None
         self._stopped = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._lease_holder = f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
@@ -327,9 +329,10 @@ class LookalikeServer:
             if wanted == self.core.version.name or (wanted == self._refused_version and not force):
                 return wanted == self.core.version.name
             if self.config.ready_fd >= 0:
-                if wanted == self._handed_over and not force:
-                    return False  # a fresh worker is on its way
-                if await asyncio.get_running_loop().run_in_executor(None, self._has_model_of_its_own, wanted):
+                if self._model_check is None or self._model_check[0] != wanted:
+                    own = await asyncio.get_running_loop().run_in_executor(None, self._has_model_of_its_own, wanted)
+                    self._model_check = wanted, own
+                if self._model_check[1]:
                     return self._hand_over(wanted)
             # Leased before it is mapped, as at start, so a prune running meanwhile leaves it alone.
             self._loading = wanted
@@ -367,17 +370,19 @@ class LookalikeServer:
     def _hand_over(self, version: str) -> bool:
         """Asks the supervisor for a fresh worker to serve `version` (a model of its own): swapped in here, the old
         model's reference cycles would need a full collection of the frozen heap, a third of a second with every
-        request waiting (server/versions.py). This worker serves on until the fresh one is ready and the supervisor
-        tells it to stop (SIGTERM: it drains). False: nothing swapped here."""
+        request waiting (server/versions.py). Asked at every check of CURRENT until then (the supervisor heeds the
+        first, and not a version whose fresh worker failed); this worker serves on until the fresh one listens and
+        the supervisor tells it to go (SIGUSR1: stop(replaced=True)). False: nothing swapped here."""
         try:
             os.write(self.config.ready_fd, f"replace {version}\n".encode())
         except OSError as error:  # the supervisor is gone: this worker is stopping anyway (PR_SET_PDEATHSIG)
             log.error("cannot ask the supervisor to replace this worker: %s", error)
             return False
-        self._handed_over = version
-        self.metrics.reloads.labels("handed_over").inc()
-        log.info("version %s has a model of its own: a fresh worker will serve it, this one serves %s until then",
-                 version, self.core.version.name)
+        if version != self._handed_over:
+            self._handed_over = version
+            self.metrics.reloads.labels("handed_over").inc()
+            log.info("version %s has a model of its own: a fresh worker will serve it, this one serves %s until then",
+                     version, self.core.version.name)
         return False
 
     async def _watch(self) -> None:
@@ -397,21 +402,24 @@ class LookalikeServer:
                 log.exception("%s failed; serving as before, checking again later",
                               getattr(check, "__name__", "reload"))
 
-    async def stop(self) -> None:
-        """Graceful: NOT_SERVING, refuse new work, let requests in flight finish within grace_s."""
+    async def stop(self, replaced: bool = False) -> None:
+        """Graceful: NOT_SERVING, refuse new work, let requests in flight finish within grace_s. `replaced` (a
+        worker whose fresh replacement listens on the same ports, server/workers.py): listening stops first, so
+        that new connections go to the workers still listening instead of being refused here."""
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._handed_over is not None:
-            # Replaced by a fresh worker on the same ports: listening stops first, so that new connections go to
-            # the workers still listening instead of being refused here; calls in flight finish within grace_s.
+        if replaced:
             log.info("replaced: no longer listening; calls in flight get %.1f s", self.config.grace_s)
-            closing = [asyncio.ensure_future(self._server.stop(self.config.grace_s))]
-            if self._http is not None:
-                closing.append(asyncio.ensure_future(self._http.cleanup()))
+            await self.health.enter_graceful_shutdown()
+            closing = asyncio.ensure_future(self._server.stop(self.config.grace_s))  # listening ends at once
+            for site in list(self._http.sites) if self._http is not None else []:
+                await site.stop()  # HTTP's listening too; its calls in flight go on
             await self.core.drain(self.config.grace_s)
             await self._server.stop(1.0)  # what is left: health Watch streams, which never end on their own
-            await asyncio.gather(*closing)
+            await closing
+            if self._http is not None:
+                await self._http.cleanup()
         else:
             log.info("draining: health NOT_SERVING, grace %.1f s", self.config.grace_s)
             await self.health.enter_graceful_shutdown()
@@ -452,6 +460,8 @@ async def serve(config: ServerConfig) -> None:
     stopping: list[asyncio.Task] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: stopping.append(loop.create_task(server.stop())))
+    if config.ready_fd >= 0:  # a worker of --workers N: its supervisor's word that a fresh worker replaces it
+        loop.add_signal_handler(signal.SIGUSR1, lambda: stopping.append(loop.create_task(server.stop(replaced=True))))
     async def on_hangup() -> None:
         await server.check_all(force=True)
 

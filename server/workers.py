@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger("lookalike-serve.supervisor")
 READY = b"ready\n"
 REPLACE = b"replace "  # + the version a worker wants a fresh worker to serve
+# Sent to a worker once its fresh replacement listens: it stops listening, finishes its calls and exits (SIGTERM
+# would first refuse new calls for the drain, as a server leaving a load balancer does).
+REPLACED = signal.SIGUSR1
 # A worker that dies sooner than this after it started counts as a crash loop: its restarts back off.
 _STABLE_S = 30.0
 _BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -53,8 +56,10 @@ class Worker:
     quick_deaths: int = 0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)
+    initial: bool = True  # one of the first N (a death before serving stops the server), not a replacement
     successor_of: Worker | None = None  # the worker this one replaces, until this one is ready
-    replaced: bool = False  # told to drain: its successor is ready
+    asked_for: str = ""  # the version whose request started this replacement
+    replaced_at: float | None = None  # when it was told to go: its successor is ready
     unread: bytes = b""  # the start of a message from the worker whose end has not arrived
 
 
@@ -88,7 +93,9 @@ class Supervisor:
         self.metrics_dir = tempfile.mkdtemp(prefix="lookalike-metrics-")
         self.metrics_port = metrics_port
         self.workers: list[Worker] = []
-        self._to_replace: list[Worker] = []
+        self._to_replace: list[tuple[Worker, str]] = []  # (worker, the version it asked a fresh worker for)
+        # Versions whose fresh worker died before it served: not tried again (as a refused version is not).
+        self._failed_versions: set[str] = set()
         self.stopping = False
         self._pending: list[int] = []
         self._registry = None
@@ -102,8 +109,9 @@ class Supervisor:
         MultiProcessCollector(registry, path=self.metrics_dir)
         self._alive = Gauge("lookalike_workers", "worker processes by state", ["state"], registry=registry)
         self._restarts = Counter("lookalike_worker_restarts", "workers restarted after they died", registry=registry)
-        self._replacements = Counter("lookalike_worker_replacements", "workers replaced by a fresh one serving a "
-                                     "version with a model of its own", registry=registry)
+        self._replacements = Counter("lookalike_worker_replacements", "fresh workers started to serve a version "
+                                     "with a model of its own, by result (replaced: the old one told to go; failed: "
+                                     "the fresh one died before it served)", ["result"], registry=registry)
         self._registry = registry
         if self.metrics_port >= 0:
             server, _ = start_http_server(self.metrics_port, addr=self.host, registry=registry)
@@ -112,7 +120,7 @@ class Supervisor:
     def _update_gauges(self) -> None:
         if self._registry is None:
             return
-        ready = sum(1 for w in self.workers if w.ready and w.process.poll() is None)
+        ready = sum(1 for w in self.workers if w.ready and w.replaced_at is None and w.process.poll() is None)
         self._alive.labels("ready").set(ready)
         self._alive.labels("starting").set(sum(1 for w in self.workers if not w.ready and w.process.poll() is None))
 
@@ -130,9 +138,9 @@ class Supervisor:
         log.info("worker %d started, pid %d, %d model threads", index, process.pid, self.model_threads)
         return process, read_fd
 
-    def _start(self, index: int, successor_of: Worker | None = None) -> Worker:
+    def _start(self, index: int) -> Worker:
         process, ready_fd = self._spawn(index)
-        return Worker(index, process, ready_fd, time.monotonic(), successor_of=successor_of)
+        return Worker(index, process, ready_fd, time.monotonic())
 
     def _restart(self, worker: Worker) -> None:
         os.close(worker.ready_fd)
@@ -141,6 +149,8 @@ class Supervisor:
         worker.unread = b""
         worker.restarts += 1
         self._restarts.inc()
+        # It loads CURRENT now: a fresh worker asked for before it died is not needed.
+        self._to_replace = [(w, v) for w, v in self._to_replace if w is not worker]
 
     def _drop(self, worker: Worker) -> None:
         """Forgets a worker that has exited and is not to be restarted."""
@@ -169,29 +179,32 @@ class Supervisor:
             log.info("worker %d (pid %d) is serving", worker.index, worker.process.pid)
             old, worker.successor_of = worker.successor_of, None
             if old is not None and old.process.poll() is None:
-                log.info("worker %d (pid %d) replaced by pid %d: draining it", old.index, old.process.pid,
-                         worker.process.pid)
-                old.replaced = True
-                old.process.send_signal(signal.SIGTERM)
-                self._replacements.inc()
+                log.info("worker %d (pid %d) replaced by pid %d: it stops listening and finishes its calls",
+                         old.index, old.process.pid, worker.process.pid)
+                old.replaced_at = time.monotonic()
+                old.process.send_signal(REPLACED)
+                self._replacements.labels("replaced").inc()
         elif message.startswith(REPLACE):
+            # A worker asks again every time it checks CURRENT until it is replaced: the first request counts.
             version = message[len(REPLACE):].strip().decode(errors="replace")
-            waiting = worker in self._to_replace or any(w.successor_of is worker for w in self.workers)
-            if self.stopping or worker.replaced or waiting:
+            waiting = any(w is worker for w, _ in self._to_replace) or any(
+                w.successor_of is worker for w in self.workers)
+            if self.stopping or worker.replaced_at is not None or waiting or version in self._failed_versions:
                 return
             log.info("worker %d (pid %d) asks for a fresh worker to serve version %s (a model of its own)",
                      worker.index, worker.process.pid, version)
-            self._to_replace.append(worker)
+            self._to_replace.append((worker, version))
 
     def _replace_next(self) -> None:
-        """Starts a fresh worker for the first that asked, when no other replacement is under way: one at a time,
-        so at most one worker more than asked for loads a model."""
-        if self.stopping or any(w.successor_of is not None for w in self.workers):
+        """Starts a fresh worker for the first that asked, once no other is starting and no replaced one is still
+        finishing its calls: one at a time, so one worker more than asked for at most, one model more in memory."""
+        if self.stopping or any(w.successor_of is not None or w.replaced_at is not None for w in self.workers):
             return
         while self._to_replace:
-            old = self._to_replace.pop(0)
-            if old in self.workers and old.process.poll() is None and not old.replaced:
-                successor = self._start(old.index, successor_of=old)
+            old, version = self._to_replace.pop(0)
+            if old in self.workers and old.process.poll() is None and version not in self._failed_versions:
+                successor = self._start(old.index)
+                successor.initial, successor.successor_of, successor.asked_for = False, old, version
                 self.workers.append(successor)
                 log.info("worker %d (pid %d): its replacement is pid %d", old.index, old.process.pid,
                          successor.process.pid)
@@ -209,25 +222,33 @@ class Supervisor:
                 continue
             code = worker.process.poll()
             if code is None:
+                if worker.replaced_at is not None and now > worker.replaced_at + self.grace_s + 10:
+                    log.error("worker %d (pid %d), replaced, did not stop in time: killed", worker.index,
+                              worker.process.pid)
+                    worker.process.kill()
                 continue
             mark_process_dead(worker.process.pid, self.metrics_dir)
-            if worker.replaced:
+            if worker.replaced_at is not None:
                 log.info("worker %d (pid %d) exited with %d, replaced", worker.index, worker.process.pid, code)
                 self._drop(worker)
                 continue
-            if worker.successor_of in self.workers:
+            if worker.successor_of is not None:
                 old = worker.successor_of
-                log.error("pid %d, started to replace worker %d (pid %d), exited with %d before it served: the old "
-                          "worker serves on", worker.process.pid, old.index, old.process.pid, code)
+                log.error("pid %d, started to replace worker %d (pid %d) with version %s, exited with %d before it "
+                          "served: the old worker serves on, and %s is not tried again", worker.process.pid,
+                          old.index, old.process.pid, worker.asked_for, code, worker.asked_for)
+                self._failed_versions.add(worker.asked_for)
+                self._replacements.labels("failed").inc()
                 self._drop(worker)
                 continue
-            if any(w.successor_of is worker for w in self.workers):
+            successor = next((w for w in self.workers if w.successor_of is worker), None)
+            if successor is not None:
                 log.error("worker %d (pid %d) died with %d while its replacement starts: that takes its place",
                           worker.index, worker.process.pid, code)
+                successor.successor_of = None  # a worker like the others now: restarted should it die
                 self._drop(worker)
                 continue
-            # (A replacement whose old worker died meanwhile is restarted, as that one would have been.)
-            if not worker.ready and worker.restarts == 0 and worker.successor_of is None:
+            if not worker.ready and worker.restarts == 0 and worker.initial:
                 log.error("worker %d (pid %d) exited with %d before it ever served: stopping", worker.index,
                           worker.process.pid, code)
                 return code or 1
@@ -240,9 +261,9 @@ class Supervisor:
             worker.restart_at = now + delay
         return None
 
-    def _signal(self, signum: int) -> None:
+    def _signal(self, signum: int, ready_only: bool = False) -> None:
         for worker in self.workers:
-            if worker.process.poll() is None:
+            if worker.process.poll() is None and (worker.ready or not ready_only):
                 try:
                     worker.process.send_signal(signum)
                 except ProcessLookupError:
@@ -278,7 +299,9 @@ class Supervisor:
                     signum = self._pending.pop(0)
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: every worker checks CURRENT and availability now")
-                        self._signal(signal.SIGHUP)
+                        # Not those still starting (SIGHUP would end them before their handler is set): they read
+                        # CURRENT and availability as they start.
+                        self._signal(signal.SIGHUP, ready_only=True)
                     else:
                         return self._stop()
                 self._read_messages()

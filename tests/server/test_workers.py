@@ -153,7 +153,7 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
             answered += [bool(answer) for answer in _fresh_answers(address, query, 1)]
         replaced = _workers(supervisor)
         assert not set(replaced) & set(workers) and set(_served_versions(metrics_port)) == set(replaced)
-        assert _metric(metrics_port, "lookalike_worker_replacements_total{}") == 2
+        assert _metric(metrics_port, "lookalike_worker_replacements_total{result=replaced}") == 2
         assert _metric(metrics_port, "lookalike_reloads_total{result=handed_over}") >= 2
         assert _metric(metrics_port, "lookalike_retire_collection_seconds_count{}") == 0  # no full collection
         assert answered and all(answered)
