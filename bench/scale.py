@@ -821,14 +821,16 @@ def _latency(samples: list[tuple[float, float, str]]) -> dict:
 
 
 def swap_pause(artifacts_dir: Path, catalogue: Path, versions: tuple[str, str], swaps: int,
-               settle_s: float = 4.0) -> dict:
+               settle_s: float = 4.0, flags: tuple[str, ...] = ()) -> dict:
     """GetInfo latency (a probe every 2 ms) under by-product load: without swaps, while the next version loads, and
     around each swap (within 100 ms of the first answer naming the new version); CURRENT alternates between two
-    versions of the same size. The server is not changed: the swap shows in its answers."""
+    versions of the same size. The server is not changed: the swap shows in its answers. `flags`: the server's
+    own (such as --workers 2)."""
     from bench.serving import server
 
     artifacts.write_current(artifacts_dir, versions[0])
-    with server(artifacts_dir, "--result-cache-size", "0", "--watch-interval-s", "0.2") as (address, metrics, _), \
+    with server(artifacts_dir, "--result-cache-size", "0", "--watch-interval-s", "0.2", *flags) as (
+            address, metrics, _), \
             background_load(address, catalogue, "product=1", 2), InfoProbe(address) as probe:
         time.sleep(settle_s)
         quiet_until = time.perf_counter()

@@ -3,8 +3,9 @@
 One demo build (the committed Fashion-MNIST sample, with lists), then two more versions of it: a `reindex` (the
 same SavedModel, so the server shares the loaded model: server/version.py load_version) and a `build --head pca`
 of the same catalogue (features from the cache, a head of its own: a new model to load and an old one to free by
-a full collection). CURRENT alternates between the first version and each of the others under by-product load,
-while a probe calls GetInfo every 2 ms (bench/scale.py swap_pause). Writes bench/results/swap.json.
+a full collection), the latter also with `--workers 2` (fresh workers serve it: nothing to collect). CURRENT
+alternates between the first version and each of the others under by-product load, while a probe calls GetInfo
+every 2 ms (bench/scale.py swap_pause). Writes bench/results/swap.json.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def run(products: int, swaps: int) -> dict:
     own = own_model_version(out, catalogue)
     results = {"command": f"python -m bench.swap --products {products} --swaps {swaps}", "products": products,
                "versions": {"served": base, "same_model": shared, "own_model": own}}
-    for label, other in (("same_model", shared), ("own_model", own)):
+    for label, other, flags in (("same_model", shared, ()), ("own_model", own, ()),
+                                ("own_model_workers", own, ("--workers", "2"))):
         log.info("swaps between %s and %s (%s)", base, other, label)
-        results[label] = swap_pause(out, catalogue, (base, other), swaps)
+        results[label] = swap_pause(out, catalogue, (base, other), swaps, flags=flags)
     results["seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "swap.json").write_text(json.dumps(results, indent=2))
@@ -66,8 +68,11 @@ def section(results: dict) -> list[str]:
     from bench.report import _table
 
     rows = []
-    for label, title in (("same_model", "same model (a reindex): shared"), ("own_model", "a model of its own "
-                                                                                          "(build --head pca)")):
+    for label, title in (("same_model", "same model (a reindex): shared"),
+                         ("own_model", "a model of its own (build --head pca)"),
+                         ("own_model_workers", "a model of its own, --workers 2: fresh workers")):
+        if label not in results:
+            continue
         run_ = results[label]
         rows.append([title, ", ".join(f"{s:g}" for s in run_["load_to_swap_s"]),
                      run_["retire_collections"]["mean_ms"], run_["without_swaps"].get("max_ms"),
@@ -76,7 +81,10 @@ def section(results: dict) -> list[str]:
             f"`{results['command']}`: the demo sample ({results['products']} products) served under by-product load "
             "(2 callers) while a probe calls GetInfo every 2 ms; CURRENT alternates between the served version and "
             "another. A version with the served model shares it (server/version.py); one with a model of its own "
-            "loads it beside the old one, whose reference cycles then take one full collection to free.", "",
+            "loads it beside the old one, whose reference cycles then take one full collection to free; with "
+            "`--workers 2` such a version is served by fresh workers started one at a time, the old ones draining "
+            "(server/workers.py): nothing to collect. There the probe's connection moves to a fresh worker when its "
+            "own is replaced (CURRENT to swap is until then), and the figures count every worker's collections.", "",
             _table(["swap to", "CURRENT to swap, s", "retire collection, mean ms", "GetInfo max ms, no swap",
                     "GetInfo max ms, within 100 ms of the swap", "its p99 ms", "errors"], rows),
             "", SWAP_END]
