@@ -36,6 +36,8 @@ class Catalogue:
         self.product_ids = product_ids if isinstance(product_ids, Strings) else Strings(product_ids, indexed=True)
         self.first_row = narrow(first_row)
         self.image_count = narrow(image_count)
+        # The same counts read as Python ints (a memoryview's item is one): a query's product costs no numpy scalar.
+        self._first_row_of, self._image_count_of = memoryview(self.first_row), memoryview(self.image_count)
         self.has_products = has_products
         rows = len(self.image_ids)
         if not (len(self.paths) == len(self.labels) == len(self.roles) == len(self.row_product) == rows) \
@@ -82,6 +84,10 @@ class Catalogue:
 
     def product_row(self, product_id: str) -> int | None:
         return self.product_ids.position(product_id)
+
+    def span(self, product_row: int) -> tuple[int, int]:
+        """The first row of a product and how many it owns."""
+        return self._first_row_of[product_row], self._image_count_of[product_row]
 
     def rows_of_product(self, product_row: int) -> np.ndarray:
         start = int(self.first_row[product_row])

@@ -489,7 +489,7 @@ class QueryEngine:
         """A product's query vectors: its images' normalised mean (product_query "mean"), or each of them."""
         # A slice (the product's rows are contiguous), not a gather; np.mean's and np.linalg.norm's arithmetic without
         # their Python wrappers: the same bits as the builder's product_query_vectors (tested): a fraction of the time.
-        start, count = int(index.catalogue.first_row[product]), int(index.catalogue.image_count[product])
+        start, count = index.catalogue.span(product)
         vectors = index.vectors[start:start + count]
         if self.product_query != "mean":
             return vectors
@@ -498,7 +498,9 @@ class QueryEngine:
             # same (float64 holds more than twice float32's precision), without a float64 loop and its casts.
             vectors = np.add.reduce(vectors, axis=0, keepdims=True) / np.float32(count)
         flat = vectors[0]
-        return vectors / max(float(np.sqrt(flat.dot(flat))), 1e-12)
+        # The float32 square root of the float32 dot product: math.sqrt's float64 root rounds to the same float32
+        # (float64 holds more than twice float32's precision), which the division by a Python float rounds it to.
+        return vectors / max(math.sqrt(flat.dot(flat)), 1e-12)
 
     def recommend(self, version: ServedVersion, hidden: HiddenProducts, examples: Examples, options: SearchOptions,
                   k: int) -> Answer:

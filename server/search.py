@@ -151,7 +151,9 @@ class NearestScorer:
     """Cosine similarity to the nearest of the probes (one probe: a plain nearest-neighbour query)."""
 
     def __init__(self, probes: np.ndarray) -> None:
-        self.probes = np.atleast_2d(np.asarray(probes, np.float32))
+        # A by-id query's vectors come as [m, D] float32 already: no conversions to call.
+        ready = isinstance(probes, np.ndarray) and probes.ndim == 2 and probes.dtype == np.float32
+        self.probes = probes if ready else np.atleast_2d(np.asarray(probes, np.float32))
 
     def scores(self, vectors: np.ndarray) -> np.ndarray:
         found = similarities(vectors, self.probes)

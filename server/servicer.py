@@ -67,10 +67,11 @@ def _rpc(method):
 
 def _query(request: pb.FindSimilarRequest | pb.Example, oneof: str = "query") -> Query:
     """The query or example; its region kept whatever it is set with (the core refuses one beside a non-image)."""
-    region = request.region
     query = _query_only(request, oneof)
-    return replace(query, region=(region.x_min, region.y_min, region.x_max, region.y_max)) if request.HasField(
-        "region") else query
+    if not request.HasField("region"):  # most requests: no region message to read
+        return query
+    region = request.region
+    return replace(query, region=(region.x_min, region.y_min, region.x_max, region.y_max))
 
 
 def _query_only(request: pb.FindSimilarRequest | pb.Example, oneof: str) -> Query:
@@ -126,7 +127,7 @@ def _options(request: pb.FindSimilarRequest | pb.RecommendRequest,
     threshold = request.score_threshold if request.HasField("score_threshold") else None
     fields = (request.k, exclude_query, request.search_k, request.group_size, request.with_attributes, threshold,
               request.diversity, request.candidates)
-    filter_ = _filter(request.filter)
+    filter_ = _filter(request.filter) if request.HasField("filter") else _NO_FILTER
     if filter_ is _NO_FILTER:
         return _plain_options(*fields)
     k, exclude_query, search_k, group_size, with_attributes, threshold, diversity, candidates = fields

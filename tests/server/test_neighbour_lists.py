@@ -221,7 +221,8 @@ def test_a_products_query_vector_is_the_builders_to_the_last_bit():
         vectors = rng.standard_normal((int(counts.sum()), dimension)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         first_row = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        index = SimpleNamespace(vectors=vectors, catalogue=SimpleNamespace(first_row=first_row, image_count=counts))
+        spans = list(zip(first_row.tolist(), counts.tolist(), strict=True))
+        index = SimpleNamespace(vectors=vectors, catalogue=SimpleNamespace(span=spans.__getitem__))
         expected = product_query_vectors(vectors, first_row, counts)
         engine = QueryEngine()
         for product in range(len(counts)):
