@@ -7,14 +7,15 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 from lookalike.settings import OneLineArgumentParser, env_default
-from server.batcher import BatcherConfig
-from server.core import PRODUCT_QUERIES, CoreConfig
-from server.search import SearchConfig
+
+# The serving modules (numpy, pandas, grpc: most of a second) are imported by the functions that need them, after
+# main() has set SIGHUP aside for the start-up.
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,6 +30,10 @@ class JsonFormatter(logging.Formatter):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from server.batcher import BatcherConfig
+    from server.core import PRODUCT_QUERIES, CoreConfig
+    from server.search import SearchConfig
+
     b, c = BatcherConfig(), CoreConfig()
     p = OneLineArgumentParser(prog="lookalike-serve", description=__doc__)
     p.add_argument("--artifacts", type=Path, default=env_default("artifacts", None),
@@ -130,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace):
     from server.app import ServerConfig, TlsConfig
+    from server.batcher import BatcherConfig
+    from server.core import CoreConfig
+    from server.search import SearchConfig
 
     batcher = BatcherConfig(args.max_batch_size, args.max_wait_ms, args.max_queue)
     core = CoreConfig(batcher=batcher, preprocess_threads=args.preprocess_threads,
@@ -152,7 +160,6 @@ def config_from_args(args: argparse.Namespace):
 def _die_with_supervisor() -> None:
     """A worker gets SIGTERM (and drains) when its supervisor dies, however it dies (Linux prctl)."""
     import ctypes
-    import signal
 
     supervisor = os.getppid()
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
@@ -161,6 +168,10 @@ def _die_with_supervisor() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A SIGHUP (reload) before serve() sets its handler, once serving, would end the process (its default action)
+    # while it imports and loads its model: ignored until then (start-up reads CURRENT and availability.json anyway;
+    # a supervisor sets its own handler).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_args(argv)
     handler = logging.StreamHandler()
     if args.log_format == "json":

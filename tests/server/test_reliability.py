@@ -3,6 +3,7 @@
 import ast
 import json
 import shutil
+import signal
 import subprocess
 import time
 
@@ -128,6 +129,34 @@ def test_restart_after_sigkill_serves_again(tmp_path, built):
         for process in (first,):
             if process.poll() is None:
                 process.kill()
+
+
+def test_a_sighup_while_the_server_starts_does_not_end_it(tmp_path, built):
+    """SIGHUP asks a serving server to reload; sent while it still loads its model (an operator's reload racing a
+    restart), it ended the process (the signal's default action) until the server set its handler."""
+    out = tmp_path / "ARTIFACTS"
+    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
+    port, log = helpers.free_port(), tmp_path / "server.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen([helpers.BIN / "lookalike-serve", "--artifacts", out, "--port", str(port),
+                                    "--metrics-port", "-1", "--log-format", "text"], env=helpers.env(),
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        time.sleep(0.5)  # past the interpreter's start, into the imports and the model's load
+        for _ in range(10):
+            if process.poll() is not None:
+                break
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+        helpers.wait_healthy(f"127.0.0.1:{port}", process, 180, log)
+        process.send_signal(signal.SIGHUP)  # and once serving, a reload as ever
+        time.sleep(0.5)
+        assert process.poll() is None
+        process.terminate()
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def test_current_naming_a_path_outside_artifacts_is_refused(tmp_path, built):
