@@ -409,25 +409,21 @@ class LookalikeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        log.info("%s: health NOT_SERVING, grace %.1f s", "replaced, no longer listening" if replaced else "draining",
+                 self.config.grace_s)
+        await self.health.enter_graceful_shutdown()
+        closing = None
         if replaced:
-            log.info("replaced: no longer listening; calls in flight get %.1f s", self.config.grace_s)
-            await self.health.enter_graceful_shutdown()
             closing = asyncio.ensure_future(self._server.stop(self.config.grace_s))  # listening ends at once
             for site in list(self._http.sites) if self._http is not None else []:
                 await site.stop()  # HTTP's listening too; its calls in flight go on
-            await self.core.drain(self.config.grace_s)
-            await self._server.stop(1.0)  # what is left: health Watch streams, which never end on their own
+        await self.core.drain(self.config.grace_s)
+        # Model work is done; what is left are health Watch streams, which never end on their own.
+        await self._server.stop(1.0)
+        if closing is not None:
             await closing
-            if self._http is not None:
-                await self._http.cleanup()
-        else:
-            log.info("draining: health NOT_SERVING, grace %.1f s", self.config.grace_s)
-            await self.health.enter_graceful_shutdown()
-            await self.core.drain(self.config.grace_s)
-            # Model work is done; what is left are health Watch streams, which never end on their own.
-            await self._server.stop(1.0)
-            if self._http is not None:
-                await self._http.cleanup()
+        if self._http is not None:
+            await self._http.cleanup()
         for task in self._tasks:
             task.cancel()
         await self.core.close()

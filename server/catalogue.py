@@ -90,8 +90,8 @@ class Catalogue:
         return self._first_row_of[product_row], self._image_count_of[product_row]
 
     def rows_of_product(self, product_row: int) -> np.ndarray:
-        start = int(self.first_row[product_row])
-        return np.arange(start, start + int(self.image_count[product_row]))
+        start, count = self.span(product_row)
+        return np.arange(start, start + count)
 
     def products_of_image(self, image_id: str) -> list[int]:
         return sorted({int(p) for p in self.row_product[self.rows_of_image(image_id)]})

@@ -299,8 +299,8 @@ class Supervisor:
                     signum = self._pending.pop(0)
                     if signum == signal.SIGHUP:
                         log.info("SIGHUP: every worker checks CURRENT and availability now")
-                        # Not those still starting (SIGHUP would end them before their handler is set): they read
-                        # CURRENT and availability as they start.
+                        # Not those still starting: they read CURRENT and availability as they start (and ignore
+                        # SIGHUP until they serve, server/cli.py).
                         self._signal(signal.SIGHUP, ready_only=True)
                     else:
                         return self._stop()
