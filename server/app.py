@@ -417,7 +417,9 @@ class LookalikeServer:
             closing = asyncio.ensure_future(self._server.stop(self.config.grace_s))  # listening ends at once
             for site in list(self._http.sites) if self._http is not None else []:
                 await site.stop()  # HTTP's listening too; its calls in flight go on
-        await self.core.drain(self.config.grace_s)
+        # Replaced: a call still arriving on an open connection (before gRPC's GOAWAY, on an HTTP keep-alive) is
+        # served, not refused: the workers still listening take the new connections.
+        await self.core.drain(self.config.grace_s, refuse=not replaced)
         # Model work is done; what is left are health Watch streams, which never end on their own.
         await self._server.stop(1.0)
         if closing is not None:

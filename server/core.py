@@ -466,9 +466,10 @@ class SimilarityCore:
         Call prepare(version) first: what it does not find ready is worked out by the first requests."""
         return self._versions.swap(version)
 
-    async def drain(self, grace_s: float) -> None:
-        """Refuses new requests and waits (up to grace_s) for those in flight."""
-        self.draining = True
+    async def drain(self, grace_s: float, refuse: bool = True) -> None:
+        """Refuses new requests (unless `refuse` is False: the listeners have closed and the transports send no new
+        ones) and waits (up to grace_s) for those in flight."""
+        self.draining = refuse
         await self._versions.drain(grace_s)
 
     async def close(self) -> None:

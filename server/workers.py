@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 log = logging.getLogger("lookalike-serve.supervisor")
 READY = b"ready\n"
 REPLACE = b"replace "  # + the version a worker wants a fresh worker to serve
-# Sent to a worker once its fresh replacement listens: it stops listening, finishes its calls and exits (SIGTERM
-# would first refuse new calls for the drain, as a server leaving a load balancer does).
+# Sent to a worker once its fresh replacement listens: it stops listening, finishes its calls (serving any that still
+# arrive on open connections) and exits; SIGTERM refuses new calls for the drain, as a server leaving a load balancer
+# does.
 REPLACED = signal.SIGUSR1
 # A worker that dies sooner than this after it started counts as a crash loop: its restarts back off.
 _STABLE_S = 30.0
@@ -94,7 +95,7 @@ class Supervisor:
         self.metrics_port = metrics_port
         self.workers: list[Worker] = []
         self._to_replace: list[tuple[Worker, str]] = []  # (worker, the version it asked a fresh worker for)
-        # Versions whose fresh worker died before it served: not tried again (as a refused version is not).
+        # Versions whose fresh worker died before it served: not tried again until SIGHUP (as a refused version).
         self._failed_versions: set[str] = set()
         self.stopping = False
         self._pending: list[int] = []
@@ -269,6 +270,13 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
 
+    def _on_hangup(self) -> None:
+        log.info("SIGHUP: every worker checks CURRENT and availability now")
+        self._failed_versions.clear()  # a version whose fresh worker failed is tried again, as a refused one is
+        # Not those still starting: they read CURRENT and availability as they start (and ignore SIGHUP until they
+        # serve, server/cli.py).
+        self._signal(signal.SIGHUP, ready_only=True)
+
     def _on_signal(self, signum, _frame) -> None:
         self._pending.append(signum)
 
@@ -298,10 +306,7 @@ class Supervisor:
                 while self._pending:
                     signum = self._pending.pop(0)
                     if signum == signal.SIGHUP:
-                        log.info("SIGHUP: every worker checks CURRENT and availability now")
-                        # Not those still starting: they read CURRENT and availability as they start (and ignore
-                        # SIGHUP until they serve, server/cli.py).
-                        self._signal(signal.SIGHUP, ready_only=True)
+                        self._on_hangup()
                     else:
                         return self._stop()
                 self._read_messages()

@@ -120,6 +120,14 @@ async def test_draining_is_unavailable(harness):
     assert await _code(h.stub.Embed(pb.EmbedRequest(images=images[:1]))) == grpc.StatusCode.UNAVAILABLE
 
 
+async def test_a_replaced_workers_drain_serves_what_still_arrives(harness):
+    """A worker replaced by a fresh one drains without refusing (its listeners are closed: what still arrives came on
+    an open connection, and a refusal would be the only failure of the hand-over)."""
+    h, images = harness
+    await h.core.drain(0.1, refuse=False)
+    assert len((await h.stub.Embed(pb.EmbedRequest(images=images[:1]))).vectors) == 1
+
+
 async def test_full_queue_is_resource_exhausted_and_admitted_requests_succeed(tmp_path):
     config = CoreConfig(batcher=BatcherConfig(max_batch_size=4, max_wait_ms=0, max_queue=8),
                         max_images_per_request=8)

@@ -117,6 +117,20 @@ def test_a_fresh_worker_that_dies_before_it_serves_leaves_the_old_one_serving(su
     assert len(supervisor.workers) == 3 and supervisor.workers[2].asked_for == "v-fixed"
 
 
+def test_a_sighup_tries_a_failed_version_again(supervisor):
+    old = supervisor.workers[0]
+    say(supervisor, old, b"replace v-flaky\n")
+    step(supervisor)
+    supervisor.workers[2].process.code = 1
+    step(supervisor)
+    say(supervisor, old, b"replace v-flaky\n")
+    assert step(supervisor) is None and len(supervisor.workers) == 2
+    supervisor._on_hangup()  # as a refused version is tried again on SIGHUP
+    say(supervisor, old, b"replace v-flaky\n")
+    step(supervisor)
+    assert len(supervisor.workers) == 3 and supervisor.workers[2].asked_for == "v-flaky"
+
+
 def test_a_worker_that_dies_while_its_fresh_worker_starts_is_not_restarted(supervisor):
     old = supervisor.workers[0]
     say(supervisor, old, b"replace v-model\n")
