@@ -11,6 +11,7 @@ import signal
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +30,9 @@ from server.metrics import ServerMetrics
 from server.search import SearchConfig
 from server.servicer import ImageSimilarityServicer
 from server.version import ServedVersion, load_version, model_identity
+
+if TYPE_CHECKING:
+    from server.cli import HangupsWhileStarting
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageSimilarity"].full_name
@@ -450,8 +454,8 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs until SIGTERM or SIGINT; SIGHUP reloads."""
+async def serve(config: ServerConfig, hangups_while_starting: HangupsWhileStarting | None = None) -> None:
+    """Runs until SIGTERM or SIGINT; SIGHUP reloads, and so does a SIGHUP received while it started."""
     server = LookalikeServer(config)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -460,10 +464,17 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(signum, lambda: stopping.append(loop.create_task(server.stop())))
     if config.ready_fd >= 0:  # a worker of --workers N: its supervisor's word that a fresh worker replaces it
         loop.add_signal_handler(signal.SIGUSR1, lambda: stopping.append(loop.create_task(server.stop(replaced=True))))
-    async def on_hangup() -> None:
-        await server.check_all(force=True)
+    reloads: set[asyncio.Task] = set()  # held until done: the loop keeps only weak references to its tasks
 
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hangup()))
+    def on_hangup() -> None:
+        task = loop.create_task(server.check_all(force=True))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    if hangups_while_starting is not None and hangups_while_starting.received:
+        log.info("a SIGHUP came while starting: CURRENT and availability are checked again")
+        on_hangup()
     await server.wait()
     for task in stopping:
         await task

@@ -15,7 +15,20 @@ from pathlib import Path
 from lookalike.settings import OneLineArgumentParser, env_default
 
 # The serving modules (numpy, pandas, grpc: most of a second) are imported by the functions that need them, after
-# main() has set SIGHUP aside for the start-up.
+# main() has set its start-up SIGHUP handler.
+
+
+class HangupsWhileStarting:
+    """SIGHUP's handler from main()'s first line until the server sets its own, once serving. The signal's default
+    action would end the process while it imports and loads its model; ignoring it would lose a reload asked for
+    after start-up read CURRENT (with --watch-interval-s 0 the new version waited for the next SIGHUP): it is
+    remembered, and the server checks CURRENT and availability once more as it starts serving."""
+
+    def __init__(self) -> None:
+        self.received = False
+
+    def __call__(self, _signum, _frame) -> None:
+        self.received = True
 
 
 class JsonFormatter(logging.Formatter):
@@ -168,10 +181,9 @@ def _die_with_supervisor() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # A SIGHUP (reload) before serve() sets its handler, once serving, would end the process (its default action)
-    # while it imports and loads its model: ignored until then (start-up reads CURRENT and availability.json anyway;
-    # a supervisor sets its own handler).
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Until serve() sets its handler, once serving, a SIGHUP (reload) is remembered (a supervisor sets its own).
+    hangups = HangupsWhileStarting()
+    signal.signal(signal.SIGHUP, hangups)
     args = parse_args(argv)
     handler = logging.StreamHandler()
     if args.log_format == "json":
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.app import serve
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, hangups))
     except ArtifactError as error:
         logging.getLogger("lookalike-serve").error("cannot serve: %s", error)
         return 1

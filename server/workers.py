@@ -9,7 +9,8 @@ workers share its pages. The supervisor:
 - reserves the port (a bound, never listening SO_REUSEPORT socket) so `--port 0` gives all one port, and
   the HTTP port likewise;
 - sizes each worker's TensorFlow threads to cores / N so N workers do not oversubscribe the cores;
-- forwards SIGHUP (reload, availability) and SIGTERM/SIGINT (drain) to every worker and waits for them;
+- forwards SIGHUP (reload, availability; to a worker still starting once it serves) and SIGTERM/SIGINT (drain)
+  to every worker and waits for them;
 - restarts a worker that dies, with a backoff, and logs it; a worker that dies before it ever served
   stops the whole server (the version or the configuration is bad, and a restart would not help);
 - replaces, one at a time, a worker that asks to be (a new version with a model of its own, which it would
@@ -62,6 +63,7 @@ class Worker:
     asked_for: str = ""  # the version whose request started this replacement
     replaced_at: float | None = None  # when it was told to go: its successor is ready
     unread: bytes = b""  # the start of a message from the worker whose end has not arrived
+    hangup_pending: bool = False  # a SIGHUP came while it started: sent on once it serves
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -178,6 +180,9 @@ class Supervisor:
         if message == READY:
             worker.ready = True
             log.info("worker %d (pid %d) is serving", worker.index, worker.process.pid)
+            if worker.hangup_pending:  # it may have read CURRENT before the version the SIGHUP announced
+                worker.hangup_pending = False
+                worker.process.send_signal(signal.SIGHUP)
             old, worker.successor_of = worker.successor_of, None
             if old is not None and old.process.poll() is None:
                 log.info("worker %d (pid %d) replaced by pid %d: it stops listening and finishes its calls",
@@ -273,8 +278,11 @@ class Supervisor:
     def _on_hangup(self) -> None:
         log.info("SIGHUP: every worker checks CURRENT and availability now")
         self._failed_versions.clear()  # a version whose fresh worker failed is tried again, as a refused one is
-        # Not those still starting: they read CURRENT and availability as they start (and ignore SIGHUP until they
-        # serve, server/cli.py).
+        # Those still starting get it once they serve: they may have read CURRENT before the change, and a SIGHUP in
+        # their interpreter's first milliseconds, before server/cli.py sets its handler, would end them.
+        for worker in self.workers:
+            if not worker.ready and worker.process.poll() is None:
+                worker.hangup_pending = True
         self._signal(signal.SIGHUP, ready_only=True)
 
     def _on_signal(self, signum, _frame) -> None:

@@ -156,6 +156,22 @@ def copy_artifacts(source: Path, target: Path) -> Path:
     return target
 
 
+def add_version(artifacts_dir: Path, name: str, corrupt: bool = False, **manifest: object) -> str:
+    """A copy of the version CURRENT names, as version `name` with `manifest`'s keys set in its manifest: a version
+    to swap to without building one. `corrupt` breaks bytes of its index (its checksum no longer matches)."""
+    from lookalike import artifacts
+
+    target = artifacts_dir / name
+    shutil.copytree(artifacts_dir / artifacts.read_current(artifacts_dir), target)
+    path = target / artifacts.MANIFEST
+    path.write_text(json.dumps({**json.loads(path.read_text()), **manifest, "version": name}))
+    if corrupt:
+        data = bytearray((target / "index.ann").read_bytes())
+        data[100:110] = b"\xff" * 10
+        (target / "index.ann").write_bytes(bytes(data))
+    return name
+
+
 class Served(NamedTuple):
     """A running server: the process, its address, its metrics port, the health statuses seen while
     it started, and its HTTP port (-1: off)."""

@@ -58,22 +58,6 @@ def _legacy_version(artifacts_dir, name: str) -> str:
     return name
 
 
-def _add_version(artifacts_dir, name: str, corrupt: bool = False, created_at: str | None = None) -> str:
-    source = artifacts_dir / artifacts.read_current(artifacts_dir)
-    target = artifacts_dir / name
-    shutil.copytree(source, target)
-    manifest = json.loads((target / "manifest.json").read_text())
-    manifest["version"] = name
-    if created_at is not None:
-        manifest["created_at"] = created_at
-    (target / "manifest.json").write_text(json.dumps(manifest))
-    if corrupt:
-        data = bytearray((target / "index.ann").read_bytes())
-        data[100:110] = b"\xff" * 10
-        (target / "index.ann").write_bytes(bytes(data))
-    return name
-
-
 def test_embed_and_find_similar_match_the_builder(served, built, catalogue):
     items = _images(built)
     address = served.address  # the session's server on the shared build (conftest.served)
@@ -205,7 +189,7 @@ def test_reload_while_requests_run_changes_version_without_failures(served_copy)
     image_id = _images(served_copy)["image_id"][0]
     with helpers.serving(served_copy) as (_, address, metrics_port):
         client = ImageSimilarityClient(address)
-        second = _add_version(served_copy, "v-reloaded")
+        second = helpers.add_version(served_copy, "v-reloaded")
         versions, failures = [], 0
         artifacts.write_current(served_copy, second)
         deadline = time.monotonic() + 90
@@ -226,7 +210,7 @@ def test_reload_while_requests_run_changes_version_without_failures(served_copy)
                 time.sleep(0.1)
         assert helpers.scrape(metrics_port)["lookalike_model_loads_total{}"] == 1
         # Broken: the index does not match its checksum. Refused; the old version keeps serving.
-        broken = _add_version(served_copy, "v-broken", corrupt=True)
+        broken = helpers.add_version(served_copy, "v-broken", corrupt=True)
         artifacts.write_current(served_copy, broken)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and helpers.scrape(metrics_port).get(
@@ -292,13 +276,13 @@ def test_hide_rollback_and_prune_on_a_running_server_under_load(served_copy, cat
         assert report["requests"] > 0 and report["codes"] == {"OK": report["requests"]}
 
         # Forward to a new version, then back with rollback: the server follows CURRENT both ways.
-        _add_version(served_copy, "v-next", created_at="2099-01-01T00:00:00+00:00")
+        helpers.add_version(served_copy, "v-next", created_at="2099-01-01T00:00:00+00:00")
         artifacts.write_current(served_copy, "v-next")
         _until(lambda: client.info()["version"] == "v-next", 60)
         assert _build_cli("rollback", "--out", served_copy).stdout.strip() == f"CURRENT: v-next -> {original}"
         _until(lambda: client.info()["version"] == original, 60)
         # A version the server refuses: CURRENT names it, the server keeps serving (and leasing) the original.
-        _add_version(served_copy, "v-broken", corrupt=True, created_at="2099-02-01T00:00:00+00:00")
+        helpers.add_version(served_copy, "v-broken", corrupt=True, created_at="2099-02-01T00:00:00+00:00")
         artifacts.write_current(served_copy, "v-broken")
         _until(lambda: helpers.scrape(metrics_port).get("lookalike_reloads_total{result=refused}", 0) >= 1, 60)
         _until(lambda: json.loads(_build_cli("versions", "--out", served_copy, "--json").stdout)[0]["leased"]

@@ -131,24 +131,33 @@ def test_restart_after_sigkill_serves_again(tmp_path, built):
                 process.kill()
 
 
-def test_a_sighup_while_the_server_starts_does_not_end_it(tmp_path, built):
-    """SIGHUP asks a serving server to reload; sent while it still loads its model (an operator's reload racing a
-    restart), it ended the process (the signal's default action) until the server set its handler."""
-    out = tmp_path / "ARTIFACTS"
-    shutil.copytree(built, out, ignore=shutil.ignore_patterns(".features", ".leases", ".staging-*"))
+def test_a_sighup_while_the_server_starts_does_not_end_it_and_is_acted_on_once_serving(tmp_path, built):
+    """SIGHUP asks a serving server to reload. Sent while it still loads its model (an operator's reload racing a
+    restart), it ended the process (the signal's default action); then, ignored, it was lost: a version published
+    after start-up had read CURRENT waited for the next SIGHUP (the watch loop off). Now it is acted on once serving."""
+    out = helpers.copy_artifacts(built, tmp_path / "ARTIFACTS")
+    second = helpers.add_version(out, "v-published-while-starting")
     port, log = helpers.free_port(), tmp_path / "server.log"
     with open(log, "w") as log_file:
         process = subprocess.Popen([helpers.BIN / "lookalike-serve", "--artifacts", out, "--port", str(port),
-                                    "--metrics-port", "-1", "--log-format", "text"], env=helpers.env(),
-                                   stdout=log_file, stderr=subprocess.STDOUT)
+                                    "--metrics-port", "-1", "--log-format", "text", "--watch-interval-s", "0"],
+                                   env=helpers.env(), stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        time.sleep(0.5)  # past the interpreter's start, into the imports and the model's load
-        for _ in range(10):
+        time.sleep(0.5)  # past the interpreter's start, into the imports
+        for _ in range(5):
             if process.poll() is not None:
                 break
             process.send_signal(signal.SIGHUP)
             time.sleep(0.2)
-        helpers.wait_healthy(f"127.0.0.1:{port}", process, 180, log)
+        # CURRENT read, the model loading (seconds): a new version is published and announced.
+        helpers.until(lambda: "loading version" in log.read_text() or process.poll() is not None, 120)
+        artifacts.write_current(out, second)
+        process.send_signal(signal.SIGHUP)
+        address = f"127.0.0.1:{port}"
+        helpers.wait_healthy(address, process, 180, log)
+        client = ImageSimilarityClient(address)
+        helpers.until(lambda: client.info()["version"] == second, 60)
+        assert "a SIGHUP came while starting" in log.read_text()
         process.send_signal(signal.SIGHUP)  # and once serving, a reload as ever
         time.sleep(0.5)
         assert process.poll() is None

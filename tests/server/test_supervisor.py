@@ -171,3 +171,19 @@ def test_a_replaced_worker_that_does_not_stop_is_killed(supervisor, monkeypatch)
     assert old.process.code == -9
     step(supervisor)
     assert old not in supervisor.workers and len(supervisor.workers) == 2
+
+
+def test_a_sighup_reaches_a_worker_that_starts_once_it_serves(supervisor):
+    """A starting worker may have read CURRENT before the version a SIGHUP announces: it gets the SIGHUP once it
+    serves (not before: in its interpreter's first milliseconds the signal would end it)."""
+    old, other = supervisor.workers
+    say(supervisor, old, b"replace v-model\n")
+    step(supervisor)
+    fresh = supervisor.workers[2]
+    supervisor._on_hangup()
+    supervisor._on_hangup()
+    assert fresh.process.signals == [] and old.process.signals == other.process.signals == [signal.SIGHUP] * 2
+    say(supervisor, fresh, b"ready\n")
+    assert fresh.process.signals == [signal.SIGHUP]  # one reload covers both
+    supervisor._on_hangup()
+    assert fresh.process.signals == [signal.SIGHUP] * 2
