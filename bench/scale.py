@@ -4,7 +4,6 @@ served beside the demo sample under the compiled load generator."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import gzip
 import hashlib
@@ -758,22 +757,35 @@ def workers_memory(artifacts_dir: Path, catalogue: Path) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def background_load(address: str, catalogue: Path, mix: str, concurrency: int, duration_s: float = 600):
-    """The compiled load generator in the background, stopped when the block ends (bounded by duration_s too)."""
-    from bench.serving import LOADGEN
+class BackgroundLoad:
+    """The compiled load generator in the background, bounded by duration_s; its report (`codes`: every call's
+    outcome) once the block ends: SIGTERM stops it taking new calls and it reports as a finished run does."""
 
-    process = subprocess.Popen([str(LOADGEN), "--address", address, "--catalogue", str(catalogue), "--mix", mix,
-                                "--duration", f"{duration_s}s", "--concurrency", str(concurrency)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        process.terminate()
+    def __init__(self, address: str, catalogue: Path, mix: str, concurrency: int, duration_s: float = 600) -> None:
+        from bench.serving import LOADGEN
+
+        self.command = [str(LOADGEN), "--address", address, "--catalogue", str(catalogue), "--mix", mix,
+                        "--duration", f"{duration_s}s", "--concurrency", str(concurrency), "--json"]
+        self.report: dict = {}
+
+    def __enter__(self) -> BackgroundLoad:
+        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._process.terminate()
         try:
-            process.wait(10)
+            out, _ = self._process.communicate(timeout=30)
+            self.report = json.loads(out) if out.strip() else {}
         except subprocess.TimeoutExpired:
-            process.kill()
+            self._process.kill()
+            self._process.communicate()
+
+    @property
+    def errors(self) -> int | None:
+        """Calls that did not end OK; None without a report (the load generator did not report)."""
+        codes = self.report.get("codes")
+        return None if codes is None else sum(n for code, n in codes.items() if code != "OK")
 
 
 class InfoProbe:
@@ -831,7 +843,7 @@ def swap_pause(artifacts_dir: Path, catalogue: Path, versions: tuple[str, str], 
     artifacts.write_current(artifacts_dir, versions[0])
     with server(artifacts_dir, "--result-cache-size", "0", "--watch-interval-s", "0.2", *flags) as (
             address, metrics, _), \
-            background_load(address, catalogue, "product=1", 2), InfoProbe(address) as probe:
+            BackgroundLoad(address, catalogue, "product=1", 2) as load, InfoProbe(address) as probe:
         time.sleep(settle_s)
         quiet_until = time.perf_counter()
         events = []
@@ -854,7 +866,8 @@ def swap_pause(artifacts_dir: Path, catalogue: Path, versions: tuple[str, str], 
     at_swap = [s for s in samples if any(abs(s[0] - end) <= 0.1 for _, end in events)]
     return {"swaps": len(events), "load_to_swap_s": [round(end - start, 1) for start, end in events],
             "without_swaps": _latency(quiet), "while_loading": _latency(loading), "at_swap": _latency(at_swap),
-            "errors": sum(1 for s in samples if s[2].startswith("error")), "retire_collections": collections}
+            "errors": sum(1 for s in samples if s[2].startswith("error")), "load_calls": load.report.get("requests"),
+            "load_errors": load.errors, "load_codes": load.report.get("codes"), "retire_collections": collections}
 
 
 class _Ticker:
@@ -1060,6 +1073,10 @@ def targets(results: dict) -> list[dict]:
     if swap and swap.get("at_swap", {}).get("calls"):
         add("swap: GetInfo max ms within 100 ms of the swap", swap["at_swap"]["max_ms"], "<= 10",
             swap["at_swap"]["max_ms"] <= 10)
+        if swap.get("load_errors") is not None:
+            failed = swap["errors"] + swap["load_errors"]
+            add("swap: calls failed while versions swapped (GetInfo probe and by-product load)", failed, "0",
+                failed == 0)
     holds = serving.get("swap_holds")
     if holds and "load" in holds:
         longest = max(holds[step]["max_ms"] for step in ("load", "unload", "free"))

@@ -76,7 +76,8 @@ def section(results: dict) -> list[str]:
         run_ = results[label]
         rows.append([title, ", ".join(f"{s:g}" for s in run_["load_to_swap_s"]),
                      run_["retire_collections"]["mean_ms"], run_["without_swaps"].get("max_ms"),
-                     run_["at_swap"].get("max_ms"), run_["at_swap"].get("p99_ms"), run_["errors"]])
+                     run_["at_swap"].get("max_ms"), run_["at_swap"].get("p99_ms"), run_["errors"],
+                     _load_errors(run_)])
     return [SWAP_BEGIN, "### A swap's pause", "",
             f"`{results['command']}`: the demo sample ({results['products']} products) served under by-product load "
             "(2 callers) while a probe calls GetInfo every 2 ms; CURRENT alternates between the served version and "
@@ -86,8 +87,17 @@ def section(results: dict) -> list[str]:
             "(server/workers.py): nothing to collect. There the probe's connection moves to a fresh worker when its "
             "own is replaced (CURRENT to swap is until then), and the figures count every worker's collections.", "",
             _table(["swap to", "CURRENT to swap, s", "retire collection, mean ms", "GetInfo max ms, no swap",
-                    "GetInfo max ms, within 100 ms of the swap", "its p99 ms", "errors"], rows),
+                    "GetInfo max ms, within 100 ms of the swap", "its p99 ms", "probe errors",
+                    "by-product load: errors / calls"], rows),
             "", SWAP_END]
+
+
+def _load_errors(run_: dict) -> str:
+    """The by-product load's failed calls out of its calls, with their codes; n/a from runs before it reported."""
+    if run_.get("load_errors") is None:
+        return "n/a"
+    failed = {code: n for code, n in (run_.get("load_codes") or {}).items() if code != "OK"}
+    return f"{run_['load_errors']} / {run_['load_calls']}" + (f" ({failed})" if failed else "")
 
 
 def write_section(results: dict) -> None:

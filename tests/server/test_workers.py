@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.scale import BackgroundLoad
 from client import ImageSimilarityClient
 from lookalike import artifacts
 from tests import helpers
@@ -131,12 +132,7 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         assert all(shown not in answer for answer in _fresh_answers(address, query))
 
         # A new version and SIGHUP: every worker swaps to it.
-        source = served_copy / artifacts.read_current(served_copy)
-        shutil.copytree(source, served_copy / "v-next")
-        manifest = json.loads((served_copy / "v-next" / artifacts.MANIFEST).read_text())
-        manifest["version"] = "v-next"
-        (served_copy / "v-next" / artifacts.MANIFEST).write_text(json.dumps(manifest))
-        artifacts.write_current(served_copy, "v-next")
+        artifacts.write_current(served_copy, helpers.add_version(served_copy, "v-next"))
         supervisor.send_signal(signal.SIGHUP)
         _until(lambda: _served_versions(metrics_port) == {pid: "v-next" for pid in workers})
         assert all(_answer_version(address) == "v-next" for _ in range(4))
@@ -144,13 +140,25 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         # A version with a model of its own (another preprocessing: another model identity) is not swapped in, which
         # would cost each worker a full collection of its heap: fresh workers load it, one at a time, and the old
         # ones drain and exit. The port answers throughout.
-        _with_model_of_its_own(source, served_copy / "v-model")
-        artifacts.write_current(served_copy, "v-model")
+        # The same SavedModel behind the other preprocessing: another model identity to the server, and it loads.
+        plain = json.loads((served_copy / "v-next" / artifacts.MANIFEST).read_text())["preprocessing"] == "plain"
+        artifacts.write_current(served_copy, helpers.add_version(served_copy, "v-model",
+                                                                 preprocessing="clahe-grey" if plain else "plain"))
         answered = []
         deadline = time.monotonic() + 240
-        while set(_served_versions(metrics_port).values()) != {"v-model"} or len(_workers(supervisor)) != 2:
-            assert time.monotonic() < deadline, (_served_versions(metrics_port), _workers(supervisor))
-            answered += [bool(answer) for answer in _fresh_answers(address, query, 1)]
+        # Beside the fresh connections, the load generator's, opened before and held throughout: a replaced worker
+        # finishes what they send, then they move on to the fresh workers.
+        with BackgroundLoad(address, queries, "product=1,id=1", 2) as held:
+            while set(_served_versions(metrics_port).values()) != {"v-model"} or len(_workers(supervisor)) != 2:
+                assert time.monotonic() < deadline, (_served_versions(metrics_port), _workers(supervisor))
+                answered += [bool(answer) for answer in _fresh_answers(address, query, 1)]
+        # Not always none: a call reaching a replaced worker after gRPC's shutdown began (before the client has read
+        # its GOAWAY) is cancelled, and a reconnect can meet the closing listener (UNAVAILABLE, which clients retry:
+        # protos/lookalike/v1/service_config.json). Measured: 0 to 2 cancelled, once 147 UNAVAILABLE, of 30,000 to
+        # 77,000 calls on held connections; no other code. The load generator spells codes as grpc-go does.
+        codes = held.report["codes"]
+        assert codes.get("OK", 0) > 0 and set(codes) <= {"OK", "CANCELED", "UNAVAILABLE"}, codes
+        assert held.errors <= 0.01 * held.report["requests"], codes
         replaced = _workers(supervisor)
         assert not set(replaced) & set(workers) and set(_served_versions(metrics_port)) == set(replaced)
         assert _metric(metrics_port, "lookalike_worker_replacements_total{result=replaced}") == 2
@@ -173,16 +181,6 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(60) == 0
         assert not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in children)
-
-
-def _with_model_of_its_own(source: Path, target: Path) -> None:
-    """A copy of the version `source` whose model is another to the server: the same SavedModel behind the other
-    preprocessing, so its model identity differs and it loads."""
-    shutil.copytree(source, target)
-    manifest = json.loads((target / artifacts.MANIFEST).read_text())
-    manifest["version"] = target.name
-    manifest["preprocessing"] = "clahe-grey" if manifest["preprocessing"] == "plain" else "plain"
-    (target / artifacts.MANIFEST).write_text(json.dumps(manifest))
 
 
 def _served_versions(metrics_port: int) -> dict[int, str]:

@@ -1,6 +1,7 @@
 // lookalike-loadgen: closed- and open-loop load on one lookalike address, compiled so that the load
 // generator is not the bottleneck. The modes and the JSON report are those of `lookalike bench`.
-// Every run ends by itself: a duration (at most 10 minutes) or a request count, whichever comes first.
+// Every run ends by itself: a duration (at most 10 minutes) or a request count, whichever comes first;
+// SIGTERM or SIGINT ends it sooner, its calls in flight finished and its report written as ever.
 package main
 
 import (
@@ -15,12 +16,14 @@ import (
 	"math"
 	"math/rand"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -233,6 +236,14 @@ func (c *caller) one(op string, rng *rand.Rand) string {
 }
 
 func main() {
+	// Asked to stop (a benchmark's background load ends with its measurement): no new calls, the report as ever.
+	var stopped int32
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-stop
+		atomic.StoreInt32(&stopped, 1)
+	}()
 	address := flag.String("address", "127.0.0.1:50051", "the one address this load goes to")
 	catalogue := flag.String("catalogue", "", "catalogue root (ABO layout) to draw queries from")
 	mode := flag.String("mode", "closed", "closed: -concurrency callers back to back; open: Poisson arrivals at -rate")
@@ -304,7 +315,9 @@ func main() {
 	}
 	started := time.Now()
 	stopAt := started.Add(*duration)
-	take := func() bool { return time.Now().Before(stopAt) && atomic.AddInt64(&left, -1) >= 0 }
+	take := func() bool {
+		return atomic.LoadInt32(&stopped) == 0 && time.Now().Before(stopAt) && atomic.AddInt64(&left, -1) >= 0
+	}
 	run := func(r *rand.Rand) {
 		op := c.pick(r)
 		begin := time.Now()
