@@ -295,11 +295,12 @@ def test_compiled_load_generator_reports_codes_and_percentiles(clients, server, 
 
 
 class _Fake(pb_grpc.ImageSimilarityServicer):
-    """Answers FindSimilar with one match after `failures` UNAVAILABLE answers (a draining server), each
-    after `delay_s`; keeps every attempt's request."""
+    """Answers FindSimilar with one match after `failures` answers with `code` (UNAVAILABLE: a draining server;
+    CANCELLED: a call cut by a worker's shutdown), each after `delay_s`; keeps every attempt's request."""
 
-    def __init__(self, failures: int = 0, delay_s: float = 0.0) -> None:
-        self.failures, self.delay_s = failures, delay_s
+    def __init__(self, failures: int = 0, delay_s: float = 0.0,
+                 code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> None:
+        self.failures, self.delay_s, self.code = failures, delay_s, code
         self.requests: list[pb.FindSimilarRequest] = []
         self._lock = threading.Lock()
 
@@ -309,7 +310,7 @@ class _Fake(pb_grpc.ImageSimilarityServicer):
             attempt = len(self.requests)
         time.sleep(self.delay_s)
         if attempt <= self.failures:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+            context.abort(self.code, "draining")
         return pb.FindSimilarResponse(index_version="fake", matches=[pb.Match(product_id="p1", image_id="i1")])
 
     def GetInfo(self, request, context):  # noqa: N802
@@ -335,7 +336,7 @@ def _built_if_needed(request, language: str) -> None:
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
-def test_every_client_retries_unavailable_under_the_shared_policy(request, language):
+def test_every_client_retries_unavailable_and_cancelled_under_the_shared_policy(request, language):
     _built_if_needed(request, language)
     draining = _Fake(failures=2)
     with _fake_server(draining) as address:
@@ -347,6 +348,10 @@ def test_every_client_retries_unavailable_under_the_shared_policy(request, langu
     with _fake_server(down) as address:
         code, _ = _similar(language, address, "image_id", "i0")
     assert code == "UNAVAILABLE" and len(down.requests) == RETRY_POLICY["maxAttempts"]
+    cut = _Fake(failures=1, code=grpc.StatusCode.CANCELLED)  # cut by a replaced worker's shutdown: asked again
+    with _fake_server(cut) as address:
+        code, matches = _similar(language, address, "product_id", "p0")
+    assert code == "OK" and [m[0] for m in matches] == ["p1"] and len(cut.requests) == 2
 
 
 @pytest.mark.parametrize("language", ["python", "go"])

@@ -179,7 +179,9 @@ def test_the_packaged_service_config_is_the_one_in_protos():
     assert config == json.loads(source.read_text())
     (method,) = config["methodConfig"]
     assert method["name"] == [{"service": "lookalike.v1.ImageSimilarity"}]
-    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    # Every method reads: a call a draining server refuses (UNAVAILABLE) or a worker's shutdown cuts (CANCELLED)
+    # is asked again.
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
 
 
 def test_query_expansion_is_sent_when_given_and_checked_first():
