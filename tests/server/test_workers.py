@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 import pytest
 
 from bench.scale import BackgroundLoad
-from client import ImageSimilarityClient
+from client import ImageSimilarityClient, LookalikeError
 from lookalike import artifacts
 from tests import helpers
 
@@ -148,10 +149,12 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         deadline = time.monotonic() + 240
         # Beside the fresh connections, the load generator's, opened before and held throughout: a replaced worker
         # finishes what they send, then they move on to the fresh workers.
-        with BackgroundLoad(address, queries, "product=1,id=1", 2) as held:
+        # And the Python client's one channel, held too: what the shipped retry policy makes of the hand-over.
+        with BackgroundLoad(address, queries, "product=1,id=1", 2) as held, HeldClient(address, query) as client:
             while set(_served_versions(metrics_port).values()) != {"v-model"} or len(_workers(supervisor)) != 2:
                 assert time.monotonic() < deadline, (_served_versions(metrics_port), _workers(supervisor))
                 answered += [bool(answer) for answer in _fresh_answers(address, query, 1)]
+        assert client.answers > 0 and client.failures == [], client.failures
         # Not always none: a call reaching a replaced worker after gRPC's shutdown began (before the client has read
         # its GOAWAY) is cancelled, and a reconnect can meet the closing listener (UNAVAILABLE, which clients retry:
         # protos/lookalike/v1/service_config.json). Measured: 0 to 2 cancelled, once 147 UNAVAILABLE, of 30,000 to
@@ -181,6 +184,34 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(60) == 0
         assert not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in children)
+
+
+class HeldClient:
+    """One ImageSimilarityClient (one channel) asking for a product's neighbours every 20 ms on a thread until the
+    block ends; counts its answers and keeps its failures."""
+
+    def __init__(self, address: str, product_id: str) -> None:
+        self.address, self.product_id = address, product_id
+        self.answers, self.failures = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with ImageSimilarityClient(self.address) as client:
+            while not self._stop.wait(0.02):
+                try:
+                    client.find_similar(product_id=self.product_id, k=10)
+                    self.answers += 1
+                except LookalikeError as error:
+                    self.failures.append(f"{error.code}: {error.details}")
+
+    def __enter__(self) -> "HeldClient":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(60)
 
 
 def _served_versions(metrics_port: int) -> dict[int, str]:
