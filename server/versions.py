@@ -171,11 +171,13 @@ class Versions:
             self._on_retired(name, seconds)
 
     async def drain(self, grace_s: float) -> None:
-        """Waits (up to grace_s) for the served version's users to finish."""
+        """Waits (up to grace_s) for the users of the served version and of those still retiring to finish."""
+        runtimes = [self.current, *self._retiring]
         try:
-            await asyncio.wait_for(self.current.idle.wait(), grace_s)
+            await asyncio.wait_for(asyncio.gather(*(runtime.idle.wait() for runtime in runtimes)), grace_s)
         except TimeoutError:
-            log.warning("%d requests still in flight after %.1f s", self.current.users, grace_s)
+            log.warning("%d requests still in flight after %.1f s", sum(runtime.users for runtime in runtimes),
+                        grace_s)
 
     async def close(self) -> None:
         await self.current.batcher.close()
