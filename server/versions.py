@@ -57,14 +57,14 @@ class VersionRuntime:
     A job's use ends when the job itself ends, not when the request that started it is cancelled: a thread
     inside Annoy must never see its index unloaded."""
 
-    def __init__(self, version: ServedVersion, batcher: MicroBatcher) -> None:
+    def __init__(self, version: ServedVersion, make_batcher: Callable[[VersionRuntime], MicroBatcher]) -> None:
         self.version = version
-        self.batcher = batcher
         self.users = 0
         self.admitted_images = 0
         self.admitted_bytes = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.batcher = make_batcher(self)
 
     def enter(self) -> None:
         self.users += 1
@@ -99,11 +99,11 @@ class VersionRuntime:
 class Versions:
     """The served version and the retiring ones; a retiring version is unloaded when its last user leaves."""
 
-    def __init__(self, version: ServedVersion, make_batcher: Callable[[ServedVersion], MicroBatcher],
+    def __init__(self, version: ServedVersion, make_batcher: Callable[[VersionRuntime], MicroBatcher],
                  on_retired: Callable[[str, float | None], None] | None = None) -> None:
         self._make_batcher = make_batcher
         self._on_retired = on_retired
-        self.current = VersionRuntime(version, make_batcher(version))
+        self.current = VersionRuntime(version, make_batcher)
         self._retiring: set[VersionRuntime] = set()
         # Names of retired versions whose unload (a thread unmapping their files) has not finished: still on disk.
         self._unloading: list[str] = []
@@ -118,7 +118,7 @@ class Versions:
     def swap(self, version: ServedVersion) -> ServedVersion:
         """Serves `version` from now on; the old one finishes what uses it, then is unloaded."""
         old = self.current
-        self.current = VersionRuntime(version, self._make_batcher(version))
+        self.current = VersionRuntime(version, self._make_batcher)
         self._retiring.add(old)
         task = asyncio.get_running_loop().create_task(self._retire(old))
         self._tasks.add(task)
