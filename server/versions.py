@@ -93,7 +93,12 @@ class VersionRuntime:
                 pass
 
         job.add_done_callback(finished)
-        return await asyncio.wrap_future(job)
+        try:
+            return await asyncio.wrap_future(job)
+        finally:
+            # A job's exception holds this frame in its traceback, and the frame would hold the job and its exception:
+            # a cycle keeping the version's objects until a collection.
+            del job
 
 
 class Versions:
