@@ -47,7 +47,8 @@ def read_availability(artifacts: Path) -> Availability:
         payload = json.loads(path.read_text())
     except FileNotFoundError:
         return Availability()
-    except (OSError, json.JSONDecodeError) as error:
+    # ValueError: not JSON, not UTF-8, or an integer past Python's digit limit; RecursionError: nested too deep.
+    except (OSError, ValueError, RecursionError) as error:
         raise AvailabilityError(f"{path} cannot be read: {error}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("version"), int) \
             or not isinstance(payload.get("hidden"), dict):

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -168,12 +169,16 @@ class SimilarityCore:
         if self._on_retired is not None:
             self._on_retired(name, seconds)
 
-    def _make_batcher(self, version: ServedVersion) -> MicroBatcher:
-        embedder = version.embedder
+    def _make_batcher(self, runtime: VersionRuntime) -> MicroBatcher:
+        embedder = runtime.version.embedder
+        # Weakly: the runtime holds its batcher, and a cycle would keep a retired version from being freed by reference
+        # counts. The runtime outlives its batcher's work: its retirement closes the batcher first.
+        user = weakref.ref(runtime)
 
         async def run_batch(images: list[np.ndarray]) -> list[np.ndarray]:
-            loop = asyncio.get_running_loop()
-            vectors = await loop.run_in_executor(self._model_thread, embedder.embed, np.stack(images))
+            # The version's user until the model returns, though every caller is cancelled meanwhile: its retirement
+            # must not collect the model while the batch still holds it (the collection would keep it, frozen).
+            vectors = await user().run_in(self._model_thread, embedder.embed, np.stack(images))
             return list(vectors)
 
         return MicroBatcher(run_batch, self.config.batcher, self._observer)
@@ -250,12 +255,11 @@ class SimilarityCore:
 
     async def _embed_on(self, runtime: VersionRuntime, images: list[bytes], deadline: float | None,
                         regions: list[Region | None] | None = None) -> np.ndarray:
-        loop = asyncio.get_running_loop()
         embedder = runtime.version.embedder
         regions = regions or [None] * len(images)
+        # Each job the version's user until it returns, as a batch on the model is (above).
         preprocessed = await asyncio.gather(
-            *(loop.run_in_executor(self._preprocess_pool, embedder.preprocess, data, *([] if region is None else
-                                                                                     [region]))
+            *(runtime.run_in(self._preprocess_pool, embedder.preprocess, data, *([] if region is None else [region]))
               for data, region in zip(images, regions, strict=True)),
             return_exceptions=True)
         for position, result in enumerate(preprocessed):

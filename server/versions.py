@@ -57,14 +57,14 @@ class VersionRuntime:
     A job's use ends when the job itself ends, not when the request that started it is cancelled: a thread
     inside Annoy must never see its index unloaded."""
 
-    def __init__(self, version: ServedVersion, batcher: MicroBatcher) -> None:
+    def __init__(self, version: ServedVersion, make_batcher: Callable[[VersionRuntime], MicroBatcher]) -> None:
         self.version = version
-        self.batcher = batcher
         self.users = 0
         self.admitted_images = 0
         self.admitted_bytes = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.batcher = make_batcher(self)
 
     def enter(self) -> None:
         self.users += 1
@@ -93,17 +93,22 @@ class VersionRuntime:
                 pass
 
         job.add_done_callback(finished)
-        return await asyncio.wrap_future(job)
+        try:
+            return await asyncio.wrap_future(job)
+        finally:
+            # A job's exception holds this frame in its traceback, and the frame would hold the job and its exception:
+            # a cycle keeping the version's objects until a collection.
+            del job
 
 
 class Versions:
     """The served version and the retiring ones; a retiring version is unloaded when its last user leaves."""
 
-    def __init__(self, version: ServedVersion, make_batcher: Callable[[ServedVersion], MicroBatcher],
+    def __init__(self, version: ServedVersion, make_batcher: Callable[[VersionRuntime], MicroBatcher],
                  on_retired: Callable[[str, float | None], None] | None = None) -> None:
         self._make_batcher = make_batcher
         self._on_retired = on_retired
-        self.current = VersionRuntime(version, make_batcher(version))
+        self.current = VersionRuntime(version, make_batcher)
         self._retiring: set[VersionRuntime] = set()
         # Names of retired versions whose unload (a thread unmapping their files) has not finished: still on disk.
         self._unloading: list[str] = []
@@ -118,7 +123,7 @@ class Versions:
     def swap(self, version: ServedVersion) -> ServedVersion:
         """Serves `version` from now on; the old one finishes what uses it, then is unloaded."""
         old = self.current
-        self.current = VersionRuntime(version, self._make_batcher(version))
+        self.current = VersionRuntime(version, self._make_batcher)
         self._retiring.add(old)
         task = asyncio.get_running_loop().create_task(self._retire(old))
         self._tasks.add(task)
@@ -171,11 +176,13 @@ class Versions:
             self._on_retired(name, seconds)
 
     async def drain(self, grace_s: float) -> None:
-        """Waits (up to grace_s) for the served version's users to finish."""
+        """Waits (up to grace_s) for the users of the served version and of those still retiring to finish."""
+        runtimes = [self.current, *self._retiring]
         try:
-            await asyncio.wait_for(self.current.idle.wait(), grace_s)
+            await asyncio.wait_for(asyncio.gather(*(runtime.idle.wait() for runtime in runtimes)), grace_s)
         except TimeoutError:
-            log.warning("%d requests still in flight after %.1f s", self.current.users, grace_s)
+            log.warning("%d requests still in flight after %.1f s", sum(runtime.users for runtime in runtimes),
+                        grace_s)
 
     async def close(self) -> None:
         await self.current.batcher.close()

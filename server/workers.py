@@ -184,10 +184,12 @@ class Supervisor:
                 worker.hangup_pending = False
                 worker.process.send_signal(signal.SIGHUP)
             old, worker.successor_of = worker.successor_of, None
+            if old is not None:
+                # Replaced even when it has just died, not yet reaped: dropped then, not restarted beside this one.
+                old.replaced_at = time.monotonic()
             if old is not None and old.process.poll() is None:
                 log.info("worker %d (pid %d) replaced by pid %d: it stops listening and finishes its calls",
                          old.index, old.process.pid, worker.process.pid)
-                old.replaced_at = time.monotonic()
                 old.process.send_signal(REPLACED)
                 self._replacements.labels("replaced").inc()
         elif message.startswith(REPLACE):

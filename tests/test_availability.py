@@ -42,6 +42,17 @@ def test_a_malformed_file_is_an_error_naming_it(tmp_path):
         read_availability(tmp_path)
 
 
+@pytest.mark.parametrize("content", [b'{"version": 2, "hidden": {"caf\xe9": {}}}',  # latin-1, not UTF-8
+                                     b'{"version": 2, "hidden": ' + b"[" * 100_000,  # nested past the parser's depth
+                                     b'{"version": 2' + b"0" * 5000 + b', "hidden": {}}'])  # past int's digit limit
+def test_a_file_that_is_not_json_text_is_an_error_naming_it(tmp_path, content):
+    """Before, these escaped as UnicodeDecodeError, RecursionError or ValueError: a server starting beside such a file
+    failed to start (only AvailabilityError is refused and logged), and its watch loop logged a traceback per check."""
+    (tmp_path / AVAILABILITY_FILE).write_bytes(content)
+    with pytest.raises(AvailabilityError, match="cannot be read"):
+        read_availability(tmp_path)
+
+
 def _hide_many(folder, start):
     for n in range(start, start + 25):
         change_availability(folder, hide=[f"P{n}"])

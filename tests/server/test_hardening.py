@@ -22,7 +22,7 @@ from server.filters import MAX_EXCLUDED_PRODUCTS, Filter
 from server.metrics import ServerMetrics
 from server.result_cache import ResultCache, answer_bytes
 from server.servicer import ImageSimilarityServicer
-from tests.server.fakes import fake_version
+from tests.server.fakes import fake_version, serve_core
 
 GROUPS = [[p, p + 20] for p in range(20)]
 
@@ -271,6 +271,43 @@ async def test_a_swap_to_a_version_with_the_same_model_frees_the_old_one_without
         answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3))
         assert answer.version == "fake-v2" and len(answer.results) == 3
     finally:
+        await core.close()
+
+
+# NOT_FOUND (raised in an index thread) and INVALID_ARGUMENT (a corrupt image).
+@pytest.mark.parametrize("request_", [pb.FindSimilarRequest(product_id="not-a-product"),
+                                      pb.FindSimilarRequest(image=b"\x89PNG\r\n\x1a\ncorrupt")])
+async def test_a_version_that_refused_a_call_is_freed_by_reference_counts_after_a_swap(tmp_path, request_):
+    """A refused call's error kept the request's frames (and in them its version) alive in reference cycles: the
+    abort's exception carried it as its context, and run_in's frame held the failed job. After a swap the old version
+    then waited RELEASE_WAIT_S and a collection (up to 0.9 s with every request waiting, in a chaos run)."""
+    import gc
+
+    retired = []
+    version, _ = fake_version(tmp_path, groups=GROUPS)
+    metrics = ServerMetrics()
+    core, server, port = await serve_core(version, metrics)
+    core._on_retired = lambda name, seconds: retired.append((name, seconds))
+    gc.disable()  # the cycles are then left for the retirement to find, whenever the collector would have run
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.ImageSimilarityStub(channel).FindSimilar(request_, timeout=30)
+            assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        del refused
+        (tmp_path / "next").mkdir()
+        following, _ = fake_version(tmp_path / "next", name="fake-v2", groups=GROUPS)
+        following.embedder = version.embedder  # a reindex: the old version is freed by reference counts alone
+        del version
+        await core.swap(following)
+        for _ in range(500):
+            if retired:
+                break
+            await asyncio.sleep(0.01)
+        assert retired == [("fake-v1", None)], "the old version needed a collection to be freed"
+    finally:
+        gc.enable()
+        await server.stop(0)
         await core.close()
 
 

@@ -352,6 +352,68 @@ async def test_the_first_version_is_freed_after_a_swap(tmp_path):
         await core.close()
 
 
+def _hold_preprocessing(embedder: FakeEmbedder, gate: threading.Event, started: list) -> None:
+    """The embedder's preprocessing waits for `gate`; `started` gets each image it takes."""
+    preprocess = embedder.preprocess
+
+    def held(data, region=None):
+        started.append(data)
+        assert gate.wait(60), "the test never released the preprocessing"
+        return preprocess(data, region)
+
+    embedder.preprocess = held
+
+
+@pytest.mark.parametrize("stage", ["preprocess", "model"])
+async def test_a_retired_model_is_freed_when_a_cancelled_call_left_work_on_it(tmp_path, stage):
+    """A call cancelled while its image is preprocessed, or while its batch runs on the model thread, leaves at once;
+    the thread goes on, holding the model. The retirement's collection then ran beside it, found the model still held,
+    and froze it again with the heap: a whole model kept until the next swap. Each job is the version's user until it
+    returns."""
+    import gc
+    import weakref
+
+    from server.app import _freeze_heap
+
+    version, images = fake_version(tmp_path, groups=GROUPS)
+    version.embedder = embedder = _CyclicEmbedder()
+    gate, started = embedder.gate, embedder.batches
+    if stage == "preprocess":
+        gate, started = threading.Event(), []
+        _hold_preprocessing(embedder, gate, started)
+    freed = weakref.ref(embedder)
+    core = SimilarityCore(version, CONFIG)
+    del version
+    _freeze_heap()
+    try:
+        gate.clear()
+        call = asyncio.ensure_future(core.embed(images[:1]))
+        for _ in range(1000):
+            if started:
+                break
+            await asyncio.sleep(0.005)
+        other, _ = fake_version(tmp_path, name="fake-v2", groups=GROUPS)
+        await core.swap(other)
+        call.cancel()  # its job stays in its thread: the gate holds it there
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        del call, embedder  # the test's own references (a cancelled task keeps its frames)
+        await asyncio.sleep(0.2)
+        gate.set()
+        for _ in range(400):
+            if core.loaded_versions() == ["fake-v2"]:
+                break
+            await asyncio.sleep(0.01)
+        assert core.loaded_versions() == ["fake-v2"]
+        for pool in (core._preprocess_pool, core._model_thread):  # the job has returned
+            await asyncio.get_running_loop().run_in_executor(pool, lambda: None)
+        gc.collect()
+        assert freed() is None, "the retired version's model is still in memory"
+    finally:
+        gate.set()
+        gc.unfreeze()
+        await core.close()
+
 # Finding 9 --------------------------------------------------------------------------------------------------
 
 async def test_the_event_loop_keeps_running_while_a_catalogue_of_abo_size_loads_beside_it():

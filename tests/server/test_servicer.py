@@ -187,7 +187,9 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_not_computed(tmp_
         await h.core.close()
 
 
-async def test_swap_finishes_in_flight_requests_on_the_old_version(tmp_path):
+async def test_swap_finishes_in_flight_requests_on_the_old_version_and_a_drain_waits_for_them(tmp_path):
+    """SIGTERM soon after a swap: a call still on the old version finishes within the grace period too (the drain
+    waited for the served version's calls alone, and stop() then gave this one a second)."""
     h, images, channel = await _start(tmp_path)
     embedder = h.core.version.embedder
     try:
@@ -197,12 +199,17 @@ async def test_swap_finishes_in_flight_requests_on_the_old_version(tmp_path):
         new_version, _ = fake_version(tmp_path, name="fake-v2")
         swapped = asyncio.ensure_future(h.core.swap(new_version))
         await _until(lambda: h.core.version.name == "fake-v2")  # swapped while the request is on the model
+        after = await h.stub.FindSimilar(pb.FindSimilarRequest(item_id="item-001"))
+        assert after.index_version == "fake-v2"
+        drained = asyncio.ensure_future(h.core.drain(30))
+        await asyncio.sleep(0.2)
+        assert not drained.done(), "the drain ended with a call in flight on the swapped-out version"
         embedder.gate.set()
         await swapped
         assert (await in_flight).model_version == "fake-v1"
-        after = await h.stub.FindSimilar(pb.FindSimilarRequest(item_id="item-001"))
-        assert after.index_version == "fake-v2"
+        await asyncio.wait_for(drained, 30)
     finally:
+        embedder.gate.set()
         await channel.close()
         await h.server.stop(0)
         await h.core.close()

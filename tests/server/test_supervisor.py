@@ -143,6 +143,19 @@ def test_a_worker_that_dies_while_its_fresh_worker_starts_is_not_restarted(super
     assert step(supervisor) is None and fresh.restart_at is not None
 
 
+def test_a_worker_that_dies_as_its_fresh_worker_turns_ready_is_not_restarted(supervisor):
+    """The old worker dies in the moment before the supervisor reads its fresh worker's "ready": the fresh one has
+    taken its place, so it is dropped, not restarted beside it (a worker more than asked for, for good)."""
+    old, other = supervisor.workers
+    say(supervisor, old, b"replace v-model\n")
+    step(supervisor)
+    fresh = supervisor.workers[2]
+    old.process.code = -9  # not reaped yet: the supervisor reads the pipes before it reaps
+    say(supervisor, fresh, b"ready\n")
+    assert step(supervisor) is None
+    assert supervisor.workers == [other, fresh] and old.restart_at is None
+    assert step(supervisor) is None and len(supervisor.workers) == 2 and supervisor._restarts._value.get() == 0
+
 def test_a_worker_restarted_while_it_waits_for_a_fresh_one_needs_none(supervisor):
     old, other = supervisor.workers
     say(supervisor, old, b"replace v-model\n")
