@@ -61,6 +61,8 @@ def read_current(artifacts: Path) -> str:
     except FileNotFoundError:
         raise ArtifactError(f"{artifacts / CURRENT} does not exist: build an index first "
                             f"(lookalike-build build --images DIR --out {artifacts})") from None
+    except (OSError, UnicodeDecodeError) as error:  # unreadable, or not text: refused like a bad name
+        raise ArtifactError(f"{artifacts / CURRENT} cannot be read: {error}") from None
     return check_version_name(version)
 
 

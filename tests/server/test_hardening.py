@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from lookalike import artifacts
 from lookalike.availability import AVAILABILITY_FILE
 from lookalike.leases import LEASES_DIR
 from lookalike.v1 import lookalike_pb2 as pb
@@ -399,3 +400,14 @@ async def test_a_version_a_pool_thread_still_holds_is_freed_by_reference_counts_
         assert ticks >= 3  # the event loop ran while the retirement waited (a blocking wait: 0 or 1)
     finally:
         await core.close()
+
+
+def test_a_current_that_cannot_be_read_is_an_artifact_error(tmp_path):
+    """The watch loop refuses an ArtifactError once and serves on; anything else was a traceback at every check."""
+    (tmp_path / artifacts.CURRENT).write_bytes(b"\xff\xfe v1\n")  # not UTF-8
+    with pytest.raises(artifacts.ArtifactError, match="CURRENT cannot be read"):
+        artifacts.read_current(tmp_path)
+    (tmp_path / artifacts.CURRENT).unlink()
+    (tmp_path / artifacts.CURRENT).mkdir()  # not a file
+    with pytest.raises(artifacts.ArtifactError, match="CURRENT cannot be read"):
+        artifacts.read_current(tmp_path)
