@@ -769,17 +769,24 @@ class BackgroundLoad:
         self.report: dict = {}
 
     def __enter__(self) -> BackgroundLoad:
-        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         self._process.terminate()
         try:
-            out, _ = self._process.communicate(timeout=30)
-            self.report = json.loads(out) if out.strip() else {}
+            out, err = self._process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.communicate()
+            out, err = self._process.communicate()
+        try:
+            self.report = json.loads(out)
+        except ValueError:
+            self.report = {}
+        # A load that never ran (it could not connect, say) is a failed measurement, not a run without errors.
+        if exc_type is None and (self._process.returncode != 0 or "codes" not in self.report):
+            raise RuntimeError(f"the background load generator did not report (exit {self._process.returncode}): "
+                               f"{err.strip()[-300:] or 'no output'}")
 
     @property
     def errors(self) -> int | None:

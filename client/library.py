@@ -19,8 +19,8 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default
 SERVICE = "lookalike.v1.ImageSimilarity"
 # gRPC's own retry, the policy every client loads from protos/lookalike/v1/service_config.json (`make protos`
-# copies it into the package): UNAVAILABLE (a replica restarting or draining) is retried with jittered
-# backoff, within the call's one deadline.
+# copies it into the package): UNAVAILABLE (a replica restarting or draining) and CANCELLED (a call cut by a
+# worker's shutdown) are retried with jittered backoff, within the call's one deadline.
 SERVICE_CONFIG = resources.files("lookalike.v1").joinpath("service_config.json").read_text()
 
 

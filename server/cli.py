@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     # Until serve() sets its handler, once serving, a SIGHUP (reload) is remembered (a supervisor sets its own).
     hangups = HangupsWhileStarting()
     signal.signal(signal.SIGHUP, hangups)
+    signal.siginterrupt(signal.SIGHUP, False)  # as SIG_IGN was: the model's threads' system calls are not interrupted
     args = parse_args(argv)
     handler = logging.StreamHandler()
     if args.log_format == "json":

@@ -17,8 +17,8 @@ const definition = protoLoader.loadSync('lookalike/v1/lookalike.proto', {
 const lookalike = grpc.loadPackageDefinition(definition).lookalike.v1;
 
 const MAX_MESSAGE_BYTES = 64 * 1024 * 1024; // the server's default limit
-// The retry policy every lookalike client loads: UNAVAILABLE retried by gRPC itself with jittered backoff,
-// within the call's one deadline.
+// The retry policy every lookalike client loads: UNAVAILABLE and CANCELLED (a call cut by a worker's shutdown)
+// retried by gRPC itself with jittered backoff, within the call's one deadline.
 const SERVICE_CONFIG = fs.readFileSync(path.join(PROTO_ROOT, 'lookalike', 'v1', 'service_config.json'), 'utf8');
 
 // TLS from PEM files: the CA that signed the server's certificate, and for mTLS this client's certificate

@@ -1,6 +1,6 @@
 // Package client is a small idiomatic wrapper over the generated lookalike.v1 stubs: every call has
-// one deadline, UNAVAILABLE is retried by gRPC itself under the service config every lookalike client
-// loads (protos/lookalike/v1/service_config.json), and TLS is one option.
+// one deadline, UNAVAILABLE and CANCELLED are retried by gRPC itself under the service config every
+// lookalike client loads (protos/lookalike/v1/service_config.json), and TLS is one option.
 package client
 
 import (

@@ -243,6 +243,8 @@ func main() {
 	go func() {
 		<-stop
 		atomic.StoreInt32(&stopped, 1)
+		<-stop // a second one ends it at once, as an interrupt did before
+		os.Exit(130)
 	}()
 	address := flag.String("address", "127.0.0.1:50051", "the one address this load goes to")
 	catalogue := flag.String("catalogue", "", "catalogue root (ABO layout) to draw queries from")
