@@ -762,10 +762,9 @@ class BackgroundLoad:
     outcome) once the block ends: SIGTERM stops it taking new calls and it reports as a finished run does."""
 
     def __init__(self, address: str, catalogue: Path, mix: str, concurrency: int, duration_s: float = 600) -> None:
-        from bench.serving import LOADGEN
+        from bench.serving import loadgen_command
 
-        self.command = [str(LOADGEN), "--address", address, "--catalogue", str(catalogue), "--mix", mix,
-                        "--duration", f"{duration_s}s", "--concurrency", str(concurrency), "--json"]
+        self.command = loadgen_command(address, catalogue, mix, duration_s, concurrency)
         self.report: dict = {}
 
     def __enter__(self) -> BackgroundLoad:

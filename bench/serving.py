@@ -138,19 +138,24 @@ def load(address: str, catalogue: Path, **kwargs) -> dict:
 LOADGEN = Path(__file__).resolve().parent.parent / "build" / "clients" / "bin" / "lookalike-loadgen"
 
 
-def compiled_load(address: str, catalogue: Path, mix: str, duration_s: float, concurrency: int = 8,
-                  mode: str = "closed", rate: float | None = None, connections: int = 4) -> dict:
-    """The compiled Go load generator (make clients builds it): its report has `lookalike bench`'s shape."""
-    import json
-
+def loadgen_command(address: str, catalogue: Path, mix: str, duration_s: float, concurrency: int = 8,
+                    mode: str = "closed", rate: float | None = None, connections: int = 4) -> list[str]:
+    """The compiled Go load generator's command line, its JSON report on stdout (built first when missing)."""
     if not LOADGEN.exists():
         subprocess.run(["bash", str(LOADGEN.parents[3] / "client" / "build-clients.sh")], check=True,
                        stdout=subprocess.DEVNULL)
     flags = ["--address", address, "--catalogue", str(catalogue), "--mix", mix, "--duration", f"{duration_s}s",
              "--concurrency", str(concurrency), "--connections", str(connections), "--mode", mode, "--json"]
-    if rate is not None:
-        flags += ["--rate", str(rate)]
-    result = subprocess.run([str(LOADGEN), *flags], capture_output=True, text=True, timeout=duration_s + 120)
+    return [str(LOADGEN), *flags, *(["--rate", str(rate)] if rate is not None else [])]
+
+
+def compiled_load(address: str, catalogue: Path, mix: str, duration_s: float, concurrency: int = 8,
+                  mode: str = "closed", rate: float | None = None, connections: int = 4) -> dict:
+    """The compiled Go load generator (make clients builds it): its report has `lookalike bench`'s shape."""
+    import json
+
+    command = loadgen_command(address, catalogue, mix, duration_s, concurrency, mode, rate, connections)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=duration_s + 120)
     if result.returncode != 0:
         raise RuntimeError(f"lookalike-loadgen failed: {result.stderr.strip()}")
     return json.loads(result.stdout)

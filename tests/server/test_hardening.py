@@ -241,6 +241,20 @@ def test_a_version_whose_table_lacks_a_column_is_refused_naming_it(built, tmp_pa
         load_catalogue(version_dir, manifest)
 
 
+async def _swap_to_a_second_version(core: SimilarityCore, tmp_path, embedder, retired: list, polls: int = 200) -> None:
+    """Swaps `core` to a second fake version (sharing `embedder`, a model, when given) and waits until `retired`
+    tells a version was retired (bounded by `polls` x 10 ms)."""
+    (tmp_path / "next").mkdir()
+    following, _ = fake_version(tmp_path / "next", name="fake-v2", groups=GROUPS)
+    if embedder is not None:
+        following.embedder = embedder
+    await core.swap(following)
+    for _ in range(polls):
+        if retired:
+            break
+        await asyncio.sleep(0.01)
+
+
 @pytest.mark.parametrize("same_model", [True, False])
 async def test_a_swap_to_a_version_with_the_same_model_frees_the_old_one_without_a_collection(
         tmp_path, monkeypatch, same_model):
@@ -254,18 +268,11 @@ async def test_a_swap_to_a_version_with_the_same_model_frees_the_old_one_without
     version, _ = fake_version(tmp_path, groups=GROUPS)
     core = SimilarityCore(version, CoreConfig(max_pixels=1_000_000), on_retired=lambda n, s: retired.append(n))
     try:
-        (tmp_path / "next").mkdir()
-        following, _ = fake_version(tmp_path / "next", name="fake-v2", groups=GROUPS)
-        if same_model:
-            following.embedder = version.embedder
         await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=3))
         old = weakref.ref(version)
+        embedder = version.embedder if same_model else None
         del version
-        await core.swap(following)
-        for _ in range(200):
-            if retired:
-                break
-            await asyncio.sleep(0.01)
+        await _swap_to_a_second_version(core, tmp_path, embedder, retired)
         assert retired == ["fake-v1"] and old() is None and core.loaded_versions() == ["fake-v2"]
         assert collections == ([] if same_model else [1])
         assert "fake-v1" not in core.hidden._masks  # nor is its hidden-products mask kept (a review found it was)
@@ -296,15 +303,9 @@ async def test_a_version_that_refused_a_call_is_freed_by_reference_counts_after_
                 await pb_grpc.ImageSimilarityStub(channel).FindSimilar(request_, timeout=30)
             assert refused.value.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
         del refused
-        (tmp_path / "next").mkdir()
-        following, _ = fake_version(tmp_path / "next", name="fake-v2", groups=GROUPS)
-        following.embedder = version.embedder  # a reindex: the old version is freed by reference counts alone
+        embedder = version.embedder  # a reindex: the old version is freed by reference counts alone
         del version
-        await core.swap(following)
-        for _ in range(500):
-            if retired:
-                break
-            await asyncio.sleep(0.01)
+        await _swap_to_a_second_version(core, tmp_path, embedder, retired, polls=500)
         assert retired == [("fake-v1", None)], "the old version needed a collection to be freed"
     finally:
         gc.enable()
