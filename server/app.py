@@ -26,7 +26,7 @@ from lookalike.v1 import lookalike_pb2_grpc as pb_grpc
 from server.admission import Admission, AdmissionInterceptor
 from server.core import CoreConfig, SimilarityCore
 from server.fresh import DeltaFeed
-from server.metrics import ServerMetrics
+from server.metrics import GRPC_CORE_LOGGER, ServerMetrics, UndeliveredAnswers
 from server.search import SearchConfig
 from server.servicer import ImageSimilarityServicer
 from server.version import ServedVersion, load_version, model_identity
@@ -97,6 +97,7 @@ class LookalikeServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = ServerMetrics()
+        self._undelivered = UndeliveredAnswers(self.metrics)  # on gRPC's logger while this server runs
         self.health = health.aio.HealthServicer()
         self.core: SimilarityCore | None = None
         self.port: int | None = None
@@ -215,6 +216,7 @@ class LookalikeServer:
     async def start(self) -> None:
         """Listens at once with health NOT_SERVING, loads and warms CURRENT, then turns SERVING (a worker
         of --workers N loads first and listens after)."""
+        logging.getLogger(GRPC_CORE_LOGGER).addFilter(self._undelivered)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         current = artifacts.read_current(self.config.artifacts)
         limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -434,6 +436,7 @@ class LookalikeServer:
             task.cancel()
         await self.core.close()
         remove_lease(self.config.artifacts, self._lease_holder)
+        logging.getLogger(GRPC_CORE_LOGGER).removeFilter(self._undelivered)
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -1,6 +1,7 @@
 """The servicer in-process over real gRPC on 127.0.0.1 with a deterministic fake model: every status code."""
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -233,3 +234,28 @@ def test_the_options_of_plain_requests_are_made_once_and_differ_when_a_field_doe
     assert made[4].score_threshold == 0.0 and made[6].candidates == 20 and made[-1].exclude_query is False
     excluded = _options(pb.FindSimilarRequest(k=10, filter=pb.Filter(exclude_product_ids=["x"])), None)
     assert excluded.filter == Filter(exclude_product_ids=("x",)) and excluded != plain
+
+
+def test_grpcs_error_for_an_answer_it_could_not_send_is_one_info_line_and_a_count(caplog):
+    """grpc logs ExecuteBatchError, with a traceback, at ERROR when the servicer answers a call that ended first
+    (cancelled, past its deadline): a race with the client, counted and logged in one line; other records pass."""
+    from server.metrics import GRPC_CORE_LOGGER, UndeliveredAnswers
+
+    metrics = ServerMetrics()
+    core_logger = logging.getLogger(GRPC_CORE_LOGGER)
+    undelivered = UndeliveredAnswers(metrics)
+    core_logger.addFilter(undelivered)
+    try:
+        with caplog.at_level(logging.INFO):
+            for message in ("ExecuteBatchError raised in core by servicer method [%s]", "Unexpected [%s] raised"):
+                try:
+                    raise RuntimeError("Failed execute_batch")
+                except RuntimeError:
+                    core_logger.exception(message, "/lookalike.v1.ImageSimilarity/FindSimilar")
+    finally:
+        core_logger.removeFilter(undelivered)
+    answer, other = caplog.records
+    assert (answer.levelname, answer.exc_info) == ("INFO", None)
+    assert answer.getMessage().startswith("FindSimilar: the answer was not sent, its call had ended first")
+    assert other.levelname == "ERROR" and other.exc_info is not None  # anything else gRPC says is left as it is
+    assert metrics.registry.get_sample_value("lookalike_undelivered_answers_total", {"method": "FindSimilar"}) == 1
