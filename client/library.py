@@ -397,7 +397,9 @@ def _info(response: pb.GetInfoResponse) -> dict:
 def _channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG)]
+            ("grpc.enable_retries", 1), ("grpc.service_config", SERVICE_CONFIG),
+            # gRPC retries only a request it kept, by default up to 256 KiB: a photo is kept whole.
+            ("grpc.per_rpc_retry_buffer_size", max_message_bytes)]
 
 
 def _credentials(root_ca, client_cert, client_key):

@@ -59,6 +59,9 @@ class ImageSimilarityClient {
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
       'grpc.enable_retries': 1,
       'grpc.service_config': SERVICE_CONFIG,
+      // gRPC retries only a request it kept, by default up to 1 MiB (16 MiB for the channel): a photo is kept whole.
+      'grpc.per_rpc_retry_buffer_size': MAX_MESSAGE_BYTES,
+      'grpc.retry_buffer_size': 4 * MAX_MESSAGE_BYTES,
     });
   }
 

@@ -354,6 +354,21 @@ def test_every_client_retries_unavailable_and_cancelled_under_the_shared_policy(
     assert code == "OK" and [m[0] for m in matches] == ["p1"] and len(cut.requests) == 2
 
 
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_every_client_retries_a_photo_larger_than_grpcs_default_retry_buffer(request, tmp_path, language):
+    """gRPC retries only what it kept of a call's request, 256 KiB by default in Python and Go, 1 MiB in Java and
+    Node: a product photo beyond that met a draining replica's UNAVAILABLE, or a replaced worker's CANCELLED, with
+    no retry. Every client keeps a request up to the message limit."""
+    _built_if_needed(request, language)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 12_000)  # 3 MB: the fake server reads no pixels
+    cut = _Fake(failures=1, code=grpc.StatusCode.CANCELLED)
+    with _fake_server(cut) as address:
+        code, matches = _similar(language, address, "photo", str(photo))
+    assert code == "OK" and [m[0] for m in matches] == ["p1"] and len(cut.requests) == 2
+    assert cut.requests[-1].image == photo.read_bytes()
+
+
 @pytest.mark.parametrize("language", ["python", "go"])
 def test_retries_stay_within_the_calls_one_deadline(request, language):
     """Each attempt takes 0.4 s: within a 1 s deadline there is no room for every attempt, and the call

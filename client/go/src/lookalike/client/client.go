@@ -66,8 +66,10 @@ func Dial(address string, options Options) (*Client, error) {
 	if options.Timeout <= 0 {
 		options.Timeout = 10 * time.Second
 	}
+	// gRPC retries only a request it kept, by default up to 256 KiB: a photo is kept whole.
 	dialOptions := []grpc.DialOption{grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20),
-		grpc.MaxCallSendMsgSize(64<<20)), grpc.WithDefaultServiceConfig(serviceconfig.JSON)}
+		grpc.MaxCallSendMsgSize(64<<20), grpc.MaxRetryRPCBufferSize(64<<20)),
+		grpc.WithDefaultServiceConfig(serviceconfig.JSON)}
 	if options.CAFile == "" {
 		dialOptions = append(dialOptions, grpc.WithInsecure())
 	} else {

@@ -108,8 +108,10 @@ public final class LookalikeClient implements AutoCloseable {
       if ((certPem != null || keyPem != null) && (certPem == null || keyPem == null || caPem == null)) {
         throw new IllegalArgumentException("mTLS needs the client certificate, its key and tls(CA)");
       }
+      // gRPC retries only a request it kept, by default up to 1 MiB (16 MiB for the channel): a photo is kept whole.
       NettyChannelBuilder channel = NettyChannelBuilder.forTarget(target).maxInboundMessageSize(64 << 20)
-          .defaultServiceConfig(serviceConfig()).enableRetry();
+          .defaultServiceConfig(serviceConfig()).enableRetry().perRpcBufferLimit(64 << 20)
+          .retryBufferSize(256 << 20);
       if (caPem == null) {
         channel.usePlaintext();
       } else {
