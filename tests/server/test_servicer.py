@@ -85,6 +85,21 @@ async def test_find_similar_by_image_item_and_vector(harness):
     assert len(default_k.matches) == 10
 
 
+@pytest.mark.parametrize("scale", [1e37, 1e-25], ids=["norm-overflows-float32", "norm-underflows-float32"])
+async def test_a_vector_is_a_direction_whatever_its_float32_length(harness, scale):
+    """Finite, non-zero components whose float32 sum of squares overflows (or underflows to 0) are still a
+    direction: the answer is the unit vector's (they were refused as "zero length")."""
+    h, images = harness
+    vector = np.array((await h.stub.Embed(pb.EmbedRequest(images=[images[7]]))).vectors[0].values, np.float32)
+    scaled = (vector * np.float32(scale)).astype(np.float32)
+    assert np.isfinite(scaled).all() and scaled.any()
+    plain = await h.stub.FindSimilar(pb.FindSimilarRequest(vector=pb.Vector(values=vector.tolist()), k=3))
+    answer = await h.stub.FindSimilar(pb.FindSimilarRequest(vector=pb.Vector(values=scaled.tolist()), k=3))
+    assert [m.item_id for m in answer.matches] == [m.item_id for m in plain.matches]
+    assert answer.matches[0].item_id == "item-007"
+    assert [m.score for m in answer.matches] == pytest.approx([m.score for m in plain.matches], abs=1e-6)
+
+
 @pytest.mark.parametrize("request_", [
     pb.EmbedRequest(images=[b"not an image"]),
     pb.EmbedRequest(images=[]),
