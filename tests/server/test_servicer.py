@@ -124,6 +124,26 @@ async def test_find_similar_invalid_argument(harness, request_):
     assert await _code(h.stub.FindSimilar(request_)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("length", [20_000, 2_000_000])
+@pytest.mark.parametrize("char", ["x", "ü"])
+async def test_an_unknown_id_of_any_length_is_not_found_in_a_bounded_message(harness, length, char):
+    """The refusal names the id, but not all of it: a status message past gRPC's metadata limit (8 KiB) reached the
+    client as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of NOT_FOUND."""
+    from server.errors import MAX_DETAIL_CHARS
+
+    h, _ = harness
+    for request in (pb.FindSimilarRequest(product_id=char * length), pb.FindSimilarRequest(image_id=char * length)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await h.stub.FindSimilar(request)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()
+        details = refused.value.details()
+        assert details.startswith(("product '" + char * 20, "image '" + char * 20))
+        assert details.endswith("is not in index version fake-v1") and len(details) <= MAX_DETAIL_CHARS
+        kind = "product" if request.product_id else "image"
+        assert f"[{len(kind) + length + 35:,} characters in all]" in details  # the message's whole length
+
+
+
 async def test_unknown_item_is_not_found(harness):
     h, _ = harness
     assert await _code(h.stub.FindSimilar(pb.FindSimilarRequest(item_id="nope"))) == grpc.StatusCode.NOT_FOUND
