@@ -418,6 +418,55 @@ async def test_a_retired_model_is_freed_when_a_cancelled_call_left_work_on_it(tm
         gc.unfreeze()
         await core.close()
 
+async def test_a_job_holds_nothing_of_its_version_once_it_has_returned():
+    """A pool's thread keeps its work item (the callable, its arguments, the future and its callbacks) a moment after
+    the future is done: ThreadPoolExecutor drops it only after the callbacks ran, so past the runtime's last leave().
+    A retirement collecting in that moment found the model still held, and froze it again with the heap until the
+    next swap (test_a_retired_model_is_freed_when_a_cancelled_call_left_work_on_it failed so, now and then, on a
+    busy host). Here the pool keeps its work item for as long as the test wants: nothing of the version is in it."""
+    import gc
+    import weakref
+    from concurrent.futures import Executor, Future
+    from types import SimpleNamespace
+
+    from server.versions import VersionRuntime
+
+    class LingeringPool(Executor):
+        def __init__(self) -> None:
+            self.release = threading.Event()
+            self.threads: list[threading.Thread] = []
+
+        def submit(self, fn, /, *args, **kwargs):
+            future = Future()
+
+            def work() -> None:  # holds fn and args until released, after the future is done
+                future.set_result(fn(*args, **kwargs))
+                assert self.release.wait(30)
+
+            self.threads.append(threading.Thread(target=work))
+            self.threads[-1].start()
+            return future
+
+    class Model:
+        def embed(self, value: int) -> int:
+            return 2 * value
+
+    model = Model()
+    freed = weakref.ref(model)
+    runtime = VersionRuntime(SimpleNamespace(embedder=model), lambda runtime: None)
+    pool = LingeringPool()
+    try:
+        assert await runtime.run_in(pool, model.embed, 21) == 42
+        await asyncio.wait_for(runtime.idle.wait(), 10)
+        del model, runtime
+        gc.collect()
+        assert freed() is None, "the pool's finished work item still holds the version's model"
+    finally:
+        pool.release.set()
+        for thread in pool.threads:
+            thread.join(30)
+
+
 # Finding 9 --------------------------------------------------------------------------------------------------
 
 async def test_the_event_loop_keeps_running_while_a_catalogue_of_abo_size_loads_beside_it():
