@@ -25,8 +25,9 @@ BLOCK_ROWS = 8192
 # Main images of this many products (per list entry asked for) bound each query's N-th best score from
 # below, so only rows scoring above that bound are kept as candidates: about N x rows / sample of them.
 SAMPLE_PER_NEIGHBOUR = 160
-# The bound comes from a different matrix product than the final scores; float32 rounding of a dot
-# product of unit vectors is far below this, so lowering the bound by it keeps the lists exact.
+# The bound comes from a different matrix product than the final scores, and those are the server's, not the
+# tiles': float32 rounding of a dot product of unit vectors is far below this, so lowering the bound by it (and
+# scoring again the rows this close to a list's end) keeps the lists exact.
 BOUND_MARGIN = 1e-3
 
 
@@ -157,7 +158,7 @@ def exact_top_products(query_vectors: np.ndarray, vectors: np.ndarray, first_row
     row_product = np.repeat(np.arange(len(first_row), dtype=np.int64), image_count)
     sample_rows = _sample_rows(first_row, n)
     sample = np.asarray(vectors[sample_rows], np.float32) if sample_rows is not None else None
-    largest_row_norm = _largest_norm(vectors, block_rows) if sample is not None else 0.0
+    largest_row_norm = _largest_norm(vectors, block_rows)
     shape = (len(query_vectors), n)
     products = np.full(shape, NO_PRODUCT, np.int32)
     rows = np.full(shape, NO_PRODUCT, np.int32)
@@ -165,18 +166,18 @@ def exact_top_products(query_vectors: np.ndarray, vectors: np.ndarray, first_row
     expected = min(n, len(first_row))
     for start in range(0, len(query_vectors), block_queries):
         queries = np.asarray(query_vectors[start:start + block_queries], np.float32)
+        margin = BOUND_MARGIN * max(1.0, largest_row_norm * _largest_norm(queries, block_rows))
         if sample is None:
             bound = np.full(len(queries), -np.inf, np.float32)
         else:
             sample_scores = queries @ sample.T
-            margin = BOUND_MARGIN * max(1.0, largest_row_norm * _largest_norm(queries, block_rows))
             bound = np.partition(sample_scores, len(sample) - n, axis=1)[:, len(sample) - n] - margin
-        found = _top_above(queries, vectors, row_product, bound, n, block_rows)
+        found = _top_above(queries, vectors, row_product, bound, n, block_rows, margin)
         short = np.flatnonzero(found[3] < expected)
         if len(short):
             # Unreachable when the bound is right; a full scan keeps the lists exact if it ever is not.
             again = _top_above(queries[short], vectors, row_product, np.full(len(short), -np.inf, np.float32), n,
-                               block_rows)
+                               block_rows, margin)
             for target, source in zip(found[:3], again[:3], strict=True):
                 target[short] = source
         stop = start + len(queries)
@@ -203,9 +204,15 @@ def _largest_norm(vectors: np.ndarray, block_rows: int) -> float:
 
 
 def _top_above(queries: np.ndarray, vectors: np.ndarray, row_product: np.ndarray, bound: np.ndarray, n: int,
-               block_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               block_rows: int, slack: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top-n products of each query among the rows scoring at least its bound, and how many distinct
-    products it found there."""
+    products it found there.
+
+    The tiles' matrix products only choose the candidates: their rounding depends on where a row and a query sit in
+    their blocks, so rows that tie as served (a photo shared by two products, the two images of a product against
+    its own mean) may not tie in them. The candidates within `slack` (far above that rounding) of each query's n-th
+    product are scored again as the server scores them (served_scores) and ranked on those scores: the lists then
+    rank, break ties and report scores as the server's exact plan does, to the last bit."""
     hit_queries, hit_rows, hit_scores = [], [], []
     for first in range(0, len(vectors), block_rows):
         tile = queries @ np.asarray(vectors[first:first + block_rows], np.float32).T
@@ -213,20 +220,38 @@ def _top_above(queries: np.ndarray, vectors: np.ndarray, row_product: np.ndarray
         hit_queries.append((hits // tile.shape[1]).astype(np.int16 if len(queries) <= 1 << 15 else np.int64))
         hit_rows.append(hits % tile.shape[1] + first)
         hit_scores.append(tile.ravel()[hits])
-    shape = (len(queries), n)
-    products = np.full(shape, NO_PRODUCT, np.int32)
-    rows = np.full(shape, NO_PRODUCT, np.int32)
-    scores = np.full(shape, NO_SCORE, np.float32)
     if not sum(len(hits) for hits in hit_rows):
-        return products, rows, scores, np.zeros(len(queries), np.int64)
+        return *_ranked(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), row_product, n,
+                        len(queries))[:3], np.zeros(len(queries), np.int64)
     # Tiles come in row order and each tile's hits in (query, row) order, so a stable sort by query (a
     # radix sort of small integers) puts them in (query, row) order: each (query, product) is a run.
     query = np.concatenate(hit_queries)
     order = np.argsort(query, kind="stable")
     query = query[order].astype(np.int64)
     row = np.concatenate(hit_rows)[order]
+    score = np.concatenate(hit_scores)[order]
+    _, _, tile_scores, found = _ranked(query, row, score, row_product, n, len(queries))
+    # A product among the served top n has a row within twice the rounding of the tiles' n-th best (-inf when a query
+    # found fewer than n): only those rows are scored again.
+    keep = score >= tile_scores[:, n - 1][query] - slack
+    query, row = query[keep], row[keep]
+    products, rows, scores, _ = _ranked(query, row, _served_scores(queries, vectors, query, row), row_product, n,
+                                        len(queries))
+    return products, rows, scores, found
+
+
+def _ranked(query: np.ndarray, row: np.ndarray, score: np.ndarray, row_product: np.ndarray, n: int,
+            queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The top-n products of each query from its scored rows, given in (query, row) order: (products, best rows,
+    scores, how many distinct products each query's rows hold)."""
+    shape = (queries, n)
+    products = np.full(shape, NO_PRODUCT, np.int32)
+    rows = np.full(shape, NO_PRODUCT, np.int32)
+    scores = np.full(shape, NO_SCORE, np.float32)
+    if not len(row):
+        return products, rows, scores, np.zeros(queries, np.int64)
     # + 0.0 turns -0.0 into 0.0: the two are equal scores, and the sort key below must see them so.
-    score = np.concatenate(hit_scores)[order] + np.float32(0.0)
+    score = score + np.float32(0.0)
     product = row_product[row]
     run_starts = np.flatnonzero(np.r_[True, (query[1:] != query[:-1]) | (product[1:] != product[:-1])])
     best = np.maximum.reduceat(score, run_starts)
@@ -238,12 +263,27 @@ def _top_above(queries: np.ndarray, vectors: np.ndarray, row_product: np.ndarray
     # Within a query, runs are in product order; a stable sort by score descending keeps that for ties.
     order = np.argsort((query << 32) | _descending_key(best), kind="stable")
     query, product, best_row, best = query[order], product[order], best_row[order], best[order]
-    found = np.bincount(query, minlength=len(queries))
+    found = np.bincount(query, minlength=queries)
     rank = np.arange(len(query)) - (np.cumsum(found) - found)[query]
     keep = rank < n
     at = (query[keep], rank[keep])
     products[at], rows[at], scores[at] = product[keep], best_row[keep], best[keep]
     return products, rows, scores, found
+
+
+def served_scores(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The rows' dot products with one query as the server computes them (server/search.py similarities, one probe):
+    each row summed on its own by the same einsum, so each score is the served one, bit for bit."""
+    return np.einsum("ij,kj->ik", np.asarray(rows, np.float32), query[None, :])[:, 0]
+
+
+def _served_scores(queries: np.ndarray, vectors: np.ndarray, query: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """served_scores of each (query, row) candidate, candidates grouped by query."""
+    scores = np.empty(len(row), np.float32)
+    bounds = np.flatnonzero(np.r_[True, query[1:] != query[:-1], True]).tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        scores[start:stop] = served_scores(vectors[row[start:stop]], queries[query[start]])
+    return scores
 
 
 def _descending_key(scores: np.ndarray) -> np.ndarray:

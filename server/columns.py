@@ -49,6 +49,9 @@ class Strings:
         # numpy scalar made per read): take()'s few positions cost no numpy call.
         self._starts = memoryview(offsets)
         self._data = data
+        # The longest string's UTF-8 bytes: a longer value is absent without being hashed (a request's id is hashed
+        # in Python, a byte at a time: a megabytes-long one held the event loop for as long).
+        self._longest = int(np.diff(offsets).max()) if len(offsets) > 1 else 0
         self._order: np.ndarray | None = None
         self._hashes: np.ndarray | None = None
         if indexed:
@@ -81,6 +84,8 @@ class Strings:
         """Every position holding `value`, ascending (an image shared by two products has two rows)."""
         order, hashes = self._index()
         key = value.encode()
+        if len(key) > self._longest:
+            return np.zeros(0, np.int64)
         digest = np.uint64(string_hash(key))
         start = int(hashes.searchsorted(digest, "left"))
         end = int(hashes.searchsorted(digest, "right"))
@@ -90,6 +95,8 @@ class Strings:
         """The first position holding `value`, or None (the look-up of every query by product id)."""
         order, hashes = self._index()
         key = value.encode()
+        if len(key) > self._longest:
+            return None
         digest = np.uint64(string_hash(key))
         start = int(hashes.searchsorted(digest, "left"))
         end = int(hashes.searchsorted(digest, "right"))
@@ -102,7 +109,7 @@ class Strings:
     def find(self, values: Sequence[str]) -> np.ndarray:
         """The first position of each of `values` that is present (absent ones are left out), in their order."""
         order, hashes = self._index()
-        keys = [value.encode() for value in values]
+        keys = [key for key in (value.encode() for value in values) if len(key) <= self._longest]
         offsets = np.zeros(len(keys) + 1, np.int64)
         np.cumsum([len(key) for key in keys], out=offsets[1:])
         digests = string_hashes(offsets, np.frombuffer(b"".join(keys), np.uint8))

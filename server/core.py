@@ -165,7 +165,8 @@ class SimilarityCore:
         self.admitted_bytes = 0
 
     def _retired(self, name: str, seconds: float | None) -> None:
-        self.hidden.forget(name)
+        if name != self.version.name:  # a rollback serves the same version again: its masks are the served one's
+            self.hidden.forget(name)
         if self._on_retired is not None:
             self._on_retired(name, seconds)
 

@@ -570,7 +570,13 @@ def check_vector(vector: np.ndarray, dimension: int) -> np.ndarray:
         raise InvalidArgument(f"vector has {vector.shape[0]} components; the served dimension is {dimension}")
     if not np.all(np.isfinite(vector)):
         raise InvalidArgument("vector has NaN or infinite components")
-    norm = float(np.linalg.norm(vector))
-    if norm == 0 or not math.isfinite(norm):
+    if not vector.any():
         raise InvalidArgument("vector has zero length")
+    with np.errstate(over="ignore", under="ignore"):
+        norm = float(np.linalg.norm(vector))
+    if norm == 0 or not math.isfinite(norm):
+        # Finite components whose float32 sum of squares overflows or underflows: the same direction, brought to
+        # where float32 holds it (only then: a vector of ordinary length keeps the bits it had).
+        vector = vector / np.abs(vector).max()
+        norm = float(np.linalg.norm(vector))
     return vector / norm

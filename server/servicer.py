@@ -24,7 +24,7 @@ from server.core import (
     SearchOptions,
     SimilarityCore,
 )
-from server.errors import ServingError, Unavailable, status_of
+from server.errors import ServingError, Unavailable, details_of, status_of
 from server.filters import Clause, Filter, KeyInfo, Range
 from server.metrics import ServerMetrics
 
@@ -48,7 +48,7 @@ def _rpc(method):
         try:
             return await method(self, request, context)
         except ServingError as error:
-            code, refusal = status_of(error), str(error)
+            code, refusal = status_of(error), details_of(error)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise

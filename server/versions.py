@@ -80,15 +80,29 @@ class VersionRuntime:
         awaiting request is cancelled meanwhile."""
         loop = asyncio.get_running_loop()
         self.enter()
+        # The pool's thread holds its work item (the callable, its arguments, the future and its callbacks) a moment
+        # after the future is done, past this runtime's last leave(): were the function, its arguments or this runtime
+        # in it, the retirement's collection could run in that moment and find the version's model still held (and
+        # freeze it again with the heap, until the next swap). So the job takes them out of a cell as it starts and
+        # the callback takes this runtime out of one: the work item ends up holding neither.
+        call = [function, args]
+        user = [self]
+
+        def run():
+            function_, args_ = call
+            call.clear()
+            return function_(*args_)
+
         try:
-            job = pool.submit(function, *args)
+            job = pool.submit(run)
         except BaseException:
             self.leave()
             raise
 
         def finished(_: Future) -> None:
+            runtime = user.pop()
             try:
-                loop.call_soon_threadsafe(self.leave)
+                loop.call_soon_threadsafe(runtime.leave)
             except RuntimeError:  # the loop is closed: the process is ending, nothing will be unloaded
                 pass
 

@@ -115,6 +115,39 @@ def test_random_unit_vectors_agree_with_float64_up_to_rounding():
     assert np.allclose(np.take_along_axis(exact, rows.astype(np.int64), axis=1), scores, atol=1e-6)
 
 
+def served_top(queries, vectors, first_row, image_count, n):
+    """What the server's exact plan finds for each query: its scores (server.search.similarities, the served bits)
+    and top_products's rule (score descending, then product row; a product's lowest row among its best)."""
+    from server.search import similarities, top_products
+
+    row_product = np.repeat(np.arange(len(first_row)), image_count)
+    shape = (len(queries), n)
+    products, rows, scores = np.full(shape, -1), np.full(shape, -1), np.full(shape, -np.inf, np.float32)
+    for q, query in enumerate(queries):
+        served = similarities(vectors, query[None, :])[:, 0]
+        found, listed = top_products(served, row_product, n)
+        products[q, :len(found)], rows[q, :len(found)], scores[q, :len(found)] = listed, found, served[found]
+    return products, rows, scores
+
+
+@pytest.mark.parametrize("kind", ["product", "image"])
+def test_lists_rank_by_the_served_scores_to_the_last_bit(kind):
+    """On vectors whose dot products round (not tie_catalogue's), the lists are what the server's own exact plan
+    finds: the same products in the same order, the same best rows, the served scores. A product of two images
+    scores both alike against its own mean, and a photo shared by two products ties them: a matrix product's
+    rounding (which depends on where a query and a row sit in their blocks) must not break those ties."""
+    rng = np.random.default_rng(5)
+    image_count = rng.integers(1, 4, 500)
+    first_row = np.concatenate([[0], np.cumsum(image_count)[:-1]])
+    vectors = rng.standard_normal((int(image_count.sum()), 64)).astype(np.float32)
+    for source, target in rng.integers(0, len(vectors), (len(vectors) // 5, 2)):
+        vectors[target] = vectors[source]  # a photo shared by two products (or two views of one)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = product_query_vectors(vectors, first_row, image_count) if kind == "product" else vectors
+    found = exact_top_products(queries, vectors, first_row, image_count, 10, block_queries=64, block_rows=256)
+    assert_lists_equal(found, served_top(queries, vectors, first_row, image_count, 10))
+
+
 def test_product_query_vector_is_the_servers_mean():
     vectors, first_row, image_count = tie_catalogue(30)
     queries = product_query_vectors(vectors, first_row, image_count)

@@ -90,3 +90,21 @@ def test_the_hash_of_a_column_is_the_hash_of_each_value():
     hashes = string_hashes(offsets, np.frombuffer(b"".join(keys), np.uint8))
     assert [int(h) for h in hashes[:5]] == [string_hash(key) for key in keys[:5]]
     assert int(hashes[-1]) == string_hash(keys[-1]) and len(set(hashes.tolist())) == len(values)
+
+
+def test_a_value_longer_than_every_string_held_is_absent_without_hashing_it(monkeypatch):
+    """A query's id is hashed byte by byte in Python: a request naming a product or image by a megabytes-long id
+    held the event loop for as long (about 1 s for 8 MB, within the server's 64 MiB messages), every request waiting.
+    No held string is that long, so the look-ups answer at once, and look-ups of held ids are unchanged."""
+    from server import columns
+
+    column = Strings(SHORT, indexed=True)
+    hashed: list[int] = []
+    real_hash = columns.string_hash
+    monkeypatch.setattr(columns, "string_hash", lambda key: hashed.append(len(key)) or real_hash(key))
+    huge = "B07X" * 2_000_000
+    assert column.position(huge) is None and len(column.positions(huge)) == 0
+    assert list(column.find([huge, "img-2", huge])) == [1]
+    assert hashed == [], "a value longer than every held string was hashed"
+    assert column.position("img-10") == 5 and list(column.positions("B07X")) == [0, 2]
+    assert Strings([], indexed=True).position(huge) is None

@@ -60,3 +60,38 @@ async def test_hiding_everything_answers_with_no_matches(served):
     response = await stub.FindSimilar(pb.FindSimilarRequest(product_id="prod-001", k=3))
     assert list(response.matches) == []
     assert (await stub.GetInfo(pb.GetInfoRequest())).hidden_product_count == 20
+
+
+async def test_a_rollback_keeps_the_served_versions_hidden_mask(tmp_path):
+    """CURRENT back to a version still retiring (A, then B, then A again while a call still holds the first A): the
+    first A's retirement dropped the masks of its name, the served A's included, so the next request worked the mask
+    out again on the event loop (44 ms for 20,000 hidden products of 147,702)."""
+    import asyncio
+
+    from server.core import CoreConfig, Query, SearchOptions, SimilarityCore
+    from tests.server.fakes import fake_version
+
+    first, _ = fake_version(tmp_path, name="fake-a")
+    core = SimilarityCore(first, CoreConfig(max_pixels=1_000_000, result_cache_size=0))
+    try:
+        core.set_availability(Availability(1, {"prod-003": {}}))
+        runtime = core._versions.current
+        runtime.enter()  # a call still running on the first A
+        await core.swap(fake_version(tmp_path, name="fake-b")[0])
+        again, _ = fake_version(tmp_path, name="fake-a")
+        await core.prepare(again)
+        await core.swap(again)
+        runtime.leave()
+        for _ in range(500):
+            if core.loaded_versions() == ["fake-a"] and not core._versions._retiring:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert core.loaded_versions() == ["fake-a"]
+        assert "fake-a" in core.hidden._masks, "the served version's mask was dropped by its namesake's retirement"
+        mask = core.hidden.mask(again)
+        assert mask is not None and mask[3] and mask.sum() == 1
+        answer = await core.find_similar(Query(product_id="prod-001"), SearchOptions(k=39))
+        assert "prod-003" not in {r.product_id for r in answer.results}
+    finally:
+        await core.close()

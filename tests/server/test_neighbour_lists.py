@@ -59,11 +59,13 @@ QUERIES = [Query(product_id="prod-004"), Query(image_id="item-024"), Query(produ
 OPTIONS = [SearchOptions(k=5), SearchOptions(k=5, exclude_query=False, group_size=2, with_attributes=True),
            SearchOptions(k=4, filter=Filter((Clause("color", any_of=("Black",)),))),
            SearchOptions(k=3, filter=Filter(exclude_product_ids=("prod-001", "prod-009", "prod-016"))),
-           SearchOptions(k=6, score_threshold=0.99)]
+           SearchOptions(k=6, score_threshold=0.99),
+           # The query's own product by its best image: of a product of two, both score alike against their mean.
+           SearchOptions(k=5, exclude_query=False)]
 
 
 @pytest.mark.parametrize("query", QUERIES, ids=lambda q: q.product_id or q.image_id)
-@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "own-groups", "filter", "excluded", "threshold"])
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "own-groups", "filter", "excluded", "threshold", "own"])
 async def test_a_list_answer_equals_the_exact_search(cores, query, options):
     listed, exact, plans = cores()
     for core in (listed, exact):

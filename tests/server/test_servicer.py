@@ -86,6 +86,21 @@ async def test_find_similar_by_image_item_and_vector(harness):
     assert len(default_k.matches) == 10
 
 
+@pytest.mark.parametrize("scale", [1e37, 1e-25], ids=["norm-overflows-float32", "norm-underflows-float32"])
+async def test_a_vector_is_a_direction_whatever_its_float32_length(harness, scale):
+    """Finite, non-zero components whose float32 sum of squares overflows (or underflows to 0) are still a
+    direction: the answer is the unit vector's (they were refused as "zero length")."""
+    h, images = harness
+    vector = np.array((await h.stub.Embed(pb.EmbedRequest(images=[images[7]]))).vectors[0].values, np.float32)
+    scaled = (vector * np.float32(scale)).astype(np.float32)
+    assert np.isfinite(scaled).all() and scaled.any()
+    plain = await h.stub.FindSimilar(pb.FindSimilarRequest(vector=pb.Vector(values=vector.tolist()), k=3))
+    answer = await h.stub.FindSimilar(pb.FindSimilarRequest(vector=pb.Vector(values=scaled.tolist()), k=3))
+    assert [m.item_id for m in answer.matches] == [m.item_id for m in plain.matches]
+    assert answer.matches[0].item_id == "item-007"
+    assert [m.score for m in answer.matches] == pytest.approx([m.score for m in plain.matches], abs=1e-6)
+
+
 @pytest.mark.parametrize("request_", [
     pb.EmbedRequest(images=[b"not an image"]),
     pb.EmbedRequest(images=[]),
@@ -108,6 +123,26 @@ async def test_embed_invalid_argument(harness, request_):
 async def test_find_similar_invalid_argument(harness, request_):
     h, _ = harness
     assert await _code(h.stub.FindSimilar(request_)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("length", [20_000, 2_000_000])
+@pytest.mark.parametrize("char", ["x", "ü"])
+async def test_an_unknown_id_of_any_length_is_not_found_in_a_bounded_message(harness, length, char):
+    """The refusal names the id, but not all of it: a status message past gRPC's metadata limit (8 KiB) reached the
+    client as RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead of NOT_FOUND."""
+    from server.errors import MAX_DETAIL_CHARS
+
+    h, _ = harness
+    for request in (pb.FindSimilarRequest(product_id=char * length), pb.FindSimilarRequest(image_id=char * length)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await h.stub.FindSimilar(request)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()
+        details = refused.value.details()
+        assert details.startswith(("product '" + char * 20, "image '" + char * 20))
+        assert details.endswith("is not in index version fake-v1") and len(details) <= MAX_DETAIL_CHARS
+        kind = "product" if request.product_id else "image"
+        assert f"[{len(kind) + length + 35:,} characters in all]" in details  # the message's whole length
+
 
 
 async def test_unknown_item_is_not_found(harness):
