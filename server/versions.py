@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
+import inspect
 import logging
 import time
+import traceback
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -91,7 +94,15 @@ class VersionRuntime:
         def run():
             function_, args_ = call
             call.clear()
-            return function_(*args_)
+            try:
+                return function_(*args_)
+            except BaseException as error:
+                # The future keeps the exception, and its traceback the frames of the failed call, with their
+                # arguments (the version, its model) as locals: cleared, so that a failed job holds no more than a
+                # finished one. The traceback keeps its lines for the log.
+                traceback.clear_frames(error.__traceback__)
+                del function_, args_
+                raise
 
         try:
             job = pool.submit(run)
@@ -109,10 +120,35 @@ class VersionRuntime:
         job.add_done_callback(finished)
         try:
             return await asyncio.wrap_future(job)
+        except Exception as error:
+            # The future, which the pool's thread holds that moment longer, keeps `error`: what goes on up is a copy
+            # (the same type, arguments and message), whose traceback gathers this frame and the callers' (each
+            # holding the version) out of the future's reach; `error` keeps only the job's own frames, cleared.
+            raised = _copy_of(error)
+            if raised is error:
+                raise
+            here = error.__traceback__
+            if here is not None and here.tb_frame is inspect.currentframe():
+                error.__traceback__ = here.tb_next  # the await above: this frame, which holds the version
+            del here
+            try:
+                raise raised from error
+            finally:
+                del raised  # this frame is in its traceback: no cycle
         finally:
             # A job's exception holds this frame in its traceback, and the frame would hold the job and its exception:
             # a cycle keeping the version's objects until a collection.
             del job
+
+
+def _copy_of(error: Exception) -> Exception:
+    """A new exception equal to `error` (type, arguments, attributes) with no traceback yet; `error` itself when it
+    cannot be made again from its arguments."""
+    try:
+        copied = copy.copy(error)
+    except Exception:  # noqa: BLE001 - an exception class whose constructor wants other arguments than its args
+        return error
+    return copied if type(copied) is type(error) and str(copied) == str(error) else error
 
 
 class Versions:

@@ -418,12 +418,15 @@ async def test_a_retired_model_is_freed_when_a_cancelled_call_left_work_on_it(tm
         gc.unfreeze()
         await core.close()
 
-async def test_a_job_holds_nothing_of_its_version_once_it_has_returned():
+
+@pytest.mark.parametrize("fails", [False, True], ids=["returned", "raised"])
+async def test_a_job_holds_nothing_of_its_version_once_it_has_returned(fails):
     """A pool's thread keeps its work item (the callable, its arguments, the future and its callbacks) a moment after
     the future is done: ThreadPoolExecutor drops it only after the callbacks ran, so past the runtime's last leave().
     A retirement collecting in that moment found the model still held, and froze it again with the heap until the
     next swap (test_a_retired_model_is_freed_when_a_cancelled_call_left_work_on_it failed so, now and then, on a
-    busy host). Here the pool keeps its work item for as long as the test wants: nothing of the version is in it."""
+    busy host). Here the pool keeps its work item for as long as the test wants: nothing of the version is in it,
+    when the job returned and when it raised (a corrupt photo's preprocessing: the future keeps the exception)."""
     import gc
     import weakref
     from concurrent.futures import Executor, Future
@@ -439,8 +442,11 @@ async def test_a_job_holds_nothing_of_its_version_once_it_has_returned():
         def submit(self, fn, /, *args, **kwargs):
             future = Future()
 
-            def work() -> None:  # holds fn and args until released, after the future is done
-                future.set_result(fn(*args, **kwargs))
+            def work() -> None:  # holds fn, args and the future until released, after the future is done
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except ValueError as error:
+                    future.set_exception(error)
                 assert self.release.wait(30)
 
             self.threads.append(threading.Thread(target=work))
@@ -449,6 +455,8 @@ async def test_a_job_holds_nothing_of_its_version_once_it_has_returned():
 
     class Model:
         def embed(self, value: int) -> int:
+            if fails:
+                raise ValueError(f"not an image: {value}")
             return 2 * value
 
     model = Model()
@@ -456,7 +464,10 @@ async def test_a_job_holds_nothing_of_its_version_once_it_has_returned():
     runtime = VersionRuntime(SimpleNamespace(embedder=model), lambda runtime: None)
     pool = LingeringPool()
     try:
-        assert await runtime.run_in(pool, model.embed, 21) == 42
+        try:
+            assert await runtime.run_in(pool, model.embed, 21) == 42 and not fails
+        except ValueError as error:
+            assert fails and str(error) == "not an image: 21"  # the caller gets the job's error as it was
         await asyncio.wait_for(runtime.idle.wait(), 10)
         del model, runtime
         gc.collect()
