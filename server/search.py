@@ -17,6 +17,8 @@ from server.catalogue import Catalogue
 EXACT, ANNOY, ANNOY_THEN_EXACT = "exact", "annoy", "annoy_then_exact"
 PLANS = (EXACT, ANNOY, ANNOY_THEN_EXACT)
 MAX_NODE_BUDGET = 2**31 - 1
+# The rows an image query first looks at for its own products (identical images): four times more while all are.
+OWN_ROWS_FIRST = 16
 
 
 class NearestIndex(Protocol):
@@ -448,9 +450,17 @@ class ProductSearch:
         """Products owning an image within max_distance of the vector: an image query's own products."""
         if self.ann is None or len(self) <= self.config.exact_max_rows:
             rows = np.arange(len(self))
+            close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
         else:
-            rows = self.ann.nearest(vector, 16, self.search_k)[0]
-        close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
+            # Until the index's nearest rows hold one farther away: a placeholder photo may be every row of dozens.
+            wanted = OWN_ROWS_FIRST
+            while True:
+                rows = self.ann.nearest(vector, wanted, self.search_k)[0]
+                near = nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance
+                if not near.all() or len(rows) < wanted or wanted >= len(self):
+                    break
+                wanted *= 4
+            close = rows[near]
         return sorted({int(p) for p in self.catalogue.row_product[close]})
 
     def unload(self) -> None:

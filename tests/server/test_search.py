@@ -244,3 +244,17 @@ def test_distances_to_one_probe_are_numpys_norm_to_the_last_bit():
         expected = np.linalg.norm(vectors[:, None, :] - probe[None, :, :], axis=2).min(axis=1)
         found = nearest_distances(vectors[::1], probe)
         assert found.dtype == expected.dtype and np.array_equal(found, expected)
+
+
+def test_products_at_finds_every_product_sharing_one_photo_however_many(tmp_path):
+    """A placeholder photo named by 40 products: a photo query leaving out its own products leaves out all 40 (the
+    index's first 16 neighbours held only some of them)."""
+    rng = np.random.default_rng(12)
+    photo = unit(rng.normal(size=DIMENSION))
+    others = unit(photo + 0.5 * rng.normal(size=(300, DIMENSION)))
+    vectors = np.concatenate([np.repeat(photo[None, :], 40, axis=0), others]).astype(np.float32)
+    groups = [[row] for row in range(len(vectors))]
+    for exact_max_rows in (0, 10_000):
+        search = make_search(tmp_path, vectors, groups, config=SearchConfig(exact_max_rows=exact_max_rows),
+                             name=f"shared-{exact_max_rows}")
+        assert search.products_at(photo, 1e-4) == sorted(int(p) for p in search.catalogue.row_product[:40])
