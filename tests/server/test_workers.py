@@ -94,6 +94,15 @@ def test_two_workers_share_one_port_metrics_availability_restart_and_drain(serve
              "--concurrency", "8", "--connections", "8", "--duration", "60s", "--json"],
             capture_output=True, text=True, timeout=120, check=True).stdout)
         assert report["codes"] == {"OK": 600}
+        # Both map one copy of the version's index, vectors and neighbour lists: the page cache's pages, shared.
+        version_dir = (served_copy / artifacts.read_current(served_copy)).resolve()
+        shared = {version_dir / "index.ann", version_dir / "vectors.npy",
+                  *(path.resolve() for path in (version_dir / "neighbours").glob("*.npy"))}
+        assert len(shared) == 8  # the index, the vectors and six list arrays
+        for pid in workers:
+            mapped = {Path(line.split(maxsplit=5)[5]) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+                      if len(line.split(maxsplit=5)) == 6}
+            assert shared <= mapped, (pid, sorted(map(str, shared - mapped)))
         # The supervisor's /metrics sums what the workers counted, each in its own file.
         assert _metric(metrics_port, "lookalike_requests_total{code=OK,method=FindSimilar}") == 600
         assert sum(_requests_by_worker(workers).values()) == 600
