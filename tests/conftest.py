@@ -1,10 +1,14 @@
 """Session fixtures: one test catalogue, one real build and one real server on it, shared by the end-to-end
-tests. A test that changes artifacts works on a copy (helpers.copy_artifacts), never on `built`."""
+tests; the build starts with the session, beside the tests that do not need it, which run first. A test that changes
+artifacts works on a copy (helpers.copy_artifacts), never on `built`."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -24,12 +28,60 @@ CATALOGUE_PRODUCTS = 200
 REUSE = os.environ.get("LOOKALIKE_TEST_REUSE")
 
 
-@pytest.fixture(scope="session")
-def catalogue(tmp_path_factory) -> Path:
+def _make_catalogue(factory: pytest.TempPathFactory) -> Path:
     if REUSE and (Path(REUSE) / "catalogue" / "images.csv.gz").exists():
         return Path(REUSE) / "catalogue"
-    folder = Path(REUSE) / "catalogue" if REUSE else tmp_path_factory.mktemp("catalogue")
+    folder = Path(REUSE) / "catalogue" if REUSE else factory.mktemp("catalogue")
     return helpers.make_catalogue(folder, CATALOGUE_PRODUCTS)
+
+
+def _build(factory: pytest.TempPathFactory, catalogue: Path, started=lambda process: None) -> Path:
+    """The session build by the real CLI; `started` is given its process."""
+    out = Path(REUSE) / "ARTIFACTS" if REUSE else factory.mktemp("artifacts") / "ARTIFACTS"
+    if not (REUSE and (out / "CURRENT").exists()):
+        with subprocess.Popen(helpers.build_command(catalogue, out, *helpers.SESSION_BUILD_OPTIONS), text=True,
+                              env=helpers.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            started(process)
+            stdout, stderr = process.communicate(timeout=helpers.BUILD_TIMEOUT_S)
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, process.args, stdout, stderr)
+    return out
+
+
+class _Prepared:
+    """The catalogue and the session build, made on a thread from the end of collection (when a collected test needs
+    the build) while the tests that need neither run: those use about one core of two, the build the rest. The
+    fixtures wait for what they need; a failure is raised in each test that needs it, as a fixture's would be."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self.catalogue: Future[Path] = Future()
+        self.built: Future[Path] = Future()
+        self.process: subprocess.Popen | None = None
+        threading.Thread(target=self._run, args=(factory,), name="session-build", daemon=True).start()
+
+    def _run(self, factory: pytest.TempPathFactory) -> None:
+        for future, make in ((self.catalogue, lambda: _make_catalogue(factory)),
+                             (self.built, lambda: _build(factory, self.catalogue.result(), self._started))):
+            try:
+                future.set_result(make())
+            except BaseException as error:  # noqa: BLE001 (handed to every fixture that waits on it)
+                future.set_exception(error)
+
+    def _started(self, process: subprocess.Popen) -> None:
+        self.process = process
+
+    def stop(self) -> None:
+        """Ends a build still running when the session ends early (-x, an interrupt): no build outlives pytest."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+
+_PREPARED: _Prepared | None = None
+
+
+@pytest.fixture(scope="session")
+def catalogue(tmp_path_factory) -> Path:
+    return _PREPARED.catalogue.result() if _PREPARED else _make_catalogue(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +94,7 @@ def small_catalogue(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def built(tmp_path_factory, catalogue) -> Path:
     """ARTIFACTS built by the real CLI from the test catalogue; tests must not modify it."""
-    out = Path(REUSE) / "ARTIFACTS" if REUSE else tmp_path_factory.mktemp("artifacts") / "ARTIFACTS"
-    if not (REUSE and (out / "CURRENT").exists()):
-        helpers.build(catalogue, out, *helpers.SESSION_BUILD_OPTIONS)
-    return out
+    return _PREPARED.built.result() if _PREPARED else _build(tmp_path_factory, catalogue)
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +107,32 @@ def served(built) -> helpers.Served:
         yield helpers.Served(process, address, metrics_port, tuple(helpers.SEEN_HEALTH), http_port)
 
 
+def _needs_build(item: pytest.Item) -> bool:
+    return "built" in getattr(item, "fixturenames", ())
+
+
+def _phase(item: pytest.Item) -> int:
+    """0: tests that need neither the session build nor real processes, run while it builds; 1: the rest; 2: the
+    builder's end-to-end tests, last: make test runs bench-quick beside pytest, and its Spark builds take the first
+    minutes; two Spark builds at once on 2 cores each take twice as long, while the server's tests mostly wait on
+    sockets."""
+    if _needs_build(item) or item.get_closest_marker("e2e") or item.get_closest_marker("spark_cluster"):
+        return 2 if item.nodeid.startswith("tests/builder/") else 1
+    return 0
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The builder's tests last: make test runs bench-quick beside pytest, and its Spark builds take the first minutes;
-    two Spark builds at once on 2 cores each take twice as long, while the server's tests mostly wait on sockets."""
-    items.sort(key=lambda item: item.nodeid.startswith("tests/builder/"))
+    items.sort(key=_phase)
+
+
+def pytest_collection_finish(session):
+    """Starts the catalogue and the session build on a thread when a collected test needs the build."""
+    global _PREPARED
+    if (_PREPARED is None and not session.config.option.collectonly
+            and any(_needs_build(item) for item in session.items)):
+        _PREPARED = _Prepared(session.config._tmp_path_factory)  # the tmp_path_factory fixture's own factory
+
+
+def pytest_sessionfinish(session):
+    if _PREPARED is not None:
+        _PREPARED.stop()
