@@ -4,6 +4,7 @@ artifacts works on a copy (helpers.copy_artifacts), never on `built`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,20 +49,35 @@ def _build(factory: pytest.TempPathFactory, catalogue: Path, started=lambda proc
     return out
 
 
-class _Prepared:
-    """The catalogue and the session build, made on a thread from the end of collection (when a collected test needs
-    the build) while the tests that need neither run: those use about one core of two, the build the rest. The
-    fixtures wait for what they need; a failure is raised in each test that needs it, as a fixture's would be."""
+def _serve(built: Path, stack: contextlib.ExitStack) -> helpers.Served:
+    """The shared server on `built`, stopped when `stack` closes."""
+    helpers.SEEN_HEALTH.clear()
+    http_port = helpers.free_port()
+    process, address, metrics_port = stack.enter_context(helpers.serving(built, "--http-port", str(http_port)))
+    return helpers.Served(process, address, metrics_port, tuple(helpers.SEEN_HEALTH), http_port)
 
-    def __init__(self, factory: pytest.TempPathFactory) -> None:
+
+class _Prepared:
+    """The catalogue, the session build and (when a collected test needs it) the shared server on it, made on a
+    thread from the end of collection while the tests that need none of them run: those use about one core of two,
+    the build the rest. The fixtures wait for what they need; a failure is raised in each test that needs it, as a
+    fixture's would be."""
+
+    def __init__(self, factory: pytest.TempPathFactory, serve: bool) -> None:
         self.catalogue: Future[Path] = Future()
         self.built: Future[Path] = Future()
+        self.served: Future[helpers.Served] | None = Future() if serve else None
         self.process: subprocess.Popen | None = None
+        self._server = contextlib.ExitStack()
+        self._stopping = False
         threading.Thread(target=self._run, args=(factory,), name="session-build", daemon=True).start()
 
     def _run(self, factory: pytest.TempPathFactory) -> None:
-        for future, make in ((self.catalogue, lambda: _make_catalogue(factory)),
-                             (self.built, lambda: _build(factory, self.catalogue.result(), self._started))):
+        steps = [(self.catalogue, lambda: _make_catalogue(factory)),
+                 (self.built, lambda: _build(factory, self.catalogue.result(), self._started))]
+        if self.served is not None:
+            steps.append((self.served, lambda: _serve(self.built.result(), self._server)))
+        for future, make in steps:
             try:
                 future.set_result(make())
             except BaseException as error:  # noqa: BLE001 (handed to every fixture that waits on it)
@@ -69,11 +85,19 @@ class _Prepared:
 
     def _started(self, process: subprocess.Popen) -> None:
         self.process = process
+        if self._stopping:
+            process.kill()
 
     def stop(self) -> None:
-        """Ends a build still running when the session ends early (-x, an interrupt): no build outlives pytest."""
+        """Stops the shared server, and ends a build still running when the session ends early (-x, an interrupt):
+        neither outlives pytest."""
+        self._stopping = True
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
+        if self.served is not None:
+            with contextlib.suppress(Exception):
+                self.served.exception(timeout=300)  # a server still starting is stopped once it is up
+        self._server.close()
 
 
 _PREPARED: _Prepared | None = None
@@ -101,10 +125,11 @@ def built(tmp_path_factory, catalogue) -> Path:
 def served(built) -> helpers.Served:
     """One real server on `built` for every test that only reads: tests must not stop it, and must not count
     on its metrics starting from zero (compare before and after). It serves HTTP/JSON and the console too."""
-    helpers.SEEN_HEALTH.clear()
-    http_port = helpers.free_port()
-    with helpers.serving(built, "--http-port", str(http_port)) as (process, address, metrics_port):
-        yield helpers.Served(process, address, metrics_port, tuple(helpers.SEEN_HEALTH), http_port)
+    if _PREPARED is not None and _PREPARED.served is not None:
+        yield _PREPARED.served.result()  # stopped at the session's end (pytest_sessionfinish)
+        return
+    with contextlib.ExitStack() as stack:
+        yield _serve(built, stack)
 
 
 def _needs_build(item: pytest.Item) -> bool:
@@ -130,7 +155,8 @@ def pytest_collection_finish(session):
     global _PREPARED
     if (_PREPARED is None and not session.config.option.collectonly
             and any(_needs_build(item) for item in session.items)):
-        _PREPARED = _Prepared(session.config._tmp_path_factory)  # the tmp_path_factory fixture's own factory
+        serve = any("served" in getattr(item, "fixturenames", ()) for item in session.items)
+        _PREPARED = _Prepared(session.config._tmp_path_factory, serve)  # the tmp_path_factory fixture's own factory
 
 
 def pytest_sessionfinish(session):
