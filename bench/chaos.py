@@ -8,7 +8,7 @@ callers send k = 1000 queries and cancel half of them mid-flight; CURRENT moves 
 second; SIGHUP arrives every few seconds; products are hidden and shown again; hostile and oversized requests
 are mixed in. Every OK answer is checked against the files of the version it names and the hidden products of
 the availability version it names. `run` returns the figures and a list of problems (empty when all was well):
-tests/server/test_chaos.py asserts it for 60 s, `make soak` records it for 30 minutes.
+tests/server/test_chaos.py asserts it for 30 s, `make soak` records it for 30 minutes.
 """
 
 from __future__ import annotations

@@ -126,12 +126,16 @@ def load_catalogue(catalogue: Path, out: Path) -> Path:
 # build instead of two. The defaults (avg pooling, --head auto) are built for real by bench-quick in make test
 # and by make demo; --head auto's choice is tested with the fake trunk (tests/builder/test_quality_build.py).
 SESSION_BUILD_OPTIONS = ("--pooling", "gem", "--head", "lda")
+BUILD_TIMEOUT_S = 900
+
+
+def build_command(images: Path, out: Path, *extra: str) -> list:
+    return [BIN / "lookalike-build", "build", "--images", images, "--out", out, "--chunk-size", "64", *extra]
 
 
 def build(images: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "lookalike-build", "build", "--images", images, "--out", out,
-                           "--chunk-size", "64", *extra], check=check, env=env(), capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(build_command(images, out, *extra), check=check, env=env(), capture_output=True,
+                          text=True, timeout=BUILD_TIMEOUT_S)
 
 
 def build_cli(*args, timeout_s: float = 60) -> subprocess.CompletedProcess:

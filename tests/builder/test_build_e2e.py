@@ -153,7 +153,7 @@ def test_a_killed_build_resumes_without_recomputing_and_never_moves_current(tmp_
     published = pd.concat([pd.read_parquet(shard) for shard in shards])["sha256"].nunique()
     assert artifacts.read_current(out) == "v1"
     assert not (out / "v2").exists()
-    manifest = fake_build.run(catalogue, out, chunk_size=16, head="none", version="v2b")
+    manifest = fake_build.run(catalogue, out, chunk_size=16, head="none", version="v2b", neighbours=0)
     embedding = manifest["embedding"]
     assert embedding["from_cache"] == published >= 32 and embedding["embedded"] > 0
     assert embedding["embedded"] + embedding["from_cache"] == embedding["contents"]

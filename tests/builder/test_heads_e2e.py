@@ -55,7 +55,7 @@ def test_a_supervised_head_refuses_a_catalogue_without_labels_and_huge_images_ar
     assert "'product_type', which this catalogue does not have (its attributes: none)" in str(refused.value)
     assert not (out / ".features" / "models").exists() or not any((out / ".features" / "models").rglob("*.parquet"))
     assert not (out / artifacts.CURRENT).exists()
-    manifest = fake_build.run(images, out)
+    manifest = fake_build.run(images, out, neighbours=0)
     version_dir = out / artifacts.read_current(out)
     assert manifest["counts"]["indexed"] == 6 and manifest["counts"]["dropped_by_reason"] == {"too large": 1}
     dataset = pd.read_parquet(version_dir / artifacts.DATASET_FILE).set_index("image_id")

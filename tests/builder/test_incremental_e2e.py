@@ -23,7 +23,8 @@ pytestmark = pytest.mark.e2e
 
 
 def _build(images, out, cache, **options):
-    return fake_build.run(images, out, head="none", feature_cache=cache, chunk_size=64, **options)
+    # No neighbour lists: they are made from the vectors this test compares, and cost each build a Spark job.
+    return fake_build.run(images, out, head="none", feature_cache=cache, chunk_size=64, neighbours=0, **options)
 
 
 def _vectors_by_image(out) -> dict[str, np.ndarray]:

@@ -65,7 +65,8 @@ def test_build_on_a_standalone_cluster_matches_local(tmp_path, small_catalogue, 
     embedding (the exported trunk SavedModel, loaded by the cluster's executors) and the neighbour lists run, not
     the network; the real model's export and serving are proved by every end-to-end test."""
     options = ("--chunk-size", "32", "--head", "none")
-    local_manifest = fake_build.run(small_catalogue, tmp_path / "LOCAL", chunk_size=32, head="none")
+    # The local reference needs no neighbour lists: only the cluster's are under test.
+    local_manifest = fake_build.run(small_catalogue, tmp_path / "LOCAL", chunk_size=32, head="none", neighbours=0)
     out = tmp_path / "ARTIFACTS"
     result = subprocess.run([sys.executable, "-m", "tests.builder.fake_build", "build", "--images", small_catalogue,
                              "--out", out, *options, "--spark-master", standalone_cluster], cwd=helpers.REPO,
