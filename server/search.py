@@ -17,8 +17,10 @@ from server.catalogue import Catalogue
 EXACT, ANNOY, ANNOY_THEN_EXACT = "exact", "annoy", "annoy_then_exact"
 PLANS = (EXACT, ANNOY, ANNOY_THEN_EXACT)
 MAX_NODE_BUDGET = 2**31 - 1
-# The rows an image query first looks at for its own products (identical images): four times more while all are.
+# The rows an image query first looks at for its own products (identical images): four times more while all are,
+# up to OWN_ROWS_MOST; beyond, an exact scan (tens of ms at ABO's size, for a photo that many rows share).
 OWN_ROWS_FIRST = 16
+OWN_ROWS_MOST = 1024
 
 
 class NearestIndex(Protocol):
@@ -448,19 +450,25 @@ class ProductSearch:
 
     def products_at(self, vector: np.ndarray, max_distance: float) -> list[int]:
         """Products owning an image within max_distance of the vector: an image query's own products."""
-        if self.ann is None or len(self) <= self.config.exact_max_rows:
-            rows = np.arange(len(self))
-            close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
-        else:
-            # Until the index's nearest rows hold one farther away: a placeholder photo may be every row of dozens.
+        rows = None
+        if self.ann is not None and len(self) > self.config.exact_max_rows:
+            # The index's nearest rows, four times more while all of them are the photo (a placeholder may be every
+            # row of dozens of products); past OWN_ROWS_MOST, or when the index answers short, every row is scanned.
             wanted = OWN_ROWS_FIRST
-            while True:
-                rows = self.ann.nearest(vector, wanted, self.search_k)[0]
-                near = nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance
-                if not near.all() or len(rows) < wanted or wanted >= len(self):
+            while wanted <= OWN_ROWS_MOST:
+                found = self.ann.nearest(vector, wanted, self.search_k)[0]
+                if len(found) < min(wanted, len(self)):
+                    break  # an index that could not answer (hnswlib at a width near its size): scan
+                if not (nearest_distances(self.vectors[found], vector[None, :]) <= max_distance).all():
+                    rows = found
+                    break
+                if wanted >= len(self):
+                    rows = found
                     break
                 wanted *= 4
-            close = rows[near]
+        if rows is None:
+            rows = np.arange(len(self))
+        close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
         return sorted({int(p) for p in self.catalogue.row_product[close]})
 
     def unload(self) -> None:

@@ -258,3 +258,25 @@ def test_products_at_finds_every_product_sharing_one_photo_however_many(tmp_path
         search = make_search(tmp_path, vectors, groups, config=SearchConfig(exact_max_rows=exact_max_rows),
                              name=f"shared-{exact_max_rows}")
         assert search.products_at(photo, 1e-4) == sorted(int(p) for p in search.catalogue.row_product[:40])
+
+
+def test_products_at_scans_every_row_when_the_index_answers_a_wider_query_short(tmp_path):
+    """HnswNeighbours answers no rows when hnswlib cannot search that wide: the photo's own products then come from
+    an exact scan, never from the short answer (which left none)."""
+    rng = np.random.default_rng(12)
+    photo = unit(rng.normal(size=DIMENSION))
+    others = unit(photo + 0.5 * rng.normal(size=(300, DIMENSION)))
+    vectors = np.concatenate([np.repeat(photo[None, :], 40, axis=0), others]).astype(np.float32)
+    search = make_search(tmp_path, vectors, [[row] for row in range(len(vectors))],
+                         config=SearchConfig(exact_max_rows=0))
+    index = search.ann
+
+    class ShortWhenWide:
+        def nearest(self, vector, n, budget):
+            return (np.zeros(0, np.int64), np.zeros(0, np.float32)) if n > 16 else index.nearest(vector, n, budget)
+
+        def __len__(self):
+            return len(index)
+
+    search.ann = ShortWhenWide()
+    assert search.products_at(photo, 1e-4) == sorted(int(p) for p in search.catalogue.row_product[:40])
