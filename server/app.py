@@ -217,6 +217,13 @@ class LookalikeServer:
         """Listens at once with health NOT_SERVING, loads and warms CURRENT, then turns SERVING (a worker
         of --workers N loads first and listens after)."""
         logging.getLogger(GRPC_CORE_LOGGER).addFilter(self._undelivered)
+        try:
+            await self._start()
+        except BaseException:
+            logging.getLogger(GRPC_CORE_LOGGER).removeFilter(self._undelivered)
+            raise
+
+    async def _start(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         current = artifacts.read_current(self.config.artifacts)
         limits = [("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -415,6 +422,12 @@ class LookalikeServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        try:
+            await self._stop(replaced)
+        finally:
+            logging.getLogger(GRPC_CORE_LOGGER).removeFilter(self._undelivered)
+
+    async def _stop(self, replaced: bool) -> None:
         log.info("%s: health NOT_SERVING, grace %.1f s", "replaced, no longer listening" if replaced else "draining",
                  self.config.grace_s)
         await self.health.enter_graceful_shutdown()
@@ -436,7 +449,6 @@ class LookalikeServer:
             task.cancel()
         await self.core.close()
         remove_lease(self.config.artifacts, self._lease_holder)
-        logging.getLogger(GRPC_CORE_LOGGER).removeFilter(self._undelivered)
         log.info("stopped")
 
     async def wait(self) -> None:

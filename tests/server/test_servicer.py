@@ -294,3 +294,13 @@ def test_grpcs_error_for_an_answer_it_could_not_send_is_one_info_line_and_a_coun
     assert answer.getMessage().startswith("FindSimilar: the answer was not sent, its call had ended first")
     assert other.levelname == "ERROR" and other.exc_info is not None  # anything else gRPC says is left as it is
     assert metrics.registry.get_sample_value("lookalike_undelivered_answers_total", {"method": "FindSimilar"}) == 1
+
+
+async def test_a_server_that_fails_to_start_leaves_no_filter_on_grpcs_logger(tmp_path):
+    from server.app import LookalikeServer, ServerConfig
+    from server.metrics import GRPC_CORE_LOGGER
+
+    server = LookalikeServer(ServerConfig(artifacts=tmp_path, port=0, metrics_port=-1))  # no CURRENT here
+    with pytest.raises(Exception, match="CURRENT"):
+        await server.start()
+    assert server._undelivered not in logging.getLogger(GRPC_CORE_LOGGER).filters
