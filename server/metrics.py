@@ -143,7 +143,7 @@ class UndeliveredAnswers(logging.Filter):
         self.metrics = metrics
 
     def filter(self, record: logging.LogRecord) -> bool:
-        match = _UNDELIVERED.fullmatch(record.getMessage()) if record.name == GRPC_CORE_LOGGER else None
+        match = _UNDELIVERED.fullmatch(record.getMessage())
         if match is None:
             return True
         method = match.group(1).rsplit("/", 1)[-1]

@@ -450,25 +450,22 @@ class ProductSearch:
 
     def products_at(self, vector: np.ndarray, max_distance: float) -> list[int]:
         """Products owning an image within max_distance of the vector: an image query's own products."""
-        rows = None
+        close = None
         if self.ann is not None and len(self) > self.config.exact_max_rows:
             # The index's nearest rows, four times more while all of them are the photo (a placeholder may be every
             # row of dozens of products); past OWN_ROWS_MOST, or when the index answers short, every row is scanned.
             wanted = OWN_ROWS_FIRST
-            while wanted <= OWN_ROWS_MOST:
-                found = self.ann.nearest(vector, wanted, self.search_k)[0]
-                if len(found) < min(wanted, len(self)):
+            while close is None and wanted <= OWN_ROWS_MOST:
+                rows = self.ann.nearest(vector, wanted, self.search_k)[0]
+                if len(rows) < min(wanted, len(self)):
                     break  # an index that could not answer (hnswlib at a width near its size): scan
-                if not (nearest_distances(self.vectors[found], vector[None, :]) <= max_distance).all():
-                    rows = found
-                    break
-                if wanted >= len(self):
-                    rows = found
-                    break
+                near = nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance
+                if not near.all() or wanted >= len(self):
+                    close = rows[near]
                 wanted *= 4
-        if rows is None:
+        if close is None:
             rows = np.arange(len(self))
-        close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
+            close = rows[nearest_distances(self.vectors[rows], vector[None, :]) <= max_distance]
         return sorted({int(p) for p in self.catalogue.row_product[close]})
 
     def unload(self) -> None:

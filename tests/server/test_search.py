@@ -246,13 +246,18 @@ def test_distances_to_one_probe_are_numpys_norm_to_the_last_bit():
         assert found.dtype == expected.dtype and np.array_equal(found, expected)
 
 
-def test_products_at_finds_every_product_sharing_one_photo_however_many(tmp_path):
-    """A placeholder photo named by 40 products: a photo query leaving out its own products leaves out all 40 (the
-    index's first 16 neighbours held only some of them)."""
+def _one_photo_of_40_products() -> tuple[np.ndarray, np.ndarray]:
+    """A photo whose vector is rows 0..39 (a placeholder image of 40 products), and 300 other rows around it."""
     rng = np.random.default_rng(12)
     photo = unit(rng.normal(size=DIMENSION))
     others = unit(photo + 0.5 * rng.normal(size=(300, DIMENSION)))
-    vectors = np.concatenate([np.repeat(photo[None, :], 40, axis=0), others]).astype(np.float32)
+    return photo, np.concatenate([np.repeat(photo[None, :], 40, axis=0), others]).astype(np.float32)
+
+
+def test_products_at_finds_every_product_sharing_one_photo_however_many(tmp_path):
+    """A placeholder photo named by 40 products: a photo query leaving out its own products leaves out all 40 (the
+    index's first 16 neighbours held only some of them)."""
+    photo, vectors = _one_photo_of_40_products()
     groups = [[row] for row in range(len(vectors))]
     for exact_max_rows in (0, 10_000):
         search = make_search(tmp_path, vectors, groups, config=SearchConfig(exact_max_rows=exact_max_rows),
@@ -263,10 +268,7 @@ def test_products_at_finds_every_product_sharing_one_photo_however_many(tmp_path
 def test_products_at_scans_every_row_when_the_index_answers_a_wider_query_short(tmp_path):
     """HnswNeighbours answers no rows when hnswlib cannot search that wide: the photo's own products then come from
     an exact scan, never from the short answer (which left none)."""
-    rng = np.random.default_rng(12)
-    photo = unit(rng.normal(size=DIMENSION))
-    others = unit(photo + 0.5 * rng.normal(size=(300, DIMENSION)))
-    vectors = np.concatenate([np.repeat(photo[None, :], 40, axis=0), others]).astype(np.float32)
+    photo, vectors = _one_photo_of_40_products()
     search = make_search(tmp_path, vectors, [[row] for row in range(len(vectors))],
                          config=SearchConfig(exact_max_rows=0))
     index = search.ann
